@@ -1,16 +1,165 @@
 package main
 
 import (
-	"errors"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 )
 
-// PLACEHOLDER: replaced by the real command.
+const defaultAdmin = "127.0.0.1:15000"
+
+// identityView is the admin API's GET /identity document (SPEC "Admin API").
+type identityView struct {
+	SPIFFEID         string    `json:"spiffe_id"`
+	Serial           string    `json:"serial"`
+	NotBefore        time.Time `json:"not_before"`
+	NotAfter         time.Time `json:"not_after"`
+	ExpiresInSeconds int64     `json:"expires_in_seconds"`
+	ChainPEM         string    `json:"chain_pem"`
+	TrustDomains     []string  `json:"trust_domains"`
+	Source           string    `json:"source"`
+}
+
+// peerView is one element of the admin API's GET /peers document.
+type peerView struct {
+	Direction    string    `json:"direction"`
+	Source       string    `json:"source"`
+	Destination  string    `json:"destination"`
+	PeerSPIFFEID string    `json:"peer_spiffe_id"`
+	Mode         string    `json:"mode"`
+	Since        time.Time `json:"since"`
+	BytesIn      int64     `json:"bytes_in"`
+	BytesOut     int64     `json:"bytes_out"`
+}
+
 func newIdentityCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:    "identity",
-		Hidden: true,
-		RunE:   func(*cobra.Command, []string) error { return errors.New("identity: not built yet") },
+	var admin, output string
+	cmd := &cobra.Command{
+		Use:   "identity",
+		Short: "Show the sidecar's own SVID: SPIFFE ID, serial, validity, chain, bundle",
+		Long: `identity asks a running sidecar's admin API (127.0.0.1:15000 by default) which
+identity it holds: SPIFFE ID, certificate serial, validity, the trust domains
+it trusts, and where the identity comes from (CA, files, Workload API).
+-o pem prints the certificate chain, never the private key.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "text" && output != "json" && output != "pem" {
+				return usagef("--output must be text, json or pem, not %q", output)
+			}
+			body, err := adminGet(cmd.Context(), admin, "/identity")
+			if err != nil {
+				return err
+			}
+			var id identityView
+			if err := json.Unmarshal(body, &id); err != nil {
+				return fmt.Errorf("admin %s/identity: decode: %w", admin, err)
+			}
+			w := cmd.OutOrStdout()
+			switch output {
+			case "json":
+				_, err = w.Write(append(body, '\n'))
+				return err
+			case "pem":
+				_, err = io.WriteString(w, id.ChainPEM)
+				return err
+			}
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "SPIFFE ID:\t%s\n", id.SPIFFEID)
+			fmt.Fprintf(tw, "Serial:\t%s\n", id.Serial)
+			fmt.Fprintf(tw, "Not before:\t%s\n", id.NotBefore.UTC().Format(time.RFC3339))
+			fmt.Fprintf(tw, "Not after:\t%s (expires in %s)\n", id.NotAfter.UTC().Format(time.RFC3339), time.Duration(id.ExpiresInSeconds)*time.Second)
+			fmt.Fprintf(tw, "Trust domains:\t%s\n", strings.Join(id.TrustDomains, ", "))
+			fmt.Fprintf(tw, "Source:\t%s\n", id.Source)
+			fmt.Fprintf(tw, "Chain:\t%d certificates (-o pem to print)\n", strings.Count(id.ChainPEM, "BEGIN CERTIFICATE"))
+			return tw.Flush()
+		},
 	}
+	cmd.Flags().StringVar(&admin, "admin", defaultAdmin, "address of the sidecar's admin API")
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text, json or pem")
+	return cmd
+}
+
+func newPeersCmd() *cobra.Command {
+	var admin, output string
+	cmd := &cobra.Command{
+		Use:   "peers",
+		Short: "List the sidecar's live connections with each peer's SPIFFE ID, mode and bytes",
+		Long: `peers asks a running sidecar's admin API for its open connections: direction,
+source and destination addresses, the peer's SPIFFE ID (empty for plaintext or
+passed-through connections), the mode (mtls, tls, plaintext, passthrough),
+when it started and the bytes moved each way.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != "text" && output != "json" {
+				return usagef("--output must be text or json, not %q", output)
+			}
+			body, err := adminGet(cmd.Context(), admin, "/peers")
+			if err != nil {
+				return err
+			}
+			var peers []peerView
+			if err := json.Unmarshal(body, &peers); err != nil {
+				return fmt.Errorf("admin %s/peers: decode: %w", admin, err)
+			}
+			w := cmd.OutOrStdout()
+			if output == "json" {
+				_, err = w.Write(append(body, '\n'))
+				return err
+			}
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "DIRECTION\tSOURCE\tDESTINATION\tPEER\tMODE\tAGE\tBYTES IN\tBYTES OUT")
+			for _, p := range peers {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", p.Direction, p.Source, p.Destination,
+					orDash(p.PeerSPIFFEID), p.Mode, time.Since(p.Since).Round(time.Second), p.BytesIn, p.BytesOut)
+			}
+			if len(peers) == 0 {
+				fmt.Fprintln(tw, "(no open connections)")
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().StringVar(&admin, "admin", defaultAdmin, "address of the sidecar's admin API")
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
+	return cmd
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// adminGet fetches path from a sidecar's admin API.
+func adminGet(ctx context.Context, admin, path string) ([]byte, error) {
+	return adminDo(ctx, http.MethodGet, admin, path)
+}
+
+func adminDo(ctx context.Context, method, admin, path string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+admin+path, nil)
+	if err != nil {
+		return nil, usagef("--admin %q: %v", admin, err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("admin API at %s: %w (is the sidecar running? set --admin)", admin, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return nil, fmt.Errorf("admin %s%s: read: %w", admin, path, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("admin %s%s: %s: %s", admin, path, resp.Status, strings.TrimSpace(string(body)))
+	}
+	return body, nil
 }

@@ -1,16 +1,449 @@
 package main
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/admin"
+	"github.com/meshproxy/meshproxy/redirect"
+	"github.com/meshproxy/meshproxy/tlsmgr"
+	"github.com/meshproxy/meshproxy/tlsmgr/caclient"
 )
 
-// PLACEHOLDER: replaced by the real command.
+// runFlags are the flags of `meshproxy run`.
+type runFlags struct {
+	caAddr, caRoot, tokenFile, caServerName string
+	workloadAPI                             string
+	certFile, keyFile, bundleFile           string
+	certTTL                                 time.Duration
+
+	inbound, outbound   string
+	inboundExplicit     []string
+	outboundExplicit    []string
+	meshCIDRs           []string
+	configDir, mode     string
+	namespace           string
+	labelsFile          string
+	rootNamespace       string
+	trustDomain         string
+	admin, metrics      string
+	health              string
+	detectTimeout       time.Duration
+	idleTimeout         time.Duration
+	drainTimeout        time.Duration
+	maxConnections      int
+	logLevel, logFormat string
+}
+
 func newRunCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:    "run",
-		Hidden: true,
-		RunE:   func(*cobra.Command, []string) error { return errors.New("run: not built yet") },
+	var f runFlags
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the sidecar: mesh mTLS with a rotating SPIFFE identity, policy, capture listeners",
+		Long: `run is the sidecar. It holds the workload's SPIFFE identity, terminates and
+originates mesh mTLS, enforces STRICT / PERMISSIVE / DISABLE and L4
+AuthorizationPolicy from Istio YAML, and forwards bytes.
+
+Identity, exactly one of:
+  --ca-addr HOST:PORT --ca-root FILE --token-file FILE
+        a key is generated in memory, a CSR is sent to meshproxy ca (or istiod)
+        with the bearer token from FILE (re-read on every request), and the
+        certificate is renewed at half its lifetime
+  --workload-api unix:///PATH
+        SVIDs and bundles from a SPIRE agent or any SPIFFE Workload API
+  --cert-file F --key-file F --bundle-file F
+        mounted files, reloaded when they change
+
+Listeners (at least one):
+  --inbound :15006 / --outbound :15001      transparent, behind 'meshproxy redirect'
+  --inbound-explicit LISTEN=APP_ADDR         terminate mesh mTLS, forward to the app
+  --outbound-explicit LISTEN=DEST[#SPIFFE-ID] plaintext in, mesh mTLS to DEST
+
+The admin API (127.0.0.1 only), Prometheus metrics and the readiness endpoint
+run beside them. SIGTERM stops accepting and lets open connections finish for
+up to --drain-timeout.`,
+		Example: `  meshproxy run --ca-addr 127.0.0.1:15012 --ca-root root-cert.pem --token-file token \
+      --inbound-explicit :8443=127.0.0.1:8080 --mode STRICT
+  meshproxy run --cert-file svid.pem --key-file key.pem --bundle-file bundle.pem \
+      --outbound-explicit 127.0.0.1:9000=10.0.0.7:8443#spiffe://cluster.local/ns/web/sa/api`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runSidecar(cmd.Context(), &f)
+		},
 	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.caAddr, "ca-addr", "", "CA gRPC address HOST:PORT (meshproxy ca serve or istiod)")
+	fl.StringVar(&f.caRoot, "ca-root", "", "PEM root(s) that sign the CA's serving certificate")
+	fl.StringVar(&f.tokenFile, "token-file", "", "bearer token file sent to the CA (re-read on every request)")
+	fl.StringVar(&f.caServerName, "ca-server-name", "", "name expected in the CA's certificate (default: the host of --ca-addr)")
+	fl.DurationVar(&f.certTTL, "cert-ttl", 0, "certificate lifetime to request from the CA (0: the CA's default)")
+	fl.StringVar(&f.workloadAPI, "workload-api", "", "SPIFFE Workload API address, e.g. unix:///run/spire/agent.sock")
+	fl.StringVar(&f.certFile, "cert-file", "", "PEM certificate chain (leaf first) of a mounted SVID")
+	fl.StringVar(&f.keyFile, "key-file", "", "PEM private key of the mounted SVID")
+	fl.StringVar(&f.bundleFile, "bundle-file", "", "PEM trust bundle (one or more roots); with --ca-addr, roots added to the CA's")
+	fl.StringVar(&f.inbound, "inbound", "", "transparent inbound listener, e.g. :15006 (needs 'meshproxy redirect')")
+	fl.StringVar(&f.outbound, "outbound", "", "transparent outbound listener, e.g. :15001 (needs 'meshproxy redirect')")
+	fl.StringArrayVar(&f.inboundExplicit, "inbound-explicit", nil, "LISTEN=APP_ADDR: terminate mesh mTLS on LISTEN, forward to APP_ADDR (repeatable)")
+	fl.StringArrayVar(&f.outboundExplicit, "outbound-explicit", nil, "LISTEN=DEST[#SPIFFE-ID]: plaintext on LISTEN, mesh mTLS to DEST (repeatable)")
+	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
+	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
+	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
+	fl.StringVar(&f.namespace, "namespace", "default", "the workload's namespace (for policy selection)")
+	fl.StringVar(&f.labelsFile, "labels-file", "", "the workload's labels, Kubernetes downward-API format (key=\"value\" lines)")
+	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
+	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the workload's SVID)")
+	fl.StringVar(&f.admin, "admin", "127.0.0.1:15000", "admin API address; must be a loopback address ('off' disables)")
+	fl.StringVar(&f.metrics, "metrics", ":15020", "Prometheus metrics address ('off' disables)")
+	fl.StringVar(&f.health, "health", ":15021", "readiness endpoint address, /healthz/ready ('off' disables)")
+	fl.DurationVar(&f.detectTimeout, "detect-timeout", 5*time.Second, "how long inbound waits for a client's first bytes before treating it as plaintext")
+	fl.DurationVar(&f.idleTimeout, "idle-timeout", time.Hour, "close a connection with no traffic either way for this long")
+	fl.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long open connections may finish")
+	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: no limit)")
+	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	return cmd
+}
+
+// newLogger builds the process logger from --log-level and --log-format.
+func newLogger(level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, usagef("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return nil, usagef("--log-format %q: want text or json", format)
+}
+
+// runnable is a Source that has a background loop.
+type runnable interface {
+	tlsmgr.Source
+	Run(ctx context.Context) error
+}
+
+func runSidecar(ctx context.Context, f *runFlags) error {
+	log, err := newLogger(f.logLevel, f.logFormat)
+	if err != nil {
+		return err
+	}
+	popts, err := f.proxyOptions(log)
+	if err != nil {
+		return err
+	}
+	mode, err := policy.ParseMode(f.mode)
+	if err != nil || mode == policy.ModeUnset {
+		return usagef("--mode %q: want STRICT, PERMISSIVE or DISABLE", f.mode)
+	}
+	if err := checkLoopback("--admin", f.admin); err != nil {
+		return err
+	}
+	for _, a := range []struct{ flag, v string }{{"--metrics", f.metrics}, {"--health", f.health}} {
+		if a.v != "off" {
+			if _, _, err := net.SplitHostPort(a.v); err != nil {
+				return usagef("%s %q: want HOST:PORT or 'off': %v", a.flag, a.v, err)
+			}
+		}
+	}
+	var td spiffeid.TrustDomain
+	if f.trustDomain != "" {
+		if td, err = spiffeid.TrustDomainFromString(f.trustDomain); err != nil {
+			return usagef("--trust-domain %q: %v", f.trustDomain, err)
+		}
+		popts = append(popts, proxy.WithTrustDomain(td))
+	}
+	wl := policy.Workload{Namespace: f.namespace, Labels: map[string]string{}}
+	if f.labelsFile != "" {
+		if wl.Labels, err = policy.ReadLabelsFile(f.labelsFile); err != nil {
+			return fmt.Errorf("--labels-file: %w", err)
+		}
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	src, err := f.identitySource(ctx, td, log)
+	if err != nil {
+		return err
+	}
+	go func() {
+		if err := src.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			log.Error("identity source stopped", "err", err)
+		}
+	}()
+
+	polOpts := []policy.Option{policy.WithDefaultMode(mode), policy.WithRootNamespace(f.rootNamespace), policy.WithLogger(log)}
+	if !td.IsZero() {
+		polOpts = append(polOpts, policy.WithTrustDomain(td))
+	}
+	var store *policy.Store
+	if f.configDir != "" {
+		if store, err = policy.NewStore(f.configDir, wl, polOpts...); err != nil {
+			return fmt.Errorf("--config-dir: %w", err)
+		}
+		go func() {
+			if err := store.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+				log.Error("policy watcher stopped", "err", err)
+			}
+		}()
+	} else {
+		store = policy.Static(wl, polOpts...)
+	}
+
+	p := proxy.New(src, store, popts...)
+	if err := p.Start(ctx); err != nil {
+		return err
+	}
+	servers, err := startHTTP(log, []httpServer{
+		{"admin", f.admin, admin.Handler(src, p)},
+		{"metrics", f.metrics, admin.MetricsHandler()},
+		{"health", f.health, admin.HealthHandler(p)},
+	})
+	if err != nil {
+		shutdownCtx, c := context.WithTimeout(context.Background(), time.Second)
+		defer c()
+		_ = p.Shutdown(shutdownCtx)
+		return err
+	}
+	log.Info("sidecar started", "listeners", listenerNames(p), "admin", f.admin, "metrics", f.metrics, "health", f.health)
+	go func() {
+		if err := tlsmgr.WaitReady(ctx, src); err == nil {
+			st := src.Status()
+			log.Info("identity ready", "spiffe_id", st.ID.String(), "serial", st.Serial, "not_after", st.NotAfter, "source", st.Source)
+		}
+	}()
+
+	<-ctx.Done()
+	log.Info("draining", "timeout", f.drainTimeout)
+	drainCtx, drainCancel := context.WithTimeout(context.Background(), f.drainTimeout)
+	defer drainCancel()
+	err = p.Shutdown(drainCtx)
+	for _, s := range servers {
+		_ = s.Close()
+	}
+	if err != nil {
+		log.Warn("drain ended with connections still open", "err", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// proxyOptions validates the listener flags and turns them into options.
+func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
+	opts := []proxy.Option{
+		proxy.WithLogger(log),
+		proxy.WithDetectTimeout(f.detectTimeout),
+		proxy.WithIdleTimeout(f.idleTimeout),
+		proxy.WithMaxConnections(f.maxConnections),
+		proxy.WithOriginalDst(redirect.OriginalDst),
+	}
+	if f.detectTimeout <= 0 {
+		return nil, usagef("--detect-timeout must be positive")
+	}
+	if f.idleTimeout <= 0 {
+		return nil, usagef("--idle-timeout must be positive")
+	}
+	if f.drainTimeout < 0 {
+		return nil, usagef("--drain-timeout must not be negative")
+	}
+	if f.maxConnections < 0 {
+		return nil, usagef("--max-connections must not be negative")
+	}
+	n := 0
+	if f.inbound != "" {
+		if _, _, err := net.SplitHostPort(f.inbound); err != nil {
+			return nil, usagef("--inbound %q: %v", f.inbound, err)
+		}
+		opts = append(opts, proxy.WithInboundTransparent(f.inbound))
+		n++
+	}
+	if f.outbound != "" {
+		if _, _, err := net.SplitHostPort(f.outbound); err != nil {
+			return nil, usagef("--outbound %q: %v", f.outbound, err)
+		}
+		opts = append(opts, proxy.WithOutboundTransparent(f.outbound))
+		n++
+	}
+	for _, v := range f.inboundExplicit {
+		listen, app, ok := strings.Cut(v, "=")
+		if !ok || !isHostPort(listen) || !isHostPort(app) {
+			return nil, usagef("--inbound-explicit %q: want LISTEN=APP_ADDR, e.g. :8443=127.0.0.1:8080", v)
+		}
+		opts = append(opts, proxy.WithInboundExplicit(listen, app))
+		n++
+	}
+	for _, v := range f.outboundExplicit {
+		listen, rest, ok := strings.Cut(v, "=")
+		dest, idStr, hasID := strings.Cut(rest, "#")
+		if !ok || !isHostPort(listen) || !isHostPort(dest) {
+			return nil, usagef("--outbound-explicit %q: want LISTEN=DEST[#SPIFFE-ID], e.g. 127.0.0.1:9000=10.0.0.7:8443", v)
+		}
+		var id spiffeid.ID
+		if hasID {
+			var err error
+			if id, err = spiffeid.FromString(idStr); err != nil {
+				return nil, usagef("--outbound-explicit %q: SPIFFE ID %q: %v", v, idStr, err)
+			}
+		}
+		opts = append(opts, proxy.WithOutboundExplicit(listen, dest, id))
+		n++
+	}
+	if n == 0 {
+		return nil, usagef("no listener: give --inbound, --outbound, --inbound-explicit or --outbound-explicit")
+	}
+	var cidrs []netip.Prefix
+	for _, c := range f.meshCIDRs {
+		p, err := netip.ParsePrefix(strings.TrimSpace(c))
+		if err != nil {
+			return nil, usagef("--mesh-cidrs %q: %v", c, err)
+		}
+		cidrs = append(cidrs, p.Masked())
+	}
+	if len(cidrs) > 0 {
+		opts = append(opts, proxy.WithMeshCIDRs(cidrs))
+	}
+	return opts, nil
+}
+
+// identitySource builds the one identity source the flags name.
+func (f *runFlags) identitySource(ctx context.Context, td spiffeid.TrustDomain, log *slog.Logger) (runnable, error) {
+	caSet := f.caAddr != "" || f.caRoot != "" || f.tokenFile != ""
+	fileSet := f.certFile != "" || f.keyFile != ""
+	wlSet := f.workloadAPI != ""
+	count := 0
+	for _, b := range []bool{caSet, fileSet, wlSet} {
+		if b {
+			count++
+		}
+	}
+	if count != 1 {
+		return nil, usagef("give exactly one identity source: --ca-addr/--ca-root/--token-file, --workload-api, or --cert-file/--key-file/--bundle-file")
+	}
+	var topts []tlsmgr.Option
+	topts = append(topts, tlsmgr.WithLogger(log))
+	if !td.IsZero() {
+		topts = append(topts, tlsmgr.WithTrustDomain(td))
+	}
+	switch {
+	case caSet:
+		if f.caAddr == "" || f.caRoot == "" || f.tokenFile == "" {
+			return nil, usagef("--ca-addr, --ca-root and --token-file go together")
+		}
+		if !isHostPort(f.caAddr) {
+			return nil, usagef("--ca-addr %q: want HOST:PORT", f.caAddr)
+		}
+		if _, err := os.Stat(f.tokenFile); err != nil {
+			return nil, fmt.Errorf("--token-file: %w", err)
+		}
+		var rot *tlsmgr.Rotator
+		copts := []caclient.Option{
+			caclient.WithRootFile(f.caRoot),
+			caclient.WithTokenFile(f.tokenFile),
+			caclient.WithClientCertificate(func() (*tls.Certificate, error) { return rot.Certificate() }),
+		}
+		if f.caServerName != "" {
+			copts = append(copts, caclient.WithServerName(f.caServerName))
+		}
+		client, err := caclient.New(f.caAddr, copts...)
+		if err != nil {
+			return nil, fmt.Errorf("--ca-addr %s: %w", f.caAddr, err)
+		}
+		if f.certTTL > 0 {
+			topts = append(topts, tlsmgr.WithTTL(f.certTTL))
+		}
+		if f.bundleFile != "" {
+			topts = append(topts, tlsmgr.WithBundleFile(f.bundleFile))
+		}
+		rot, err = tlsmgr.NewRotator(client, topts...)
+		if err != nil {
+			return nil, err
+		}
+		return rot, nil
+	case wlSet:
+		return newWorkloadAPISource(ctx, f.workloadAPI, topts)
+	default:
+		if f.certFile == "" || f.keyFile == "" || f.bundleFile == "" {
+			return nil, usagef("--cert-file, --key-file and --bundle-file go together")
+		}
+		return tlsmgr.NewFileSource(f.certFile, f.keyFile, f.bundleFile, topts...)
+	}
+}
+
+func isHostPort(s string) bool {
+	_, port, err := net.SplitHostPort(s)
+	return err == nil && port != ""
+}
+
+// checkLoopback refuses an admin address that is not loopback-only.
+func checkLoopback(flag, addr string) error {
+	if addr == "off" {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return usagef("%s %q: want HOST:PORT: %v", flag, addr, err)
+	}
+	if host == "localhost" {
+		return nil
+	}
+	ip, err := netip.ParseAddr(host)
+	if err != nil || !ip.IsLoopback() {
+		return usagef("%s %q: the admin API binds to a loopback address only (e.g. 127.0.0.1:15000)", flag, addr)
+	}
+	return nil
+}
+
+type httpServer struct {
+	name, addr string
+	handler    http.Handler
+}
+
+// startHTTP binds every enabled server; on failure it closes what it opened.
+func startHTTP(log *slog.Logger, specs []httpServer) ([]*http.Server, error) {
+	var started []*http.Server
+	for _, s := range specs {
+		if s.addr == "off" {
+			continue
+		}
+		ln, err := net.Listen("tcp", s.addr)
+		if err != nil {
+			for _, o := range started {
+				_ = o.Close()
+			}
+			return nil, fmt.Errorf("%s listener %s: %w", s.name, s.addr, err)
+		}
+		srv := &http.Server{Handler: s.handler, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http server stopped", "server", s.name, "err", err)
+			}
+		}()
+		started = append(started, srv)
+	}
+	return started, nil
+}
+
+func listenerNames(p *proxy.Proxy) []string {
+	var out []string
+	for _, a := range p.Addrs() {
+		out = append(out, a.String())
+	}
+	return out
 }

@@ -1,0 +1,183 @@
+package proxy
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Defaults for the timeouts a Proxy applies.
+const (
+	DefaultDetectTimeout    = 5 * time.Second
+	DefaultIdleTimeout      = time.Hour
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultDialTimeout      = 10 * time.Second
+)
+
+// OriginalDstFunc returns where a redirected connection was originally
+// going (SO_ORIGINAL_DST, the TPROXY local address, or an eBPF map lookup).
+type OriginalDstFunc func(net.Conn) (netip.AddrPort, error)
+
+// Dialer opens upstream connections; *net.Dialer satisfies it.
+type Dialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+// Option configures a Proxy.
+type Option func(*options)
+
+type listenerSpec struct {
+	kind   listenerKind
+	listen string
+	target string      // app address (inbound explicit) or destination (outbound explicit)
+	id     spiffeid.ID // expected server ID (outbound explicit); zero = any in trust domain
+}
+
+type options struct {
+	listeners        []listenerSpec
+	meshCIDRs        []netip.Prefix
+	originalDst      OriginalDstFunc
+	detectTimeout    time.Duration
+	idleTimeout      time.Duration
+	handshakeTimeout time.Duration
+	maxConns         int
+	log              *slog.Logger
+	td               spiffeid.TrustDomain
+	dialer           Dialer
+	listenConfig     net.ListenConfig
+}
+
+func defaultOptions() options {
+	return options{
+		detectTimeout:    DefaultDetectTimeout,
+		idleTimeout:      DefaultIdleTimeout,
+		handshakeTimeout: DefaultHandshakeTimeout,
+		log:              slog.Default(),
+		dialer:           &net.Dialer{Timeout: DefaultDialTimeout},
+	}
+}
+
+// WithInboundTransparent adds the redirected inbound listener (":15006" in
+// a pod). Connections go to their original destination, which also gives
+// the port that policy is evaluated for; it needs WithOriginalDst.
+func WithInboundTransparent(addr string) Option {
+	return func(o *options) {
+		o.listeners = append(o.listeners, listenerSpec{kind: inboundTransparent, listen: addr})
+	}
+}
+
+// WithOutboundTransparent adds the redirected outbound listener (":15001"
+// in a pod); it needs WithOriginalDst.
+func WithOutboundTransparent(addr string) Option {
+	return func(o *options) {
+		o.listeners = append(o.listeners, listenerSpec{kind: outboundTransparent, listen: addr})
+	}
+}
+
+// WithInboundExplicit adds a listener on listen that handles inbound
+// connections as the transparent listener does but forwards them to app
+// (host:port); policy is evaluated for app's port.
+func WithInboundExplicit(listen, app string) Option {
+	return func(o *options) {
+		o.listeners = append(o.listeners, listenerSpec{kind: inboundExplicit, listen: listen, target: app})
+	}
+}
+
+// WithOutboundExplicit adds a listener on listen that accepts plaintext and
+// always originates mesh mTLS to dest (host:port). The server must present
+// id; a zero id accepts the SANs of a matching DestinationRule, else any
+// member of the trust domain.
+func WithOutboundExplicit(listen, dest string, id spiffeid.ID) Option {
+	return func(o *options) {
+		o.listeners = append(o.listeners, listenerSpec{kind: outboundExplicit, listen: listen, target: dest, id: id})
+	}
+}
+
+// WithMeshCIDRs sets the outbound destinations that get mesh mTLS unless a
+// DestinationRule says otherwise.
+func WithMeshCIDRs(cidrs []netip.Prefix) Option {
+	return func(o *options) { o.meshCIDRs = append([]netip.Prefix(nil), cidrs...) }
+}
+
+// WithOriginalDst sets how transparent listeners learn a connection's
+// original destination.
+func WithOriginalDst(fn OriginalDstFunc) Option {
+	return func(o *options) { o.originalDst = fn }
+}
+
+// WithDetectTimeout sets how long inbound sniffing waits for the first
+// bytes before treating the connection as server-speaks-first plaintext
+// (default 5s).
+func WithDetectTimeout(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.detectTimeout = d
+		}
+	}
+}
+
+// WithIdleTimeout closes connections with no traffic either way for d
+// (default 1h).
+func WithIdleTimeout(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.idleTimeout = d
+		}
+	}
+}
+
+// WithHandshakeTimeout bounds each mesh TLS handshake (default 10s).
+func WithHandshakeTimeout(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.handshakeTimeout = d
+		}
+	}
+}
+
+// WithMaxConnections caps the connections open at once over all listeners;
+// past it new connections are closed immediately. Zero means no limit.
+func WithMaxConnections(n int) Option {
+	return func(o *options) {
+		if n >= 0 {
+			o.maxConns = n
+		}
+	}
+}
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) {
+		if l != nil {
+			o.log = l
+		}
+	}
+}
+
+// WithTrustDomain sets the workload's trust domain, which outbound servers
+// must belong to when no SPIFFE ID is expected. By default it is the trust
+// domain of the Source's current SVID.
+func WithTrustDomain(td spiffeid.TrustDomain) Option {
+	return func(o *options) { o.td = td }
+}
+
+// WithDialer sets how upstream connections are opened (default a
+// net.Dialer with a 10s timeout); a caller can mark or bind the proxy's own
+// sockets here.
+func WithDialer(d Dialer) Option {
+	return func(o *options) {
+		if d != nil {
+			o.dialer = d
+		}
+	}
+}
+
+// WithListenConfig sets how listeners are bound, for socket options such as
+// IP_TRANSPARENT that TPROXY capture needs.
+func WithListenConfig(lc net.ListenConfig) Option {
+	return func(o *options) { o.listenConfig = lc }
+}

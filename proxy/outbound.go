@@ -1,0 +1,101 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/meshproxy/meshproxy/tlsmgr"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// handleOutbound sends one outbound connection on: with mesh mTLS where the
+// destination is in the mesh, untouched otherwise.
+func (p *Proxy) handleOutbound(l *listener, t *tracked, c net.Conn) {
+	if l.spec.kind == outboundExplicit {
+		var ids []spiffeid.ID
+		if !l.spec.id.IsZero() {
+			ids = []spiffeid.ID{l.spec.id}
+		}
+		p.originate(t, c, l.spec.target, l.sni, ids, ids == nil)
+		return
+	}
+	dst, err := p.opts.originalDst(c)
+	if err != nil {
+		p.refuse(t, refusal{mode: ModeUnknown, decision: DecisionNoOriginalDst, err: err})
+		return
+	}
+	dst = unmap(dst)
+	if dst.Addr().IsLoopback() || isSelf(l, c, dst) {
+		// Capture rules exclude loopback, so arriving here means a loop.
+		p.refuse(t, refusal{mode: ModeUnknown, decision: DecisionLoop, dest: dst.String()})
+		return
+	}
+	rule := p.pol.Current().Outbound(dst)
+	mesh := rule.MTLS
+	if !rule.Matched {
+		mesh = slices.ContainsFunc(p.opts.meshCIDRs, func(pfx netip.Prefix) bool { return pfx.Contains(dst.Addr()) })
+	}
+	if !mesh {
+		up, err := p.dial(t, dst.String())
+		if err != nil {
+			p.refuse(t, refusal{mode: ModePassthrough, decision: DecisionUnreachable, dest: dst.String(), err: err})
+			return
+		}
+		p.pipe(t, c, up, dst.String(), ModePassthrough, spiffeid.ID{})
+		return
+	}
+	var sans []spiffeid.ID
+	if rule.Matched {
+		sans = rule.SANs
+	}
+	p.originate(t, c, dst.String(), "", sans, false)
+}
+
+// originate connects to dest and runs a mesh mTLS handshake, accepting a
+// server presenting one of ids, or any member of our trust domain if ids is
+// empty. With ruleSANs, ids come from the DestinationRule covering the
+// address actually reached (an explicit destination may be a host name).
+func (p *Proxy) originate(t *tracked, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
+	up, err := p.dial(t, dest)
+	if err != nil {
+		p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionUnreachable, dest: dest, err: err})
+		return
+	}
+	if ruleSANs {
+		if rule := p.pol.Current().Outbound(unmap(addrPort(up.RemoteAddr()))); rule.Matched && rule.MTLS {
+			ids = rule.SANs
+		}
+	}
+	td, err := p.trustDomain()
+	if err != nil && len(ids) == 0 {
+		p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionNoIdentity, dest: dest, err: err})
+		return
+	}
+
+	start := time.Now()
+	tc := tls.Client(up, p.clientTLS.get(sni, ids, td))
+	ctx, cancel := context.WithTimeout(t.ctx, p.opts.handshakeTimeout)
+	err = tc.HandshakeContext(ctx)
+	cancel()
+	result := observeHandshake(DirOutbound, start, err)
+	if err != nil {
+		p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionHandshakeFailed, dest: dest,
+			err: &handshakeError{result, err}})
+		return
+	}
+	peer, err := tlsmgr.PeerID(tc.ConnectionState())
+	if err != nil {
+		p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
+		return
+	}
+	p.pipe(t, down, tc, dest, ModeMTLS, peer)
+}
+
+// unmap turns an IPv4-mapped IPv6 address into plain IPv4.
+func unmap(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}

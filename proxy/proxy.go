@@ -1,0 +1,515 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/meshproxy/meshproxy/metrics"
+	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/tlsmgr"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// PolicySource gives the policy snapshot in force; *policy.Store satisfies it.
+// Each connection reads it once, so a reload applies to new connections.
+type PolicySource interface {
+	Current() *policy.Snapshot
+}
+
+// Connection directions (the direction label).
+const (
+	DirInbound  = "inbound"
+	DirOutbound = "outbound"
+)
+
+// Connection modes (the mode label and PeerInfo.Mode).
+const (
+	ModeMTLS        = "mtls"        // mesh mTLS terminated (inbound) or originated (outbound)
+	ModeTLS         = "tls"         // the app's own TLS, passed through
+	ModePlaintext   = "plaintext"   // plaintext, passed through
+	ModePassthrough = "passthrough" // not inspected (inbound DISABLE, outbound outside the mesh)
+	ModeUnknown     = "unknown"     // refused before the mode was known
+)
+
+// Connection decisions (the decision label): DecisionAllow or why a
+// connection was refused. Policy denials use policy.Decision.Reason.
+const (
+	DecisionAllow           = "allow"
+	DecisionOverLimit       = "over_limit"           // --max-connections reached
+	DecisionMTLSRequired    = "mtls_required"        // STRICT port, client not mesh mTLS
+	DecisionHandshakeFailed = "handshake_failed"     // sniff or mesh TLS handshake failed (see handshakes_total)
+	DecisionNoOriginalDst   = "no_original_dst"      // original destination unknown
+	DecisionLoop            = "loop"                 // destination is loopback or this listener
+	DecisionUnreachable     = "upstream_unreachable" // dialing the app or destination failed
+	DecisionNoIdentity      = "no_identity"          // no SVID loaded to originate mTLS
+)
+
+type listenerKind int
+
+const (
+	inboundTransparent listenerKind = iota
+	outboundTransparent
+	inboundExplicit
+	outboundExplicit
+)
+
+func (k listenerKind) String() string {
+	return [...]string{"inbound", "outbound", "inbound-explicit", "outbound-explicit"}[k]
+}
+
+func (k listenerKind) direction() string {
+	if k == inboundTransparent || k == inboundExplicit {
+		return DirInbound
+	}
+	return DirOutbound
+}
+
+type listener struct {
+	spec listenerSpec
+	name string
+	ln   net.Listener
+	port uint16 // bound port
+	// inbound explicit: the app's port, for policy
+	appPort uint16
+	// outbound explicit: SNI to send, if the destination is a host name
+	sni string
+}
+
+// Proxy is the sidecar data plane. Create it with New, bind with Start,
+// stop with Shutdown.
+type Proxy struct {
+	src       tlsmgr.Source
+	pol       PolicySource
+	opts      options
+	log       *slog.Logger
+	serverTLS *tls.Config
+	clientTLS *clientConfigs
+	base      context.Context
+
+	mu        sync.Mutex
+	started   bool
+	closing   bool
+	listeners []*listener
+	conns     map[*tracked]struct{}
+	connWG    sync.WaitGroup
+	acceptWG  sync.WaitGroup
+}
+
+// New returns a Proxy serving src's identity under pol's policy. Nothing is
+// bound until Start.
+func New(src tlsmgr.Source, pol PolicySource, opts ...Option) *Proxy {
+	o := defaultOptions()
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return &Proxy{
+		src:       src,
+		pol:       pol,
+		opts:      o,
+		log:       o.log.With("component", "proxy"),
+		serverTLS: tlsmgr.ServerConfig(src, authorizeBundleMember(src)),
+		clientTLS: newClientConfigs(src),
+		conns:     make(map[*tracked]struct{}),
+	}
+}
+
+// Start binds every listener and serves in the background until Shutdown.
+// On failure nothing is left bound and the error names the listener. ctx
+// is used for binding and as the parent of connection contexts for its
+// values only: cancelling it does not stop the proxy; Shutdown does.
+func (p *Proxy) Start(ctx context.Context) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.started || p.closing {
+		return errors.New("proxy already started")
+	}
+	if len(p.opts.listeners) == 0 {
+		return errors.New("no listeners configured")
+	}
+	var ls []*listener
+	closeAll := func() {
+		for _, l := range ls {
+			l.ln.Close()
+		}
+	}
+	for _, spec := range p.opts.listeners {
+		l, err := p.bind(ctx, spec)
+		if err != nil {
+			closeAll()
+			return err
+		}
+		ls = append(ls, l)
+	}
+	p.base = context.WithoutCancel(ctx)
+	p.listeners = ls
+	p.started = true
+	for _, l := range ls {
+		p.acceptWG.Add(1)
+		go p.serve(l)
+		p.log.Info("listening", "listener", l.name, "addr", l.ln.Addr().String())
+	}
+	return nil
+}
+
+func (p *Proxy) bind(ctx context.Context, spec listenerSpec) (*listener, error) {
+	l := &listener{spec: spec, name: spec.kind.String() + " " + spec.listen}
+	if spec.target != "" {
+		l.name += "=" + spec.target
+	}
+	switch spec.kind {
+	case inboundTransparent, outboundTransparent:
+		if p.opts.originalDst == nil {
+			return nil, fmt.Errorf("listener %s: transparent capture needs an original-destination lookup", l.name)
+		}
+	case inboundExplicit:
+		_, port, err := splitHostPort(spec.target)
+		if err != nil {
+			return nil, fmt.Errorf("listener %s: app address: %w", l.name, err)
+		}
+		l.appPort = port
+	case outboundExplicit:
+		host, port, err := splitHostPort(spec.target)
+		if err != nil {
+			return nil, fmt.Errorf("listener %s: destination: %w", l.name, err)
+		}
+		if _, err := netip.ParseAddr(host); err != nil && host != "" {
+			l.sni = tlsmgr.OutboundSNI(host, port)
+		}
+	}
+	ln, err := p.opts.listenConfig.Listen(ctx, "tcp", spec.listen)
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: %w", l.name, err)
+	}
+	l.ln = ln
+	if ap, err := netip.ParseAddrPort(ln.Addr().String()); err == nil {
+		l.port = ap.Port()
+	}
+	return l, nil
+}
+
+// splitHostPort parses host:port with a non-zero numeric port.
+func splitHostPort(addr string) (string, uint16, error) {
+	host, ps, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, fmt.Errorf("%q: %w", addr, err)
+	}
+	port, err := strconv.ParseUint(ps, 10, 16)
+	if err != nil || port == 0 {
+		return "", 0, fmt.Errorf("%q: port must be 1-65535", addr)
+	}
+	return host, uint16(port), nil
+}
+
+// serve accepts connections on l until it is closed.
+func (p *Proxy) serve(l *listener) {
+	defer p.acceptWG.Done()
+	var backoff time.Duration
+	for {
+		c, err := l.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Out of descriptors and the like: wait a little, keep serving.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			p.log.Warn("accept failed", "listener", l.name, "err", err, "retry_in", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		p.admit(l, c)
+	}
+}
+
+// admit starts handling c, or closes it at once when over the limit or
+// shutting down.
+func (p *Proxy) admit(l *listener, c net.Conn) {
+	dir := l.spec.kind.direction()
+	p.mu.Lock()
+	if p.closing {
+		p.mu.Unlock()
+		c.Close()
+		return
+	}
+	if max := p.opts.maxConns; max > 0 && len(p.conns) >= max {
+		p.mu.Unlock()
+		metrics.Connections.WithLabelValues(dir, ModeUnknown, DecisionOverLimit).Inc()
+		p.log.Warn("connection refused", "direction", dir, "listener", l.name,
+			"source", c.RemoteAddr().String(), "reason", DecisionOverLimit, "max_connections", max)
+		c.Close()
+		return
+	}
+	t := newTracked(p.base, dir, c)
+	p.conns[t] = struct{}{}
+	p.connWG.Add(1)
+	p.mu.Unlock()
+
+	metrics.ConnectionsActive.WithLabelValues(dir).Inc()
+	go func() {
+		defer p.release(t)
+		if dir == DirInbound {
+			p.handleInbound(l, t, c)
+		} else {
+			p.handleOutbound(l, t, c)
+		}
+	}()
+}
+
+func (p *Proxy) release(t *tracked) {
+	t.abort() // closes anything still open; a no-op after a clean close
+	metrics.ConnectionsActive.WithLabelValues(t.direction).Dec()
+	p.mu.Lock()
+	delete(p.conns, t)
+	p.mu.Unlock()
+	p.connWG.Done()
+}
+
+// Shutdown stops accepting, lets open connections finish until ctx is done,
+// then closes the rest and returns ctx's error. It returns once every
+// connection goroutine has exited.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	p.closing = true
+	ls := p.listeners
+	p.mu.Unlock()
+	for _, l := range ls {
+		l.ln.Close()
+	}
+	p.acceptWG.Wait()
+
+	done := make(chan struct{})
+	go func() {
+		p.connWG.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	p.mu.Lock()
+	n := len(p.conns)
+	for t := range p.conns {
+		t.abort()
+	}
+	p.mu.Unlock()
+	p.log.Warn("drain deadline reached, closing connections", "open", n)
+	<-done
+	return fmt.Errorf("drain: %w", ctx.Err())
+}
+
+// Ready returns nil when every listener is bound and the identity source is
+// ready, otherwise why not.
+func (p *Proxy) Ready() error {
+	p.mu.Lock()
+	started, closing := p.started, p.closing
+	p.mu.Unlock()
+	switch {
+	case closing:
+		return errors.New("proxy is shutting down")
+	case !started:
+		return errors.New("listeners not bound yet")
+	}
+	if err := p.src.Ready(); err != nil {
+		return fmt.Errorf("identity: %w", err)
+	}
+	return nil
+}
+
+// Addrs returns the bound address of every listener, in the order the
+// listener options were given (nil before Start).
+func (p *Proxy) Addrs() []net.Addr {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []net.Addr
+	for _, l := range p.listeners {
+		out = append(out, l.ln.Addr())
+	}
+	return out
+}
+
+// Peers lists the established connections.
+func (p *Proxy) Peers() []PeerInfo {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]PeerInfo, 0, len(p.conns))
+	for t := range p.conns {
+		if pi, ok := t.info(); ok {
+			out = append(out, pi)
+		}
+	}
+	return out
+}
+
+// Config is the effective configuration, as GET /config shows it.
+type Config struct {
+	Generation  uint64          `json:"generation"`
+	Mode        string          `json:"mode"` // the workload's mTLS mode before port-level overrides
+	TrustDomain string          `json:"trust_domain,omitempty"`
+	MeshCIDRs   []string        `json:"mesh_cidrs"`
+	Listeners   []ListenerInfo  `json:"listeners"`
+	Policy      json.RawMessage `json:"policy"`
+}
+
+// ListenerInfo describes one listener.
+type ListenerInfo struct {
+	Name       string `json:"name"`
+	Kind       string `json:"kind"` // inbound, outbound, inbound-explicit, outbound-explicit
+	Listen     string `json:"listen"`
+	Address    string `json:"address,omitempty"` // bound address once started
+	Target     string `json:"target,omitempty"`  // app (inbound-explicit) or destination (outbound-explicit)
+	ExpectedID string `json:"expected_id,omitempty"`
+	Mode       string `json:"mode,omitempty"` // inbound-explicit: the mTLS mode of the app port
+}
+
+// Config returns the effective configuration and policy.
+func (p *Proxy) Config() (Config, error) {
+	snap := p.pol.Current()
+	pol, err := json.Marshal(snap)
+	if err != nil {
+		return Config{}, fmt.Errorf("marshal policy: %w", err)
+	}
+	cfg := Config{
+		Generation: snap.Generation(),
+		Mode:       snap.InboundMode(0).String(),
+		MeshCIDRs:  []string{},
+		Listeners:  []ListenerInfo{},
+		Policy:     pol,
+	}
+	if td, err := p.trustDomain(); err == nil {
+		cfg.TrustDomain = td.String()
+	}
+	for _, c := range p.opts.meshCIDRs {
+		cfg.MeshCIDRs = append(cfg.MeshCIDRs, c.String())
+	}
+	p.mu.Lock()
+	bound := make(map[int]string, len(p.listeners))
+	for i, l := range p.listeners {
+		bound[i] = l.ln.Addr().String()
+	}
+	p.mu.Unlock()
+	for i, spec := range p.opts.listeners {
+		li := ListenerInfo{Kind: spec.kind.String(), Listen: spec.listen, Address: bound[i], Target: spec.target}
+		li.Name = li.Kind + " " + spec.listen
+		if spec.target != "" {
+			li.Name += "=" + spec.target
+		}
+		if !spec.id.IsZero() {
+			li.ExpectedID = spec.id.String()
+		}
+		if spec.kind == inboundExplicit {
+			if _, port, err := splitHostPort(spec.target); err == nil {
+				li.Mode = snap.InboundMode(port).String()
+			}
+		}
+		cfg.Listeners = append(cfg.Listeners, li)
+	}
+	return cfg, nil
+}
+
+// trustDomain is the configured trust domain, else that of the current SVID.
+func (p *Proxy) trustDomain() (spiffeid.TrustDomain, error) {
+	if !p.opts.td.IsZero() {
+		return p.opts.td, nil
+	}
+	svid, err := p.src.GetX509SVID()
+	if err != nil {
+		return spiffeid.TrustDomain{}, fmt.Errorf("current svid: %w", err)
+	}
+	if svid == nil {
+		return spiffeid.TrustDomain{}, tlsmgr.ErrNoIdentity
+	}
+	return svid.ID.TrustDomain(), nil
+}
+
+// refusal describes why a connection is closed, for the metric and the log.
+type refusal struct {
+	mode     string
+	decision string
+	dest     string
+	peer     spiffeid.ID
+	policy   string
+	err      error
+}
+
+// refuse counts and logs a refused connection; the caller's release closes it.
+func (p *Proxy) refuse(t *tracked, r refusal) {
+	metrics.Connections.WithLabelValues(t.direction, r.mode, r.decision).Inc()
+	attrs := []any{"direction", t.direction, "source", t.source, "mode", r.mode, "reason", r.decision}
+	if r.dest != "" {
+		attrs = append(attrs, "destination", r.dest)
+	}
+	if !r.peer.IsZero() {
+		attrs = append(attrs, "peer", r.peer.String())
+	}
+	if r.policy != "" {
+		attrs = append(attrs, "policy", r.policy)
+	}
+	if r.err != nil {
+		attrs = append(attrs, "err", r.err.Error())
+	}
+	p.log.Warn("connection refused", attrs...)
+	t.abort()
+}
+
+// dial opens an upstream connection for t and registers it for abort.
+func (p *Proxy) dial(t *tracked, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(t.ctx, DefaultDialTimeout)
+	defer cancel()
+	c, err := p.opts.dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	if !t.addSocket(c) {
+		return nil, fmt.Errorf("dial %s: connection closed meanwhile", addr)
+	}
+	return c, nil
+}
+
+// pipe counts an allowed connection, forwards it and logs its end.
+func (p *Proxy) pipe(t *tracked, down, up net.Conn, dest, mode string, peer spiffeid.ID) {
+	var peerID string
+	if !peer.IsZero() {
+		peerID = peer.String()
+	}
+	metrics.Connections.WithLabelValues(t.direction, mode, DecisionAllow).Inc()
+	t.establish(dest, mode, peerID)
+	p.log.Debug("connection open", "direction", t.direction, "source", t.source, "destination", dest, "mode", mode, "peer", peerID)
+	err := forward(t, down, up, p.opts.idleTimeout, metrics.Bytes.WithLabelValues(t.direction))
+	attrs := []any{"direction", t.direction, "source", t.source, "destination", dest, "mode", mode,
+		"peer", peerID, "bytes_in", t.bytesIn.Load(), "bytes_out", t.bytesOut.Load(),
+		"duration", time.Since(t.since).Round(time.Millisecond).String()}
+	switch {
+	case errors.Is(err, errIdle):
+		p.log.Info("connection closed: idle timeout", attrs...)
+	case err != nil:
+		p.log.Debug("connection aborted", append(attrs, "err", err.Error())...)
+	default:
+		p.log.Debug("connection closed", attrs...)
+	}
+}
+
+// addrPort converts a net.Addr of a TCP socket.
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.AddrPort()
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}
+
+// isSelf reports whether dst is the listener's own socket: a connection made
+// straight to the capture port, which would loop forever if forwarded.
+func isSelf(l *listener, c net.Conn, dst netip.AddrPort) bool {
+	local := addrPort(c.LocalAddr())
+	return dst.Port() == l.port && dst.Addr().Unmap() == local.Addr().Unmap()
+}
