@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"strconv"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -43,7 +44,10 @@ func ServerConfig(src Source, authz tlsconfig.Authorizer) *tls.Config {
 // ClientConfig builds a TLS 1.3 client config that presents src's current
 // certificate, offers ALPN alpn (default "istio") and accepts a server only
 // if its SVID chains to src's bundles and satisfies authz. Hostnames are
-// never checked: mesh peers are identified by SPIFFE ID.
+// never checked: mesh peers are identified by SPIFFE ID. ServerName is
+// empty (no SNI); set it to OutboundSNI(host, port) to send Istio's SNI.
+// Verification runs in VerifyConnection on every handshake, resumed ones
+// included, so a cached session never outlives a trust bundle change.
 func ClientConfig(src Source, authz tlsconfig.Authorizer, alpn ...string) *tls.Config {
 	if len(alpn) == 0 {
 		alpn = []string{ALPNIstio}
@@ -60,6 +64,13 @@ func ClientConfig(src Source, authz tlsconfig.Authorizer, alpn ...string) *tls.C
 			return err
 		},
 	}
+}
+
+// OutboundSNI is the SNI Istio clients send to a mesh destination,
+// "outbound_.<port>_._.<host>"; set it as ClientConfig(...).ServerName. It is
+// only a routing hint: the server is still verified by SPIFFE ID alone.
+func OutboundSNI(host string, port uint16) string {
+	return "outbound_." + strconv.Itoa(int(port)) + "_._." + host
 }
 
 // ErrNoPeerCertificate is returned when the peer presented no certificate.

@@ -3,4 +3,19 @@
 // before they expire, keeps the trust bundles, and builds crypto/tls configs
 // that verify peers by SPIFFE ID. The data plane sees only the Source
 // interface and the config builders, never files, CA clients or rotation.
+//
+// Sources:
+//   - Rotator: CSRs to an Issuer (the gRPC client in tlsmgr/caclient, or a
+//     CA in-process), fresh in-memory P-256 key per renewal, renewal at half
+//     life ± jitter, backoff while the CA is down, roots from the CA merged
+//     with an optional bundle file.
+//   - FileSource: mounted PEM files, reloaded on change (Kubernetes secret
+//     volumes included); a bad reload keeps the last good identity.
+//   - Static: a fixed identity for tests and tools.
+//
+// Every source swaps immutable snapshots through an atomic pointer, so
+// Certificate costs a pointer load, and announces changes through Notifier.
+// ServerConfig and ClientConfig verify the peer in VerifyConnection, which
+// crypto/tls runs on resumed handshakes too: a session ticket never outlives
+// a trust bundle or authorization change.
 package tlsmgr

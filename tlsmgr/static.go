@@ -19,6 +19,9 @@ type identity struct {
 	cert    *tls.Certificate
 	bundles *x509bundle.Set
 	gen     uint64
+	// loadedAt is when this SVID was obtained; renewal is planned from it
+	// when the CA back-dates NotBefore for clock skew.
+	loadedAt time.Time
 }
 
 func newIdentity(svid *x509svid.SVID, bundles *x509bundle.Set, gen uint64) *identity {
@@ -36,7 +39,7 @@ func (id *identity) status(source, lastErr string) Status {
 	leaf := id.svid.Certificates[0]
 	st := Status{
 		ID:        id.svid.ID,
-		Serial:    fmt.Sprintf("%x", leaf.SerialNumber),
+		Serial:    serialString(leaf.SerialNumber),
 		NotBefore: leaf.NotBefore,
 		NotAfter:  leaf.NotAfter,
 		Chain:     id.svid.Certificates,
@@ -51,7 +54,9 @@ func (id *identity) status(source, lastErr string) Status {
 }
 
 // Static is a Source with a fixed SVID and bundle set, for tests and tools.
+// It notifies subscribers when Set replaces them.
 type Static struct {
+	notifier
 	cur atomic.Pointer[identity]
 }
 
@@ -69,6 +74,7 @@ func (s *Static) Set(svid *x509svid.SVID, bundles ...*x509bundle.Bundle) {
 		gen = old.gen + 1
 	}
 	s.cur.Store(newIdentity(svid, x509bundle.NewSet(bundles...), gen))
+	s.notify()
 }
 
 // GetX509SVID implements x509svid.Source.

@@ -1,0 +1,197 @@
+package tlsmgr
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/meshproxy/meshproxy/metrics"
+)
+
+// FileSource is a Source backed by mounted PEM files: a certificate chain
+// (leaf first), its private key (PKCS#8, SEC 1 or PKCS#1) and a trust
+// bundle of one or more roots for the SVID's trust domain. Run reloads them
+// when they change; a bad reload keeps the previous identity.
+type FileSource struct {
+	notifier
+	certFile, keyFile, bundleFile string
+	opts                          options
+	cur                           atomic.Pointer[identity]
+
+	mu      sync.Mutex // serialises loads; guards the fields below
+	lastErr error
+	lastSum [sha256.Size]byte // digest of the last content tried
+}
+
+// NewFileSource loads certFile, keyFile and bundleFile and returns a
+// FileSource serving them. It refuses a certificate that does not match its
+// key, carries no SPIFFE ID, has expired or does not chain to the bundle;
+// the error names the file at fault. Options that apply: WithTrustDomain,
+// WithPollInterval, WithClock, WithLogger.
+func NewFileSource(certFile, keyFile, bundleFile string, opts ...Option) (*FileSource, error) {
+	for _, f := range []struct{ name, path string }{{"cert", certFile}, {"key", keyFile}, {"bundle", bundleFile}} {
+		if f.path == "" {
+			return nil, fmt.Errorf("file source: %s file path is empty", f.name)
+		}
+	}
+	o, err := buildOptions(opts)
+	if err != nil {
+		return nil, fmt.Errorf("file source: %w", err)
+	}
+	s := &FileSource{certFile: certFile, keyFile: keyFile, bundleFile: bundleFile, opts: o}
+	if _, err := s.load(true); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Certificate implements Source. It only loads a pointer.
+func (s *FileSource) Certificate() (*tls.Certificate, error) { return s.cur.Load().cert, nil }
+
+// GetX509SVID implements x509svid.Source.
+func (s *FileSource) GetX509SVID() (*x509svid.SVID, error) { return s.cur.Load().svid, nil }
+
+// GetX509BundleForTrustDomain implements x509bundle.Source.
+func (s *FileSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	return s.cur.Load().bundles.GetX509BundleForTrustDomain(td)
+}
+
+// Generation implements Source.
+func (s *FileSource) Generation() uint64 { return s.cur.Load().gen }
+
+// Ready implements Source: nil while the loaded certificate is valid.
+func (s *FileSource) Ready() error {
+	s.mu.Lock()
+	lastErr := s.lastErr
+	s.mu.Unlock()
+	return readiness(s.cur.Load(), s.opts.clock.Now(), lastErr)
+}
+
+// Status implements Source.
+func (s *FileSource) Status() Status {
+	s.mu.Lock()
+	msg := ""
+	if s.lastErr != nil {
+		msg = s.lastErr.Error()
+	}
+	s.mu.Unlock()
+	return s.cur.Load().status("files", msg)
+}
+
+// Rotate implements Source: it reloads the files now, even if they look
+// unchanged, and returns the result. On failure the old identity stays.
+func (s *FileSource) Rotate(context.Context) error {
+	_, err := s.reload(true)
+	return err
+}
+
+// Run watches the files (notifications on their directories, which also
+// catches Kubernetes' ..data symlink swaps, plus a periodic check) and
+// reloads them when their content changes, until ctx ends. It returns nil.
+func (s *FileSource) Run(ctx context.Context) error {
+	watchFiles(ctx, []string{s.certFile, s.keyFile, s.bundleFile}, s.opts.pollInterval, s.opts.clock, s.opts.logger, func() {
+		_, _ = s.reload(false) // logged and counted by reload
+	})
+	return nil
+}
+
+// reload loads the files and records the outcome in logs and metrics.
+func (s *FileSource) reload(force bool) (bool, error) {
+	changed, err := s.load(force)
+	if err != nil {
+		metrics.ConfigReloads.WithLabelValues("cert", "failure").Inc()
+		metrics.CertRotations.WithLabelValues("failure").Inc()
+		cur := s.cur.Load()
+		s.opts.logger.Error("certificate reload failed, keeping the loaded certificate", "error", err,
+			"spiffe_id", cur.svid.ID.String(), "serial", serialString(cur.svid.Certificates[0].SerialNumber))
+		return false, err
+	}
+	if changed {
+		metrics.ConfigReloads.WithLabelValues("cert", "success").Inc()
+		metrics.CertRotations.WithLabelValues("success").Inc()
+	}
+	return changed, nil
+}
+
+// load reads and validates the files and swaps them in if their content
+// differs from the last attempt (or force is set). It reports whether a new
+// identity was installed.
+func (s *FileSource) load(force bool) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	data, sum, err := readFiles(s.certFile, s.keyFile, s.bundleFile)
+	if err != nil {
+		s.lastErr = err
+		return false, err
+	}
+	if !force && sum == s.lastSum {
+		return false, nil // nothing new; a bad version was already reported
+	}
+	s.lastSum = sum
+	svid, bundle, err := s.parse(data[0], data[1], data[2])
+	if err != nil {
+		s.lastErr = err
+		return false, err
+	}
+	s.lastErr = nil
+	var gen uint64 = 1
+	if old := s.cur.Load(); old != nil {
+		gen = old.gen + 1
+	}
+	next := newIdentity(svid, x509bundle.NewSet(bundle), gen)
+	next.loadedAt = s.opts.clock.Now()
+	s.cur.Store(next)
+
+	leaf := svid.Certificates[0]
+	metrics.CertExpiry.Set(float64(leaf.NotAfter.Unix()))
+	s.opts.logger.Info("certificate loaded from files",
+		"spiffe_id", svid.ID.String(),
+		"serial", serialString(leaf.SerialNumber),
+		"not_before", leaf.NotBefore,
+		"not_after", leaf.NotAfter,
+		"cert_file", s.certFile,
+		"roots", len(bundle.X509Authorities()),
+		"generation", gen)
+	s.notify()
+	return true, nil
+}
+
+// parse validates the three files' content; errors name the file at fault.
+func (s *FileSource) parse(certPEM, keyPEM, bundlePEM []byte) (*x509svid.SVID, *x509bundle.Bundle, error) {
+	chain, err := ParseCertificatesPEM(certPEM)
+	if err != nil {
+		return nil, nil, fmt.Errorf("cert file %s: %w", s.certFile, err)
+	}
+	key, err := ParsePrivateKeyPEM(keyPEM)
+	if err != nil {
+		return nil, nil, fmt.Errorf("key file %s: %w", s.keyFile, err)
+	}
+	roots, err := ParseCertificatesPEM(bundlePEM)
+	if err == nil {
+		err = checkRoots(roots)
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("bundle file %s: %w", s.bundleFile, err)
+	}
+	id, err := x509svid.IDFromCert(chain[0])
+	if err != nil {
+		return nil, nil, fmt.Errorf("cert file %s: %w: %w", s.certFile, ErrNoSPIFFEID, err)
+	}
+	bundle := x509bundle.FromX509Authorities(id.TrustDomain(), roots)
+	svid, err := verifySVID(chain, key, bundle, s.opts.trustDomain, s.opts.clock.Now())
+	switch {
+	case errors.Is(err, ErrKeyMismatch):
+		return nil, nil, fmt.Errorf("cert file %s does not match key file %s: %w", s.certFile, s.keyFile, err)
+	case err != nil:
+		return nil, nil, fmt.Errorf("cert file %s (bundle %s): %w", s.certFile, s.bundleFile, err)
+	}
+	return svid, bundle, nil
+}
