@@ -11,55 +11,36 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/admin"
 )
 
 const defaultAdmin = "127.0.0.1:15000"
 
-// identityView is the admin API's GET /identity document (SPEC "Admin API").
-type identityView struct {
-	SPIFFEID         string    `json:"spiffe_id"`
-	Serial           string    `json:"serial"`
-	NotBefore        time.Time `json:"not_before"`
-	NotAfter         time.Time `json:"not_after"`
-	ExpiresInSeconds int64     `json:"expires_in_seconds"`
-	ChainPEM         string    `json:"chain_pem"`
-	TrustDomains     []string  `json:"trust_domains"`
-	Source           string    `json:"source"`
-}
-
-// peerView is one element of the admin API's GET /peers document.
-type peerView struct {
-	Direction    string    `json:"direction"`
-	Source       string    `json:"source"`
-	Destination  string    `json:"destination"`
-	PeerSPIFFEID string    `json:"peer_spiffe_id"`
-	Mode         string    `json:"mode"`
-	Since        time.Time `json:"since"`
-	BytesIn      int64     `json:"bytes_in"`
-	BytesOut     int64     `json:"bytes_out"`
-}
-
 func newIdentityCmd() *cobra.Command {
-	var admin, output string
+	var adminAddr, output string
+	var bundle bool
 	cmd := &cobra.Command{
 		Use:   "identity",
 		Short: "Show the sidecar's own SVID: SPIFFE ID, serial, validity, chain, bundle",
 		Long: `identity asks a running sidecar's admin API (127.0.0.1:15000 by default) which
 identity it holds: SPIFFE ID, certificate serial, validity, the trust domains
 it trusts, and where the identity comes from (CA, files, Workload API).
--o pem prints the certificate chain, never the private key.`,
+-o pem prints the certificate chain (with --bundle: the trusted roots), never
+the private key.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if output != "text" && output != "json" && output != "pem" {
 				return usagef("--output must be text, json or pem, not %q", output)
 			}
-			body, err := adminGet(cmd.Context(), admin, "/identity")
+			body, err := adminGet(cmd.Context(), adminAddr, "/identity")
 			if err != nil {
 				return err
 			}
-			var id identityView
+			var id admin.Identity
 			if err := json.Unmarshal(body, &id); err != nil {
-				return fmt.Errorf("admin %s/identity: decode: %w", admin, err)
+				return fmt.Errorf("admin %s/identity: decode: %w", adminAddr, err)
 			}
 			w := cmd.OutOrStdout()
 			switch output {
@@ -67,7 +48,11 @@ it trusts, and where the identity comes from (CA, files, Workload API).
 				_, err = w.Write(append(body, '\n'))
 				return err
 			case "pem":
-				_, err = io.WriteString(w, id.ChainPEM)
+				if bundle {
+					_, err = io.WriteString(w, id.BundlePEM)
+				} else {
+					_, err = io.WriteString(w, id.ChainPEM)
+				}
 				return err
 			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -78,16 +63,18 @@ it trusts, and where the identity comes from (CA, files, Workload API).
 			fmt.Fprintf(tw, "Trust domains:\t%s\n", strings.Join(id.TrustDomains, ", "))
 			fmt.Fprintf(tw, "Source:\t%s\n", id.Source)
 			fmt.Fprintf(tw, "Chain:\t%d certificates (-o pem to print)\n", strings.Count(id.ChainPEM, "BEGIN CERTIFICATE"))
+			fmt.Fprintf(tw, "Bundle:\t%d trusted roots (-o pem --bundle to print)\n", strings.Count(id.BundlePEM, "BEGIN CERTIFICATE"))
 			return tw.Flush()
 		},
 	}
-	cmd.Flags().StringVar(&admin, "admin", defaultAdmin, "address of the sidecar's admin API")
+	cmd.Flags().StringVar(&adminAddr, "admin", defaultAdmin, "address of the sidecar's admin API")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text, json or pem")
+	cmd.Flags().BoolVar(&bundle, "bundle", false, "with -o pem: print the trust bundle instead of the chain")
 	return cmd
 }
 
 func newPeersCmd() *cobra.Command {
-	var admin, output string
+	var adminAddr, output string
 	cmd := &cobra.Command{
 		Use:   "peers",
 		Short: "List the sidecar's live connections with each peer's SPIFFE ID, mode and bytes",
@@ -100,13 +87,13 @@ when it started and the bytes moved each way.`,
 			if output != "text" && output != "json" {
 				return usagef("--output must be text or json, not %q", output)
 			}
-			body, err := adminGet(cmd.Context(), admin, "/peers")
+			body, err := adminGet(cmd.Context(), adminAddr, "/peers")
 			if err != nil {
 				return err
 			}
-			var peers []peerView
+			var peers []proxy.PeerInfo
 			if err := json.Unmarshal(body, &peers); err != nil {
-				return fmt.Errorf("admin %s/peers: decode: %w", admin, err)
+				return fmt.Errorf("admin %s/peers: decode: %w", adminAddr, err)
 			}
 			w := cmd.OutOrStdout()
 			if output == "json" {
@@ -125,7 +112,7 @@ when it started and the bytes moved each way.`,
 			return tw.Flush()
 		},
 	}
-	cmd.Flags().StringVar(&admin, "admin", defaultAdmin, "address of the sidecar's admin API")
+	cmd.Flags().StringVar(&adminAddr, "admin", defaultAdmin, "address of the sidecar's admin API")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	return cmd
 }
@@ -138,28 +125,28 @@ func orDash(s string) string {
 }
 
 // adminGet fetches path from a sidecar's admin API.
-func adminGet(ctx context.Context, admin, path string) ([]byte, error) {
-	return adminDo(ctx, http.MethodGet, admin, path)
+func adminGet(ctx context.Context, addr, path string) ([]byte, error) {
+	return adminDo(ctx, http.MethodGet, addr, path)
 }
 
-func adminDo(ctx context.Context, method, admin, path string) ([]byte, error) {
+func adminDo(ctx context.Context, method, addr, path string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, "http://"+admin+path, nil)
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+path, nil)
 	if err != nil {
-		return nil, usagef("--admin %q: %v", admin, err)
+		return nil, usagef("--admin %q: %v", addr, err)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("admin API at %s: %w (is the sidecar running? set --admin)", admin, err)
+		return nil, fmt.Errorf("admin API at %s: %w (is the sidecar running? set --admin)", addr, err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	if err != nil {
-		return nil, fmt.Errorf("admin %s%s: read: %w", admin, path, err)
+		return nil, fmt.Errorf("admin %s%s: read: %w", addr, path, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("admin %s%s: %s: %s", admin, path, resp.Status, strings.TrimSpace(string(body)))
+		return nil, fmt.Errorf("admin %s%s: %s: %s", addr, path, resp.Status, strings.TrimSpace(string(body)))
 	}
 	return body, nil
 }

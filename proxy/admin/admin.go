@@ -37,6 +37,7 @@ type Identity struct {
 	ExpiresInSeconds int64     `json:"expires_in_seconds"`
 	ChainPEM         string    `json:"chain_pem"`
 	TrustDomains     []string  `json:"trust_domains"`
+	BundlePEM        string    `json:"bundle_pem"` // every trusted root, all trust domains
 	Source           string    `json:"source"`
 }
 
@@ -135,6 +136,12 @@ func IdentityOf(st tlsmgr.Status, now time.Time) (Identity, error) {
 	for _, td := range st.TrustDomains {
 		tds = append(tds, td.String())
 	}
+	var bundle strings.Builder
+	for _, b := range st.Bundles {
+		for _, c := range b.X509Authorities() {
+			_ = pem.Encode(&bundle, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+		}
+	}
 	return Identity{
 		SPIFFEID:         st.ID.String(),
 		Serial:           st.Serial,
@@ -143,6 +150,7 @@ func IdentityOf(st tlsmgr.Status, now time.Time) (Identity, error) {
 		ExpiresInSeconds: int64(st.NotAfter.Sub(now).Seconds()),
 		ChainPEM:         chain.String(),
 		TrustDomains:     tds,
+		BundlePEM:        bundle.String(),
 		Source:           st.Source,
 	}, nil
 }

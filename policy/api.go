@@ -1,0 +1,245 @@
+package policy
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Mode is a PeerAuthentication mutual-TLS mode.
+type Mode int
+
+// The PeerAuthentication modes. ModeUnset inherits from the enclosing level.
+const (
+	ModeUnset Mode = iota
+	ModeDisable
+	ModePermissive
+	ModeStrict
+)
+
+// String returns Istio's spelling of the mode ("UNSET", "DISABLE", "PERMISSIVE", "STRICT").
+func (m Mode) String() string {
+	switch m {
+	case ModeUnset:
+		return "UNSET"
+	case ModeDisable:
+		return "DISABLE"
+	case ModePermissive:
+		return "PERMISSIVE"
+	case ModeStrict:
+		return "STRICT"
+	}
+	return fmt.Sprintf("Mode(%d)", int(m))
+}
+
+// ParseMode parses Istio's spelling of a mode, case-insensitively. The empty
+// string is ModeUnset.
+func ParseMode(s string) (Mode, error) {
+	switch strings.ToUpper(strings.TrimSpace(s)) {
+	case "", "UNSET":
+		return ModeUnset, nil
+	case "DISABLE":
+		return ModeDisable, nil
+	case "PERMISSIVE":
+		return ModePermissive, nil
+	case "STRICT":
+		return ModeStrict, nil
+	}
+	return ModeUnset, fmt.Errorf("unknown mTLS mode %q (want STRICT, PERMISSIVE, DISABLE or UNSET)", s)
+}
+
+// Workload is the workload this sidecar serves: policies select it by
+// namespace and labels.
+type Workload struct {
+	Namespace string
+	Labels    map[string]string
+}
+
+// Request is one inbound connection to authorize.
+type Request struct {
+	Peer spiffeid.ID // zero value when the peer is not mesh mTLS (plaintext / passthrough)
+	Port uint16      // destination port on this workload
+}
+
+// Decision is the outcome of authorizing a Request.
+type Decision struct {
+	Allowed bool
+	Reason  string // bounded, for metrics: "allowed", "denied_by_policy", "no_allow_match"
+	Policy  string // "namespace/name" of the deciding policy, for logs ("" when none)
+}
+
+// Decision reasons.
+const (
+	ReasonAllowed        = "allowed"
+	ReasonDeniedByPolicy = "denied_by_policy"
+	ReasonNoAllowMatch   = "no_allow_match"
+)
+
+// Outbound is the DestinationRule verdict for one destination.
+type Outbound struct {
+	Matched bool          // a DestinationRule covers dst
+	MTLS    bool          // tls.mode ISTIO_MUTUAL (false for DISABLE)
+	SANs    []spiffeid.ID // tls.subjectAltNames: expected server SPIFFE IDs (empty = any in trust domain)
+}
+
+// Snapshot is an immutable, validated set of policies for one workload.
+type Snapshot struct {
+	gen         uint64
+	wl          Workload
+	rootNS      string
+	defaultMode Mode
+	peer        peerAuthn
+	authz       authzPolicies
+	dests       destRules
+	resolved    map[string][]netip.Addr // DestinationRule host names and their addresses
+}
+
+// Generation counts the snapshots a Store has published: it increases with
+// every new snapshot (a changed directory, or changed DNS answers for a
+// DestinationRule host).
+func (s *Snapshot) Generation() uint64 { return s.gen }
+
+// InboundMode returns the effective mTLS mode for an inbound port. It is
+// never ModeUnset.
+func (s *Snapshot) InboundMode(port uint16) Mode { return s.peer.modeFor(port) }
+
+// Authorize evaluates the L4 AuthorizationPolicies for r: DENY policies first,
+// then, if any ALLOW policy applies to the workload, r must match one.
+func (s *Snapshot) Authorize(r Request) Decision { return s.authz.authorize(r) }
+
+// Outbound returns the most specific DestinationRule setting covering dst.
+func (s *Snapshot) Outbound(dst netip.AddrPort) Outbound { return s.dests.lookup(dst) }
+
+// MarshalJSON renders the effective policy, for the admin API's GET /config.
+func (s *Snapshot) MarshalJSON() ([]byte, error) { return json.Marshal(s.view()) }
+
+// Option configures a Store.
+type Option func(*options)
+
+type options struct {
+	defaultMode  Mode
+	rootNS       string
+	td           spiffeid.TrustDomain
+	log          *slog.Logger
+	resolve      ResolveFunc
+	resolveEvery time.Duration
+	pollEvery    time.Duration
+}
+
+func defaultOptions() options {
+	return options{
+		defaultMode:  ModePermissive,
+		rootNS:       "istio-system",
+		td:           spiffeid.RequireTrustDomainFromString(defaultTrustDomain),
+		log:          slog.Default(),
+		resolve:      resolveSystem,
+		resolveEvery: 30 * time.Second,
+		pollEvery:    2 * time.Second,
+	}
+}
+
+const defaultTrustDomain = "cluster.local"
+
+// WithDefaultMode sets the mesh default used when no PeerAuthentication
+// applies (default PERMISSIVE). ModeUnset leaves the default unchanged.
+func WithDefaultMode(m Mode) Option {
+	return func(o *options) {
+		if m != ModeUnset {
+			o.defaultMode = m
+		}
+	}
+}
+
+// WithRootNamespace sets the mesh root namespace whose selector-less policies
+// apply mesh-wide (default "istio-system").
+func WithRootNamespace(ns string) Option {
+	return func(o *options) {
+		if ns != "" {
+			o.rootNS = ns
+		}
+	}
+}
+
+// WithTrustDomain sets the mesh's trust domain (default "cluster.local"). As
+// in Istio, the trust domain "cluster.local" written in a principal stands
+// for this one.
+func WithTrustDomain(td spiffeid.TrustDomain) Option {
+	return func(o *options) {
+		if !td.IsZero() {
+			o.td = td
+		}
+	}
+}
+
+// WithLogger sets the logger (default slog.Default()).
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) {
+		if l != nil {
+			o.log = l
+		}
+	}
+}
+
+// WithResolver sets how DestinationRule host names are resolved (default
+// net.DefaultResolver).
+func WithResolver(f ResolveFunc) Option {
+	return func(o *options) {
+		if f != nil {
+			o.resolve = f
+		}
+	}
+}
+
+// WithResolveInterval sets how often Run re-resolves DestinationRule host
+// names (default 30s).
+func WithResolveInterval(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.resolveEvery = d
+		}
+	}
+}
+
+// WithPollInterval sets how often Run re-reads the directory in case a change
+// escaped fsnotify (default 2s).
+func WithPollInterval(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.pollEvery = d
+		}
+	}
+}
+
+// Store loads --config-dir, watches it, and swaps snapshots atomically.
+type Store struct {
+	dir  string
+	wl   Workload
+	opts options
+	cur  atomic.Pointer[Snapshot]
+
+	mu        sync.Mutex // serialises reloads and DNS refreshes; guards the fields below
+	docs      *docSet    // last good directory content
+	hash      [sha256.Size]byte
+	failed    [sha256.Size]byte // last failed content (or read error), reported once
+	failedErr error
+	resolved  map[string][]netip.Addr
+}
+
+// Current returns the snapshot in force. It is never nil.
+func (s *Store) Current() *Snapshot { return s.cur.Load() }
+
+// Run watches the directory (fsnotify, plus a periodic re-read that catches
+// ConfigMap symlink swaps) and reloads on change, and re-resolves
+// DestinationRule host names, until ctx is done; it then returns nil. A bad
+// directory is logged and counted, and the last good snapshot stays. A Store
+// without a directory just waits for ctx.
+func (s *Store) Run(ctx context.Context) error { return s.run(ctx) }

@@ -1,0 +1,305 @@
+package policy
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/apimachinery/pkg/util/validation"
+)
+
+// ResolveFunc resolves a DestinationRule host name to addresses.
+type ResolveFunc func(ctx context.Context, host string) ([]netip.Addr, error)
+
+func resolveSystem(ctx context.Context, host string) ([]netip.Addr, error) {
+	return net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+}
+
+// destRule is one validated DestinationRule.
+type destRule struct {
+	meta
+	host     string       // as written, for logs and GET /config
+	prefix   netip.Prefix // for an IP, CIDR or "*"
+	name     string       // a DNS name to resolve (short names qualified with the rule's namespace)
+	any      bool         // host "*"
+	exportTo []string     // nil: visible everywhere
+	selector map[string]string
+	tls      *tlsSetting // rule level; nil when unset
+	ports    map[uint16]*tlsSetting
+}
+
+type tlsSetting struct {
+	mtls bool
+	sans []spiffeid.ID
+}
+
+func compileDestRule(m meta, spec *destRuleSpec) (*destRule, error) {
+	d := &destRule{meta: m, host: spec.Host}
+	if err := d.parseHost(spec.Host); err != nil {
+		return nil, err
+	}
+	for i, e := range spec.ExportTo {
+		if e != "*" && e != "." && e != "~" && len(validation.IsDNS1123Label(e)) > 0 {
+			return nil, fieldErrorf(fmt.Sprintf("spec.exportTo[%d]", i), "%q: want \"*\", \".\", \"~\" or a namespace", e)
+		}
+	}
+	d.exportTo = spec.ExportTo
+	d.selector = spec.WorkloadSelector.labels()
+	for i, s := range spec.Subsets {
+		if s.Name == "" {
+			return nil, fieldErrorf(fmt.Sprintf("spec.subsets[%d].name", i), "required")
+		}
+	}
+	tp := spec.TrafficPolicy
+	if tp == nil {
+		return d, nil
+	}
+	var err error
+	if d.tls, err = compileTLS("spec.trafficPolicy.tls", tp.TLS); err != nil {
+		return nil, err
+	}
+	for i, pl := range tp.PortLevelSettings {
+		path := fmt.Sprintf("spec.trafficPolicy.portLevelSettings[%d]", i)
+		if pl.Port == nil || pl.Port.Number == 0 || pl.Port.Number > 65535 {
+			return nil, fieldErrorf(path+".port.number", "want a port number 1-65535")
+		}
+		port := uint16(pl.Port.Number)
+		if _, dup := d.ports[port]; dup {
+			return nil, fieldErrorf(path+".port.number", "port %d is set twice", port)
+		}
+		t, err := compileTLS(path+".tls", pl.TLS)
+		if err != nil {
+			return nil, err
+		}
+		if d.ports == nil {
+			d.ports = make(map[uint16]*tlsSetting)
+		}
+		d.ports[port] = t // nil: the rule-level setting applies
+	}
+	return d, nil
+}
+
+func (d *destRule) parseHost(h string) error {
+	const path = "spec.host"
+	switch {
+	case h == "":
+		return fieldErrorf(path, "required")
+	case h == "*":
+		d.any = true
+		return nil
+	case strings.Contains(h, "*"):
+		return fieldErrorf(path, "%q: wildcard hosts cannot be matched to addresses; use \"*\", an IP, a CIDR or a resolvable name", h)
+	}
+	if a, err := netip.ParseAddr(h); err == nil {
+		a = a.Unmap()
+		d.prefix = netip.PrefixFrom(a, a.BitLen())
+		return nil
+	}
+	if p, err := netip.ParsePrefix(h); err == nil {
+		if p.Addr().Is4In6() {
+			return fieldErrorf(path, "%q: write IPv4 CIDRs in IPv4 form", h)
+		}
+		d.prefix = p.Masked()
+		return nil
+	}
+	name := strings.TrimSuffix(strings.ToLower(h), ".")
+	if errs := validation.IsDNS1123Subdomain(name); len(errs) > 0 {
+		return fieldErrorf(path, "%q is not an IP, CIDR or DNS name: %s", h, strings.Join(errs, "; "))
+	}
+	if !strings.Contains(name, ".") {
+		// An Istio short name is relative to the rule's namespace; the
+		// resolver's search path completes "name.namespace".
+		name += "." + d.namespace
+	}
+	d.name = name
+	return nil
+}
+
+func compileTLS(path string, t *clientTLS) (*tlsSetting, error) {
+	if t == nil {
+		return nil, nil
+	}
+	s := &tlsSetting{}
+	switch t.Mode {
+	case "", "DISABLE":
+	case "ISTIO_MUTUAL":
+		s.mtls = true
+	case "SIMPLE", "MUTUAL":
+		return nil, fieldErrorf(path+".mode", "%s is not supported by meshproxy (ISTIO_MUTUAL and DISABLE are)", t.Mode)
+	default:
+		return nil, fieldErrorf(path+".mode", "unknown mode %q (want ISTIO_MUTUAL or DISABLE)", t.Mode)
+	}
+	if len(t.SubjectAltNames) > 0 && !s.mtls {
+		return nil, fieldErrorf(path+".subjectAltNames", "only meaningful with mode ISTIO_MUTUAL")
+	}
+	for i, san := range t.SubjectAltNames {
+		id, err := parseSAN(san)
+		if err != nil {
+			return nil, fieldErrorf(fmt.Sprintf("%s.subjectAltNames[%d]", path, i), "%v", err)
+		}
+		s.sans = append(s.sans, id)
+	}
+	return s, nil
+}
+
+// parseSAN accepts a SPIFFE ID with or without its scheme
+// ("spiffe://cluster.local/ns/a/sa/b" or Istio's "cluster.local/ns/a/sa/b").
+func parseSAN(s string) (spiffeid.ID, error) {
+	if !strings.HasPrefix(s, "spiffe://") {
+		s = "spiffe://" + s
+	}
+	id, err := spiffeid.FromString(s)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("%q is not a SPIFFE ID: %w", s, err)
+	}
+	if id.Path() == "" {
+		return spiffeid.ID{}, fmt.Errorf("%q is not a workload SPIFFE ID (no path)", s)
+	}
+	return id, nil
+}
+
+// visibleTo reports whether the rule applies to the workload: exportTo lets
+// it out of its namespace, and a workloadSelector narrows it to labelled
+// workloads of its own namespace.
+func (d *destRule) visibleTo(wl Workload) bool {
+	if d.selector != nil && (d.namespace != wl.Namespace || !selects(d.selector, wl.Labels)) {
+		return false
+	}
+	if d.exportTo == nil {
+		return true
+	}
+	for _, e := range d.exportTo {
+		switch e {
+		case "*":
+			return true
+		case ".":
+			if d.namespace == wl.Namespace {
+				return true
+			}
+		case "~":
+		default:
+			if e == wl.Namespace {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// destEntry is one (address range, port) a DestinationRule sets TLS for.
+type destEntry struct {
+	prefix netip.Prefix
+	port   uint16 // 0: every port
+	tls    *tlsSetting
+	rule   *destRule
+	rank   int // tie-break between rules of equal specificity: lower wins
+}
+
+// destRules is a lookup table from destination to TLS setting, most
+// specific first: longer prefix, then port-level before rule-level, then
+// rule precedence (our namespace, other namespaces, the root namespace; older
+// first).
+type destRules struct {
+	entries []destEntry
+}
+
+func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[string][]netip.Addr) destRules {
+	visible := make([]*destRule, 0, len(all))
+	for _, d := range all {
+		if d.visibleTo(wl) {
+			visible = append(visible, d)
+		}
+	}
+	nsRank := func(d *destRule) int {
+		switch d.namespace {
+		case wl.Namespace:
+			return 0
+		case rootNS:
+			return 2
+		}
+		return 1
+	}
+	slices.SortStableFunc(visible, func(a, b *destRule) int {
+		if c := cmp.Compare(nsRank(a), nsRank(b)); c != 0 {
+			return c
+		}
+		return a.meta.compare(b.meta)
+	})
+	var out destRules
+	for rank, d := range visible {
+		var prefixes []netip.Prefix
+		switch {
+		case d.any:
+			prefixes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+		case d.name != "":
+			for _, a := range resolved[d.name] {
+				a = a.Unmap()
+				prefixes = append(prefixes, netip.PrefixFrom(a, a.BitLen()))
+			}
+		default:
+			prefixes = []netip.Prefix{d.prefix}
+		}
+		for _, p := range prefixes {
+			if d.tls != nil {
+				out.entries = append(out.entries, destEntry{prefix: p, tls: d.tls, rule: d, rank: rank})
+			}
+			for port, t := range d.ports {
+				if t == nil {
+					t = d.tls
+				}
+				if t != nil {
+					out.entries = append(out.entries, destEntry{prefix: p, port: port, tls: t, rule: d, rank: rank})
+				}
+			}
+		}
+	}
+	slices.SortStableFunc(out.entries, func(a, b destEntry) int {
+		if c := cmp.Compare(b.prefix.Bits(), a.prefix.Bits()); c != 0 {
+			return c
+		}
+		if c := cmp.Compare(b.port, a.port); c != 0 { // port-level (non-zero) first
+			return c
+		}
+		return cmp.Compare(a.rank, b.rank)
+	})
+	return out
+}
+
+func (d *destRules) lookup(dst netip.AddrPort) Outbound {
+	addr := dst.Addr().Unmap()
+	for _, e := range d.entries {
+		if (e.port == 0 || e.port == dst.Port()) && e.prefix.Contains(addr) {
+			return Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans)}
+		}
+	}
+	return Outbound{}
+}
+
+type destView struct {
+	Rule   string   `json:"rule"`
+	Host   string   `json:"host"`
+	Prefix string   `json:"prefix"`
+	Port   uint16   `json:"port,omitempty"`
+	Mode   string   `json:"tls_mode"`
+	SANs   []string `json:"subject_alt_names,omitempty"`
+}
+
+func (d *destRules) view() []destView {
+	out := []destView{}
+	for _, e := range d.entries {
+		v := destView{Rule: e.rule.id(), Host: e.rule.host, Prefix: e.prefix.String(), Port: e.port, Mode: "DISABLE"}
+		if e.tls.mtls {
+			v.Mode = "ISTIO_MUTUAL"
+		}
+		for _, id := range e.tls.sans {
+			v.SANs = append(v.SANs, id.String())
+		}
+		out = append(out, v)
+	}
+	return out
+}

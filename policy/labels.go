@@ -1,0 +1,67 @@
+package policy
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/util/validation"
+)
+
+// maxLabelsFile bounds the labels file; Kubernetes caps all labels of an
+// object far below this.
+const maxLabelsFile = 1 << 20
+
+// ReadLabelsFile reads a Kubernetes downward API labels file: one
+// key="value" a line, the value Go-quoted as the kubelet writes it (an
+// unquoted value is accepted too). Keys and values are checked against
+// Kubernetes' label syntax; errors name the file and line.
+func ReadLabelsFile(path string) (map[string]string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("labels file: %w", err)
+	}
+	if len(data) > maxLabelsFile {
+		return nil, fmt.Errorf("labels file %s: %d bytes, more than the %d allowed", path, len(data), maxLabelsFile)
+	}
+	labels := map[string]string{}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 0, 4096), maxLabelsFile)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		fail := func(format string, args ...any) error {
+			return fmt.Errorf("labels file %s: line %d: %s", path, n, fmt.Sprintf(format, args...))
+		}
+		key, val, ok := strings.Cut(line, "=")
+		if !ok {
+			return nil, fail("want key=\"value\"")
+		}
+		key = strings.TrimSpace(key)
+		val = strings.TrimSpace(val)
+		if strings.HasPrefix(val, `"`) {
+			if val, err = strconv.Unquote(val); err != nil {
+				return nil, fail("bad quoted value: %v", err)
+			}
+		}
+		if errs := validation.IsQualifiedName(key); len(errs) > 0 {
+			return nil, fail("label key %q: %s", key, strings.Join(errs, "; "))
+		}
+		if errs := validation.IsValidLabelValue(val); len(errs) > 0 {
+			return nil, fail("label %s value %q: %s", key, val, strings.Join(errs, "; "))
+		}
+		if _, dup := labels[key]; dup {
+			return nil, fail("label %s set twice", key)
+		}
+		labels[key] = val
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("labels file %s: %w", path, err)
+	}
+	return labels, nil
+}
