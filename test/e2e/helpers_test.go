@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -119,18 +118,6 @@ func startEnv(t *testing.T, env []string, args ...string) *process {
 		}
 	})
 	return p
-}
-
-// stop sends SIGTERM and waits (bounded) for the exit status.
-func (p *process) stop(t *testing.T, within time.Duration) int {
-	t.Helper()
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(within):
-		t.Fatalf("meshproxy did not exit within %s of SIGTERM", within)
-	}
-	return p.cmd.ProcessState.ExitCode()
 }
 
 // freeAddr returns a loopback address with a port free right now.
