@@ -104,6 +104,23 @@ func TestCAInitWritesLayoutAndRefusesOverwrite(t *testing.T) {
 	}
 }
 
+func TestCAInitFlagsFromEnvironment(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("MESHPROXY_DIR", dir)
+	t.Setenv("MESHPROXY_TRUST_DOMAIN", "env.example")
+	if code, out := caExec(t, "ca", "init"); code != 0 {
+		t.Fatalf("init from env: exit %d: %s", code, out)
+	}
+	block, _ := pem.Decode(caReadFile(t, filepath.Join(dir, "root-cert.pem")))
+	root, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(root.URIs) != 1 || root.URIs[0].String() != "spiffe://env.example" {
+		t.Fatalf("root URIs = %v, want spiffe://env.example", root.URIs)
+	}
+}
+
 func TestCAUsageErrorsNameTheFlag(t *testing.T) {
 	dir := t.TempDir()
 	tokens := filepath.Join(dir, "tokens")
