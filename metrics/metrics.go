@@ -46,6 +46,18 @@ var (
 		"Policy and certificate file reloads by kind and result (success, failure).", "kind", "result")
 )
 
+// Trust-domain federation (meshproxy run --federate-with). The trust domain
+// label comes from the command line, never from the wire.
+var (
+	FederationFetches = newCounterVec("federation_bundle_fetches_total",
+		"Fetches of federated trust bundles from bundle endpoints, by trust domain and result (success, failure).",
+		"trust_domain", "result")
+	FederationLastSuccess = register(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "federation_bundle_last_success_timestamp_seconds",
+		Help: "Unix time of the last successful fetch of a federated trust bundle, by trust domain.",
+	}, []string{"trust_domain"}))
+)
+
 // Certificate authority.
 var (
 	CACertsIssued = register(prometheus.NewCounter(prometheus.CounterOpts{
@@ -58,6 +70,25 @@ var (
 		"Unix time at which the earliest-expiring root in the trust bundle expires.")
 	CAChainExpiry = newGauge("ca_chain_expiry_timestamp_seconds",
 		"Unix time at which the CA's signing chain expires.")
+)
+
+// Ingress gateway (meshproxy gateway). Listener and route labels are config
+// names (the Gateway port, the VirtualService namespace/name), never client
+// addresses or SNI values from the wire.
+var (
+	GatewayConnections = newCounterVec("gateway_connections_total",
+		"Gateway connections by listener (port), route (VirtualService namespace/name, \"none\" before one is chosen) and result (ok or the refusal reason).",
+		"listener", "route", "result")
+	GatewayConnectionsActive = register(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "gateway_connections_active",
+		Help: "Gateway connections open now, by listener (port).",
+	}, []string{"listener"}))
+	GatewayBytes = newCounterVec("gateway_bytes_total",
+		"Bytes the gateway forwarded, both ways, by listener (port).", "listener")
+	GatewayCredentialExpiry = register(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "gateway_credential_expiry_timestamp_seconds",
+		Help: "Unix time at which the server certificate of a gateway credential (credentialName) expires.",
+	}, []string{"credential"}))
 )
 
 func init() {

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	fwd "github.com/meshproxy/meshproxy/proxy/forward"
 )
 
 // PeerInfo describes one open, established connection, as GET /peers shows it.
@@ -39,8 +41,7 @@ type tracked struct {
 	peerID      string
 	established atomic.Bool
 
-	bytesIn, bytesOut atomic.Int64
-	lastActive        atomic.Int64 // unix nanoseconds of the last forwarded write
+	stats fwd.Stats // bytes each way and last activity
 }
 
 func newTracked(parent context.Context, direction string, c net.Conn) *tracked {
@@ -79,11 +80,9 @@ func (t *tracked) abort() {
 // establish marks the connection as forwarding, visible in Peers.
 func (t *tracked) establish(destination, mode, peerID string) {
 	t.destination, t.mode, t.peerID = destination, mode, peerID
-	t.touch()
+	t.stats.Touch()
 	t.established.Store(true)
 }
-
-func (t *tracked) touch() { t.lastActive.Store(time.Now().UnixNano()) }
 
 func (t *tracked) info() (PeerInfo, bool) {
 	if !t.established.Load() {
@@ -96,7 +95,7 @@ func (t *tracked) info() (PeerInfo, bool) {
 		PeerSPIFFEID: t.peerID,
 		Mode:         t.mode,
 		Since:        t.since,
-		BytesIn:      t.bytesIn.Load(),
-		BytesOut:     t.bytesOut.Load(),
+		BytesIn:      t.stats.In.Load(),
+		BytesOut:     t.stats.Out.Load(),
 	}, true
 }

@@ -120,6 +120,11 @@ func handshakeResult(err error) string {
 	return ResultOther
 }
 
+// HandshakeResult maps an error of a mesh TLS handshake (or of sniffing) to
+// its bounded result label, as counted in meshproxy_handshakes_total;
+// ResultOK for nil. Other data planes (the gateway) label theirs with it.
+func HandshakeResult(err error) string { return handshakeResult(err) }
+
 // observeHandshake records one mesh handshake (or sniff failure) in the
 // metrics and returns its result label.
 func observeHandshake(direction string, start time.Time, err error) string {

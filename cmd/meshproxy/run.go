@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshproxy/meshproxy/policy"
@@ -24,12 +25,30 @@ import (
 	"github.com/meshproxy/meshproxy/tlsmgr/caclient"
 )
 
-// runFlags are the flags of `meshproxy run`.
-type runFlags struct {
+// identityFlags choose the identity source; run and gateway share them.
+type identityFlags struct {
 	caAddr, caRoot, tokenFile, caServerName string
 	workloadAPI                             string
 	certFile, keyFile, bundleFile           string
 	certTTL                                 time.Duration
+}
+
+// register adds the identity-source flags to fl.
+func (f *identityFlags) register(fl *pflag.FlagSet) {
+	fl.StringVar(&f.caAddr, "ca-addr", "", "CA gRPC address HOST:PORT (meshproxy ca serve or istiod)")
+	fl.StringVar(&f.caRoot, "ca-root", "", "PEM root(s) that sign the CA's serving certificate")
+	fl.StringVar(&f.tokenFile, "token-file", "", "bearer token file sent to the CA (re-read on every request)")
+	fl.StringVar(&f.caServerName, "ca-server-name", "", "name expected in the CA's certificate (default: the host of --ca-addr)")
+	fl.DurationVar(&f.certTTL, "cert-ttl", 0, "certificate lifetime to request from the CA (0: the CA's default)")
+	fl.StringVar(&f.workloadAPI, "workload-api", "", "SPIFFE Workload API address, e.g. unix:///run/spire/agent.sock")
+	fl.StringVar(&f.certFile, "cert-file", "", "PEM certificate chain (leaf first) of a mounted SVID")
+	fl.StringVar(&f.keyFile, "key-file", "", "PEM private key of the mounted SVID")
+	fl.StringVar(&f.bundleFile, "bundle-file", "", "PEM trust bundle (one or more roots); with --ca-addr, roots added to the CA's")
+}
+
+// runFlags are the flags of `meshproxy run`.
+type runFlags struct {
+	identityFlags
 
 	inbound, outbound   string
 	inboundExplicit     []string
@@ -47,6 +66,7 @@ type runFlags struct {
 	drainTimeout        time.Duration
 	maxConnections      int
 	logLevel, logFormat string
+	federateWith        []string
 }
 
 func newRunCmd() *cobra.Command {
@@ -75,7 +95,29 @@ Listeners (at least one):
 
 The admin API (127.0.0.1 only), Prometheus metrics and the readiness endpoint
 run beside them. SIGTERM stops accepting and lets open connections finish for
-up to --drain-timeout.`,
+up to --drain-timeout.
+
+With --ca-addr the sidecar also watches --ca-root: when the CA's published
+roots change (a root rotation), it renews at once (within a few seconds of
+jitter) and so trusts a new root, or stops trusting a retired one, without
+waiting for the next scheduled renewal.
+
+Federation: --federate-with TD=URL... (repeatable, or comma-separated) adds the
+trust bundle of a foreign trust domain, fetched from its SPIFFE bundle endpoint
+and refreshed at its refresh hint (a failed fetch keeps the last bundle):
+  TD=URL@BUNDLE-FILE                     https_spiffe; the endpoint presents
+        spiffe://TD/ns/istio-system/sa/meshproxy-ca (a meshproxy CA's
+        --bundle-endpoint); BUNDLE-FILE (PEM roots, e.g. that CA's
+        root-cert.pem, or a SPIFFE bundle JSON) authenticates it the first time
+  TD=URL#ENDPOINT-SPIFFE-ID@BUNDLE-FILE  https_spiffe with another endpoint ID
+  TD=URL                                 https_web; the endpoint's certificate
+        is checked against the system roots
+A peer of a foreign trust domain is accepted inbound only when an ALLOW
+AuthorizationPolicy names its trust domain in a principal (e.g.
+"other.org/ns/web/sa/client" or "other.org/*"); otherwise it is refused with
+reason foreign_trust_domain. Outbound, a foreign server must be named by its
+SPIFFE ID (--outbound-explicit ...#spiffe://other.org/... or a DestinationRule's
+subjectAltNames).`,
 		Example: `  meshproxy run --ca-addr 127.0.0.1:15012 --ca-root root-cert.pem --token-file token \
       --inbound-explicit :8443=127.0.0.1:8080 --mode STRICT
   meshproxy run --cert-file svid.pem --key-file key.pem --bundle-file bundle.pem \
@@ -86,15 +128,7 @@ up to --drain-timeout.`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&f.caAddr, "ca-addr", "", "CA gRPC address HOST:PORT (meshproxy ca serve or istiod)")
-	fl.StringVar(&f.caRoot, "ca-root", "", "PEM root(s) that sign the CA's serving certificate")
-	fl.StringVar(&f.tokenFile, "token-file", "", "bearer token file sent to the CA (re-read on every request)")
-	fl.StringVar(&f.caServerName, "ca-server-name", "", "name expected in the CA's certificate (default: the host of --ca-addr)")
-	fl.DurationVar(&f.certTTL, "cert-ttl", 0, "certificate lifetime to request from the CA (0: the CA's default)")
-	fl.StringVar(&f.workloadAPI, "workload-api", "", "SPIFFE Workload API address, e.g. unix:///run/spire/agent.sock")
-	fl.StringVar(&f.certFile, "cert-file", "", "PEM certificate chain (leaf first) of a mounted SVID")
-	fl.StringVar(&f.keyFile, "key-file", "", "PEM private key of the mounted SVID")
-	fl.StringVar(&f.bundleFile, "bundle-file", "", "PEM trust bundle (one or more roots); with --ca-addr, roots added to the CA's")
+	f.identityFlags.register(fl)
 	fl.StringVar(&f.inbound, "inbound", "", "transparent inbound listener, e.g. :15006 (needs 'meshproxy redirect')")
 	fl.StringVar(&f.outbound, "outbound", "", "transparent outbound listener, e.g. :15001 (needs 'meshproxy redirect')")
 	fl.StringArrayVar(&f.inboundExplicit, "inbound-explicit", nil, "LISTEN=APP_ADDR: terminate mesh mTLS on LISTEN, forward to APP_ADDR (repeatable)")
@@ -115,6 +149,7 @@ up to --drain-timeout.`,
 	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: no limit)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	fl.StringSliceVar(&f.federateWith, "federate-with", nil, "TD=URL[#ENDPOINT-SPIFFE-ID][@BUNDLE-FILE]: trust the foreign trust domain TD, its bundle fetched from its bundle endpoint URL (repeatable; see above)")
 	return cmd
 }
 
@@ -153,21 +188,14 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 	if err != nil || mode == policy.ModeUnset {
 		return usagef("--mode %q: want STRICT, PERMISSIVE or DISABLE", f.mode)
 	}
-	if err := checkLoopback("--admin", f.admin); err != nil {
+	if err := checkServerAddrs(f.admin, f.metrics, f.health); err != nil {
 		return err
 	}
-	for _, a := range []struct{ flag, v string }{{"--metrics", f.metrics}, {"--health", f.health}} {
-		if a.v != "off" {
-			if _, _, err := net.SplitHostPort(a.v); err != nil {
-				return usagef("%s %q: want HOST:PORT or 'off': %v", a.flag, a.v, err)
-			}
-		}
+	td, err := parseTrustDomain(f.trustDomain)
+	if err != nil {
+		return err
 	}
-	var td spiffeid.TrustDomain
-	if f.trustDomain != "" {
-		if td, err = spiffeid.TrustDomainFromString(f.trustDomain); err != nil {
-			return usagef("--trust-domain %q: %v", f.trustDomain, err)
-		}
+	if !td.IsZero() {
 		popts = append(popts, proxy.WithTrustDomain(td))
 	}
 	wl := policy.Workload{Namespace: f.namespace, Labels: map[string]string{}}
@@ -177,17 +205,21 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 		}
 	}
 
+	feds, err := parseFederateWith(f.federateWith)
+	if err != nil {
+		return err
+	}
+
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	src, err := f.identitySource(ctx, td, log)
 	if err != nil {
 		return err
 	}
-	go func() {
-		if err := src.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
-			log.Error("identity source stopped", "err", err)
-		}
-	}()
+	if src, err = federate(src, feds, log); err != nil {
+		return err
+	}
+	runIdentity(ctx, src, log)
 
 	polOpts := []policy.Option{policy.WithDefaultMode(mode), policy.WithRootNamespace(f.rootNamespace), policy.WithLogger(log)}
 	if !td.IsZero() {
@@ -223,12 +255,7 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 		return err
 	}
 	log.Info("sidecar started", "listeners", listenerNames(p), "admin", f.admin, "metrics", f.metrics, "health", f.health)
-	go func() {
-		if err := tlsmgr.WaitReady(ctx, src); err == nil {
-			st := src.Status()
-			log.Info("identity ready", "spiffe_id", st.ID.String(), "serial", st.Serial, "not_after", st.NotAfter, "source", st.Source)
-		}
-	}()
+	logIdentityReady(ctx, src, log)
 
 	<-ctx.Done()
 	log.Info("draining", "timeout", f.drainTimeout)
@@ -323,7 +350,7 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 }
 
 // identitySource builds the one identity source the flags name.
-func (f *runFlags) identitySource(ctx context.Context, td spiffeid.TrustDomain, log *slog.Logger) (runnable, error) {
+func (f *identityFlags) identitySource(ctx context.Context, td spiffeid.TrustDomain, log *slog.Logger) (runnable, error) {
 	caSet := f.caAddr != "" || f.caRoot != "" || f.tokenFile != ""
 	fileSet := f.certFile != "" || f.keyFile != ""
 	wlSet := f.workloadAPI != ""
@@ -375,7 +402,7 @@ func (f *runFlags) identitySource(ctx context.Context, td spiffeid.TrustDomain, 
 		if err != nil {
 			return nil, err
 		}
-		return rot, nil
+		return tlsmgr.WatchRoots(rot, f.caRoot), nil
 	case wlSet:
 		return newWorkloadAPISource(ctx, f.workloadAPI, topts)
 	default:
@@ -384,6 +411,53 @@ func (f *runFlags) identitySource(ctx context.Context, td spiffeid.TrustDomain, 
 		}
 		return tlsmgr.NewFileSource(f.certFile, f.keyFile, f.bundleFile, topts...)
 	}
+}
+
+// runIdentity runs src's background loop (renewal, file or Workload API
+// watch) until ctx ends.
+func runIdentity(ctx context.Context, src runnable, log *slog.Logger) {
+	go func() {
+		if err := src.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			log.Error("identity source stopped", "err", err)
+		}
+	}()
+}
+
+// logIdentityReady logs the identity once it is loaded.
+func logIdentityReady(ctx context.Context, src tlsmgr.Source, log *slog.Logger) {
+	go func() {
+		if err := tlsmgr.WaitReady(ctx, src); err == nil {
+			st := src.Status()
+			log.Info("identity ready", "spiffe_id", st.ID.String(), "serial", st.Serial, "not_after", st.NotAfter, "source", st.Source)
+		}
+	}()
+}
+
+// parseTrustDomain parses --trust-domain; empty gives the zero value.
+func parseTrustDomain(s string) (spiffeid.TrustDomain, error) {
+	if s == "" {
+		return spiffeid.TrustDomain{}, nil
+	}
+	td, err := spiffeid.TrustDomainFromString(s)
+	if err != nil {
+		return spiffeid.TrustDomain{}, usagef("--trust-domain %q: %v", s, err)
+	}
+	return td, nil
+}
+
+// checkServerAddrs validates --admin (loopback only), --metrics and --health.
+func checkServerAddrs(admin, metrics, health string) error {
+	if err := checkLoopback("--admin", admin); err != nil {
+		return err
+	}
+	for _, a := range []struct{ flag, v string }{{"--metrics", metrics}, {"--health", health}} {
+		if a.v != "off" {
+			if _, _, err := net.SplitHostPort(a.v); err != nil {
+				return usagef("%s %q: want HOST:PORT or 'off': %v", a.flag, a.v, err)
+			}
+		}
+	}
+	return nil
 }
 
 func isHostPort(s string) bool {
@@ -446,4 +520,34 @@ func listenerNames(p *proxy.Proxy) []string {
 		out = append(out, a.String())
 	}
 	return out
+}
+
+// parseFederateWith checks the syntax of every --federate-with value.
+func parseFederateWith(specs []string) ([]tlsmgr.FederationEndpoint, error) {
+	var out []tlsmgr.FederationEndpoint
+	for _, spec := range specs {
+		e, err := tlsmgr.ParseFederationEndpoint(strings.TrimSpace(spec))
+		if err != nil {
+			return nil, usagef("--federate-with %v", err)
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
+
+// federate adds the foreign trust domains of feds to src, if any.
+func federate(src runnable, feds []tlsmgr.FederationEndpoint, log *slog.Logger) (runnable, error) {
+	if len(feds) == 0 {
+		return src, nil
+	}
+	for i := range feds {
+		if err := feds[i].LoadBootstrap(); err != nil {
+			return nil, fmt.Errorf("--federate-with: %w", err)
+		}
+	}
+	fed, err := tlsmgr.NewFederated(src, feds, tlsmgr.WithFederationLogger(log))
+	if err != nil {
+		return nil, usagef("--federate-with: %v", err)
+	}
+	return fed, nil
 }

@@ -1,0 +1,213 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/meshproxy/meshproxy/gateway"
+	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/proxy/admin"
+)
+
+// gatewayFlags are the flags of `meshproxy gateway`.
+type gatewayFlags struct {
+	identityFlags
+
+	configDir, credentialsDir string
+	listenHost                string
+	namespace, labelsFile     string
+	rootNamespace             string
+	trustDomain               string
+	admin, metrics, health    string
+	detectTimeout             time.Duration
+	idleTimeout               time.Duration
+	drainTimeout              time.Duration
+	maxConnections            int
+	logLevel, logFormat       string
+}
+
+func newGatewayCmd() *cobra.Command {
+	var f gatewayFlags
+	cmd := &cobra.Command{
+		Use:   "gateway",
+		Short: "Run the ingress gateway: Istio Gateway listeners into the mesh with the gateway's SPIFFE identity",
+		Long: `gateway accepts traffic from outside the mesh on the ports of the Istio Gateway
+resources in --config-dir and routes it, at L4, by the VirtualServices there:
+
+  protocol TCP              tcp routes by port; mesh mTLS to the destination
+  tls.mode SIMPLE           TLS terminated with credentialName; tcp routes; mesh mTLS to the destination
+  tls.mode MUTUAL           as SIMPLE, and a client certificate from NAME-ca.crt is required
+  tls.mode PASSTHROUGH      tls routes by SNI; the client's TLS forwarded untouched
+
+Toward the mesh the gateway presents its own SPIFFE identity, so STRICT services
+accept it and their AuthorizationPolicies can name it. A DestinationRule's
+subjectAltNames pin the destination's SPIFFE ID; otherwise any member of the
+trust domain is accepted. AuthorizationPolicies selecting the gateway apply to
+its ports. An SNI that no server covers is refused and counted.
+
+Credentials: for credentialName NAME, --credentials-dir holds NAME.crt (chain,
+leaf first), NAME.key and, for MUTUAL, NAME-ca.crt. The config and credential
+files are watched: changes apply to new connections without a restart, and a
+bad change keeps the last good state.
+
+Identity, exactly one of (as for 'meshproxy run'):
+  --ca-addr HOST:PORT --ca-root FILE --token-file FILE
+  --workload-api unix:///PATH
+  --cert-file F --key-file F --bundle-file F
+
+SIGTERM stops accepting and lets open connections finish for up to --drain-timeout.`,
+		Example: `  meshproxy gateway --cert-file gw.pem --key-file gw-key.pem --bundle-file bundle.pem \
+      --config-dir ./gateway-config --credentials-dir ./credentials --listen-host 127.0.0.1`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runGateway(cmd.Context(), &f)
+		},
+	}
+	fl := cmd.Flags()
+	f.identityFlags.register(fl)
+	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio YAML: Gateway, VirtualService, DestinationRule, AuthorizationPolicy (watched; required)")
+	fl.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of credentialName files NAME.crt, NAME.key, NAME-ca.crt (watched; required)")
+	fl.StringVar(&f.listenHost, "listen-host", "", "address every Gateway port binds to (default: all addresses)")
+	fl.StringVar(&f.namespace, "namespace", gateway.DefaultNamespace, "the gateway's namespace: default for manifests without one, and for exportTo and policy selection")
+	fl.StringVar(&f.labelsFile, "labels-file", "", "the gateway's labels (downward-API format); when given, Gateway selectors must match them")
+	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
+	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the gateway's SVID)")
+	fl.StringVar(&f.admin, "admin", "127.0.0.1:15000", "admin API address; must be a loopback address ('off' disables)")
+	fl.StringVar(&f.metrics, "metrics", ":15020", "Prometheus metrics address ('off' disables)")
+	fl.StringVar(&f.health, "health", ":15021", "readiness endpoint address, /healthz/ready ('off' disables)")
+	fl.DurationVar(&f.detectTimeout, "detect-timeout", gateway.DefaultDetectTimeout, "how long a client on a TLS port may take to send its ClientHello")
+	fl.DurationVar(&f.idleTimeout, "idle-timeout", gateway.DefaultIdleTimeout, "close a connection with no traffic either way for this long")
+	fl.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long open connections may finish")
+	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: no limit)")
+	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	return cmd
+}
+
+// options validates the flags that shape the data plane.
+func (f *gatewayFlags) options() ([]gateway.Option, error) {
+	switch {
+	case f.configDir == "":
+		return nil, usagef("--config-dir is required: the directory of Gateway and VirtualService YAML")
+	case f.credentialsDir == "":
+		return nil, usagef("--credentials-dir is required: the directory of NAME.crt / NAME.key files")
+	case f.detectTimeout <= 0:
+		return nil, usagef("--detect-timeout must be positive")
+	case f.idleTimeout <= 0:
+		return nil, usagef("--idle-timeout must be positive")
+	case f.drainTimeout < 0:
+		return nil, usagef("--drain-timeout must not be negative")
+	case f.maxConnections < 0:
+		return nil, usagef("--max-connections must not be negative")
+	}
+	opts := []gateway.Option{
+		gateway.WithDetectTimeout(f.detectTimeout),
+		gateway.WithIdleTimeout(f.idleTimeout),
+		gateway.WithMaxConnections(f.maxConnections),
+	}
+	if f.listenHost != "" {
+		if _, err := net.ResolveTCPAddr("tcp", net.JoinHostPort(f.listenHost, "0")); err != nil {
+			return nil, usagef("--listen-host %q: %v", f.listenHost, err)
+		}
+		host := f.listenHost
+		opts = append(opts, gateway.WithListenAddr(func(port uint16) string {
+			return net.JoinHostPort(host, strconv.Itoa(int(port)))
+		}))
+	}
+	return opts, nil
+}
+
+func runGateway(ctx context.Context, f *gatewayFlags) error {
+	log, err := newLogger(f.logLevel, f.logFormat)
+	if err != nil {
+		return err
+	}
+	gopts, err := f.options()
+	if err != nil {
+		return err
+	}
+	if err := checkServerAddrs(f.admin, f.metrics, f.health); err != nil {
+		return err
+	}
+	td, err := parseTrustDomain(f.trustDomain)
+	if err != nil {
+		return err
+	}
+	wl := policy.Workload{Namespace: f.namespace, Labels: map[string]string{}}
+	var gwLabels map[string]string // nil: Gateway selectors are not checked
+	if f.labelsFile != "" {
+		if wl.Labels, err = policy.ReadLabelsFile(f.labelsFile); err != nil {
+			return fmt.Errorf("--labels-file: %w", err)
+		}
+		gwLabels = wl.Labels
+	}
+	gopts = append(gopts, gateway.WithLogger(log), gateway.WithWorkload(f.namespace, gwLabels))
+	if !td.IsZero() {
+		gopts = append(gopts, gateway.WithTrustDomain(td))
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	src, err := f.identitySource(ctx, td, log)
+	if err != nil {
+		return err
+	}
+	runIdentity(ctx, src, log)
+
+	polOpts := []policy.Option{policy.WithRootNamespace(f.rootNamespace), policy.WithLogger(log)}
+	if !td.IsZero() {
+		polOpts = append(polOpts, policy.WithTrustDomain(td))
+	}
+	store, err := policy.NewStore(f.configDir, wl, polOpts...)
+	if err != nil {
+		return fmt.Errorf("--config-dir: %w", err)
+	}
+	go func() {
+		if err := store.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			log.Error("policy watcher stopped", "err", err)
+		}
+	}()
+
+	gw, err := gateway.New(src, store, f.configDir, f.credentialsDir, gopts...)
+	if err != nil {
+		return fmt.Errorf("--config-dir / --credentials-dir: %w", err)
+	}
+	if err := gw.Start(ctx); err != nil {
+		return err
+	}
+	go func() { _ = gw.Run(ctx) }()
+	servers, err := startHTTP(log, []httpServer{
+		{"admin", f.admin, admin.Handler(src, gw)},
+		{"metrics", f.metrics, admin.MetricsHandler()},
+		{"health", f.health, admin.HealthHandler(gw)},
+	})
+	if err != nil {
+		shutdownCtx, c := context.WithTimeout(context.Background(), time.Second)
+		defer c()
+		_ = gw.Shutdown(shutdownCtx)
+		return err
+	}
+	log.Info("gateway started", "config_dir", f.configDir, "credentials_dir", f.credentialsDir,
+		"admin", f.admin, "metrics", f.metrics, "health", f.health)
+	logIdentityReady(ctx, src, log)
+
+	<-ctx.Done()
+	log.Info("draining", "timeout", f.drainTimeout)
+	drainCtx, drainCancel := context.WithTimeout(context.Background(), f.drainTimeout)
+	defer drainCancel()
+	err = gw.Shutdown(drainCtx)
+	for _, s := range servers {
+		_ = s.Close()
+	}
+	if err != nil {
+		log.Warn("drain ended with connections still open", "err", err)
+	}
+	log.Info("stopped")
+	return nil
+}

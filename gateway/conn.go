@@ -1,0 +1,396 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshproxy/meshproxy/metrics"
+	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/proxy"
+	fwd "github.com/meshproxy/meshproxy/proxy/forward"
+	"github.com/meshproxy/meshproxy/proxy/sniff"
+	"github.com/meshproxy/meshproxy/tlsmgr"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+)
+
+// Results of a gateway connection: the bounded values of the result label
+// of meshproxy_gateway_connections_total.
+const (
+	ResultOK                      = "ok"
+	ResultOverLimit               = "over_limit"                // --max-connections reached
+	ResultDenied                  = "denied"                    // an AuthorizationPolicy refused the port
+	ResultNotTLS                  = "not_tls"                   // a TLS port got no ClientHello
+	ResultBadHello                = "bad_hello"                 // malformed, oversized or incomplete ClientHello
+	ResultUnknownSNI              = "unknown_sni"               // no server on the port covers the SNI
+	ResultNoRoute                 = "no_route"                  // the server has no route for the connection
+	ResultNoCredential            = "no_credential"             // the server's credential (or client CA) is not loaded
+	ResultHandshakeFailed         = "handshake_failed"          // the client's TLS handshake failed (MUTUAL: no or bad client certificate)
+	ResultUpstreamUnreachable     = "upstream_unreachable"      // dialing the destination failed
+	ResultUpstreamHandshakeFailed = "upstream_handshake_failed" // mesh mTLS to the destination failed (see handshakes_total)
+	ResultNoIdentity              = "no_identity"               // no SVID loaded to originate mesh mTLS
+)
+
+// routeNone is the route label before a route is chosen.
+const routeNone = "none"
+
+// Connection modes (PeerInfo.Mode).
+const (
+	ModeMTLS        = proxy.ModeMTLS        // terminated (or TCP), mesh mTLS to the destination
+	ModePassthrough = proxy.ModePassthrough // client TLS forwarded untouched
+	ModePlaintext   = proxy.ModePlaintext   // terminated, plaintext to a destination a DestinationRule marks DISABLE
+)
+
+// DirGateway is the direction of gateway connections in GET /peers.
+const DirGateway = "gateway"
+
+// conn is one accepted connection from accept to close.
+type conn struct {
+	listener string
+	source   string
+	since    time.Time
+	ctx      context.Context
+	cancel   context.CancelFunc
+
+	mu      sync.Mutex
+	sockets []net.Conn // raw sockets, closed on abort
+	aborted bool
+	// Set before established is stored; read only after it is loaded true.
+	destination, mode, peerID string
+	established               atomic.Bool
+	stats                     fwd.Stats
+}
+
+func newConn(parent context.Context, listener string, c net.Conn) *conn {
+	ctx, cancel := context.WithCancel(parent)
+	return &conn{listener: listener, source: c.RemoteAddr().String(), since: time.Now(), ctx: ctx, cancel: cancel, sockets: []net.Conn{c}}
+}
+
+// addSocket registers an upstream socket to close on abort; false (and c
+// closed) if the connection was aborted meanwhile.
+func (t *conn) addSocket(c net.Conn) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.aborted {
+		c.Close()
+		return false
+	}
+	t.sockets = append(t.sockets, c)
+	return true
+}
+
+// abort tears the connection down at once: pending dials and handshakes are
+// cancelled and every socket is closed without a TLS close_notify, so
+// neither side mistakes an abort for a clean end of stream.
+func (t *conn) abort() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.aborted = true
+	t.cancel()
+	for _, c := range t.sockets {
+		c.Close()
+	}
+}
+
+func (t *conn) info() (proxy.PeerInfo, bool) {
+	if !t.established.Load() {
+		return proxy.PeerInfo{}, false
+	}
+	return proxy.PeerInfo{
+		Direction: DirGateway, Source: t.source, Destination: t.destination, PeerSPIFFEID: t.peerID,
+		Mode: t.mode, Since: t.since, BytesIn: t.stats.In.Load(), BytesOut: t.stats.Out.Load(),
+	}, true
+}
+
+// refusal describes why a connection is closed, for the metric and the log.
+type refusal struct {
+	route  string
+	result string
+	server *server
+	dest   string
+	err    error
+	attrs  []any
+}
+
+func (g *Gateway) refuse(t *conn, r refusal) {
+	if r.route == "" {
+		r.route = routeNone
+	}
+	metrics.GatewayConnections.WithLabelValues(t.listener, r.route, r.result).Inc()
+	attrs := []any{"listener", t.listener, "source", t.source, "reason", r.result}
+	if r.server != nil {
+		attrs = append(attrs, "gateway", r.server.gateway, "server", r.server.name)
+	}
+	if r.route != routeNone {
+		attrs = append(attrs, "route", r.route)
+	}
+	if r.dest != "" {
+		attrs = append(attrs, "destination", r.dest)
+	}
+	if r.err != nil {
+		attrs = append(attrs, "err", r.err.Error())
+	}
+	g.log.Warn("connection refused", append(attrs, r.attrs...)...)
+	t.abort()
+}
+
+// handle routes one accepted connection.
+func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
+	pc := g.cfg.Load().ports[l.port]
+	if pc == nil { // the port left the config as this connection arrived
+		g.refuse(t, refusal{result: ResultNoRoute, err: errors.New("port no longer configured")})
+		return
+	}
+	if dec := g.pol.Current().Authorize(policy.Request{Port: l.port}); !dec.Allowed {
+		metrics.PolicyDenials.WithLabelValues(dec.Reason).Inc()
+		g.refuse(t, refusal{result: ResultDenied, attrs: []any{"policy", dec.Policy, "decision", dec.Reason}})
+		return
+	}
+	if pc.tcp {
+		s, r := pc.tcpRoute()
+		if r == nil {
+			g.refuse(t, refusal{result: ResultNoRoute, server: pc.servers[0]})
+			return
+		}
+		g.toMesh(t, c, s, r)
+		return
+	}
+
+	sc, hello, err := sniff.Sniff(c, g.opts.detectTimeout)
+	switch {
+	case err != nil:
+		g.refuse(t, refusal{result: ResultBadHello, err: err})
+		return
+	case hello.Kind == sniff.Plaintext:
+		g.refuse(t, refusal{result: ResultNotTLS})
+		return
+	}
+	sni := normalizeSNI(hello.SNI)
+	s := pc.server(sni)
+	if s == nil {
+		// The SNI is the client's word, so it is logged, never a label.
+		g.refuse(t, refusal{result: ResultUnknownSNI, attrs: []any{"sni", sni}})
+		return
+	}
+	r := s.route(l.port, sni)
+	if r == nil {
+		g.refuse(t, refusal{result: ResultNoRoute, server: s, attrs: []any{"sni", sni}})
+		return
+	}
+	if s.mode == modePassthrough {
+		d := r.pick()
+		up, err := g.dial(t, d.addr)
+		if err != nil {
+			g.refuse(t, refusal{route: r.name, result: ResultUpstreamUnreachable, server: s, dest: d.addr, err: err})
+			return
+		}
+		// sc replays the ClientHello: the destination sees the client's TLS untouched.
+		g.pipe(t, sc, up, r, d.addr, ModePassthrough, spiffeid.ID{})
+		return
+	}
+
+	cred := g.creds.get(s.credential)
+	if cred == nil || (s.mode == modeMutual && cred.clientCAs == nil) {
+		why := "credential " + s.credential + " is not loaded"
+		if cred != nil {
+			why = "MUTUAL needs " + s.credential + caSuffix + " (the client CA)"
+		}
+		g.refuse(t, refusal{route: r.name, result: ResultNoCredential, server: s, err: errors.New(why)})
+		return
+	}
+	tc := tls.Server(sc, s.tlsConfig(cred))
+	ctx, cancel := context.WithTimeout(t.ctx, g.opts.handshakeTimeout)
+	err = tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		g.refuse(t, refusal{route: r.name, result: ResultHandshakeFailed, server: s, err: err, attrs: []any{"sni", sni}})
+		return
+	}
+	g.toMesh(t, tc, s, r)
+}
+
+// toMesh sends a terminated (or plain TCP) connection to its route's
+// destination over mesh mTLS with the gateway's own SVID, verifying the
+// destination's SPIFFE ID from a DestinationRule covering the address
+// reached, else any member of the trust domain. A DestinationRule with
+// tls.mode DISABLE sends it in plaintext instead.
+func (g *Gateway) toMesh(t *conn, down net.Conn, s *server, r *route) {
+	d := r.pick()
+	ref := refusal{route: r.name, server: s, dest: d.addr}
+	if _, err := g.src.Certificate(); err != nil {
+		ref.result, ref.err = ResultNoIdentity, err
+		g.refuse(t, ref)
+		return
+	}
+	up, err := g.dial(t, d.addr)
+	if err != nil {
+		ref.result, ref.err = ResultUpstreamUnreachable, err
+		g.refuse(t, ref)
+		return
+	}
+	var ids []spiffeid.ID
+	remote := addrPort(up.RemoteAddr())
+	if rule := g.pol.Current().Outbound(remote); rule.Matched {
+		if !rule.MTLS {
+			g.pipe(t, down, up, r, d.addr, ModePlaintext, spiffeid.ID{})
+			return
+		}
+		ids = rule.SANs
+	}
+	td, err := g.trustDomain()
+	if err != nil && len(ids) == 0 {
+		ref.result, ref.err = ResultNoIdentity, err
+		g.refuse(t, ref)
+		return
+	}
+	var sni string
+	if _, err := netip.ParseAddr(d.host); err != nil {
+		sni = tlsmgr.OutboundSNI(d.host, d.port)
+	}
+	start := time.Now()
+	tc := tls.Client(up, g.meshTLS.get(sni, ids, td))
+	ctx, cancel := context.WithTimeout(t.ctx, g.opts.handshakeTimeout)
+	err = tc.HandshakeContext(ctx)
+	cancel()
+	metrics.Handshakes.WithLabelValues(proxy.DirOutbound, proxy.HandshakeResult(err)).Inc()
+	metrics.HandshakeDuration.Observe(time.Since(start).Seconds())
+	if err != nil {
+		ref.result, ref.err = ResultUpstreamHandshakeFailed, err
+		ref.attrs = []any{"handshake", proxy.HandshakeResult(err)}
+		g.refuse(t, ref)
+		return
+	}
+	peer, err := tlsmgr.PeerID(tc.ConnectionState())
+	if err != nil { // verified already, so this cannot happen; refuse rather than guess
+		ref.result, ref.err = ResultUpstreamHandshakeFailed, err
+		g.refuse(t, ref)
+		return
+	}
+	g.pipe(t, down, tc, r, d.addr, ModeMTLS, peer)
+}
+
+// dial opens the upstream connection for t and registers it for abort.
+func (g *Gateway) dial(t *conn, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(t.ctx, DefaultDialTimeout)
+	defer cancel()
+	c, err := g.opts.dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	if !t.addSocket(c) {
+		return nil, fmt.Errorf("dial %s: connection closed meanwhile", addr)
+	}
+	return c, nil
+}
+
+// pipe counts an allowed connection, forwards it and logs its end.
+func (g *Gateway) pipe(t *conn, down, up net.Conn, r *route, dest, mode string, peer spiffeid.ID) {
+	var peerID string
+	if !peer.IsZero() {
+		peerID = peer.String()
+	}
+	metrics.GatewayConnections.WithLabelValues(t.listener, r.name, ResultOK).Inc()
+	t.destination, t.mode, t.peerID = dest, mode, peerID
+	t.established.Store(true)
+	g.log.Debug("connection open", "listener", t.listener, "source", t.source, "route", r.name,
+		"destination", dest, "mode", mode, "peer", peerID)
+	err := fwd.Forward(down, up, &t.stats, g.opts.idleTimeout, t.abort, metrics.GatewayBytes.WithLabelValues(t.listener))
+	attrs := []any{"listener", t.listener, "source", t.source, "route", r.name, "destination", dest, "mode", mode,
+		"peer", peerID, "bytes_in", t.stats.In.Load(), "bytes_out", t.stats.Out.Load(),
+		"duration", time.Since(t.since).Round(time.Millisecond).String()}
+	switch {
+	case errors.Is(err, fwd.ErrIdle):
+		g.log.Info("connection closed: idle timeout", attrs...)
+	case err != nil:
+		g.log.Debug("connection aborted", append(attrs, "err", err.Error())...)
+	default:
+		g.log.Debug("connection closed", attrs...)
+	}
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	var ap netip.AddrPort
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap = ta.AddrPort()
+	} else {
+		ap, _ = netip.ParseAddrPort(a.String())
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// maxMeshConfigs bounds the client config cache; it is emptied when full.
+const maxMeshConfigs = 1024
+
+// meshConfigs caches mesh client configs by (SNI, expected identities), so
+// each destination builds its config once and handshakes reuse it.
+type meshConfigs struct {
+	src tlsmgr.Source
+	mu  sync.Mutex
+	m   map[string]*tls.Config
+}
+
+func newMeshConfigs(src tlsmgr.Source) *meshConfigs {
+	return &meshConfigs{src: src, m: map[string]*tls.Config{}}
+}
+
+// get returns the config that sends sni and accepts a server presenting one
+// of ids, or, if ids is empty, any member of td.
+func (c *meshConfigs) get(sni string, ids []spiffeid.ID, td spiffeid.TrustDomain) *tls.Config {
+	key := sni + "|td|" + td.String()
+	authz := authorizeMemberOf(td)
+	if len(ids) > 0 {
+		key = sni + "|id|" + joinIDs(ids)
+		authz = authorizeIDs(append([]spiffeid.ID(nil), ids...))
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cfg, ok := c.m[key]; ok {
+		return cfg
+	}
+	cfg := tlsmgr.ClientConfig(c.src, authz, tlsmgr.ALPNIstio)
+	cfg.ServerName = sni
+	if len(c.m) >= maxMeshConfigs {
+		clear(c.m)
+	}
+	c.m[key] = cfg
+	return cfg
+}
+
+// authorizeIDs accepts only the given SPIFFE IDs.
+func authorizeIDs(ids []spiffeid.ID) tlsconfig.Authorizer {
+	return func(id spiffeid.ID, _ [][]*x509.Certificate) error {
+		for _, want := range ids {
+			if id == want {
+				return nil
+			}
+		}
+		return fmt.Errorf("%w: got %s, want %s", proxy.ErrWrongIdentity, id, joinIDs(ids))
+	}
+}
+
+// authorizeMemberOf accepts any SPIFFE ID in td.
+func authorizeMemberOf(td spiffeid.TrustDomain) tlsconfig.Authorizer {
+	return func(id spiffeid.ID, _ [][]*x509.Certificate) error {
+		if id.MemberOf(td) {
+			return nil
+		}
+		return fmt.Errorf("%w: got %s, want a member of %s", proxy.ErrWrongTrustDomain, id, td)
+	}
+}
+
+func joinIDs(ids []spiffeid.ID) string {
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = id.String()
+	}
+	return strings.Join(s, " or ")
+}

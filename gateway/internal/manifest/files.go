@@ -1,0 +1,291 @@
+package manifest
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/validation"
+	"sigs.k8s.io/yaml"
+)
+
+// MaxFileSize bounds one manifest file; Kubernetes ConfigMaps are at most 1 MiB.
+const MaxFileSize = 4 << 20
+
+// File is one manifest file: its path (as shown in errors) and content.
+type File struct {
+	Name string
+	Data []byte
+}
+
+// ReadDir returns the manifest files of dir in name order: *.yaml, *.yml
+// and *.json, following symlinks and skipping dot-entries, so the Kubernetes
+// ConfigMap layout (name → ..data/name, ..data → ..TIMESTAMP) reads as plain
+// files. Subdirectories are not descended into.
+func ReadDir(dir string) ([]File, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("read config dir: %w", err)
+	}
+	var files []File
+	for _, e := range entries {
+		name := e.Name()
+		if strings.HasPrefix(name, ".") {
+			continue
+		}
+		switch strings.ToLower(filepath.Ext(name)) {
+		case ".yaml", ".yml", ".json":
+		default:
+			continue
+		}
+		path := filepath.Join(dir, name)
+		st, err := os.Stat(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // a dangling symlink: the file was removed in a ConfigMap update
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		if !st.Mode().IsRegular() {
+			continue
+		}
+		if st.Size() > MaxFileSize {
+			return nil, fmt.Errorf("%s: file is %d bytes, more than the %d allowed", path, st.Size(), MaxFileSize)
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		files = append(files, File{Name: path, Data: data})
+	}
+	return files, nil
+}
+
+// Hash fingerprints a directory's content, to reload only on change.
+func Hash(files []File) [sha256.Size]byte {
+	h := sha256.New()
+	for _, f := range files {
+		fmt.Fprintf(h, "%d:%s%d:", len(f.Name), f.Name, len(f.Data))
+		h.Write(f.Data)
+	}
+	var sum [sha256.Size]byte
+	h.Sum(sum[:0])
+	return sum
+}
+
+// Doc is one object of a manifest file, converted to JSON.
+type Doc struct {
+	Where string // "FILE: document N" or "FILE: document N: items[i]"
+	JSON  []byte
+}
+
+// Kind returns the object's API group, version and kind; all empty when the
+// document is not an object.
+func (d Doc) Kind() (group, version, kind string) {
+	var h struct {
+		APIVersion string `json:"apiVersion"`
+		Kind       string `json:"kind"`
+	}
+	if !bytes.HasPrefix(bytes.TrimSpace(d.JSON), []byte("{")) {
+		return "", "", ""
+	}
+	_ = json.Unmarshal(d.JSON, &h) // a non-string kind is just not ours
+	group, version, _ = strings.Cut(h.APIVersion, "/")
+	if version == "" {
+		group, version = "", group
+	}
+	return group, version, h.Kind
+}
+
+// Documents splits every file into its objects, expanding `kind: List`
+// (as `kubectl get -o yaml` writes). YAML syntax errors are returned with
+// the file and line; the other documents are still returned.
+func Documents(files []File) ([]Doc, []error) {
+	var docs []Doc
+	var errs []error
+	for _, f := range files {
+		for _, part := range splitDocuments(f.Data) {
+			where := fmt.Sprintf("%s: document %d", f.Name, part.index)
+			j, err := yaml.YAMLToJSONStrict(part.data)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", where, syntaxError(err, part.line)))
+				continue
+			}
+			docs, errs = appendObject(docs, errs, Doc{Where: where, JSON: j})
+		}
+	}
+	return docs, errs
+}
+
+func appendObject(docs []Doc, errs []error, d Doc) ([]Doc, []error) {
+	if IsNull(d.JSON) {
+		return docs, errs
+	}
+	if group, version, kind := d.Kind(); kind != "List" || group != "" || version != "v1" {
+		return append(docs, d), errs
+	}
+	var list struct {
+		Items []json.RawMessage `json:"items"`
+	}
+	if err := json.Unmarshal(d.JSON, &list); err != nil {
+		return docs, append(errs, fmt.Errorf("%s: items: want a list of objects", d.Where))
+	}
+	for i, item := range list.Items {
+		docs, errs = appendObject(docs, errs, Doc{Where: fmt.Sprintf("%s: items[%d]", d.Where, i), JSON: item})
+	}
+	return docs, errs
+}
+
+// part is one YAML document of a file.
+type part struct {
+	index int // 1-based, counting documents with content
+	line  int // file line of the document's first line
+	data  []byte
+}
+
+// splitDocuments splits a YAML stream at "---" lines. Documents holding
+// only blanks and comments are dropped and not counted.
+func splitDocuments(data []byte) []part {
+	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
+	var parts []part
+	start, startLine, line := 0, 1, 1
+	content := false
+	flush := func(end int) {
+		if content {
+			parts = append(parts, part{index: len(parts) + 1, line: startLine, data: data[start:end]})
+		}
+	}
+	for off := 0; off < len(data); line++ {
+		next := len(data)
+		if end := bytes.IndexByte(data[off:], '\n'); end >= 0 {
+			next = off + end + 1
+		}
+		text := strings.TrimRight(string(data[off:next]), "\r\n")
+		if rest, ok := strings.CutPrefix(text, "---"); ok && (rest == "" || rest[0] == ' ' || rest[0] == '\t') {
+			flush(off)
+			start, startLine, content = next, line+1, false
+		} else if t := strings.TrimSpace(text); t != "" && !strings.HasPrefix(t, "#") {
+			content = true
+		}
+		off = next
+	}
+	flush(len(data))
+	return parts
+}
+
+var yamlLine = regexp.MustCompile(`\bline (\d+)(: )?`)
+
+// syntaxError turns a sigs.k8s.io/yaml error into "line N: ..." with N
+// counted from the start of the file.
+func syntaxError(err error, firstLine int) error {
+	msg := err.Error()
+	msg = strings.TrimPrefix(msg, "error converting YAML to JSON: ")
+	msg = strings.TrimPrefix(msg, "yaml: ")
+	m := yamlLine.FindStringSubmatchIndex(msg)
+	if m == nil {
+		return errors.New(msg)
+	}
+	n, _ := strconv.Atoi(msg[m[2]:m[3]])
+	msg = strings.TrimSpace(msg[:m[0]] + msg[m[1]:])
+	msg = strings.TrimSuffix(strings.TrimPrefix(msg, "unmarshal errors:"), ":")
+	return fmt.Errorf("line %d: %s", firstLine+n-1, strings.TrimSpace(msg))
+}
+
+// Object is a Kubernetes object whose spec is S.
+type Object[S any] struct {
+	APIVersion string   `json:"apiVersion"`
+	Kind       string   `json:"kind"`
+	Metadata   Metadata `json:"metadata"`
+	Spec       S        `json:"spec"`
+	Status     Ignored  `json:"status"`
+}
+
+// ID is "namespace/name".
+func (o *Object[S]) ID() string { return o.Metadata.Namespace + "/" + o.Metadata.Name }
+
+// Metadata is Kubernetes ObjectMeta: name, namespace and creationTimestamp
+// are used, the rest is accepted so `kubectl get -o yaml` output loads, and a
+// misspelt key (namepsace) is still an error.
+type Metadata struct {
+	Name                       string  `json:"name"`
+	Namespace                  string  `json:"namespace"`
+	CreationTimestamp          Time    `json:"creationTimestamp"`
+	GenerateName               Ignored `json:"generateName"`
+	SelfLink                   Ignored `json:"selfLink"`
+	UID                        Ignored `json:"uid"`
+	ResourceVersion            Ignored `json:"resourceVersion"`
+	Generation                 Ignored `json:"generation"`
+	DeletionTimestamp          Ignored `json:"deletionTimestamp"`
+	DeletionGracePeriodSeconds Ignored `json:"deletionGracePeriodSeconds"`
+	Labels                     Ignored `json:"labels"`
+	Annotations                Ignored `json:"annotations"`
+	OwnerReferences            Ignored `json:"ownerReferences"`
+	Finalizers                 Ignored `json:"finalizers"`
+	ManagedFields              Ignored `json:"managedFields"`
+}
+
+// Time is an RFC 3339 timestamp as Kubernetes writes it.
+type Time struct{ time.Time }
+
+// UnmarshalJSON parses an RFC 3339 string; "" is the zero time.
+func (t *Time) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return errors.New("want an RFC 3339 timestamp string")
+	}
+	if s == "" {
+		return nil
+	}
+	v, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		return fmt.Errorf("want an RFC 3339 timestamp: %q", s)
+	}
+	t.Time = v
+	return nil
+}
+
+// DecodeObject strictly decodes d into an Object[S]. The apiVersion's
+// version must be one of versions; metadata.name is required and must be a
+// DNS subdomain; an empty namespace becomes defaultNS (as `kubectl apply`
+// without -n does). Errors start with d.Where and, once known, the kind and
+// namespace/name.
+func DecodeObject[S any](d Doc, versions []string, defaultNS string) (*Object[S], error) {
+	var obj Object[S]
+	derr := Decode("", d.JSON, &obj)
+	if obj.Metadata.Namespace == "" {
+		obj.Metadata.Namespace = defaultNS
+	}
+	where := d.Where
+	if obj.Metadata.Name != "" {
+		where = fmt.Sprintf("%s (%s %s)", where, obj.Kind, obj.ID())
+	}
+	fail := func(err error) error { return fmt.Errorf("%s: %w", where, err) }
+	_, version, _ := d.Kind()
+	if !slices.Contains(versions, version) {
+		return nil, fail(Errorf("apiVersion", "%q: %s is read in versions %s", obj.APIVersion, obj.Kind, strings.Join(versions, ", ")))
+	}
+	if derr != nil {
+		return nil, fail(derr)
+	}
+	m := obj.Metadata
+	if m.Name == "" {
+		return nil, fail(Errorf("metadata.name", "required"))
+	}
+	if errs := validation.IsDNS1123Subdomain(m.Name); len(errs) > 0 {
+		return nil, fail(Errorf("metadata.name", "%q: %s", m.Name, strings.Join(errs, "; ")))
+	}
+	if errs := validation.IsDNS1123Label(m.Namespace); m.Namespace != "" && len(errs) > 0 {
+		return nil, fail(Errorf("metadata.namespace", "%q: %s", m.Namespace, strings.Join(errs, "; ")))
+	}
+	return &obj, nil
+}
