@@ -41,3 +41,12 @@ bench: ## go benchmarks (handshakes, signing, sniffing, copy loop)
 
 clean: ## remove build output
 	rm -rf bin
+
+image: ## build the container image meshproxy:dev (needs a Docker engine)
+	docker build -f deploy/Dockerfile --build-arg VERSION=$(VERSION) -t meshproxy:dev .
+
+kind-demo: ## meshproxy on a local kind cluster: CA, injected workloads, STRICT mTLS (needs kind, kubectl, docker, go)
+	deploy/kind/demo.sh
+
+kind-down: ## delete the kind demo cluster
+	deploy/kind/down.sh

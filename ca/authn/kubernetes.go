@@ -13,8 +13,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	authv1 "k8s.io/api/authentication/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // Bounds on what the authenticators accept and read.
@@ -23,6 +21,34 @@ const (
 	maxAPIResponse   = 1 << 20
 	tokenReviewsPath = "/apis/authentication.k8s.io/v1/tokenreviews"
 )
+
+// tokenReview is authentication.k8s.io/v1 TokenReview as it travels on the
+// wire, reduced to the fields the CA sends and reads. It mirrors
+// k8s.io/api/authentication/v1 (the tests' fake API server decodes it
+// strictly into those types) without linking the Kubernetes API machinery
+// into the binary.
+type tokenReview struct {
+	APIVersion string            `json:"apiVersion"`
+	Kind       string            `json:"kind"`
+	Spec       tokenReviewSpec   `json:"spec"`
+	Status     tokenReviewStatus `json:"status"`
+}
+
+type tokenReviewSpec struct {
+	Token     string   `json:"token,omitempty"`
+	Audiences []string `json:"audiences,omitempty"`
+}
+
+type tokenReviewStatus struct {
+	Authenticated bool     `json:"authenticated,omitempty"`
+	User          userInfo `json:"user"`
+	Audiences     []string `json:"audiences,omitempty"`
+	Error         string   `json:"error,omitempty"`
+}
+
+type userInfo struct {
+	Username string `json:"username,omitempty"`
+}
 
 // Kubernetes authenticates Kubernetes service account tokens with a
 // TokenReview: the API server says whether the token is valid (signature,
@@ -54,9 +80,10 @@ func (k *Kubernetes) Authenticate(ctx context.Context, c Caller) (spiffeid.ID, e
 	if len(c.Token) > maxBearerToken {
 		return spiffeid.ID{}, fmt.Errorf("%w: bearer token longer than %d bytes", ErrUnauthenticated, maxBearerToken)
 	}
-	review := authv1.TokenReview{
-		TypeMeta: metav1.TypeMeta{APIVersion: "authentication.k8s.io/v1", Kind: "TokenReview"},
-		Spec:     authv1.TokenReviewSpec{Token: c.Token, Audiences: []string{k.aud}},
+	review := tokenReview{
+		APIVersion: "authentication.k8s.io/v1",
+		Kind:       "TokenReview",
+		Spec:       tokenReviewSpec{Token: c.Token, Audiences: []string{k.aud}},
 	}
 	body, err := json.Marshal(&review)
 	if err != nil {
@@ -89,7 +116,7 @@ func (k *Kubernetes) Authenticate(ctx context.Context, c Caller) (spiffeid.ID, e
 		k.log.Error("token review refused by the API server", "server", k.api.Server(), "status", resp.StatusCode, "body", snippet(data))
 		return spiffeid.ID{}, fmt.Errorf("%w: token review: API server answered %s", ErrUnavailable, resp.Status)
 	}
-	var out authv1.TokenReview
+	var out tokenReview
 	if err := json.Unmarshal(data, &out); err != nil {
 		return spiffeid.ID{}, fmt.Errorf("%w: decode token review: %w", ErrUnavailable, err)
 	}
