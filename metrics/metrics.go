@@ -17,6 +17,8 @@ const ns = "meshproxy"
 var (
 	CertExpiry = newGauge("cert_expiry_timestamp_seconds",
 		"Unix time at which the workload certificate expires.")
+	CertNotBefore = newGauge("cert_not_before_timestamp_seconds",
+		"Unix time from which the workload certificate is valid; with the expiry it gives the lifetime.")
 	CertRotations = newCounterVec("cert_rotations_total",
 		"Certificate renewals and reloads by result (success, failure).", "result")
 )

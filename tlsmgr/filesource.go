@@ -151,7 +151,7 @@ func (s *FileSource) load(force bool) (bool, error) {
 	s.cur.Store(next)
 
 	leaf := svid.Certificates[0]
-	metrics.CertExpiry.Set(float64(leaf.NotAfter.Unix()))
+	recordCertMetrics(leaf)
 	s.opts.logger.Info("certificate loaded from files",
 		"spiffe_id", svid.ID.String(),
 		"serial", serialString(leaf.SerialNumber),

@@ -285,7 +285,7 @@ func (r *Rotator) renew(ctx context.Context) error {
 	r.mu.Unlock()
 
 	leaf := svid.Certificates[0]
-	metrics.CertExpiry.Set(float64(leaf.NotAfter.Unix()))
+	recordCertMetrics(leaf)
 	metrics.CertRotations.WithLabelValues("success").Inc()
 	r.opts.logger.Info("certificate rotated",
 		"spiffe_id", svid.ID.String(),
