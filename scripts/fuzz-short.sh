@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# fuzz-short.sh runs every fuzz target of meshproxy for a short while
+# (FUZZTIME each, default 7s; about 90s in all with the builds): the CI smoke run of
+# `make fuzz-short`. The seed corpora (testdata/fuzz/FuzzXxx) also run as
+# plain tests in `go test`; this explores beyond them. A failure leaves the
+# crashing input in the package's testdata/fuzz/FuzzXxx/: commit it with the
+# fix so it stays a regression test.
+#
+# Each package's test binary is built once with fuzzing instrumentation and
+# run per target, which saves a link per target over `go test -fuzz`.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+root=$PWD
+GO=${GO:-go}
+FUZZTIME=${FUZZTIME:-7s}
+module=$($GO list -m)
+cache=$($GO env GOCACHE)/fuzz
+bin=$(mktemp -d)
+trap 'rm -rf "$bin"' EXIT
+
+# package: targets — most exposed input first
+targets=(
+	"proxy/sniff: FuzzSniff"                                  # first bytes of every inbound connection
+	"ca: FuzzSign FuzzBearerToken"                            # CSRs and authorization headers of CA callers
+	"ca/authn: FuzzJWT FuzzJWTClaims FuzzJWKS FuzzTokensFile" # bearer JWTs, key sets, the tokens file
+	"policy: FuzzLoad FuzzReadLabelsFile"                     # --config-dir YAML, the downward-API labels file
+)
+
+start=$(date +%s)
+n=0
+for line in "${targets[@]}"; do
+	pkg=${line%%:*}
+	test=$bin/$(echo "$pkg" | tr / _).test
+	$GO test -c -fuzz=. -o "$test" "./$pkg"
+	for name in ${line#*:}; do
+		echo "== $name ($pkg, $FUZZTIME)"
+		(cd "$root/$pkg" && "$test" -test.run '^$' -test.fuzz "^${name}\$" -test.fuzztime "$FUZZTIME" \
+			-test.fuzzcachedir "$cache/$module/$pkg")
+		n=$((n + 1))
+	done
+done
+echo "fuzz-short: $n targets in $(( $(date +%s) - start ))s"
