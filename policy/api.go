@@ -68,12 +68,17 @@ type Workload struct {
 type Request struct {
 	Peer spiffeid.ID // zero value when the peer is not mesh mTLS (plaintext / passthrough)
 	Port uint16      // destination port on this workload
+	// TrustDomain is the workload's own trust domain. A peer from another
+	// (federated) trust domain is allowed only by an ALLOW rule that names
+	// that trust domain in a principal (see ReasonForeignTrustDomain). Zero
+	// skips the check.
+	TrustDomain spiffeid.TrustDomain
 }
 
 // Decision is the outcome of authorizing a Request.
 type Decision struct {
 	Allowed bool
-	Reason  string // bounded, for metrics: "allowed", "denied_by_policy", "no_allow_match"
+	Reason  string // bounded, for metrics: "allowed", "denied_by_policy", "no_allow_match", "foreign_trust_domain"
 	Policy  string // "namespace/name" of the deciding policy, for logs ("" when none)
 }
 
@@ -82,6 +87,9 @@ const (
 	ReasonAllowed        = "allowed"
 	ReasonDeniedByPolicy = "denied_by_policy"
 	ReasonNoAllowMatch   = "no_allow_match"
+	// ReasonForeignTrustDomain: the peer is from another trust domain and no
+	// ALLOW rule names that trust domain.
+	ReasonForeignTrustDomain = "foreign_trust_domain"
 )
 
 // Outbound is the DestinationRule verdict for one destination.

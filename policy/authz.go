@@ -294,6 +294,9 @@ func (a *authzPolicies) authorize(r Request) Decision {
 			return Decision{Allowed: false, Reason: ReasonDeniedByPolicy, Policy: d.id()}
 		}
 	}
+	if isForeign(r) {
+		return a.authorizeForeign(p, r)
+	}
 	if len(a.allow) == 0 {
 		return Decision{Allowed: true, Reason: ReasonAllowed}
 	}

@@ -13,7 +13,11 @@ import (
 )
 
 // FuzzLoad feeds arbitrary bytes through parsing, validation and every
-// Snapshot query. It must never panic, and every error must name the file.
+// Snapshot query. It must never panic, every error must name the file, and
+// the same bytes must always give the same snapshot (no map-order
+// dependence in precedence). Seeds: testdata/*, testdata/invalid/* and the
+// hostile inputs of testdata/fuzz/FuzzLoad (alias bombs, deep nesting, port
+// and host edge cases).
 func FuzzLoad(f *testing.F) {
 	for _, pattern := range []string{"testdata/*.*", "testdata/invalid/*.*"} {
 		paths, err := filepath.Glob(pattern)
@@ -59,8 +63,20 @@ func FuzzLoad(f *testing.F) {
 			snap.Outbound(netip.AddrPortFrom(netip.MustParseAddr("10.1.2.3"), port))
 			snap.Outbound(netip.AddrPortFrom(netip.MustParseAddr("fd00::1"), port))
 		}
-		if _, err := json.Marshal(snap); err != nil {
+		first, err := json.Marshal(snap)
+		if err != nil {
 			t.Fatal(err)
+		}
+		again, err := newLoader(wl.Namespace, o.td, o.log).load([]file{{name: "fuzz.yaml", data: data}})
+		if err != nil {
+			t.Fatalf("second load of the same bytes failed: %v", err)
+		}
+		second, err := json.Marshal(buildSnapshot(1, again, wl, &o, resolved))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(first) != string(second) {
+			t.Fatalf("the same bytes gave two snapshots:\n%s\n%s", first, second)
 		}
 	})
 }

@@ -2,12 +2,16 @@ package main
 
 import (
 	"context"
-	"errors"
 
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
-// PLACEHOLDER until tlsmgr.NewWorkloadAPISource lands.
-func newWorkloadAPISource(context.Context, string, []tlsmgr.Option) (runnable, error) {
-	return nil, errors.New("--workload-api: not built yet")
+// newWorkloadAPISource connects the sidecar to a SPIFFE Workload API (a
+// SPIRE agent); the source starts watching when its Run is called.
+func newWorkloadAPISource(ctx context.Context, addr string, opts []tlsmgr.Option) (runnable, error) {
+	src, err := tlsmgr.NewWorkloadAPISource(ctx, addr, opts...)
+	if err != nil {
+		return nil, usagef("--workload-api %q: %v", addr, err)
+	}
+	return src, nil
 }

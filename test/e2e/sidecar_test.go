@@ -178,7 +178,7 @@ func TestUnreachableCAKeepsSidecarUnreadyThenRecovers(t *testing.T) {
 	})
 	select {
 	case <-side.done:
-		t.Fatalf("sidecar exited while the CA was down: %v", side.err)
+		t.Fatalf("sidecar exited while the CA was down: %v", side.Err())
 	default:
 	}
 	// The CA comes up; the sidecar retries and becomes ready.
