@@ -323,4 +323,3 @@ func gwWriteFile(t *testing.T, path, data string) {
 		t.Fatal(err)
 	}
 }
-

@@ -54,7 +54,9 @@ func run(t *testing.T, idle time.Duration) (client, server net.Conn, stats *Stat
 	var once sync.Once
 	abort := func() { once.Do(func() { down.Close(); up.Close() }) }
 	ch := make(chan error, 1)
-	go func() { ch <- Forward(down, up, stats, idle, abort, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"})) }()
+	go func() {
+		ch <- Forward(down, up, stats, idle, abort, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
+	}()
 	return client, server, stats, ch
 }
 
