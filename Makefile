@@ -5,7 +5,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(shell $(GO) env GOPATH)/bin/staticcheck)
 
-.PHONY: help build test test-short lint fmt generate demo demo-netns bench bench-compare image kind-demo kind-down clean
+.PHONY: help build test test-short tools fuzz-short soak lint fmt generate demo demo-netns bench bench-compare image kind-demo kind-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -13,8 +13,29 @@ help: ## list the targets
 build: ## build the static meshproxy binary into bin/
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/meshproxy
 
-test: lint ## run every test (root needed for the network-namespace tests) after vet and staticcheck
-	$(GO) test -race -count=1 -timeout 20m ./...
+TOOLS   := $(CURDIR)/bin/tools
+export MESHPROXY_SPIRE_BIN  := $(TOOLS)
+export MESHPROXY_STEPCA_BIN := $(TOOLS)/step-ca
+
+test: lint tools ## everything: lint, every test (as root for the netns tests), a short fuzz of each target
+	$(GO) test -race -count=1 -timeout 25m ./...
+	$(MAKE) fuzz-short
+
+tools: $(TOOLS)/spire-server $(TOOLS)/spire-agent $(TOOLS)/step-ca ## build the real SPIRE and step-ca the tests run (separate modules under test/)
+
+$(TOOLS)/spire-server $(TOOLS)/spire-agent: test/spire/go.mod test/spire/go.sum
+	mkdir -p $(TOOLS)
+	cd test/spire && CGO_ENABLED=1 $(GO) build -o $(TOOLS)/ github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
+
+$(TOOLS)/step-ca: test/stepca/go.mod test/stepca/go.sum
+	mkdir -p $(TOOLS)
+	cd test/stepca && CGO_ENABLED=0 $(GO) build -o $(TOOLS)/step-ca github.com/smallstep/certificates/cmd/step-ca
+
+fuzz-short: ## run every fuzz target briefly (FUZZTIME each, default 7s)
+	./scripts/fuzz-short.sh
+
+soak: ## 10-minute soak with rotations every 30s; prints RSS/goroutines and a verdict (not in CI)
+	$(GO) run ./bench/soak -duration 10m
 
 test-short: ## unit tests only, no lint
 	$(GO) test -count=1 -short ./...
