@@ -4,16 +4,13 @@ import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"net"
-	"net/url"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -36,17 +33,29 @@ const ClockSkew = 2 * time.Minute
 // maxCSRSize bounds the CSR bytes the authority will parse.
 const maxCSRSize = 64 << 10
 
-// Authority signs workload certificates with a CA key. It is immutable and
-// safe for concurrent use.
+// Authority issues workload certificates: it applies the caller-identity
+// rules (trust domain, CSR checks, TTL policy) and delegates the signature to
+// a Signer — its own CA key (New, Load) or an external CA (NewFromSigner).
+// Whatever the Signer returns is checked before it is handed out. It is safe
+// for concurrent use.
 type Authority struct {
-	td         spiffeid.TrustDomain
-	key        crypto.Signer
-	chain      []*x509.Certificate // signing cert, then intermediates; no root
-	roots      []*x509.Certificate // trust bundle; the chain's own root first
-	notAfter   time.Time           // earliest expiry along chain and its root
+	td     spiffeid.TrustDomain
+	signer Signer
+	roots  []*x509.Certificate // trust bundle; the built-in chain's own root first
+	// limit is the earliest expiry along the built-in signing chain and its
+	// root: no certificate outlives it. Zero for external signers, whose
+	// chain is known only from what they return.
+	limit      time.Time
+	last       atomic.Pointer[issuedPath] // path of the latest issuance
 	defaultTTL time.Duration
 	maxTTL     time.Duration
 	now        func() time.Time
+}
+
+// issuedPath is a verified signing path without its leaf.
+type issuedPath struct {
+	chain    []*x509.Certificate // signing certificate, then intermediates; no root
+	notAfter time.Time           // earliest expiry along chain and root
 }
 
 // Option configures an Authority.
@@ -81,20 +90,15 @@ func WithClock(now func() time.Time) Option {
 	return func(o *options) { o.now = now }
 }
 
-// New builds an Authority from a signing key, the signing certificate
-// followed by any intermediates (chain; a root in it is ignored), and the
-// trust bundle (roots). It checks that key matches chain[0], that chain[0]
-// is a CA and that it chains to one of roots now.
+// New builds an Authority signing with its own CA key (the built-in
+// signer) from a signing key, the signing certificate followed by any
+// intermediates (chain; a root in it is ignored), and the trust bundle
+// (roots). It checks that key matches chain[0], that chain[0] is a CA and
+// that it chains to one of roots now.
 func New(key crypto.Signer, chain, roots []*x509.Certificate, opts ...Option) (*Authority, error) {
-	o := options{defaultTTL: DefaultTTL, maxTTL: MaxTTL, now: time.Now}
-	for _, opt := range opts {
-		opt(&o)
-	}
-	if o.defaultTTL <= 0 || o.maxTTL <= 0 {
-		return nil, fmt.Errorf("default ttl %s and max ttl %s must be positive", o.defaultTTL, o.maxTTL)
-	}
-	if o.defaultTTL > o.maxTTL {
-		return nil, fmt.Errorf("default ttl %s exceeds max ttl %s", o.defaultTTL, o.maxTTL)
+	o, err := newOptions(opts)
+	if err != nil {
+		return nil, err
 	}
 	if len(chain) == 0 {
 		return nil, fmt.Errorf("%w: no signing certificate", ErrInvalidCA)
@@ -112,10 +116,8 @@ func New(key crypto.Signer, chain, roots []*x509.Certificate, opts ...Option) (*
 	if !publicKeysEqual(key.Public(), cert.PublicKey) {
 		return nil, fmt.Errorf("%w: the key does not match signing certificate %q", ErrInvalidCA, cert.Subject)
 	}
-	for i, r := range roots {
-		if !r.BasicConstraintsValid || !r.IsCA {
-			return nil, fmt.Errorf("%w: root %d (%q) is not a CA", ErrInvalidCA, i+1, r.Subject)
-		}
+	if err := checkRoots(roots); err != nil {
+		return nil, err
 	}
 	path, err := verifyChain(cert, chain[1:], roots, o.now())
 	if err != nil {
@@ -128,20 +130,49 @@ func New(key crypto.Signer, chain, roots []*x509.Certificate, opts ...Option) (*
 	root := path[len(path)-1]
 	a := &Authority{
 		td:         td,
-		key:        key,
-		chain:      path[:len(path)-1],
+		signer:     &builtinSigner{key: key, chain: path[:len(path)-1]},
 		roots:      append([]*x509.Certificate{root}, slices.DeleteFunc(slices.Clone(roots), root.Equal)...),
+		limit:      pathNotAfter(path),
 		defaultTTL: o.defaultTTL,
 		maxTTL:     o.maxTTL,
 		now:        o.now,
 	}
-	a.notAfter = root.NotAfter
-	for _, c := range a.chain {
-		if c.NotAfter.Before(a.notAfter) {
-			a.notAfter = c.NotAfter
+	a.last.Store(&issuedPath{chain: path[:len(path)-1], notAfter: a.limit})
+	return a, nil
+}
+
+func newOptions(opts []Option) (options, error) {
+	o := options{defaultTTL: DefaultTTL, maxTTL: MaxTTL, now: time.Now}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.defaultTTL <= 0 || o.maxTTL <= 0 {
+		return o, fmt.Errorf("default ttl %s and max ttl %s must be positive", o.defaultTTL, o.maxTTL)
+	}
+	if o.defaultTTL > o.maxTTL {
+		return o, fmt.Errorf("default ttl %s exceeds max ttl %s", o.defaultTTL, o.maxTTL)
+	}
+	return o, nil
+}
+
+func checkRoots(roots []*x509.Certificate) error {
+	for i, r := range roots {
+		if !r.BasicConstraintsValid || !r.IsCA {
+			return fmt.Errorf("%w: root %d (%q) is not a CA", ErrInvalidCA, i+1, r.Subject)
 		}
 	}
-	return a, nil
+	return nil
+}
+
+// pathNotAfter is the earliest expiry along certs.
+func pathNotAfter(certs []*x509.Certificate) time.Time {
+	var t time.Time
+	for _, c := range certs {
+		if t.IsZero() || c.NotAfter.Before(t) {
+			t = c.NotAfter
+		}
+	}
+	return t
 }
 
 // verifyChain finds the path from cert through intermediates to one of the
@@ -220,8 +251,14 @@ func publicKeysEqual(a, b crypto.PublicKey) bool {
 func (a *Authority) TrustDomain() spiffeid.TrustDomain { return a.td }
 
 // Chain returns the signing certificate followed by its intermediates,
-// without the root.
-func (a *Authority) Chain() []*x509.Certificate { return slices.Clone(a.chain) }
+// without the root. For an external signer it is the chain of the latest
+// certificate issued (empty before the first).
+func (a *Authority) Chain() []*x509.Certificate {
+	if p := a.last.Load(); p != nil {
+		return slices.Clone(p.chain)
+	}
+	return nil
+}
 
 // Roots returns the trust bundle, the root the chain ends in first.
 func (a *Authority) Roots() []*x509.Certificate { return slices.Clone(a.roots) }
@@ -231,9 +268,19 @@ func (a *Authority) Bundle() *x509bundle.Bundle {
 	return x509bundle.FromX509Authorities(a.td, a.roots)
 }
 
-// NotAfter is when the signing chain (or its root) expires; no certificate
-// is issued past it.
-func (a *Authority) NotAfter() time.Time { return a.notAfter }
+// NotAfter is when the signing chain (or its root) expires; the built-in
+// signer issues nothing past it. For an external signer it is the expiry of
+// the latest chain issued along (zero before the first).
+func (a *Authority) NotAfter() time.Time {
+	if p := a.last.Load(); p != nil {
+		return p.notAfter
+	}
+	return time.Time{}
+}
+
+// SignerName names the signer behind the authority ("builtin", "stepca",
+// "vault").
+func (a *Authority) SignerName() string { return a.signer.Name() }
 
 // RootsNotAfter is when the earliest-expiring root of the bundle expires.
 func (a *Authority) RootsNotAfter() time.Time {
@@ -260,15 +307,28 @@ type extraSANs struct {
 }
 
 // Sign issues a workload certificate for id over the public key of csr (PEM
-// or DER). Only the key is taken from the CSR, after its signature is
-// verified; its subject, SANs and extensions are ignored. ttl <= 0 means the
-// default TTL; ttl over the maximum is ErrTTLTooLong; the certificate never
-// outlives the CA chain. id must be in the authority's trust domain.
+// or DER) and returns the leaf; see SignChain.
 func (a *Authority) Sign(csr []byte, id spiffeid.ID, ttl time.Duration) (*x509.Certificate, error) {
-	return a.sign(csr, id, ttl, extraSANs{})
+	issued, err := a.SignChain(context.Background(), csr, id, ttl)
+	if err != nil {
+		return nil, err
+	}
+	return issued.Chain[0], nil
 }
 
-func (a *Authority) sign(csr []byte, id spiffeid.ID, ttl time.Duration, extra extraSANs) (*x509.Certificate, error) {
+// SignChain issues a workload certificate for id over the public key of csr
+// (PEM or DER). Only the key is taken from the CSR, after its signature is
+// verified; its subject, SANs and extensions are ignored. ttl <= 0 means the
+// default TTL; ttl over the maximum is ErrTTLTooLong; the certificate never
+// outlives the CA chain. id must be in the authority's trust domain. The
+// result holds the leaf and the intermediates it verified along, and the
+// trust bundle with the chain's root first. A certificate from the signer
+// that breaks these rules is refused with ErrBackendInvalid.
+func (a *Authority) SignChain(ctx context.Context, csr []byte, id spiffeid.ID, ttl time.Duration) (*tlsmgr.Issued, error) {
+	return a.sign(ctx, csr, id, ttl, extraSANs{})
+}
+
+func (a *Authority) sign(ctx context.Context, csr []byte, id spiffeid.ID, ttl time.Duration, extra extraSANs) (*tlsmgr.Issued, error) {
 	if id.IsZero() {
 		return nil, errors.New("sign: empty SPIFFE ID")
 	}
@@ -293,41 +353,30 @@ func (a *Authority) sign(csr []byte, id spiffeid.ID, ttl time.Duration, extra ex
 	}
 	now := a.now()
 	notAfter := now.Add(ttl)
-	if notAfter.After(a.notAfter) {
-		notAfter = a.notAfter
+	if !a.limit.IsZero() && notAfter.After(a.limit) {
+		notAfter = a.limit
 	}
 	if !notAfter.After(now) {
-		return nil, fmt.Errorf("sign csr for %s: %w at %s", id, ErrCAExpired, a.notAfter.UTC().Format(time.RFC3339))
+		return nil, fmt.Errorf("sign csr for %s: %w at %s", id, ErrCAExpired, a.limit.UTC().Format(time.RFC3339))
 	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 128))
+	sr := &SignRequest{
+		CSR:         req,
+		ID:          id,
+		TTL:         notAfter.Sub(now),
+		NotBefore:   now.Add(-ClockSkew),
+		NotAfter:    notAfter,
+		DNSNames:    extra.dns,
+		IPAddresses: extra.ips,
+	}
+	certs, err := a.signer.Sign(ctx, sr)
 	if err != nil {
-		return nil, fmt.Errorf("sign csr for %s: serial: %w", id, err)
+		return nil, fmt.Errorf("sign csr for %s with %s: %w", id, a.signer.Name(), err)
 	}
-	usage := x509.KeyUsageDigitalSignature
-	if _, ok := req.PublicKey.(*rsa.PublicKey); ok {
-		usage |= x509.KeyUsageKeyEncipherment
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		NotBefore:             now.Add(-ClockSkew),
-		NotAfter:              notAfter,
-		KeyUsage:              usage,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  false,
-		URIs:                  []*url.URL{id.URL()},
-		DNSNames:              extra.dns,
-		IPAddresses:           extra.ips,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.chain[0], req.PublicKey, a.key)
+	issued, err := a.checkIssued(certs, sr, a.now())
 	if err != nil {
 		return nil, fmt.Errorf("sign csr for %s: %w", id, err)
 	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("sign csr for %s: parse issued certificate: %w", id, err)
-	}
-	return leaf, nil
+	return issued, nil
 }
 
 // parseCSR accepts a PEM ("CERTIFICATE REQUEST" or "NEW CERTIFICATE
@@ -378,12 +427,5 @@ func (l *localIssuer) Issue(ctx context.Context, csrDER []byte, ttl time.Duratio
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	leaf, err := l.a.sign(csrDER, l.id, ttl, l.extra)
-	if err != nil {
-		return nil, err
-	}
-	return &tlsmgr.Issued{
-		Chain: append([]*x509.Certificate{leaf}, l.a.chain...),
-		Roots: l.a.Roots(),
-	}, nil
+	return l.a.sign(ctx, csrDER, l.id, ttl, l.extra)
 }

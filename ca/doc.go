@@ -7,4 +7,9 @@
 // The identity in an issued certificate always comes from the caller's
 // authentication (package ca/authn), never from the CSR: the CSR contributes
 // only its public key, after its own signature has been checked.
+//
+// The signature itself comes from a Signer: the CA key on disk (New, Load)
+// or an external CA (NewFromSigner with ca/stepca or ca/vault). Whatever an
+// external CA returns is checked against the same identity rules before it
+// is handed out.
 package ca

@@ -9,6 +9,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/ca/authn"
 	"github.com/meshproxy/meshproxy/metrics"
+	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
 // DefaultServingDNS are the DNS SANs of the CA's serving certificate, so
@@ -36,9 +38,15 @@ const (
 	ReasonUnsupportedKey   = "unsupported_key"
 	ReasonTTLTooLong       = "ttl_too_long"
 	ReasonInternal         = "internal"
+	// External signers (--signer stepca|vault): unreachable, refused, or
+	// returned a certificate that breaks the identity rules.
+	ReasonBackendUnavailable = "backend_unavailable"
+	ReasonBackendError       = "backend_error"
+	ReasonBackendInvalid     = "backend_invalid"
 )
 
-var reasons = []string{ReasonUnauthenticated, ReasonPermissionDenied, ReasonBadCSR, ReasonUnsupportedKey, ReasonTTLTooLong, ReasonInternal}
+var reasons = []string{ReasonUnauthenticated, ReasonPermissionDenied, ReasonBadCSR, ReasonUnsupportedKey, ReasonTTLTooLong, ReasonInternal,
+	ReasonBackendUnavailable, ReasonBackendError, ReasonBackendInvalid}
 
 // Server serves istio.v1.auth.IstioCertificateService/CreateCertificate
 // over TLS. Callers authenticate with a bearer token (the configured
@@ -47,11 +55,12 @@ var reasons = []string{ReasonUnauthenticated, ReasonPermissionDenied, ReasonBadC
 type Server struct {
 	pb.UnimplementedIstioCertificateServiceServer
 
-	ca      *Authority
+	cur     atomic.Pointer[Authority] // in force; replaced on reload (rotate_server.go)
 	authn   authn.Chain
 	log     *slog.Logger
 	serving *servingCert
 	grace   time.Duration
+	rot     *rotation // reload, issuance record, bundle endpoint
 }
 
 // ServerOption configures a Server.
@@ -62,6 +71,7 @@ type serverOptions struct {
 	dns        []string
 	servingTTL time.Duration
 	grace      time.Duration
+	rot        rotationOptions
 }
 
 // WithLogger sets the server's logger (default slog.Default()).
@@ -108,20 +118,18 @@ func NewServer(a *Authority, auth []authn.Authenticator, opts ...ServerOption) (
 	if err != nil {
 		return nil, fmt.Errorf("serving identity: %w", err)
 	}
-	chain := authn.Chain{authn.NewSVID(a.Bundle())}
-	chain = append(chain, auth...)
-	return &Server{
-		ca:    a,
-		authn: chain,
-		log:   o.log,
-		grace: o.grace,
-		serving: &servingCert{
-			issuer: a.Issuer(id, dns, ips),
-			ttl:    min(o.servingTTL, a.MaxTTL()),
-			log:    o.log,
-			now:    time.Now,
-		},
-	}, nil
+	s := &Server{log: o.log, grace: o.grace}
+	s.cur.Store(a)
+	// The bundle and the serving certificate's issuer follow reloads.
+	s.authn = append(authn.Chain{authn.NewSVID(currentBundle{s})}, auth...)
+	s.serving = &servingCert{
+		issuer: &currentIssuer{s: s, id: id, dns: dns, ips: ips},
+		ttl:    min(o.servingTTL, a.MaxTTL()),
+		log:    o.log,
+		now:    time.Now,
+	}
+	s.rot = newRotation(o.rot, s)
+	return s, nil
 }
 
 // validDNSName accepts host names made of LDH labels, optionally with a
@@ -164,8 +172,6 @@ func (s *Server) tlsConfig() *tls.Config {
 // ctx ends; it then stops gracefully (in-flight requests finish, within the
 // grace period) and returns nil. It keeps the serving certificate renewed.
 func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
-	metrics.CARootExpiry.Set(float64(s.ca.RootsNotAfter().Unix()))
-	metrics.CAChainExpiry.Set(float64(s.ca.NotAfter().Unix()))
 	for _, r := range reasons {
 		metrics.CACSRErrors.WithLabelValues(r)
 	}
@@ -173,6 +179,9 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	if err != nil {
 		return fmt.Errorf("ca server: %w", err)
 	}
+	// After the first issuance: an external signer's chain is known only then.
+	metrics.CARootExpiry.Set(float64(s.authority().RootsNotAfter().Unix()))
+	metrics.CAChainExpiry.Set(float64(s.authority().NotAfter().Unix()))
 	gs := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(s.tlsConfig())),
 		grpc.MaxRecvMsgSize(1<<20),
@@ -188,11 +197,14 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 		wg.Wait()
 	}()
 	wg.Go(func() { s.serving.run(renewCtx, due) })
+	if err := s.startRotation(renewCtx, &wg); err != nil {
+		return fmt.Errorf("ca server: %w", err)
+	}
 
 	errc := make(chan error, 1)
 	go func() { errc <- gs.Serve(lis) }()
-	s.log.Info("ca serving", "addr", lis.Addr().String(), "trust_domain", s.ca.TrustDomain().Name(),
-		"auth", s.authn.Name(), "chain_not_after", s.ca.NotAfter().UTC().Format(time.RFC3339))
+	s.log.Info("ca serving", "addr", lis.Addr().String(), "trust_domain", s.authority().TrustDomain().Name(),
+		"auth", s.authn.Name(), "signer", s.authority().SignerName(), "chain_not_after", s.authority().NotAfter().UTC().Format(time.RFC3339))
 
 	select {
 	case err := <-errc:
@@ -229,21 +241,27 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 		}
 		return nil, s.refuse(addr, codes.Unauthenticated, ReasonUnauthenticated, err, spiffeid.ID{})
 	}
-	if !who.ID.MemberOf(s.ca.TrustDomain()) {
-		err := fmt.Errorf("%s is outside trust domain %q", who.ID, s.ca.TrustDomain().Name())
+	if !who.ID.MemberOf(s.authority().TrustDomain()) {
+		err := fmt.Errorf("%s is outside trust domain %q", who.ID, s.authority().TrustDomain().Name())
 		return nil, s.refuse(addr, codes.PermissionDenied, ReasonPermissionDenied, err, who.ID)
 	}
 	var ttl time.Duration
 	if v := req.GetValidityDuration(); v > 0 {
-		if v > int64(s.ca.MaxTTL()/time.Second) {
-			err := fmt.Errorf("%w: %ds > %ds", ErrTTLTooLong, v, int64(s.ca.MaxTTL()/time.Second))
+		if v > int64(s.authority().MaxTTL()/time.Second) {
+			err := fmt.Errorf("%w: %ds > %ds", ErrTTLTooLong, v, int64(s.authority().MaxTTL()/time.Second))
 			return nil, s.refuse(addr, codes.InvalidArgument, ReasonTTLTooLong, err, who.ID)
 		}
 		ttl = time.Duration(v) * time.Second
 	}
-	leaf, err := s.ca.Sign([]byte(req.GetCsr()), who.ID, ttl)
+	issued, err := s.authority().SignChain(ctx, []byte(req.GetCsr()), who.ID, ttl)
 	if err != nil {
 		switch {
+		case errors.Is(err, ErrBackendInvalid):
+			return nil, s.refuse(addr, codes.Internal, ReasonBackendInvalid, err, who.ID)
+		case errors.Is(err, ErrBackendUnavailable):
+			return nil, s.refuse(addr, codes.Unavailable, ReasonBackendUnavailable, err, who.ID)
+		case errors.Is(err, ErrBackendRefused):
+			return nil, s.refuse(addr, codes.Internal, ReasonBackendError, err, who.ID)
 		case errors.Is(err, ErrBadCSR):
 			return nil, s.refuse(addr, codes.InvalidArgument, ReasonBadCSR, err, who.ID)
 		case errors.Is(err, ErrUnsupportedKey):
@@ -255,23 +273,27 @@ func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificate
 		}
 		return nil, s.refuse(addr, codes.Internal, ReasonInternal, err, who.ID)
 	}
+	leaf := issued.Chain[0]
 	metrics.CACertsIssued.Inc()
+	if len(issued.Roots) > 0 {
+		s.recordIssued(issued.Roots[0], leaf.NotAfter)
+	}
+	metrics.CAChainExpiry.Set(float64(s.authority().NotAfter().Unix()))
 	s.log.Info("certificate issued", "spiffe_id", who.ID.String(), "auth", who.Method,
 		"serial", fmt.Sprintf("%x", leaf.SerialNumber), "not_after", leaf.NotAfter.UTC().Format(time.RFC3339), "peer", addr)
-	return &pb.IstioCertificateResponse{CertChain: s.responseChain(leaf.Raw)}, nil
+	return &pb.IstioCertificateResponse{CertChain: responseChain(issued)}, nil
 }
 
 // responseChain is what istiod returns: the leaf, each intermediate, and the
 // trust bundle last. With one root every element is one PEM certificate;
 // during a root rotation the last element holds all roots, the chain's own
 // first (as istiod does with a multi-root root-cert.pem).
-func (s *Server) responseChain(leafDER []byte) []string {
-	out := make([]string, 0, len(s.ca.chain)+2)
-	out = append(out, string(pemCert(leafDER)))
-	for _, c := range s.ca.chain {
+func responseChain(issued *tlsmgr.Issued) []string {
+	out := make([]string, 0, len(issued.Chain)+1)
+	for _, c := range issued.Chain {
 		out = append(out, string(pemCert(c.Raw)))
 	}
-	return append(out, string(certsPEM(s.ca.roots...)))
+	return append(out, string(certsPEM(issued.Roots...)))
 }
 
 // refuse logs and counts a refused request and returns its gRPC status.

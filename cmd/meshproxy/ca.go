@@ -27,7 +27,7 @@ signs workload CSRs into short-lived X.509-SVIDs over Istio's CA gRPC API
 (istio.v1.auth.IstioCertificateService/CreateCertificate).`,
 		Args: cobra.NoArgs,
 	}
-	cmd.AddCommand(newCAInitCmd(), newCAServeCmd())
+	cmd.AddCommand(newCAInitCmd(), newCAServeCmd(), newCARotateRootCmd(), newCAStatusCmd())
 	return cmd
 }
 
@@ -120,9 +120,11 @@ func newCAServeCmd() *cobra.Command {
 		tokens, kubeconfig, jwks, jwtIssuer   string
 		auth, servingDNS                      []string
 		defaultTTL, maxTTL                    time.Duration
+		sf                                    signerFlags
+		rf                                    caRotationFlags
 	)
 	cmd := &cobra.Command{
-		Use:   "serve --dir DIR",
+		Use:   "serve --dir DIR | --signer stepca|vault ...",
 		Short: "Serve Istio's CA gRPC API, signing CSRs for authenticated workloads",
 		Long: `serve loads the CA from DIR (Istio's plugged-in layout, as written by "ca init",
 Istio's tooling, openssl or cert-manager) and serves
@@ -151,11 +153,12 @@ endpoint could not be reached).
 The TLS serving certificate is issued by the CA itself for the DNS names
 istiod.istio-system.svc, meshproxy-ca.istio-system.svc, localhost, the
 --serving-dns names, and 127.0.0.1 and ::1; it is renewed at half its life.
-SIGTERM or SIGINT stops the server gracefully.`,
+SIGTERM or SIGINT stops the server gracefully.
+` + signerHelp + caServeRotationHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if dir == "" {
-				return usagef("--dir is required")
+			if err := sf.validate(dir); err != nil {
+				return err
 			}
 			if listen == "" {
 				return usagef("--listen is required")
@@ -205,15 +208,20 @@ SIGTERM or SIGINT stops the server gracefully.`,
 			if !td.IsZero() {
 				opts = append(opts, ca.WithTrustDomain(td))
 			}
-			authority, err := ca.Load(dir, opts...)
+			rotOpts, err := rf.serverOptions(sf.signer, dir, opts)
 			if err != nil {
 				return err
 			}
+			authority, closeSigner, err := sf.authority(cmd.Context(), dir, log, opts...)
+			if err != nil {
+				return err
+			}
+			defer closeSigner()
 			authenticators, err := buildAuthenticators(auth, authority.TrustDomain(), log, tokens, kubeconfig, jwks, jwtIssuer)
 			if err != nil {
 				return err
 			}
-			srv, err := ca.NewServer(authority, authenticators, ca.WithLogger(log), ca.WithServingDNS(servingDNS...))
+			srv, err := ca.NewServer(authority, authenticators, append([]ca.ServerOption{ca.WithLogger(log), ca.WithServingDNS(servingDNS...)}, rotOpts...)...)
 			if err != nil {
 				return usagef("--serving-dns: %v", err)
 			}
@@ -233,6 +241,8 @@ SIGTERM or SIGINT stops the server gracefully.`,
 	f.StringVar(&metricsAddr, "metrics", ":15014", "address of the Prometheus endpoint (/metrics, /stats/prometheus); empty disables it")
 	f.StringSliceVar(&servingDNS, "serving-dns", nil, "extra DNS names (or IPs) for the CA's TLS serving certificate")
 	f.StringVar(&trustDomain, "trust-domain", "", "trust domain of a CA whose certificates carry no spiffe:// URI SAN (must match it otherwise)")
+	sf.register(f)
+	rf.register(f)
 	return cmd
 }
 

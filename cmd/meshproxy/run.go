@@ -67,6 +67,7 @@ type runFlags struct {
 	maxConnections      int
 	logLevel, logFormat string
 	federateWith        []string
+	tproxy              bool
 }
 
 func newRunCmd() *cobra.Command {
@@ -92,6 +93,14 @@ Listeners (at least one):
   --inbound :15006 / --outbound :15001      transparent, behind 'meshproxy redirect'
   --inbound-explicit LISTEN=APP_ADDR         terminate mesh mTLS, forward to the app
   --outbound-explicit LISTEN=DEST[#SPIFFE-ID] plaintext in, mesh mTLS to DEST
+
+With --tproxy the inbound listener is transparent (IP_TRANSPARENT) and the
+proxy connects to the app from the client's own address, so the app sees the
+real client as its peer. It must match 'meshproxy redirect install --tproxy'
+(TPROXY capture, and the mark 0x539 that routes the app's replies back to the
+proxy), and the sidecar needs CAP_NET_ADMIN (IP_TRANSPARENT, SO_MARK): as uid
+1337 an ambient capability, in Kubernetes securityContext.capabilities.add:
+[NET_ADMIN].
 
 The admin API (127.0.0.1 only), Prometheus metrics and the readiness endpoint
 run beside them. SIGTERM stops accepting and lets open connections finish for
@@ -133,6 +142,7 @@ subjectAltNames).`,
 	fl.StringVar(&f.outbound, "outbound", "", "transparent outbound listener, e.g. :15001 (needs 'meshproxy redirect')")
 	fl.StringArrayVar(&f.inboundExplicit, "inbound-explicit", nil, "LISTEN=APP_ADDR: terminate mesh mTLS on LISTEN, forward to APP_ADDR (repeatable)")
 	fl.StringArrayVar(&f.outboundExplicit, "outbound-explicit", nil, "LISTEN=DEST[#SPIFFE-ID]: plaintext on LISTEN, mesh mTLS to DEST (repeatable)")
+	fl.BoolVar(&f.tproxy, "tproxy", false, "inbound capture is TPROXY: listen transparently and reach the app from the client's address (must match 'redirect install --tproxy'; needs CAP_NET_ADMIN)")
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
 	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
@@ -300,6 +310,15 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 		}
 		opts = append(opts, proxy.WithInboundTransparent(f.inbound))
 		n++
+	}
+	if f.tproxy {
+		if f.inbound == "" {
+			return nil, usagef("--tproxy needs --inbound (the transparent inbound listener, e.g. :15006)")
+		}
+		opts = append(opts, proxy.WithInboundListen(redirect.ListenTransparent),
+			proxy.WithInboundDialer(func(ctx context.Context, client netip.AddrPort, _, addr string) (net.Conn, error) {
+				return redirect.DialTransparent(ctx, client, addr, redirect.DefaultTProxyMark)
+			}))
 	}
 	if f.outbound != "" {
 		if _, _, err := net.SplitHostPort(f.outbound); err != nil {

@@ -10,8 +10,10 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	pb "istio.io/api/security/v1alpha1"
@@ -69,11 +71,18 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // Client requests certificates from an Istio-compatible CA. It implements
 // tlsmgr.Issuer. Each request uses a fresh connection: renewals are rare,
 // and a new handshake presents the current SVID and re-resolves the address.
+// The root file is read anew for each request too (when it changed), so the
+// CA may move its serving certificate to a new root during a root rotation.
 type Client struct {
-	addr      string
-	tokenFile string
-	tlsConfig *tls.Config
-	dialOpts  []grpc.DialOption
+	addr        string
+	tokenFile   string
+	rootFile    string
+	staticRoots []*x509.Certificate
+	dialOpts    []grpc.DialOption
+
+	mu        sync.Mutex
+	rootData  []byte      // root file content tlsConfig was built from
+	tlsConfig *tls.Config // last good
 }
 
 var _ tlsmgr.Issuer = (*Client)(nil)
@@ -97,16 +106,13 @@ func New(addr string, opts ...Option) (*Client, error) {
 		return nil, fmt.Errorf("ca address %q: invalid port %q", addr, port)
 	}
 	roots := append([]*x509.Certificate(nil), o.roots...)
+	var rootData []byte
 	if o.rootFile != "" {
-		data, err := os.ReadFile(o.rootFile)
+		data, certs, err := readRoots(o.rootFile)
 		if err != nil {
-			return nil, fmt.Errorf("ca root file: %w", err)
+			return nil, err
 		}
-		certs, err := tlsmgr.ParseCertificatesPEM(data)
-		if err != nil {
-			return nil, fmt.Errorf("ca root file %s: %w", o.rootFile, err)
-		}
-		roots = append(roots, certs...)
+		roots, rootData = append(roots, certs...), data
 	}
 	if len(roots) == 0 {
 		return nil, errors.New("no CA root configured (WithRootFile or WithRoots)")
@@ -139,7 +145,42 @@ func New(addr string, opts ...Option) (*Client, error) {
 			return c, nil
 		}
 	}
-	return &Client{addr: addr, tokenFile: o.tokenFile, tlsConfig: cfg, dialOpts: o.dialOpts}, nil
+	return &Client{addr: addr, tokenFile: o.tokenFile, rootFile: o.rootFile, staticRoots: o.roots,
+		rootData: rootData, tlsConfig: cfg, dialOpts: o.dialOpts}, nil
+}
+
+func readRoots(path string) ([]byte, []*x509.Certificate, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("ca root file: %w", err)
+	}
+	certs, err := tlsmgr.ParseCertificatesPEM(data)
+	if err != nil {
+		return nil, nil, fmt.Errorf("ca root file %s: %w", path, err)
+	}
+	return data, certs, nil
+}
+
+// currentTLSConfig is the TLS config with the roots of the root file as it
+// is now; while the file is unreadable or invalid, the last good roots stay.
+func (c *Client) currentTLSConfig() *tls.Config {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.rootFile == "" {
+		return c.tlsConfig
+	}
+	data, certs, err := readRoots(c.rootFile)
+	if err != nil || bytes.Equal(data, c.rootData) {
+		return c.tlsConfig
+	}
+	pool := x509.NewCertPool()
+	for _, r := range append(slices.Clone(c.staticRoots), certs...) {
+		pool.AddCert(r)
+	}
+	cfg := c.tlsConfig.Clone()
+	cfg.RootCAs = pool
+	c.tlsConfig, c.rootData = cfg, data
+	return cfg
 }
 
 // Issue sends csrDER to the CA asking for ttl (≤ 0: the CA's default) and
@@ -153,7 +194,7 @@ func (c *Client) Issue(ctx context.Context, csrDER []byte, ttl time.Duration) (*
 		}
 		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+tok)
 	}
-	dialOpts := append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(c.tlsConfig))}, c.dialOpts...)
+	dialOpts := append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(c.currentTLSConfig()))}, c.dialOpts...)
 	conn, err := grpc.NewClient(c.addr, dialOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("connect to ca %s: %w", c.addr, err)
