@@ -5,26 +5,55 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
 )
 
-// FreeAddr returns a loopback address whose port is free right now.
+// Ports handed to processes are drawn below the kernel's ephemeral range
+// (32768 and up by default), so an outgoing connection or a ":0" listener
+// cannot take one between FreeAddr and the process binding it, and never
+// twice in one test process.
+const (
+	portLow  = 20000
+	portHigh = 32000
+)
+
+var (
+	portsMu sync.Mutex
+	given   = map[int]bool{}
+)
+
+// FreeAddr returns a loopback address whose port is free right now and has
+// not been returned before in this process.
 func FreeAddr(t testing.TB) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for range 1000 {
+		port := portLow + rand.IntN(portHigh-portLow)
+		if given[port] {
+			continue
+		}
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		l.Close()
+		given[port] = true
+		return addr
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatal("e2eutil: no free loopback port found in 1000 tries")
+	return ""
 }
 
 // Eventually retries fn every 50 ms until it returns nil, failing the test
