@@ -34,7 +34,7 @@ func (p *Proxy) handleInbound(l *listener, t *tracked, c net.Conn) {
 	mode := snap.InboundMode(port)
 	if mode == policy.ModeDisable {
 		// Not inspected at all: the first byte goes to the app as it came.
-		p.authorizeAndForward(t, snap, c, dest, port, ModePassthrough, spiffeid.ID{})
+		p.authorizeAndForward(l, t, snap, c, dest, port, ModePassthrough, spiffeid.ID{})
 		return
 	}
 
@@ -63,27 +63,33 @@ func (p *Proxy) handleInbound(l *listener, t *tracked, c net.Conn) {
 			p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
 			return
 		}
-		p.authorizeAndForward(t, snap, tc, dest, port, ModeMTLS, peer)
+		p.authorizeAndForward(l, t, snap, tc, dest, port, ModeMTLS, peer)
 	default:
 		m := res.Kind.String()
 		if mode == policy.ModeStrict {
 			p.refuse(t, refusal{mode: m, decision: DecisionMTLSRequired, dest: dest})
 			return
 		}
-		p.authorizeAndForward(t, snap, sc, dest, port, m, spiffeid.ID{})
+		p.authorizeAndForward(l, t, snap, sc, dest, port, m, spiffeid.ID{})
 	}
 }
 
 // authorizeAndForward applies the AuthorizationPolicies to the peer (zero
-// for anything but mesh mTLS) and, if allowed, connects to the app.
-func (p *Proxy) authorizeAndForward(t *tracked, snap *policy.Snapshot, down net.Conn, dest string, port uint16, mode string, peer spiffeid.ID) {
-	dec := snap.Authorize(policy.Request{Peer: peer, Port: port})
+// for anything but mesh mTLS) and, if allowed, connects to the app (see
+// dialApp for the source address).
+func (p *Proxy) authorizeAndForward(l *listener, t *tracked, snap *policy.Snapshot, down net.Conn, dest string, port uint16, mode string, peer spiffeid.ID) {
+	req := policy.Request{Peer: peer, Port: port}
+	if !peer.IsZero() {
+		// A peer of a federated trust domain needs a policy naming it.
+		req.TrustDomain, _ = p.trustDomain()
+	}
+	dec := snap.Authorize(req)
 	if !dec.Allowed {
 		metrics.PolicyDenials.WithLabelValues(dec.Reason).Inc()
 		p.refuse(t, refusal{mode: mode, decision: dec.Reason, dest: dest, peer: peer, policy: dec.Policy})
 		return
 	}
-	up, err := p.dial(t, dest)
+	up, err := p.dialApp(l, t, dest)
 	if err != nil {
 		p.refuse(t, refusal{mode: mode, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
 		return

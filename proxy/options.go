@@ -27,6 +27,14 @@ type Dialer interface {
 	DialContext(ctx context.Context, network, address string) (net.Conn, error)
 }
 
+// ListenFunc binds a listener; redirect.ListenTransparent is one.
+type ListenFunc func(ctx context.Context, network, addr string) (net.Listener, error)
+
+// InboundDialFunc connects to the app at addr on behalf of client, the
+// peer of a connection the transparent inbound listener accepted, e.g. from
+// client's own address as redirect.DialTransparent does.
+type InboundDialFunc func(ctx context.Context, client netip.AddrPort, network, addr string) (net.Conn, error)
+
 // Option configures a Proxy.
 type Option func(*options)
 
@@ -49,6 +57,8 @@ type options struct {
 	td               spiffeid.TrustDomain
 	dialer           Dialer
 	listenConfig     net.ListenConfig
+	inboundListen    ListenFunc
+	inboundDialer    InboundDialFunc
 }
 
 func defaultOptions() options {
@@ -180,4 +190,22 @@ func WithDialer(d Dialer) Option {
 // IP_TRANSPARENT that TPROXY capture needs.
 func WithListenConfig(lc net.ListenConfig) Option {
 	return func(o *options) { o.listenConfig = lc }
+}
+
+// WithInboundListen sets how the transparent inbound listener
+// (WithInboundTransparent) is bound, and only that one: for TPROXY capture,
+// redirect.ListenTransparent (IP_TRANSPARENT, so the accepted connections
+// keep their original destination). Other listeners use WithListenConfig.
+func WithInboundListen(fn ListenFunc) Option {
+	return func(o *options) { o.inboundListen = fn }
+}
+
+// WithInboundDialer sets how connections accepted by the transparent
+// inbound listener reach the app, instead of the Dialer: for TPROXY
+// capture, from the client's own address, so the app sees the real client
+// (redirect.DialTransparent). A client with a loopback or unknown address is
+// dialed with the Dialer instead (logged once). Explicit inbound listeners
+// always use the Dialer.
+func WithInboundDialer(fn InboundDialFunc) Option {
+	return func(o *options) { o.inboundDialer = fn }
 }

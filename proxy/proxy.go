@@ -102,6 +102,8 @@ type Proxy struct {
 	conns     map[*tracked]struct{}
 	connWG    sync.WaitGroup
 	acceptWG  sync.WaitGroup
+
+	inboundFallback sync.Once // logs the first inbound dial that cannot use the client's address
 }
 
 // New returns a Proxy serving src's identity under pol's policy. Nothing is
@@ -185,7 +187,11 @@ func (p *Proxy) bind(ctx context.Context, spec listenerSpec) (*listener, error) 
 			l.sni = tlsmgr.OutboundSNI(host, port)
 		}
 	}
-	ln, err := p.opts.listenConfig.Listen(ctx, "tcp", spec.listen)
+	listen := p.opts.listenConfig.Listen
+	if spec.kind == inboundTransparent && p.opts.inboundListen != nil {
+		listen = p.opts.inboundListen
+	}
+	ln, err := listen(ctx, "tcp", spec.listen)
 	if err != nil {
 		return nil, fmt.Errorf("listener %s: %w", l.name, err)
 	}
@@ -463,9 +469,42 @@ func (p *Proxy) refuse(t *tracked, r refusal) {
 
 // dial opens an upstream connection for t and registers it for abort.
 func (p *Proxy) dial(t *tracked, addr string) (net.Conn, error) {
+	return p.dialWith(t, addr, p.opts.dialer.DialContext)
+}
+
+// dialApp connects an inbound connection to the app. Behind the transparent
+// inbound listener with an inbound dialer (TPROXY), the connection is made
+// on behalf of the client, from its address; otherwise it is a plain dial.
+func (p *Proxy) dialApp(l *listener, t *tracked, addr string) (net.Conn, error) {
+	fn := p.opts.inboundDialer
+	if l.spec.kind != inboundTransparent || fn == nil {
+		return p.dial(t, addr)
+	}
+	client, err := netip.ParseAddrPort(t.source)
+	client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
+	if err != nil || client.Addr().IsLoopback() || client.Addr().IsUnspecified() {
+		// Replies to such an address could not be steered back to us.
+		p.inboundFallback.Do(func() {
+			p.log.Info("inbound: client address is loopback or unknown, connecting to the app from the proxy's own address (logged once)",
+				"source", t.source, "destination", addr)
+		})
+		return p.dial(t, addr)
+	}
+	return p.dialWith(t, addr, func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := fn(ctx, client, network, addr)
+		if err != nil {
+			return nil, fmt.Errorf("from %s: %w", client.Addr(), err)
+		}
+		return c, nil
+	})
+}
+
+// dialWith opens an upstream connection for t with dial and registers it
+// for abort.
+func (p *Proxy) dialWith(t *tracked, addr string, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(t.ctx, DefaultDialTimeout)
 	defer cancel()
-	c, err := p.opts.dialer.DialContext(ctx, "tcp", addr)
+	c, err := dial(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
@@ -486,7 +525,7 @@ func (p *Proxy) pipe(t *tracked, down, up net.Conn, dest, mode string, peer spif
 	p.log.Debug("connection open", "direction", t.direction, "source", t.source, "destination", dest, "mode", mode, "peer", peerID)
 	err := forward(t, down, up, p.opts.idleTimeout, metrics.Bytes.WithLabelValues(t.direction))
 	attrs := []any{"direction", t.direction, "source", t.source, "destination", dest, "mode", mode,
-		"peer", peerID, "bytes_in", t.bytesIn.Load(), "bytes_out", t.bytesOut.Load(),
+		"peer", peerID, "bytes_in", t.stats.In.Load(), "bytes_out", t.stats.Out.Load(),
 		"duration", time.Since(t.since).Round(time.Millisecond).String()}
 	switch {
 	case errors.Is(err, errIdle):

@@ -139,8 +139,32 @@ func TestNftablesRulesRenderLikeNft(t *testing.T) {
 		t.Fatalf("outbound rules:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 	tp := tproxyRules(Config{TProxy: true}.withDefaults())
-	if last := renderRule(tp[len(tp)-1], false); last != "meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :15006 meta mark set 0x539 counter accept" {
-		t.Errorf("tproxy rule renders as %q", last)
+	var tail []string
+	for _, r := range tp[len(tp)-5:] {
+		tail = append(tail, renderRule(r, false))
+	}
+	wantTail := []string{
+		"socket transparent 1 meta mark set 0x539 counter accept",
+		"ct state established,related counter return",
+		"meta nfproto ipv4 meta l4proto tcp tproxy ip to :15006 meta mark set 0x539 counter accept",
+		"meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :15006 meta mark set 0x539 counter accept",
+		// Nothing listening on the inbound port: dropped, not passed to the app.
+		"meta l4proto tcp counter drop",
+	}
+	if !slices.Equal(tail, wantTail) {
+		t.Errorf("tproxy rules end with:\n%s\nwant:\n%s", strings.Join(tail, "\n"), strings.Join(wantTail, "\n"))
+	}
+	var up []string
+	for _, r := range upstreamRules(Config{TProxy: true}.withDefaults()) {
+		up = append(up, renderRule(r, false))
+	}
+	wantUp := []string{
+		"meta l4proto != tcp counter return",
+		"meta mark 0x539 counter ct mark set 0x539",
+		"ct mark 0x539 counter meta mark set 0x539",
+	}
+	if !slices.Equal(up, wantUp) {
+		t.Errorf("upstream rules:\n%s\nwant:\n%s", strings.Join(up, "\n"), strings.Join(wantUp, "\n"))
 	}
 }
 

@@ -43,4 +43,21 @@
 // OriginalDst recovers the original destination of an accepted connection
 // for every mode, and ListenTransparent opens the IP_TRANSPARENT listener
 // that TPROXY capture needs.
+//
+// TPROXY inbound end to end (`redirect install --tproxy` with `run
+// --tproxy`): the proxy accepts on a transparent listener and connects to
+// the app with DialTransparent, from the client's own address, on a socket
+// marked TProxyMark, so the app sees the real client as its peer. The app's
+// replies are addressed to that client and would leave the pod; the TProxy
+// capture therefore also saves the mark of the proxy's packets in their
+// connection (nftables chain upstream_mark, a route chain on output;
+// iptables mangle OUTPUT → MESHPROXY_UPSTREAM, CONNMARK --save-mark) and
+// restores it on the app's replies (ct mark → meta mark, CONNMARK
+// --restore-mark), which the kernel then routes again: the fwmark rule sends
+// them to the local table, and so to the proxy's socket. Marked packets are
+// never captured outbound (they are the proxy's, uid 1337, and go through
+// lo anyway; a rule exempts the mark explicitly too). The sidecar needs
+// CAP_NET_ADMIN for IP_TRANSPARENT and SO_MARK: running as uid 1337, as an
+// ambient capability (Kubernetes: securityContext.capabilities.add:
+// [NET_ADMIN]); without it, `run --tproxy` fails at start naming it.
 package redirect

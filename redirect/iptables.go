@@ -19,6 +19,7 @@ const (
 	iptRedirect   = "MESHPROXY_REDIRECT"    // nat: REDIRECT to the outbound port
 	iptDivert     = "MESHPROXY_DIVERT"      // mangle: mark packets of transparent sockets
 	iptTProxy     = "MESHPROXY_TPROXY"      // mangle: TPROXY to the inbound port
+	iptUpstream   = "MESHPROXY_UPSTREAM"    // mangle OUTPUT → here: connmark of the proxy's transparent upstream
 )
 
 const iptPrefix = "MESHPROXY_"
@@ -96,6 +97,15 @@ func desiredIptables(cfg Config, family int) []*iptTable {
 			"-j ACCEPT")
 		mangle.add(iptTProxy, fmt.Sprintf("! -d %s -p tcp -j TPROXY --on-port %d --on-ip %s --tproxy-mark %#x/0xffffffff",
 			loop, cfg.InboundPort, anyAddr, cfg.TProxyMark))
+		// The proxy reaches the app from the client's address on a socket
+		// marked TProxyMark; the connection keeps the mark, and the app's
+		// replies get it back, so mangle OUTPUT routes them again, by the
+		// fwmark rule, to the proxy instead of out to the real client.
+		mangle.add(iptUpstream)
+		mangle.add("OUTPUT", "-p tcp -j "+iptUpstream)
+		mangle.add(iptUpstream,
+			fmt.Sprintf("-m mark --mark %#x -j CONNMARK --save-mark", cfg.TProxyMark),
+			fmt.Sprintf("-m connmark --mark %#x -j CONNMARK --restore-mark", cfg.TProxyMark))
 		tables = append(tables, mangle)
 	} else {
 		nat.add(iptInbound)
@@ -116,6 +126,10 @@ func desiredIptables(cfg Config, family int) []*iptTable {
 		fmt.Sprintf("-m owner --gid-owner %d -j RETURN", cfg.ProxyGID),
 		"-o lo -j RETURN",
 		"-d "+loop+" -j RETURN")
+	if cfg.TProxy {
+		// The proxy's transparent connections to the app, whoever owns them.
+		nat.add(iptOutput, fmt.Sprintf("-m mark --mark %#x -j RETURN", cfg.TProxyMark))
+	}
 	for _, p := range cfg.excludedCIDRs(family) {
 		nat.add(iptOutput, "-d "+p.String()+" -j RETURN")
 	}
@@ -123,6 +137,10 @@ func desiredIptables(cfg Config, family int) []*iptTable {
 	nat.add(iptRedirect, fmt.Sprintf("-p tcp -j REDIRECT --to-ports %d", cfg.OutboundPort))
 	return append([]*iptTable{nat}, tables...)
 }
+
+// iptDefaultMasks is how iptables before 1.8.10 prints CONNMARK's default
+// masks, which later versions leave out; specs are compared without it.
+const iptDefaultMasks = " --nfmask 0xffffffff --ctmask 0xffffffff"
 
 // parseIptablesSave extracts our chains and the jumps to them from
 // iptables-save output, table by table.
@@ -143,7 +161,7 @@ func parseIptablesSave(out string) map[string]*iptTable {
 			if len(f) != 2 {
 				continue
 			}
-			chain, spec := f[0], f[1]
+			chain, spec := f[0], strings.ReplaceAll(f[1], iptDefaultMasks, "")
 			if strings.HasPrefix(chain, iptPrefix) || strings.Contains(" "+spec+" ", " -j "+iptPrefix) || strings.Contains(" "+spec+" ", " -g "+iptPrefix) {
 				cur.add(chain, spec)
 			}
@@ -459,6 +477,9 @@ func statusIptables(ctx context.Context, cfg Config, st *State) error {
 		st.Mechanisms = append(st.Mechanisms, Mechanism{Direction: "inbound",
 			How:       fmt.Sprintf("iptables/ip6tables (%s) mangle PREROUTING → %s → %s: TPROXY to :%d, mark %#x", backend, iptInbound, iptTProxy, cfg.InboundPort, cfg.TProxyMark),
 			Installed: both("mangle", iptInbound) && both("mangle", iptTProxy) && both("mangle", iptDivert)})
+		st.Mechanisms = append(st.Mechanisms, Mechanism{Direction: "inbound",
+			How:       fmt.Sprintf("iptables/ip6tables (%s) mangle OUTPUT → %s: proxy→app connections marked %#x keep it in the connmark; the app's replies get it back and return to the proxy", backend, iptUpstream, cfg.TProxyMark),
+			Installed: both("mangle", iptUpstream)})
 		routes, ok, err := tproxyRoutesStatus(cfg)
 		if err != nil {
 			return err

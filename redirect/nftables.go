@@ -22,6 +22,7 @@ const (
 	chainInbound  = "inbound"        // nat prerouting: inbound REDIRECT
 	chainOutbound = "outbound"       // nat output: outbound REDIRECT
 	chainTProxy   = "inbound_tproxy" // filter prerouting at mangle priority: inbound TPROXY ("tproxy" is an nft keyword)
+	chainUpstream = "upstream_mark"  // route output at mangle priority: the proxy's transparent upstream connections
 )
 
 // nftChain is one chain of the table with its rules.
@@ -49,6 +50,13 @@ func desiredNftables(cfg Config) (*nftables.Table, []nftChain) {
 			chain: &nftables.Chain{Name: chainTProxy, Table: table, Type: nftables.ChainTypeFilter,
 				Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle, Policy: &accept},
 			rules: withComments(tproxyRules(cfg)),
+		})
+		// A route chain: a mark set here makes the kernel route the packet
+		// again, which is what sends the app's replies back to the proxy.
+		chains = append(chains, nftChain{
+			chain: &nftables.Chain{Name: chainUpstream, Table: table, Type: nftables.ChainTypeRoute,
+				Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle, Policy: &accept},
+			rules: withComments(upstreamRules(cfg)),
 		})
 	} else {
 		chains = append(chains, nftChain{
@@ -102,6 +110,10 @@ func outboundRules(cfg Config) [][]expr.Any {
 		rule(daddr(netip.MustParsePrefix("127.0.0.0/8")), ret()),
 		rule(daddr(netip.MustParsePrefix("::1/128")), ret()),
 	}
+	if cfg.TProxy {
+		// The proxy's transparent connections to the app, whoever owns them.
+		rules = append(rules, rule(metaU32(expr.MetaKeyMARK, cfg.TProxyMark), ret()))
+	}
 	for _, p := range cfg.ExcludeOutboundCIDRs {
 		rules = append(rules, rule(daddr(p), ret()))
 	}
@@ -109,8 +121,12 @@ func outboundRules(cfg Config) [][]expr.Any {
 }
 
 // tproxyRules: packets of connections already owned by a transparent
-// socket are marked (so policy routing delivers them locally); new inbound
-// TCP is handed to the inbound port by TPROXY, keeping its destination.
+// socket are marked (so policy routing delivers them locally); other
+// established traffic (replies to the pod's own connections) is left alone;
+// new inbound TCP is handed to the inbound port by TPROXY, keeping its
+// destination, and dropped when no transparent socket listens there, as
+// iptables' TPROXY does: nft's tproxy falls through instead, which would let
+// traffic reach the app around a stopped proxy.
 func tproxyRules(cfg Config) [][]expr.Any {
 	rules := [][]expr.Any{
 		rule(notTCP(), ret()),
@@ -121,9 +137,24 @@ func tproxyRules(cfg Config) [][]expr.Any {
 	}
 	return append(rules,
 		rule(socketTransparent(), setMark(cfg.TProxyMark), verdict(expr.VerdictAccept)),
+		rule(ctStateIn(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED), ret()),
 		rule(nfproto(unix.NFPROTO_IPV4), isTCP(), tproxyTo(unix.NFPROTO_IPV4, cfg.InboundPort), setMark(cfg.TProxyMark), verdict(expr.VerdictAccept)),
 		rule(nfproto(unix.NFPROTO_IPV6), isTCP(), tproxyTo(unix.NFPROTO_IPV6, cfg.InboundPort), setMark(cfg.TProxyMark), verdict(expr.VerdictAccept)),
+		rule(isTCP(), verdict(expr.VerdictDrop)),
 	)
+}
+
+// upstreamRules: the proxy reaches the app from the client's address on a
+// socket marked cfg.TProxyMark (DialTransparent). Its packets store the
+// mark in their connection; the app's replies, addressed to the client, get
+// it back and so are routed by the fwmark rule to the local table, hence to
+// the proxy, instead of out to the real client.
+func upstreamRules(cfg Config) [][]expr.Any {
+	return [][]expr.Any{
+		rule(notTCP(), ret()),
+		rule(metaU32(expr.MetaKeyMARK, cfg.TProxyMark), setCtMark(cfg.TProxyMark)),
+		rule(ctMark(cfg.TProxyMark), setMark(cfg.TProxyMark)),
+	}
 }
 
 // rule joins expression groups and counts matches (status shows them).
@@ -226,6 +257,35 @@ func setMark(mark uint32) []expr.Any {
 	return []expr.Any{
 		&expr.Immediate{Register: 1, Data: b},
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+	}
+}
+
+func setCtMark(mark uint32) []expr.Any {
+	b := make([]byte, 4)
+	nativeEndian.PutUint32(b, mark)
+	return []expr.Any{
+		&expr.Immediate{Register: 1, Data: b},
+		&expr.Ct{Key: expr.CtKeyMARK, SourceRegister: true, Register: 1},
+	}
+}
+
+// ctStateIn matches a connection in any of the states bits.
+func ctStateIn(bits uint32) []expr.Any {
+	b := make([]byte, 4)
+	nativeEndian.PutUint32(b, bits)
+	return []expr.Any{
+		&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: b, Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
+	}
+}
+
+func ctMark(mark uint32) []expr.Any {
+	b := make([]byte, 4)
+	nativeEndian.PutUint32(b, mark)
+	return []expr.Any{
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: b},
 	}
 }
 
@@ -405,12 +465,15 @@ func statusNftables(_ context.Context, cfg Config, st *State) error {
 	st.Sections = append(st.Sections, secs...)
 	if cfg.TProxy {
 		st.Mechanisms = append(st.Mechanisms, Mechanism{Direction: "inbound",
-			How:       fmt.Sprintf("nftables inet %s chain %s (prerouting, mangle priority): TPROXY to :%d, mark %#x", TableName, chainTProxy, cfg.InboundPort, cfg.TProxyMark),
+			How:       fmt.Sprintf("nftables inet %s chain %s (prerouting, mangle priority): TPROXY to :%d, mark %#x; dropped while nothing listens there", TableName, chainTProxy, cfg.InboundPort, cfg.TProxyMark),
 			Installed: present[chainTProxy]})
 		routes, ok, err := tproxyRoutesStatus(cfg)
 		if err != nil {
 			return err
 		}
+		st.Mechanisms = append(st.Mechanisms, Mechanism{Direction: "inbound",
+			How:       fmt.Sprintf("nftables inet %s chain %s (route output, mangle priority): proxy→app connections marked %#x keep it in ct mark; the app's replies get it back and return to the proxy", TableName, chainUpstream, cfg.TProxyMark),
+			Installed: present[chainUpstream]})
 		st.Mechanisms = append(st.Mechanisms, Mechanism{Direction: "inbound",
 			How:       fmt.Sprintf("policy routing: fwmark %#x → table %d (local default route via lo)", cfg.TProxyMark, cfg.RouteTable),
 			Installed: ok})

@@ -55,7 +55,17 @@ func renderRule(exprs []expr.Any, counters bool) string {
 			mask = e.Mask
 		case *expr.Socket:
 			load, mask = "socket "+socketName(e.Key), nil
+		case *expr.Ct:
+			if e.SourceRegister {
+				out = append(out, "ct "+ctName(e.Key)+" set "+load)
+				continue
+			}
+			load, loadLen, mask = "ct "+ctName(e.Key), 0, nil
 		case *expr.Cmp:
+			if load == "ct state" && mask != nil && e.Op == expr.CmpOpNeq && len(e.Data) == 4 && nativeEndian.Uint32(e.Data) == 0 {
+				out = append(out, "ct state "+ctStates(mask))
+				continue
+			}
 			op := ""
 			if e.Op == expr.CmpOpNeq {
 				op = "!= "
@@ -107,6 +117,39 @@ func metaName(k expr.MetaKey) string {
 	return fmt.Sprintf("key%d", k)
 }
 
+func ctName(k expr.CtKey) string {
+	switch k {
+	case expr.CtKeyMARK:
+		return "mark"
+	case expr.CtKeySTATE:
+		return "state"
+	}
+	return fmt.Sprintf("key%d", k)
+}
+
+// ctStates renders a ct state bit mask as nft does ("established,related").
+func ctStates(mask []byte) string {
+	if len(mask) != 4 {
+		return fmt.Sprintf("%x", mask)
+	}
+	bits := nativeEndian.Uint32(mask)
+	var names []string
+	for _, s := range []struct {
+		bit  uint32
+		name string
+	}{{expr.CtStateBitINVALID, "invalid"}, {expr.CtStateBitESTABLISHED, "established"},
+		{expr.CtStateBitRELATED, "related"}, {expr.CtStateBitNEW, "new"}, {expr.CtStateBitUNTRACKED, "untracked"}} {
+		if bits&s.bit != 0 {
+			names = append(names, s.name)
+			bits &^= s.bit
+		}
+	}
+	if bits != 0 {
+		names = append(names, fmt.Sprintf("%#x", bits))
+	}
+	return strings.Join(names, ",")
+}
+
 func socketName(k expr.SocketKey) string {
 	if k == expr.SocketKeyTransparent {
 		return "transparent"
@@ -142,6 +185,8 @@ func cmpValue(load string, data []byte, n int, mask []byte) string {
 		}
 	case (load == "meta skuid" || load == "meta skgid") && len(data) == 4:
 		return fmt.Sprint(nativeEndian.Uint32(data))
+	case (load == "meta mark" || load == "ct mark") && len(data) == 4:
+		return fmt.Sprintf("%#x", nativeEndian.Uint32(data))
 	case strings.HasSuffix(load, "ifname"):
 		return fmt.Sprintf("%q", strings.TrimRight(string(data), "\x00"))
 	case load == "tcp dport" && len(data) == 2:

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"syscall"
 
@@ -266,4 +267,103 @@ func isTransparent(fd int) bool {
 	}
 	v, err := unix.GetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT)
 	return err == nil && v != 0
+}
+
+// errSourcePortTaken: the kernel gave the transparent socket the client's
+// own port; DialTransparent tries again with a fresh socket.
+var errSourcePortTaken = errors.New("source port equals the client's port")
+
+// transparentDialAttempts bounds the retries after errSourcePortTaken (the
+// kernel picks ports at random, so a second clash is already unlikely).
+const transparentDialAttempts = 4
+
+// DialTransparent connects to dst (an IP:port, normally the app behind
+// TPROXY capture) from client's IP address, so the app sees the real client
+// as its peer, as Envoy's original_src does. The socket has IP_TRANSPARENT
+// (to bind an address that is not local) and SO_MARK mark, both of which
+// need CAP_NET_ADMIN. The capture installed with TProxy (same mark) sends
+// the app's replies, which are addressed to the client, back to this socket:
+// the connection keeps the mark, and the fwmark rule routes it locally.
+//
+// The source port is the kernel's choice, but never client's own port: that
+// connection (client → dst) is the one the proxy accepted, and a second one
+// with the same addresses and ports would be delivered to the proxy's
+// accepted socket instead of the app.
+func DialTransparent(ctx context.Context, client netip.AddrPort, dst string, mark uint32) (net.Conn, error) {
+	src := client.Addr().Unmap()
+	if !src.IsValid() || src.IsUnspecified() {
+		return nil, fmt.Errorf("dial %s transparently: no client address (%v)", dst, client)
+	}
+	to, err := netip.ParseAddrPort(dst)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s transparently: destination is not IP:port: %w", dst, err)
+	}
+	to = netip.AddrPortFrom(to.Addr().Unmap(), to.Port())
+	if to.Addr().Is4() != src.Is4() {
+		return nil, fmt.Errorf("dial %s transparently from %s: address families differ", to, src)
+	}
+	network, level, opt := "tcp4", unix.SOL_IP, unix.IP_TRANSPARENT
+	if src.Is6() {
+		network, level, opt = "tcp6", unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+	}
+	var last error
+	for range transparentDialAttempts {
+		// No LocalAddr: Control binds, so it can check the port before connect.
+		d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			err := c.Control(func(fd uintptr) {
+				serr = prepareTransparent(int(fd), level, opt, mark, src, client.Port())
+			})
+			if err != nil {
+				return err
+			}
+			return serr
+		}}
+		conn, err := d.DialContext(ctx, network, to.String())
+		if err == nil {
+			return conn, nil
+		}
+		last = err
+		if !errors.Is(err, errSourcePortTaken) {
+			break
+		}
+	}
+	return nil, fmt.Errorf("dial %s transparently from %s: %w", to, src, last)
+}
+
+// prepareTransparent sets IP_TRANSPARENT and SO_MARK on fd and binds it to
+// src with a port the kernel picks, refusing avoid.
+func prepareTransparent(fd, level, opt int, mark uint32, src netip.Addr, avoid uint16) error {
+	if err := unix.SetsockoptInt(fd, level, opt, 1); err != nil {
+		return permission(fmt.Errorf("set IP_TRANSPARENT: %w", err), "CAP_NET_ADMIN")
+	}
+	if mark != 0 {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, int(mark)); err != nil {
+			return permission(fmt.Errorf("set SO_MARK %#x: %w", mark, err), "CAP_NET_ADMIN")
+		}
+	}
+	var sa unix.Sockaddr
+	if src.Is4() {
+		sa = &unix.SockaddrInet4{Addr: src.As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Addr: src.As16()}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
+		return fmt.Errorf("bind %s: %w", src, err)
+	}
+	bound, err := unix.Getsockname(fd)
+	if err != nil {
+		return fmt.Errorf("getsockname: %w", err)
+	}
+	var port int
+	switch a := bound.(type) {
+	case *unix.SockaddrInet4:
+		port = a.Port
+	case *unix.SockaddrInet6:
+		port = a.Port
+	}
+	if port == int(avoid) {
+		return errSourcePortTaken
+	}
+	return nil
 }

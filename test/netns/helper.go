@@ -32,12 +32,14 @@ const (
 	envUID         = "MESHPROXY_NETNS_UID"
 	envGID         = "MESHPROXY_NETNS_GID"
 	envTransparent = "MESHPROXY_NETNS_TRANSPARENT"
-	envEcho        = "MESHPROXY_NETNS_ECHO"    // server: read a line first, then answer with it
-	envSend        = "MESHPROXY_NETNS_SEND"    // dialer: send this line first
-	envNetwork     = "MESHPROXY_NETNS_NETWORK" // dialer: tcp (default), tcp4 or tcp6
-	envHold        = "MESHPROXY_NETNS_HOLD"    // dialer: keep the connection until stdin closes
-	envNetns       = "MESHPROXY_NETNS_PATH"    // exec: network namespace to enter
-	envShowPeer    = "MESHPROXY_NETNS_PEER"    // dialer: append " peer=<getpeername>"
+	envEcho        = "MESHPROXY_NETNS_ECHO"       // server: read a line first, then answer with it
+	envSend        = "MESHPROXY_NETNS_SEND"       // dialer: send this line first
+	envNetwork     = "MESHPROXY_NETNS_NETWORK"    // dialer: tcp (default), tcp4 or tcp6
+	envHold        = "MESHPROXY_NETNS_HOLD"       // dialer: keep the connection until stdin closes
+	envNetns       = "MESHPROXY_NETNS_PATH"       // exec: network namespace to enter
+	envShowPeer    = "MESHPROXY_NETNS_PEER"       // dialer: append " peer=<getpeername>"
+	envServePeer   = "MESHPROXY_NETNS_SERVE_PEER" // server: append " peer=<client address>"
+	envCaps        = "MESHPROXY_NETNS_CAPS"       // exec: capabilities kept (ambient) across the uid change
 )
 
 // Generous: several engineers compile and test on two shared cores.
@@ -119,7 +121,7 @@ func serve() error {
 				if err != nil {
 					return
 				}
-				go answer(c, name, role, os.Getenv(envEcho) != "")
+				go answer(c, name, role, os.Getenv(envEcho) != "", os.Getenv(envServePeer) != "")
 			}
 		}()
 	}
@@ -128,7 +130,7 @@ func serve() error {
 	return nil
 }
 
-func answer(c net.Conn, name, role string, echo bool) {
+func answer(c net.Conn, name, role string, echo, showPeer bool) {
 	defer c.Close()
 	var line, got string
 	if echo {
@@ -148,6 +150,9 @@ func answer(c net.Conn, name, role string, echo bool) {
 		}
 	} else {
 		line = fmt.Sprintf("app %s local=%s", name, c.LocalAddr())
+	}
+	if showPeer {
+		got += " peer=" + c.RemoteAddr().String()
 	}
 	_, _ = fmt.Fprintln(c, line+got)
 }
@@ -245,16 +250,77 @@ func execArgs() error {
 			return fmt.Errorf("enter netns %s: %w", path, err)
 		}
 	}
+	caps, err := parseCaps(os.Getenv(envCaps))
+	if err != nil {
+		return err
+	}
+	if len(caps) > 0 {
+		// This thread keeps its permitted set across the setuid below.
+		if err := unix.Prctl(unix.PR_SET_KEEPCAPS, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("prctl PR_SET_KEEPCAPS: %w", err)
+		}
+	}
 	if err := dropPrivileges(); err != nil {
 		return err
 	}
+	if err := raiseAmbient(caps); err != nil {
+		return err
+	}
 	return syscall.Exec(args[0], args, os.Environ())
+}
+
+// parseCaps parses envCaps: comma-separated capability numbers.
+func parseCaps(s string) ([]int, error) {
+	var caps []int
+	for _, f := range strings.Split(s, ",") {
+		if f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 0 || n > unix.CAP_LAST_CAP {
+			return nil, fmt.Errorf("capability %q: want a number 0-%d", f, unix.CAP_LAST_CAP)
+		}
+		caps = append(caps, n)
+	}
+	return caps, nil
+}
+
+// raiseAmbient makes caps the calling thread's permitted, effective,
+// inheritable and ambient capabilities, so a program it execs as a non-root
+// user holds them, as a container's capabilities.add does. It must run on
+// the locked thread that execs, after the uid change (which clears the
+// ambient set).
+func raiseAmbient(caps []int) error {
+	if len(caps) == 0 {
+		return nil
+	}
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	for _, c := range caps {
+		bit := uint32(1) << (c % 32)
+		data[c/32].Permitted |= bit
+		data[c/32].Effective |= bit
+		data[c/32].Inheritable |= bit
+	}
+	if err := unix.Capset(&hdr, &data[0]); err != nil {
+		return fmt.Errorf("capset %v: %w", caps, err)
+	}
+	for _, c := range caps {
+		if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_RAISE, uintptr(c), 0, 0); err != nil {
+			return fmt.Errorf("raise ambient capability %d: %w", c, err)
+		}
+	}
+	return nil
 }
 
 // As says who a helper process runs as and where.
 type As struct {
 	UID, GID uint32 // 0: root
 	Cgroup   string // cgroup v2 directory to start in; "" for the test's own
+	// Caps are capabilities (unix.CAP_NET_ADMIN, ...) a Command keeps as
+	// ambient capabilities after switching to UID, as a sidecar with
+	// securityContext.capabilities.add has them. Only Command honours it.
+	Caps []int
 }
 
 func (p *Pod) helperCmd(t testing.TB, as As, env ...string) *exec.Cmd {
@@ -262,6 +328,9 @@ func (p *Pod) helperCmd(t testing.TB, as As, env ...string) *exec.Cmd {
 	self, err := os.Executable()
 	if err != nil {
 		t.Fatalf("find test binary: %v", err)
+	}
+	if len(as.Caps) > 0 {
+		t.Fatalf("As.Caps is only honoured by Pod.Command")
 	}
 	cmd := exec.Command("ip", "netns", "exec", p.Name, self, "-test.run=^$")
 	cmd.Env = append(os.Environ(), env...)
@@ -279,6 +348,13 @@ func (p *Pod) applyAs(t testing.TB, cmd *exec.Cmd, as As) {
 	if as.GID != 0 {
 		cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d", envGID, as.GID))
 	}
+	if len(as.Caps) > 0 {
+		var nums []string
+		for _, c := range as.Caps {
+			nums = append(nums, strconv.Itoa(c))
+		}
+		cmd.Env = append(cmd.Env, envCaps+"="+strings.Join(nums, ","))
+	}
 	if as.Cgroup != "" {
 		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cgroupFD(t, as.Cgroup)}
 	}
@@ -291,6 +367,7 @@ type Server struct {
 	Addrs       []string // listen addresses, e.g. ":8080"
 	Transparent bool     // listen with redirect.ListenTransparent
 	Echo        bool     // wait for a line from the client and include it in the answer
+	ShowPeer    bool     // append " peer=ADDR": the client address the server sees
 	As          As
 }
 
@@ -309,6 +386,9 @@ func (p *Pod) Serve(t testing.TB, s Server) {
 	}
 	if s.Echo {
 		env = append(env, envEcho+"=1")
+	}
+	if s.ShowPeer {
+		env = append(env, envServePeer+"=1")
 	}
 	cmd := p.helperCmd(t, s.As, env...)
 	stdin, err := cmd.StdinPipe()

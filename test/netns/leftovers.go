@@ -1,6 +1,7 @@
 package netns
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
@@ -15,14 +16,20 @@ import (
 )
 
 // AssertNoCapture lists, independently of the package, every place the
-// capture could leave something: nftables, iptables (both backends), ip
-// rules and routes of the TPROXY table, BPF pins and cgroup attachments.
+// capture could leave something: nftables, iptables (both backends), rules
+// matching or setting the TPROXY mark or connmark anywhere, ip rules and
+// routes of the TPROXY table, BPF pins and cgroup attachments.
 func AssertNoCapture(t testing.TB, p *Pod, cfg redirect.Config) {
 	t.Helper()
+	mark := cfg.TProxyMark
+	if mark == 0 {
+		mark = redirect.DefaultTProxyMark
+	}
 	if out, err := p.Exec("nft", "list", "ruleset"); err != nil {
 		t.Errorf("nft list ruleset: %v\n%s", err, out)
-	} else if strings.Contains(out, redirect.TableName) {
-		t.Errorf("nftables table left behind in %s:\n%s", p.Name, out)
+	} else if strings.Contains(out, redirect.TableName) || strings.Contains(out, fmt.Sprintf("%#08x", mark)) ||
+		strings.Contains(out, "ct mark") {
+		t.Errorf("nftables table or mark rules left behind in %s:\n%s", p.Name, out)
 	}
 	if err := p.Do(func() error {
 		c, err := nftables.New()
@@ -49,7 +56,8 @@ func AssertNoCapture(t testing.TB, p *Pod, cfg redirect.Config) {
 		out, err := p.Exec(tool)
 		if err != nil {
 			t.Errorf("%s: %v\n%s", tool, err, out)
-		} else if strings.Contains(out, "MESHPROXY") {
+		} else if strings.Contains(out, "MESHPROXY") || strings.Contains(out, "CONNMARK") ||
+			strings.Contains(out, fmt.Sprintf("--mark %#x", mark)) {
 			t.Errorf("%s shows rules left behind:\n%s", tool, out)
 		}
 	}

@@ -117,10 +117,17 @@ func startSidecar(t *testing.T, pod *netns.Pod, cgroup string, mode string, iden
 	t.Helper()
 	as := proxyUser
 	as.Cgroup = cgroup
+	return startSidecarAs(t, pod, as, mode, identity)
+}
+
+// startSidecarAs is startSidecar as as, with extra flags.
+func startSidecarAs(t *testing.T, pod *netns.Pod, as netns.As, mode string, identity []string, extra ...string) *sidecar {
+	t.Helper()
 	args := append([]string{"run"}, identity...)
 	args = append(args, "--inbound", ":15006", "--outbound", ":15001", "--mesh-cidrs", meshCIDRs,
 		"--mode", mode, "--detect-timeout", "1s", "--drain-timeout", "1s",
 		"--admin", "127.0.0.1:15000", "--metrics", ":15020", "--health", ":15021")
+	args = append(args, extra...)
 	s := &sidecar{pod: pod, cmd: pod.Command(t, as, bin, args...), out: &syncBuffer{}, done: make(chan error, 1)}
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
 	if err := s.cmd.Start(); err != nil {
