@@ -60,6 +60,9 @@ demo-netns: build ## the transparent path in network namespaces (root)
 bench: ## go benchmarks (handshakes, signing, sniffing, copy loop)
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
+bench-compare: ## meshproxy vs HAProxy vs stunnel pairs on loopback, same PKI and load (~4 min; QUICK=1 ~1 min)
+	$(GO) run ./bench/cmd/compare $(if $(QUICK),-quick)
+
 clean: ## remove build output
 	rm -rf bin
 

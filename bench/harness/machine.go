@@ -1,0 +1,93 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"time"
+)
+
+// Machine describes where a comparison ran.
+type Machine struct {
+	CPUs    int
+	CPU     string // model name from /proc/cpuinfo
+	Kernel  string
+	Go      string
+	HAProxy string // first line of haproxy -v
+	Stunnel string // stunnel -version: version and OpenSSL lines
+	LoadAvg string // /proc/loadavg when described
+}
+
+// DescribeMachine collects the machine's description.
+func DescribeMachine(ctx context.Context, b Binaries) Machine {
+	m := Machine{CPUs: runtime.NumCPU(), Go: runtime.Version()}
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.Lines(string(data)) {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.Kernel = strings.TrimSpace(string(data))
+	}
+	m.LoadAvg = LoadAvg()
+	if b.HAProxy != "" {
+		m.HAProxy = firstLines(ctx, 1, "", b.HAProxy, "-v")
+	}
+	if b.Stunnel != "" {
+		m.Stunnel = firstLines(ctx, 3, "stunnel ", b.Stunnel, "-version")
+	}
+	return m
+}
+
+// LoadAvg is the 1, 5 and 15 minute load averages.
+func LoadAvg() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// firstLines runs a program and returns n lines of its combined output,
+// starting at the first line with prefix.
+func firstLines(ctx context.Context, n int, prefix string, argv ...string) string {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, _ := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput()
+	var lines []string
+	for line := range strings.Lines(string(out)) {
+		line = strings.TrimSpace(line)
+		if len(lines) == 0 && !strings.HasPrefix(line, prefix) {
+			continue
+		}
+		if lines = append(lines, line); len(lines) == n {
+			break
+		}
+	}
+	return strings.Join(lines, "; ")
+}
+
+// WriteMarkdown writes the machine as a bullet list.
+func (m Machine) WriteMarkdown(w io.Writer) {
+	fmt.Fprintf(w, "- CPU: %d × %s (nproc %d)\n", m.CPUs, m.CPU, m.CPUs)
+	fmt.Fprintf(w, "- kernel: %s\n", m.Kernel)
+	fmt.Fprintf(w, "- Go: %s\n", m.Go)
+	if m.HAProxy != "" {
+		fmt.Fprintf(w, "- HAProxy: %s\n", m.HAProxy)
+	}
+	if m.Stunnel != "" {
+		fmt.Fprintf(w, "- stunnel: %s\n", m.Stunnel)
+	}
+	fmt.Fprintf(w, "- load average at start: %s\n", m.LoadAvg)
+}

@@ -1,0 +1,423 @@
+package harness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Peer names a proxy implementation under comparison.
+type Peer string
+
+// The peers, in the order reports list them.
+const (
+	Meshproxy Peer = "meshproxy"
+	HAProxy   Peer = "haproxy"
+	Stunnel   Peer = "stunnel"
+	// MeshproxyB is a second meshproxy binary (Binaries.MeshproxyB), for
+	// measuring a change against the baseline in the same interleaved run.
+	MeshproxyB Peer = "meshproxy-b"
+)
+
+// AllPeers lists the peers of the comparison (MeshproxyB is opt-in).
+var AllPeers = []Peer{Meshproxy, HAProxy, Stunnel}
+
+// Title is the peer's display name.
+func (p Peer) Title() string {
+	switch p {
+	case HAProxy:
+		return "HAProxy"
+	default:
+		return string(p)
+	}
+}
+
+func (p Peer) isMeshproxy() bool { return p == Meshproxy || p == MeshproxyB }
+
+// ParsePeer validates a peer name.
+func ParsePeer(s string) (Peer, error) {
+	for _, p := range []Peer{Meshproxy, HAProxy, Stunnel, MeshproxyB} {
+		if string(p) == strings.ToLower(strings.TrimSpace(s)) {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("unknown peer %q (want meshproxy, haproxy, stunnel or meshproxy-b)", s)
+}
+
+// readyTimeout bounds how long a pair may take to carry its first request.
+const readyTimeout = 30 * time.Second
+
+// CipherSuite is the TLS 1.3 suite HAProxy and stunnel are pinned to: the
+// one Go negotiates between two meshproxy sidecars on AES-NI hardware, so
+// every pair encrypts the same way.
+const CipherSuite = "TLS_AES_128_GCM_SHA256"
+
+// Binaries are the programs a run starts; an empty peer path means that
+// peer is unavailable.
+type Binaries struct {
+	Meshproxy  string
+	MeshproxyB string // optional second meshproxy build (peer MeshproxyB)
+	HAProxy    string
+	Stunnel    string
+}
+
+// Path returns the binary of peer p, or "" if it is unavailable.
+func (b Binaries) Path(p Peer) string {
+	switch p {
+	case Meshproxy:
+		return b.Meshproxy
+	case MeshproxyB:
+		return b.MeshproxyB
+	case HAProxy:
+		return b.HAProxy
+	case Stunnel:
+		return b.Stunnel
+	}
+	return ""
+}
+
+// Env is one run's PKI, binaries and echo app; it starts proxy pairs and
+// stops whatever is still running on Close.
+type Env struct {
+	Dir     string
+	PKI     *PKI
+	Bins    Binaries
+	AppAddr string // the echo app's address
+	// NoPeerResume turns TLS session resumption off in the HAProxy and
+	// stunnel clients (both resume by default; meshproxy's outbound does
+	// not), for a like-for-like full-handshake comparison.
+	NoPeerResume bool
+
+	mu    sync.Mutex
+	procs map[*Proc]struct{}
+	seq   int
+}
+
+// NewEnv generates a PKI in dir for pairs forwarding to the echo app at
+// appAddr.
+func NewEnv(dir string, bins Binaries, appAddr string) (*Env, error) {
+	pki, err := NewPKI(dir)
+	if err != nil {
+		return nil, fmt.Errorf("generate pki: %w", err)
+	}
+	return &Env{Dir: dir, PKI: pki, Bins: bins, AppAddr: appAddr, procs: map[*Proc]struct{}{}}, nil
+}
+
+// Start starts a process the env stops on Close.
+func (e *Env) Start(name string, argv ...string) (*Proc, error) {
+	e.mu.Lock()
+	e.seq++
+	log := filepath.Join(e.Dir, fmt.Sprintf("%03d-%s.log", e.seq, name))
+	e.mu.Unlock()
+	p, err := StartProc(name, log, argv...)
+	if err != nil {
+		return nil, err
+	}
+	e.mu.Lock()
+	e.procs[p] = struct{}{}
+	e.mu.Unlock()
+	return p, nil
+}
+
+func (e *Env) stop(p *Proc) {
+	p.Stop()
+	e.mu.Lock()
+	delete(e.procs, p)
+	e.mu.Unlock()
+}
+
+// Close stops every process still running.
+func (e *Env) Close() {
+	e.mu.Lock()
+	procs := make([]*Proc, 0, len(e.procs))
+	for p := range e.procs {
+		procs = append(procs, p)
+	}
+	e.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, p := range procs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			e.stop(p)
+		}()
+	}
+	wg.Wait()
+}
+
+// Pair is a running client proxy + server proxy.
+type Pair struct {
+	Peer   Peer
+	Addr   string // the client proxy's plaintext listener
+	Client *Proc
+	Server *Proc
+	// Admin is the meshproxy server sidecar's admin API address (with
+	// PairOptions.Admin), for /debug/pprof/.
+	Admin string
+	env   *Env
+}
+
+// Procs returns the pair's two processes, client first.
+func (p *Pair) Procs() []*Proc { return []*Proc{p.Client, p.Server} }
+
+// Stop stops both processes.
+func (p *Pair) Stop() {
+	p.env.stop(p.Client)
+	p.env.stop(p.Server)
+}
+
+// PairOptions tune StartPair.
+type PairOptions struct {
+	// Admin enables the meshproxy server sidecar's admin API on a free
+	// loopback port (for profiling).
+	Admin bool
+}
+
+// StartPair starts the client and server proxies of peer and waits until a
+// request travels through them to the echo app. A start that fails because
+// a port picked free was taken meanwhile is retried.
+func (e *Env) StartPair(ctx context.Context, peer Peer, opt PairOptions) (*Pair, error) {
+	if e.Bins.Path(peer) == "" {
+		return nil, fmt.Errorf("%s: binary not available", peer)
+	}
+	var err error
+	for range 3 {
+		var p *Pair
+		if p, err = e.startPair(ctx, peer, opt); err == nil {
+			return p, nil
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, err
+}
+
+func (e *Env) startPair(ctx context.Context, peer Peer, opt PairOptions) (*Pair, error) {
+	ports, err := freePorts(3)
+	if err != nil {
+		return nil, err
+	}
+	clientAddr := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	serverAddr := fmt.Sprintf("127.0.0.1:%d", ports[1])
+	p := &Pair{Peer: peer, Addr: clientAddr, env: e}
+	if opt.Admin && peer.isMeshproxy() {
+		p.Admin = fmt.Sprintf("127.0.0.1:%d", ports[2])
+	}
+	serverArgv, clientArgv, err := e.argv(peer, clientAddr, serverAddr, p.Admin)
+	if err != nil {
+		return nil, err
+	}
+	if p.Server, err = e.Start(string(peer)+"-server", serverArgv...); err != nil {
+		return nil, err
+	}
+	if p.Client, err = e.Start(string(peer)+"-client", clientArgv...); err != nil {
+		e.stop(p.Server)
+		return nil, err
+	}
+	if err := p.waitReady(ctx); err != nil {
+		p.Stop()
+		return nil, err
+	}
+	return p, nil
+}
+
+// waitReady polls until one echo goes through the pair.
+func (p *Pair) waitReady(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	req := append([]byte{ModeEcho}, "meshproxy-bench!"...)
+	buf := make([]byte, len(req))
+	var last error
+	for {
+		for _, pr := range p.Procs() {
+			if err := pr.ExitError(); err != nil {
+				return fmt.Errorf("%s pair: %w; log:\n%s", p.Peer, err, pr.LogTail(20))
+			}
+		}
+		c, err := dial(ctx, p.Addr)
+		if err == nil {
+			err = exchange(c, req, req[1:], buf)
+			c.Close()
+			if err == nil {
+				return nil
+			}
+		}
+		last = err
+		t := time.NewTimer(50 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("%s pair not ready after %s: %w; client log:\n%s\nserver log:\n%s",
+				p.Peer, readyTimeout, last, p.Client.LogTail(10), p.Server.LogTail(10))
+		case <-t.C:
+		}
+	}
+}
+
+// argv builds the command lines of peer's server and client proxies.
+func (e *Env) argv(peer Peer, clientAddr, serverAddr, admin string) (server, client []string, err error) {
+	k := e.PKI
+	switch peer {
+	case Meshproxy, MeshproxyB:
+		bin := e.Bins.Path(peer)
+		if admin == "" {
+			admin = "off"
+		}
+		server = []string{bin, "run",
+			"--cert-file", k.Server.Chain, "--key-file", k.Server.Key, "--bundle-file", k.Root,
+			"--inbound-explicit", serverAddr + "=" + e.AppAddr, "--mode", "STRICT",
+			"--admin", admin, "--metrics", "off", "--health", "off", "--drain-timeout", "2s"}
+		client = []string{bin, "run",
+			"--cert-file", k.Client.Chain, "--key-file", k.Client.Key, "--bundle-file", k.Root,
+			"--outbound-explicit", clientAddr + "=" + serverAddr + "#" + ServerID,
+			"--admin", "off", "--metrics", "off", "--health", "off", "--drain-timeout", "2s"}
+		return server, client, nil
+	case HAProxy:
+		sc, err := e.writeConfig("haproxy-server-*.cfg", haproxyServerConfig(serverAddr, e.AppAddr, k))
+		if err != nil {
+			return nil, nil, err
+		}
+		cc, err := e.writeConfig("haproxy-client-*.cfg", haproxyClientConfig(clientAddr, serverAddr, k, !e.NoPeerResume))
+		if err != nil {
+			return nil, nil, err
+		}
+		// -db: stay in the foreground, one process (no master-worker).
+		return []string{e.Bins.HAProxy, "-db", "-f", sc}, []string{e.Bins.HAProxy, "-db", "-f", cc}, nil
+	case Stunnel:
+		sc, err := e.writeConfig("stunnel-server-*.conf", stunnelServerConfig(serverAddr, e.AppAddr, k))
+		if err != nil {
+			return nil, nil, err
+		}
+		cc, err := e.writeConfig("stunnel-client-*.conf", stunnelClientConfig(clientAddr, serverAddr, k, !e.NoPeerResume))
+		if err != nil {
+			return nil, nil, err
+		}
+		return []string{e.Bins.Stunnel, sc}, []string{e.Bins.Stunnel, cc}, nil
+	}
+	return nil, nil, fmt.Errorf("unknown peer %q", peer)
+}
+
+func (e *Env) writeConfig(pattern, body string) (string, error) {
+	f, err := os.CreateTemp(e.Dir, pattern)
+	if err != nil {
+		return "", fmt.Errorf("write config: %w", err)
+	}
+	_, werr := f.WriteString(body)
+	if err := errors.Join(werr, f.Close()); err != nil {
+		return "", fmt.Errorf("write config %s: %w", f.Name(), err)
+	}
+	return f.Name(), nil
+}
+
+// haproxyGlobal is shared by both HAProxy configs: TLS 1.3 only, the
+// pinned suite, room for the idle-connection scenario, long timeouts so
+// held connections stay open.
+func haproxyGlobal() string {
+	return `global
+    maxconn 8000
+    ssl-default-bind-options ssl-min-ver TLSv1.3
+    ssl-default-bind-ciphersuites ` + CipherSuite + `
+    ssl-default-server-options ssl-min-ver TLSv1.3
+    ssl-default-server-ciphersuites ` + CipherSuite + `
+
+defaults
+    mode tcp
+    timeout connect 10s
+    timeout client 1h
+    timeout server 1h
+`
+}
+
+func haproxyServerConfig(listen, app string, k *PKI) string {
+	return haproxyGlobal() + `
+frontend mesh_in
+    bind ` + listen + ` ssl crt ` + k.Server.Combined + ` ca-file ` + k.Root + ` verify required alpn istio
+    default_backend app
+
+backend app
+    server app ` + app + `
+`
+}
+
+func haproxyClientConfig(listen, server string, k *PKI, resume bool) string {
+	opt := ""
+	if !resume {
+		opt = " no-ssl-reuse"
+	}
+	return haproxyGlobal() + `
+frontend app_out
+    bind ` + listen + `
+    default_backend mesh
+
+backend mesh
+    server peer ` + server + ` ssl crt ` + k.Client.Combined + ` ca-file ` + k.Root + ` verify required alpn istio` + opt + `
+`
+}
+
+// stunnelGlobal: foreground, no pid file, warnings only, TLS 1.3 only with
+// the pinned suite.
+func stunnelGlobal() string {
+	return `foreground = yes
+pid =
+debug = warning
+sslVersionMin = TLSv1.3
+ciphersuites = ` + CipherSuite + `
+`
+}
+
+func stunnelServerConfig(listen, app string, k *PKI) string {
+	return stunnelGlobal() + `
+[mesh_in]
+accept = ` + listen + `
+connect = ` + app + `
+cert = ` + k.Server.Chain + `
+key = ` + k.Server.Key + `
+CAfile = ` + k.Root + `
+verifyChain = yes
+requireCert = yes
+`
+}
+
+func stunnelClientConfig(listen, server string, k *PKI, resume bool) string {
+	opt := ""
+	if !resume {
+		opt = "sessionResume = no\n"
+	}
+	return stunnelGlobal() + `
+[mesh_out]
+client = yes
+accept = ` + listen + `
+connect = ` + server + `
+cert = ` + k.Client.Chain + `
+key = ` + k.Client.Key + `
+CAfile = ` + k.Root + `
+verifyChain = yes
+` + opt
+}
+
+// freePorts returns n distinct loopback ports that were free a moment ago.
+func freePorts(n int) ([]int, error) {
+	var lns []net.Listener
+	defer func() {
+		for _, l := range lns {
+			l.Close()
+		}
+	}()
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("pick a free port: %w", err)
+		}
+		lns = append(lns, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}

@@ -1,0 +1,283 @@
+package harness
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"time"
+)
+
+// metric is one row of the comparison table.
+type metric struct {
+	scenario Scenario
+	name     string
+	higher   bool // higher is better
+	value    func(s *Sample) (float64, bool)
+	digits   int
+}
+
+func resultValue(f func(r *Result) float64) func(s *Sample) (float64, bool) {
+	return func(s *Sample) (float64, bool) {
+		if s.Result == nil || s.Result.Ops == 0 {
+			return 0, false
+		}
+		return f(s.Result), true
+	}
+}
+
+func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// cpuPerOp is the pair's CPU time per completed op, in µs.
+func cpuPerOp(s *Sample) (float64, bool) {
+	if s.Result == nil || s.Result.Ops == 0 {
+		return 0, false
+	}
+	return micros(s.CPU[0]+s.CPU[1]) / float64(s.Result.Ops), true
+}
+
+// idleValue reads the idle scenario's figures for proxy i (0 client, 1 server).
+func idleRSS(i int) func(s *Sample) (float64, bool) {
+	return func(s *Sample) (float64, bool) {
+		if s.Held == 0 {
+			return 0, false
+		}
+		return float64(s.RSSBefore[i]) * 1024 / 1e6, true // MB
+	}
+}
+
+func perConn(i int) func(s *Sample) (float64, bool) {
+	return func(s *Sample) (float64, bool) {
+		if s.Held == 0 {
+			return 0, false
+		}
+		return float64(s.RSSAfter[i]-s.RSSBefore[i]) * 1024 / 1e3 / float64(s.Held), true // KB
+	}
+}
+
+var metrics = []metric{
+	{ScenarioConns, "new mTLS connections/s", true, resultValue((*Result).Rate), 0},
+	{ScenarioConns, "p50 connect+echo (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(50)) }), 0},
+	{ScenarioConns, "p99 connect+echo (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
+	{ScenarioConns, "proxy CPU per connection, both sides (µs)", false, cpuPerOp, 0},
+	{ScenarioKept, "requests/s", true, resultValue((*Result).Rate), 0},
+	{ScenarioKept, "p50 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(50)) }), 0},
+	{ScenarioKept, "p99 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
+	{ScenarioKept, "proxy CPU per request, both sides (µs)", false, cpuPerOp, 1},
+	{ScenarioBulk, "MB/s", true, resultValue((*Result).MBps), 0},
+	{ScenarioBulk, "proxy CPU per GB, both sides (s)", false, func(s *Sample) (float64, bool) {
+		if s.Result == nil || s.Result.Bytes == 0 {
+			return 0, false
+		}
+		return (s.CPU[0] + s.CPU[1]).Seconds() / (float64(s.Result.Bytes) / 1e9), true
+	}, 2},
+	{ScenarioIdle, "RSS idle, client proxy (MB)", false, idleRSS(0), 1},
+	{ScenarioIdle, "RSS idle, server proxy (MB)", false, idleRSS(1), 1},
+	{ScenarioIdle, "RSS per held connection, client proxy (KB)", false, perConn(0), 1},
+	{ScenarioIdle, "RSS per held connection, server proxy (KB)", false, perConn(1), 1},
+}
+
+// median is the median over rounds of m for peer, ok false if no run of it
+// succeeded.
+func (r *Report) median(m *metric, peer Peer) (float64, bool) {
+	var vs []float64
+	for i := range r.Samples {
+		s := &r.Samples[i]
+		if s.Scenario != m.scenario || s.Peer != peer || s.Err != nil {
+			continue
+		}
+		if v, ok := m.value(s); ok {
+			vs = append(vs, v)
+		}
+	}
+	return sortedMedian(vs)
+}
+
+func (r *Report) has(sc Scenario) bool {
+	for _, s := range r.Config.Scenarios {
+		if s == sc {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *Report) hasPeer(p Peer) bool {
+	for _, q := range r.Config.Peers {
+		if q == p {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *Report) scenarioTitle(sc Scenario) string {
+	c := &r.Config
+	switch sc {
+	case ScenarioConns:
+		return fmt.Sprintf("new connection per request (%d workers, %d B echo)", c.ConnWorkers, c.MsgSize)
+	case ScenarioKept:
+		return fmt.Sprintf("kept connections (%d conns, %d B ping-pong)", c.KeptConns, c.MsgSize)
+	case ScenarioBulk:
+		return fmt.Sprintf("bulk download (%d conn)", c.BulkStreams)
+	default:
+		return fmt.Sprintf("idle connections (%d held)", c.IdleConns)
+	}
+}
+
+func format(v float64, ok bool, digits int) string {
+	if !ok {
+		return "—"
+	}
+	return fmt.Sprintf("%.*f", digits, v)
+}
+
+func ratio(a, b float64, aok, bok bool) (float64, string) {
+	if !aok || !bok || b == 0 {
+		return 0, "—"
+	}
+	return a / b, fmt.Sprintf("%.2f×", a/b)
+}
+
+// WriteMarkdown writes the comparison table, the goals of issue 5 that the
+// harness measures, and every run's figures.
+func (r *Report) WriteMarkdown(w io.Writer) {
+	c := &r.Config
+	others := []Peer{}
+	for _, p := range c.Peers {
+		if p != Meshproxy {
+			others = append(others, p)
+		}
+	}
+	fmt.Fprintf(w, "Medians of %d interleaved rounds; each timed run %s after %s warm-up; every run on a freshly started pair. ", c.Rounds, c.Duration, c.Warmup)
+	fmt.Fprintf(w, "Ratios are meshproxy ÷ peer (for µs, s, MB and KB rows lower is better).\n\n")
+	fmt.Fprint(w, "| scenario | metric |")
+	for _, p := range c.Peers {
+		fmt.Fprintf(w, " %s |", p.Title())
+	}
+	if r.hasPeer(Meshproxy) {
+		for _, p := range others {
+			fmt.Fprintf(w, " meshproxy/%s |", p.Title())
+		}
+	}
+	fmt.Fprint(w, "\n| --- | --- |")
+	for range c.Peers {
+		fmt.Fprint(w, " ---: |")
+	}
+	if r.hasPeer(Meshproxy) {
+		for range others {
+			fmt.Fprint(w, " ---: |")
+		}
+	}
+	fmt.Fprintln(w)
+	for i := range metrics {
+		m := &metrics[i]
+		if !r.has(m.scenario) {
+			continue
+		}
+		fmt.Fprintf(w, "| %s | %s |", r.scenarioTitle(m.scenario), m.name)
+		for _, p := range c.Peers {
+			v, ok := r.median(m, p)
+			fmt.Fprintf(w, " %s |", format(v, ok, m.digits))
+		}
+		if r.hasPeer(Meshproxy) {
+			mv, mok := r.median(m, Meshproxy)
+			for _, p := range others {
+				v, ok := r.median(m, p)
+				_, s := ratio(mv, v, mok, ok)
+				fmt.Fprintf(w, " %s |", s)
+			}
+		}
+		fmt.Fprintln(w)
+	}
+	if r.hasPeer(Meshproxy) && r.hasPeer(HAProxy) {
+		fmt.Fprintln(w)
+		r.writeGoals(w)
+	}
+	fmt.Fprintln(w)
+	r.writeRuns(w)
+}
+
+func (r *Report) metric(sc Scenario, name string) *metric {
+	for i := range metrics {
+		if metrics[i].scenario == sc && metrics[i].name == name {
+			return &metrics[i]
+		}
+	}
+	panic("harness: no metric " + name)
+}
+
+// writeGoals checks issue 5's harness goals against HAProxy in this run.
+func (r *Report) writeGoals(w io.Writer) {
+	fmt.Fprintln(w, "| goal (issue 5, vs HAProxy in the same run) | target | measured | met |")
+	fmt.Fprintln(w, "| --- | --- | --- | --- |")
+	row := func(goal, target, measured string, met, ok bool) {
+		verdict := "—"
+		if ok {
+			verdict = map[bool]string{true: "yes", false: "**no**"}[met]
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s |\n", goal, target, measured, verdict)
+	}
+	ratioGoal := func(sc Scenario, name, goal string, want float64) {
+		if !r.has(sc) {
+			return
+		}
+		m := r.metric(sc, name)
+		mv, mok := r.median(m, Meshproxy)
+		hv, hok := r.median(m, HAProxy)
+		x, s := ratio(mv, hv, mok, hok)
+		row(goal, fmt.Sprintf("≥ %.1f×", want), s, x >= want, mok && hok)
+	}
+	lower := func(sc Scenario, name, goal string) {
+		if !r.has(sc) {
+			return
+		}
+		m := r.metric(sc, name)
+		mv, mok := r.median(m, Meshproxy)
+		hv, hok := r.median(m, HAProxy)
+		row(goal, "lower than HAProxy", fmt.Sprintf("%s vs %s", format(mv, mok, 0), format(hv, hok, 0)), mv < hv, mok && hok)
+	}
+	limit := func(sc Scenario, name, goal string, max float64, unit string) {
+		if !r.has(sc) {
+			return
+		}
+		v, ok := r.median(r.metric(sc, name), Meshproxy)
+		row(goal, fmt.Sprintf("≤ %g %s", max, unit), format(v, ok, 1)+" "+unit, v <= max, ok)
+	}
+	ratioGoal(ScenarioConns, "new mTLS connections/s", "new mTLS connections/s", 3.0)
+	ratioGoal(ScenarioKept, "requests/s", "kept-connection requests/s", 1.8)
+	lower(ScenarioKept, "p50 latency (µs)", "kept-connection p50 (µs)")
+	lower(ScenarioKept, "p99 latency (µs)", "kept-connection p99 (µs)")
+	ratioGoal(ScenarioBulk, "MB/s", "bulk MB/s", 2.5)
+	limit(ScenarioIdle, "RSS idle, client proxy (MB)", "client sidecar RSS idle", 15, "MB")
+	limit(ScenarioIdle, "RSS idle, server proxy (MB)", "server sidecar RSS idle", 15, "MB")
+	limit(ScenarioIdle, "RSS per held connection, client proxy (KB)", "client sidecar RSS per held connection", 25, "KB")
+	limit(ScenarioIdle, "RSS per held connection, server proxy (KB)", "server sidecar RSS per held connection", 25, "KB")
+}
+
+// writeRuns lists every run, so a median can be traced to its rounds.
+func (r *Report) writeRuns(w io.Writer) {
+	fmt.Fprintln(w, "<details><summary>every run</summary>")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| scenario | round | peer | result |")
+	fmt.Fprintln(w, "| --- | ---: | --- | --- |")
+	for i := range r.Samples {
+		s := &r.Samples[i]
+		fmt.Fprintf(w, "| %s | %d | %s | %s |\n", s.Scenario, s.Round+1, s.Peer.Title(), strings.ReplaceAll(s.summary(), "|", "/"))
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "</details>")
+}
+
+// Errors lists the failed runs.
+func (r *Report) Errors() []error {
+	var out []error
+	for i := range r.Samples {
+		s := &r.Samples[i]
+		if s.Err != nil {
+			out = append(out, fmt.Errorf("%s round %d %s: %w", s.Scenario, s.Round+1, s.Peer, s.Err))
+		} else if s.Result != nil && s.Result.Errors > 0 {
+			out = append(out, fmt.Errorf("%s round %d %s: %d failed requests, first: %v", s.Scenario, s.Round+1, s.Peer, s.Result.Errors, s.Result.FirstErr))
+		}
+	}
+	return out
+}

@@ -1,0 +1,161 @@
+package harness
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// ModulePath is the Go module whose commands the harness builds.
+const ModulePath = "github.com/meshproxy/meshproxy"
+
+// ModuleRoot finds the meshproxy module's directory by walking up from the
+// working directory.
+func ModuleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("find module root: %w", err)
+	}
+	for {
+		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		if err == nil && bytes.HasPrefix(bytes.TrimSpace(b), []byte("module "+ModulePath+"\n")) {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("find module root: no go.mod of %s above the working directory", ModulePath)
+		}
+		dir = parent
+	}
+}
+
+// Build builds ./pkg of the module root into out the way `make build`
+// builds the release binary: static (CGO_ENABLED=0), -trimpath, stripped.
+// Memory figures depend on it: a cgo build maps libc as well.
+func Build(ctx context.Context, root, pkg, out string) error {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		return fmt.Errorf("build %s: go not in PATH: %w", pkg, err)
+	}
+	cmd := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-ldflags", "-s -w", "-o", out, "./"+pkg)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build ./%s: %w\n%s", pkg, err, b)
+	}
+	return nil
+}
+
+// FindPeerBinaries looks up haproxy and stunnel (Debian's stunnel4 installs
+// both names) in PATH and /usr/sbin; missing ones stay empty.
+func FindPeerBinaries(b *Binaries) {
+	look := func(names ...string) string {
+		for _, n := range names {
+			if p, err := exec.LookPath(n); err == nil {
+				return p
+			}
+			if p := filepath.Join("/usr/sbin", n); isExecutable(p) {
+				return p
+			}
+		}
+		return ""
+	}
+	if b.HAProxy == "" {
+		b.HAProxy = look("haproxy")
+	}
+	if b.Stunnel == "" {
+		b.Stunnel = look("stunnel4", "stunnel")
+	}
+}
+
+func isExecutable(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && !st.IsDir() && st.Mode()&0o111 != 0
+}
+
+// InstallPeers installs the Debian packages of missing peers with apt-get.
+func InstallPeers(ctx context.Context, b Binaries) error {
+	var pkgs []string
+	if b.HAProxy == "" {
+		pkgs = append(pkgs, "haproxy")
+	}
+	if b.Stunnel == "" {
+		pkgs = append(pkgs, "stunnel4")
+	}
+	if len(pkgs) == 0 {
+		return nil
+	}
+	for _, args := range [][]string{{"update", "-qq"}, append([]string{"install", "-y", "-qq", "--no-install-recommends"}, pkgs...)} {
+		cmd := exec.CommandContext(ctx, "apt-get", args...)
+		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("apt-get %s: %w\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	return nil
+}
+
+// RaiseFileLimit lifts the soft RLIMIT_NOFILE to the hard limit. Calling
+// Setrlimit explicitly also makes children inherit the raised limit (Go
+// restores the original one for children otherwise), which HAProxy and
+// stunnel need for the idle-connection scenario.
+func RaiseFileLimit() (uint64, error) {
+	var l syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		return 0, fmt.Errorf("getrlimit: %w", err)
+	}
+	l.Cur = l.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		return 0, fmt.Errorf("setrlimit: %w", err)
+	}
+	return l.Cur, nil
+}
+
+// StartEcho starts the echo app binary (bench/cmd/echo) on a free loopback
+// port and returns its address, read from the app's first output line.
+func (e *Env) StartEcho(ctx context.Context, bin string) (*Proc, string, error) {
+	p, err := e.Start("echo", bin, "-listen", "127.0.0.1:0")
+	if err != nil {
+		return nil, "", err
+	}
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	for {
+		if addr, ok := echoAddr(p.LogPath); ok {
+			return p, addr, nil
+		}
+		if err := p.ExitError(); err != nil {
+			return nil, "", fmt.Errorf("echo app: %w:\n%s", err, p.LogTail(10))
+		}
+		select {
+		case <-ctx.Done():
+			e.stop(p)
+			return nil, "", errors.New("echo app did not report its address")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// echoAddr reads "listening ADDR" from the echo app's log.
+func echoAddr(log string) (string, bool) {
+	f, err := os.Open(log)
+	if err != nil {
+		return "", false
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if a, ok := strings.CutPrefix(s.Text(), "listening "); ok {
+			return strings.TrimSpace(a), true
+		}
+	}
+	return "", false
+}
