@@ -8,9 +8,10 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"slices"
+
+	"github.com/meshproxy/meshproxy/internal/pemutil"
 )
 
 // KeyType names the algorithm of the keys Init generates for the root and
@@ -85,74 +86,24 @@ func marshalKeyPEM(key crypto.Signer) ([]byte, error) {
 }
 
 // parseKeyPEM reads the first private key in data, in any of the encodings
-// CA tooling writes: PKCS#8 ("PRIVATE KEY"), PKCS#1 ("RSA PRIVATE KEY") or
-// SEC1 ("EC PRIVATE KEY", possibly after an "EC PARAMETERS" block).
+// CA tooling writes (see pemutil.ParsePrivateKey), and refuses key types a
+// CA does not sign with.
 func parseKeyPEM(data []byte) (crypto.Signer, error) {
-	for {
-		var block *pem.Block
-		block, data = pem.Decode(data)
-		if block == nil {
-			return nil, errors.New("no PEM private key found")
-		}
-		if _, encrypted := block.Headers["Proc-Type"]; encrypted {
-			return nil, errors.New("encrypted PEM private keys are not supported")
-		}
-		var (
-			key any
-			err error
-		)
-		switch block.Type {
-		case "EC PARAMETERS":
-			continue
-		case "PRIVATE KEY":
-			key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-		case "RSA PRIVATE KEY":
-			key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
-		case "EC PRIVATE KEY":
-			key, err = x509.ParseECPrivateKey(block.Bytes)
-		case "ENCRYPTED PRIVATE KEY":
-			return nil, errors.New("encrypted PKCS#8 private keys are not supported")
-		default:
-			return nil, fmt.Errorf("unexpected PEM block %q where a private key was expected", block.Type)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("parse %s: %w", block.Type, err)
-		}
-		signer, ok := key.(crypto.Signer)
-		if !ok {
-			return nil, fmt.Errorf("private key of type %T cannot sign", key)
-		}
-		switch signer.(type) {
-		case *ecdsa.PrivateKey, *rsa.PrivateKey:
-			return signer, nil
-		}
-		return nil, fmt.Errorf("CA key type %T is not supported (want ECDSA or RSA)", signer)
+	signer, err := pemutil.ParsePrivateKey(data)
+	if err != nil {
+		return nil, err
 	}
+	switch signer.(type) {
+	case *ecdsa.PrivateKey, *rsa.PrivateKey:
+		return signer, nil
+	}
+	return nil, fmt.Errorf("CA key type %T is not supported (want ECDSA or RSA)", signer)
 }
 
 // parseCertsPEM reads every CERTIFICATE block in data; other PEM blocks are
 // an error, text between blocks is ignored (openssl writes some).
 func parseCertsPEM(data []byte) ([]*x509.Certificate, error) {
-	var certs []*x509.Certificate
-	for {
-		var block *pem.Block
-		block, data = pem.Decode(data)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			return nil, fmt.Errorf("unexpected PEM block %q where certificates were expected", block.Type)
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("certificate %d: %w", len(certs)+1, err)
-		}
-		certs = append(certs, c)
-	}
-	if len(certs) == 0 {
-		return nil, errors.New("no PEM certificates found")
-	}
-	return certs, nil
+	return pemutil.ParseCertificates(data)
 }
 
 // certsPEM encodes certificates as concatenated PEM blocks.

@@ -13,7 +13,7 @@ import (
 	"strings"
 	"sync/atomic"
 
-	"github.com/meshproxy/meshproxy/gateway/internal/manifest"
+	"github.com/meshproxy/meshproxy/internal/manifest"
 	"k8s.io/apimachinery/pkg/util/validation"
 )
 

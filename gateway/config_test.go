@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/meshproxy/meshproxy/gateway/internal/manifest"
+	"github.com/meshproxy/meshproxy/internal/manifest"
 	"github.com/meshproxy/meshproxy/policy"
 )
 
@@ -17,7 +17,7 @@ func loadYAML(t *testing.T, yaml string) (*config, error) {
 }
 
 func TestLoadConfigReadsIstioManifests(t *testing.T) {
-	files, err := manifest.ReadDir("testdata")
+	files, err := manifest.ReadDir("testdata", "config")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,24 +3,19 @@ package gateway
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
-	"fmt"
 	"net"
 	"net/netip"
-	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	fwd "github.com/meshproxy/meshproxy/proxy/forward"
 	"github.com/meshproxy/meshproxy/proxy/sniff"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 )
 
 // Results of a gateway connection: the bounded values of the result label
@@ -53,62 +48,11 @@ const (
 // DirGateway is the direction of gateway connections in GET /peers.
 const DirGateway = "gateway"
 
-// conn is one accepted connection from accept to close.
+// conn is one accepted connection from accept to close, with the label
+// of the listener that accepted it.
 type conn struct {
+	*conntrack.Conn
 	listener string
-	source   string
-	since    time.Time
-	ctx      context.Context
-	cancel   context.CancelFunc
-
-	mu      sync.Mutex
-	sockets []net.Conn // raw sockets, closed on abort
-	aborted bool
-	// Set before established is stored; read only after it is loaded true.
-	destination, mode, peerID string
-	established               atomic.Bool
-	stats                     fwd.Stats
-}
-
-func newConn(parent context.Context, listener string, c net.Conn) *conn {
-	ctx, cancel := context.WithCancel(parent)
-	return &conn{listener: listener, source: c.RemoteAddr().String(), since: time.Now(), ctx: ctx, cancel: cancel, sockets: []net.Conn{c}}
-}
-
-// addSocket registers an upstream socket to close on abort; false (and c
-// closed) if the connection was aborted meanwhile.
-func (t *conn) addSocket(c net.Conn) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.aborted {
-		c.Close()
-		return false
-	}
-	t.sockets = append(t.sockets, c)
-	return true
-}
-
-// abort tears the connection down at once: pending dials and handshakes are
-// cancelled and every socket is closed without a TLS close_notify, so
-// neither side mistakes an abort for a clean end of stream.
-func (t *conn) abort() {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.aborted = true
-	t.cancel()
-	for _, c := range t.sockets {
-		c.Close()
-	}
-}
-
-func (t *conn) info() (proxy.PeerInfo, bool) {
-	if !t.established.Load() {
-		return proxy.PeerInfo{}, false
-	}
-	return proxy.PeerInfo{
-		Direction: DirGateway, Source: t.source, Destination: t.destination, PeerSPIFFEID: t.peerID,
-		Mode: t.mode, Since: t.since, BytesIn: t.stats.In.Load(), BytesOut: t.stats.Out.Load(),
-	}, true
 }
 
 // refusal describes why a connection is closed, for the metric and the log.
@@ -126,7 +70,7 @@ func (g *Gateway) refuse(t *conn, r refusal) {
 		r.route = routeNone
 	}
 	metrics.GatewayConnections.WithLabelValues(t.listener, r.route, r.result).Inc()
-	attrs := []any{"listener", t.listener, "source", t.source, "reason", r.result}
+	attrs := []any{"listener", t.listener, "source", t.Source, "reason", r.result}
 	if r.server != nil {
 		attrs = append(attrs, "gateway", r.server.gateway, "server", r.server.name)
 	}
@@ -140,7 +84,7 @@ func (g *Gateway) refuse(t *conn, r refusal) {
 		attrs = append(attrs, "err", r.err.Error())
 	}
 	g.log.Warn("connection refused", append(attrs, r.attrs...)...)
-	t.abort()
+	t.Abort()
 }
 
 // handle routes one accepted connection.
@@ -208,7 +152,7 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 		return
 	}
 	tc := tls.Server(sc, s.tlsConfig(cred))
-	ctx, cancel := context.WithTimeout(t.ctx, g.opts.handshakeTimeout)
+	ctx, cancel := context.WithTimeout(t.Context(), g.opts.handshakeTimeout)
 	err = tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
@@ -257,8 +201,8 @@ func (g *Gateway) toMesh(t *conn, down net.Conn, s *server, r *route) {
 		sni = tlsmgr.OutboundSNI(d.host, d.port)
 	}
 	start := time.Now()
-	tc := tls.Client(up, g.meshTLS.get(sni, ids, td))
-	ctx, cancel := context.WithTimeout(t.ctx, g.opts.handshakeTimeout)
+	tc := tls.Client(up, g.meshTLS.Get(sni, ids, td))
+	ctx, cancel := context.WithTimeout(t.Context(), g.opts.handshakeTimeout)
 	err = tc.HandshakeContext(ctx)
 	cancel()
 	metrics.Handshakes.WithLabelValues(proxy.DirOutbound, proxy.HandshakeResult(err)).Inc()
@@ -280,16 +224,7 @@ func (g *Gateway) toMesh(t *conn, down net.Conn, s *server, r *route) {
 
 // dial opens the upstream connection for t and registers it for abort.
 func (g *Gateway) dial(t *conn, addr string) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(t.ctx, DefaultDialTimeout)
-	defer cancel()
-	c, err := g.opts.dialer.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", addr, err)
-	}
-	if !t.addSocket(c) {
-		return nil, fmt.Errorf("dial %s: connection closed meanwhile", addr)
-	}
-	return c, nil
+	return t.Dial(g.opts.dialer.DialContext, addr, DefaultDialTimeout)
 }
 
 // pipe counts an allowed connection, forwards it and logs its end.
@@ -299,14 +234,13 @@ func (g *Gateway) pipe(t *conn, down, up net.Conn, r *route, dest, mode string, 
 		peerID = peer.String()
 	}
 	metrics.GatewayConnections.WithLabelValues(t.listener, r.name, ResultOK).Inc()
-	t.destination, t.mode, t.peerID = dest, mode, peerID
-	t.established.Store(true)
-	g.log.Debug("connection open", "listener", t.listener, "source", t.source, "route", r.name,
+	t.Establish(dest, mode, peerID)
+	g.log.Debug("connection open", "listener", t.listener, "source", t.Source, "route", r.name,
 		"destination", dest, "mode", mode, "peer", peerID)
-	err := fwd.Forward(down, up, &t.stats, g.opts.idleTimeout, t.abort, metrics.GatewayBytes.WithLabelValues(t.listener))
-	attrs := []any{"listener", t.listener, "source", t.source, "route", r.name, "destination", dest, "mode", mode,
-		"peer", peerID, "bytes_in", t.stats.In.Load(), "bytes_out", t.stats.Out.Load(),
-		"duration", time.Since(t.since).Round(time.Millisecond).String()}
+	err := fwd.Forward(down, up, &t.Stats, g.opts.idleTimeout, t.Abort, metrics.GatewayBytes.WithLabelValues(t.listener))
+	attrs := []any{"listener", t.listener, "source", t.Source, "route", r.name, "destination", dest, "mode", mode,
+		"peer", peerID, "bytes_in", t.Stats.In.Load(), "bytes_out", t.Stats.Out.Load(),
+		"duration", time.Since(t.Since).Round(time.Millisecond).String()}
 	switch {
 	case errors.Is(err, fwd.ErrIdle):
 		g.log.Info("connection closed: idle timeout", attrs...)
@@ -325,72 +259,4 @@ func addrPort(a net.Addr) netip.AddrPort {
 		ap, _ = netip.ParseAddrPort(a.String())
 	}
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-}
-
-// maxMeshConfigs bounds the client config cache; it is emptied when full.
-const maxMeshConfigs = 1024
-
-// meshConfigs caches mesh client configs by (SNI, expected identities), so
-// each destination builds its config once and handshakes reuse it.
-type meshConfigs struct {
-	src tlsmgr.Source
-	mu  sync.Mutex
-	m   map[string]*tls.Config
-}
-
-func newMeshConfigs(src tlsmgr.Source) *meshConfigs {
-	return &meshConfigs{src: src, m: map[string]*tls.Config{}}
-}
-
-// get returns the config that sends sni and accepts a server presenting one
-// of ids, or, if ids is empty, any member of td.
-func (c *meshConfigs) get(sni string, ids []spiffeid.ID, td spiffeid.TrustDomain) *tls.Config {
-	key := sni + "|td|" + td.String()
-	authz := authorizeMemberOf(td)
-	if len(ids) > 0 {
-		key = sni + "|id|" + joinIDs(ids)
-		authz = authorizeIDs(append([]spiffeid.ID(nil), ids...))
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if cfg, ok := c.m[key]; ok {
-		return cfg
-	}
-	cfg := tlsmgr.ClientConfig(c.src, authz, tlsmgr.ALPNIstio)
-	cfg.ServerName = sni
-	if len(c.m) >= maxMeshConfigs {
-		clear(c.m)
-	}
-	c.m[key] = cfg
-	return cfg
-}
-
-// authorizeIDs accepts only the given SPIFFE IDs.
-func authorizeIDs(ids []spiffeid.ID) tlsconfig.Authorizer {
-	return func(id spiffeid.ID, _ [][]*x509.Certificate) error {
-		for _, want := range ids {
-			if id == want {
-				return nil
-			}
-		}
-		return fmt.Errorf("%w: got %s, want %s", proxy.ErrWrongIdentity, id, joinIDs(ids))
-	}
-}
-
-// authorizeMemberOf accepts any SPIFFE ID in td.
-func authorizeMemberOf(td spiffeid.TrustDomain) tlsconfig.Authorizer {
-	return func(id spiffeid.ID, _ [][]*x509.Certificate) error {
-		if id.MemberOf(td) {
-			return nil
-		}
-		return fmt.Errorf("%w: got %s, want a member of %s", proxy.ErrWrongTrustDomain, id, td)
-	}
-}
-
-func joinIDs(ids []spiffeid.ID) string {
-	s := make([]string, len(ids))
-	for i, id := range ids {
-		s[i] = id.String()
-	}
-	return strings.Join(s, " or ")
 }

@@ -14,11 +14,11 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"time"
 
-	"github.com/meshproxy/meshproxy/gateway/internal/manifest"
+	"github.com/meshproxy/meshproxy/internal/manifest"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -34,12 +34,14 @@ type Gateway struct {
 	opts      options
 	log       *slog.Logger
 	cfg       atomic.Pointer[config]
-	meshTLS   *meshConfigs
+	meshTLS   *proxy.ClientConfigs
 
 	reloadMu  sync.Mutex // serialises config reloads; guards the fields below
 	hash      [sha256.Size]byte
 	failed    [sha256.Size]byte // content of the last failed load, reported once
 	failedErr error
+
+	conns *conntrack.Table
 
 	mu        sync.Mutex
 	base      context.Context
@@ -47,9 +49,6 @@ type Gateway struct {
 	closing   bool
 	listeners map[uint16]*listener
 	bindErrs  map[uint16]error
-	conns     map[*conn]struct{}
-	connWG    sync.WaitGroup
-	acceptWG  sync.WaitGroup
 }
 
 type listener struct {
@@ -92,10 +91,10 @@ func New(src tlsmgr.Source, pol proxy.PolicySource, configDir, credentialsDir st
 		creds:     newCredStore(credentialsDir, log),
 		opts:      o,
 		log:       log,
-		meshTLS:   newMeshConfigs(src),
+		meshTLS:   proxy.NewClientConfigs(src),
 		listeners: map[uint16]*listener{},
 		bindErrs:  map[uint16]error{},
-		conns:     map[*conn]struct{}{},
+		conns:     conntrack.NewTable(log, o.maxConns),
 	}
 	if err := g.reload(); err != nil {
 		return nil, err
@@ -110,7 +109,7 @@ func New(src tlsmgr.Source, pol proxy.PolicySource, configDir, credentialsDir st
 func (g *Gateway) reload() error {
 	g.reloadMu.Lock()
 	defer g.reloadMu.Unlock()
-	files, err := manifest.ReadDir(g.configDir)
+	files, err := manifest.ReadDir(g.configDir, "config")
 	var sum [sha256.Size]byte
 	if err != nil {
 		sum = sha256.Sum256([]byte(err.Error()))
@@ -195,8 +194,7 @@ func (g *Gateway) bind(ctx context.Context, port uint16) (*listener, error) {
 func (g *Gateway) serveLocked(l *listener) {
 	g.listeners[l.port] = l
 	delete(g.bindErrs, l.port)
-	g.acceptWG.Add(1)
-	go g.serve(l)
+	g.conns.Serve(l.ln, func(c net.Conn) { g.admit(l, c) }, "port", l.port)
 	g.log.Info("listening", "port", l.port, "addr", l.ln.Addr().String())
 }
 
@@ -249,63 +247,20 @@ func (g *Gateway) Run(ctx context.Context) error {
 	return nil
 }
 
-// serve accepts connections on l until it is closed.
-func (g *Gateway) serve(l *listener) {
-	defer g.acceptWG.Done()
-	var backoff time.Duration
-	for {
-		c, err := l.ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// Out of descriptors and the like: wait a little, keep serving.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			g.log.Warn("accept failed", "port", l.port, "err", err, "retry_in", backoff)
-			time.Sleep(backoff)
-			continue
-		}
-		backoff = 0
-		g.admit(l, c)
-	}
-}
-
 // admit starts handling c, or closes it at once when over the limit or
 // shutting down.
 func (g *Gateway) admit(l *listener, c net.Conn) {
-	g.mu.Lock()
-	if g.closing {
-		g.mu.Unlock()
-		c.Close()
-		return
-	}
-	if max := g.opts.maxConns; max > 0 && len(g.conns) >= max {
-		g.mu.Unlock()
+	err := g.conns.Admit(g.base, DirGateway, c, metrics.GatewayConnectionsActive.WithLabelValues(l.label), func(t *conntrack.Conn) {
+		g.handle(l, &conn{Conn: t, listener: l.label}, c)
+	})
+	if errors.Is(err, conntrack.ErrOverLimit) {
 		metrics.GatewayConnections.WithLabelValues(l.label, routeNone, ResultOverLimit).Inc()
 		g.log.Warn("connection refused", "listener", l.label, "source", c.RemoteAddr().String(),
-			"reason", ResultOverLimit, "max_connections", max)
-		c.Close()
-		return
+			"reason", ResultOverLimit, "max_connections", g.opts.maxConns)
 	}
-	t := newConn(g.base, l.label, c)
-	g.conns[t] = struct{}{}
-	g.connWG.Add(1)
-	g.mu.Unlock()
-
-	metrics.GatewayConnectionsActive.WithLabelValues(l.label).Inc()
-	go func() {
-		defer g.release(t)
-		g.handle(l, t, c)
-	}()
-}
-
-func (g *Gateway) release(t *conn) {
-	t.abort()
-	metrics.GatewayConnectionsActive.WithLabelValues(t.listener).Dec()
-	g.mu.Lock()
-	delete(g.conns, t)
-	g.mu.Unlock()
-	g.connWG.Done()
+	if err != nil {
+		c.Close()
+	}
 }
 
 // Shutdown stops accepting, lets open connections finish until ctx is done,
@@ -314,31 +269,12 @@ func (g *Gateway) release(t *conn) {
 func (g *Gateway) Shutdown(ctx context.Context) error {
 	g.mu.Lock()
 	g.closing = true
+	g.conns.Close()
 	for _, l := range g.listeners {
 		l.ln.Close()
 	}
 	g.mu.Unlock()
-	g.acceptWG.Wait()
-
-	done := make(chan struct{})
-	go func() {
-		g.connWG.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-	}
-	g.mu.Lock()
-	n := len(g.conns)
-	for t := range g.conns {
-		t.abort()
-	}
-	g.mu.Unlock()
-	g.log.Warn("drain deadline reached, closing connections", "open", n)
-	<-done
-	return fmt.Errorf("drain: %w", ctx.Err())
+	return g.conns.Drain(ctx)
 }
 
 // Ready returns nil when the identity is loaded and every Gateway port is
@@ -377,17 +313,7 @@ func (g *Gateway) Addr(port uint16) net.Addr {
 
 // Peers lists the connections being forwarded: the client, the destination,
 // the destination's SPIFFE ID (mesh mTLS) and the bytes so far.
-func (g *Gateway) Peers() []proxy.PeerInfo {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	out := make([]proxy.PeerInfo, 0, len(g.conns))
-	for t := range g.conns {
-		if pi, ok := t.info(); ok {
-			out = append(out, pi)
-		}
-	}
-	return out
-}
+func (g *Gateway) Peers() []proxy.PeerInfo { return g.conns.Peers() }
 
 // Config returns the effective configuration in the admin API's shape:
 // one listener per Gateway port, and under "policy" the gateway's servers,

@@ -19,6 +19,7 @@ import (
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/proxytest"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -192,73 +193,21 @@ func startMeshService(t testing.TB, w *world, id, app, policyYAML string) *meshS
 }
 
 // app is a TCP server on loopback running handle for each connection.
-type app struct {
-	ln       net.Listener
-	mu       sync.Mutex
-	conns    map[net.Conn]struct{}
-	accepted int
-	wg       sync.WaitGroup
-}
+type app struct{ *proxytest.App }
 
-func (a *app) addr() string { return a.ln.Addr().String() }
+func (a *app) addr() string { return a.Addr() }
 
-func (a *app) port() uint16 { return uint16(a.ln.Addr().(*net.TCPAddr).Port) }
+func (a *app) port() uint16 { return a.Port() }
 
-func (a *app) acceptedCount() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.accepted
-}
+func (a *app) acceptedCount() int { return a.Accepted() }
 
 func startApp(t testing.TB, handle func(net.Conn)) *app {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := &app{ln: ln, conns: map[net.Conn]struct{}{}}
-	a.wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			a.mu.Lock()
-			a.conns[c] = struct{}{}
-			a.accepted++
-			a.mu.Unlock()
-			a.wg.Go(func() {
-				defer func() {
-					c.Close()
-					a.mu.Lock()
-					delete(a.conns, c)
-					a.mu.Unlock()
-				}()
-				_ = c.SetDeadline(time.Now().Add(2 * clientWait))
-				handle(c)
-			})
-		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
-		a.mu.Lock()
-		for c := range a.conns {
-			c.Close()
-		}
-		a.mu.Unlock()
-		a.wg.Wait()
-	})
-	return a
+	return &app{proxytest.StartApp(t, 2*clientWait, handle)}
 }
 
 // echo copies everything back, then half-closes.
-func echo(c net.Conn) {
-	_, _ = io.Copy(c, c)
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		_ = cw.CloseWrite()
-	}
-	_, _ = io.Copy(io.Discard, c)
-}
+func echo(c net.Conn) { proxytest.Echo(c) }
 
 // tlsEcho terminates TLS with cert, then echoes: a backend that speaks its
 // own TLS (for PASSTHROUGH).
@@ -276,13 +225,7 @@ func tlsEcho(cert *x509svid.SVID) func(net.Conn) {
 // dial connects to addr with a deadline covering the whole exchange.
 func dial(t testing.TB, addr string) net.Conn {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, clientWait)
-	if err != nil {
-		t.Fatalf("dial %s: %v", addr, err)
-	}
-	_ = c.SetDeadline(time.Now().Add(clientWait))
-	t.Cleanup(func() { c.Close() })
-	return c
+	return proxytest.Dial(t, addr, clientWait)
 }
 
 // tlsDial runs a TLS handshake with cfg over a fresh connection to addr.

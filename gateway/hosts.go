@@ -4,7 +4,7 @@ import (
 	"net/netip"
 	"strings"
 
-	"github.com/meshproxy/meshproxy/gateway/internal/manifest"
+	"github.com/meshproxy/meshproxy/internal/manifest"
 	"k8s.io/apimachinery/pkg/util/validation"
 )
 

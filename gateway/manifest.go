@@ -3,7 +3,7 @@ package gateway
 import (
 	"encoding/json"
 
-	"github.com/meshproxy/meshproxy/gateway/internal/manifest"
+	"github.com/meshproxy/meshproxy/internal/manifest"
 )
 
 // The structs below mirror the subset of Istio's networking.istio.io

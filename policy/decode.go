@@ -1,190 +1,20 @@
 package policy
 
 import (
-	"bytes"
-	"encoding/json"
-	"errors"
-	"fmt"
-	"reflect"
-	"sort"
-	"strings"
+	"maps"
+	"slices"
+
+	"github.com/meshproxy/meshproxy/internal/manifest"
 )
 
-// unsupported marks an Istio field that meshproxy recognises but cannot
-// enforce. Its `why` struct tag says why; a document that sets it is refused
-// with an error naming the field.
-type unsupported struct{}
-
-// ignored marks a field accepted and not used (Kubernetes bookkeeping such as
-// metadata.uid or status).
-type ignored struct{}
-
-var (
-	unsupportedType = reflect.TypeFor[unsupported]()
-	ignoredType     = reflect.TypeFor[ignored]()
-	unmarshalerType = reflect.TypeFor[json.Unmarshaler]()
-)
-
-// fieldError is a problem at one field path of a document.
-type fieldError struct {
-	path string
-	msg  string
-}
-
-func (e *fieldError) Error() string {
-	if e.path == "" {
-		return e.msg
-	}
-	return e.path + ": " + e.msg
-}
-
+// fieldErrorf returns an error at one field path of a document
+// (spec.rules[0].to[0].operation.methods: ...), in the shared manifest
+// format the loader prefixes with the file and document.
 func fieldErrorf(path, format string, args ...any) error {
-	return &fieldError{path: path, msg: fmt.Sprintf(format, args...)}
+	return manifest.Errorf(path, format, args...)
 }
 
-// decodeStrict decodes the JSON value raw into dst (a pointer), refusing
-// unknown and unsupported fields. Unlike json.Decoder.DisallowUnknownFields,
-// every error carries the full field path (spec.rules[0].to[0].operation.methods),
-// and keys are matched case-sensitively as the Kubernetes API server does.
-func decodeStrict(path string, raw []byte, dst any) error {
-	return decodeValue(path, raw, reflect.ValueOf(dst).Elem())
-}
-
-func isNull(raw []byte) bool {
-	return len(raw) == 0 || bytes.Equal(bytes.TrimSpace(raw), []byte("null"))
-}
-
-func decodeValue(path string, raw []byte, v reflect.Value) error {
-	if isNull(raw) {
-		return nil
-	}
-	t := v.Type()
-	if t == ignoredType {
-		return nil
-	}
-	if reflect.PointerTo(t).Implements(unmarshalerType) {
-		return decodeLeaf(path, raw, v)
-	}
-	switch t.Kind() {
-	case reflect.Pointer:
-		p := reflect.New(t.Elem())
-		if err := decodeValue(path, raw, p.Elem()); err != nil {
-			return err
-		}
-		v.Set(p)
-		return nil
-	case reflect.Struct:
-		return decodeStruct(path, raw, v)
-	case reflect.Slice:
-		var items []json.RawMessage
-		if err := json.Unmarshal(raw, &items); err != nil {
-			return fieldErrorf(path, "want a list, got %s", jsonKind(raw))
-		}
-		s := reflect.MakeSlice(t, len(items), len(items))
-		for i, item := range items {
-			if err := decodeValue(fmt.Sprintf("%s[%d]", path, i), item, s.Index(i)); err != nil {
-				return err
-			}
-		}
-		v.Set(s)
-		return nil
-	case reflect.Map:
-		if t.Key().Kind() != reflect.String {
-			return fmt.Errorf("%s: internal: map key %s", path, t.Key())
-		}
-		var items map[string]json.RawMessage
-		if err := json.Unmarshal(raw, &items); err != nil {
-			return fieldErrorf(path, "want a mapping, got %s", jsonKind(raw))
-		}
-		m := reflect.MakeMapWithSize(t, len(items))
-		for _, k := range sortedKeys(items) {
-			e := reflect.New(t.Elem()).Elem()
-			if err := decodeValue(path+"["+k+"]", items[k], e); err != nil {
-				return err
-			}
-			m.SetMapIndex(reflect.ValueOf(k).Convert(t.Key()), e)
-		}
-		v.Set(m)
-		return nil
-	}
-	return decodeLeaf(path, raw, v)
-}
-
-func decodeStruct(path string, raw []byte, v reflect.Value) error {
-	var items map[string]json.RawMessage
-	if err := json.Unmarshal(raw, &items); err != nil {
-		return fieldErrorf(path, "want a mapping, got %s", jsonKind(raw))
-	}
-	t := v.Type()
-	for _, k := range sortedKeys(items) {
-		sub := k
-		if path != "" {
-			sub = path + "." + k
-		}
-		i := fieldIndex(t, k)
-		if i < 0 {
-			return fieldErrorf(sub, "unknown field %q", k)
-		}
-		f := t.Field(i)
-		if f.Type == unsupportedType {
-			if isNull(items[k]) {
-				continue
-			}
-			return fieldErrorf(sub, "not supported by meshproxy: %s", f.Tag.Get("why"))
-		}
-		if err := decodeValue(sub, items[k], v.Field(i)); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func decodeLeaf(path string, raw []byte, v reflect.Value) error {
-	err := json.Unmarshal(raw, v.Addr().Interface())
-	if err == nil {
-		return nil
-	}
-	var te *json.UnmarshalTypeError
-	if errors.As(err, &te) {
-		return fieldErrorf(path, "want %s, got %s", te.Type, te.Value)
-	}
-	return fieldErrorf(path, "%v", err)
-}
-
-// fieldIndex finds the struct field whose json tag name is exactly key.
-func fieldIndex(t reflect.Type, key string) int {
-	for i := range t.NumField() {
-		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
-		if name == key {
-			return i
-		}
-	}
-	return -1
-}
-
-func jsonKind(raw []byte) string {
-	s := bytes.TrimSpace(raw)
-	if len(s) == 0 {
-		return "nothing"
-	}
-	switch s[0] {
-	case '{':
-		return "a mapping"
-	case '[':
-		return "a list"
-	case '"':
-		return "a string"
-	case 't', 'f':
-		return "a boolean"
-	}
-	return "a number"
-}
-
+// sortedKeys returns m's keys in order, to report errors deterministically.
 func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
+	return slices.Sorted(maps.Keys(m))
 }

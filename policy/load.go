@@ -1,33 +1,19 @@
 package policy
 
 import (
-	"bytes"
 	"cmp"
 	"crypto/sha256"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
-	"os"
-	"path/filepath"
-	"regexp"
-	"slices"
-	"strconv"
-	"strings"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/manifest"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"k8s.io/apimachinery/pkg/util/validation"
-	"sigs.k8s.io/yaml"
 )
 
-const (
-	// maxFileSize bounds one policy file; Kubernetes ConfigMaps are at most 1 MiB.
-	maxFileSize = 4 << 20
-	// maxErrors bounds how many problems one load reports.
-	maxErrors = 20
-)
+// maxErrors bounds how many problems one load reports.
+const maxErrors = 20
 
 // meta identifies one loaded object and where it came from.
 type meta struct {
@@ -62,59 +48,30 @@ type file struct {
 	data []byte
 }
 
-// readDir returns the policy files of dir in name order: *.yaml, *.yml and
-// *.json, following symlinks and skipping dot-entries, so the Kubernetes
-// ConfigMap layout (name → ..data/name, ..data → ..TIMESTAMP) reads as plain
-// files. Subdirectories are not descended into.
+// readDir returns the policy files of dir (see manifest.ReadDir).
 func readDir(dir string) ([]file, error) {
-	entries, err := os.ReadDir(dir)
+	mfiles, err := manifest.ReadDir(dir, "policy")
 	if err != nil {
-		return nil, fmt.Errorf("read policy dir: %w", err)
+		return nil, err
 	}
-	var files []file
-	for _, e := range entries {
-		name := e.Name()
-		if strings.HasPrefix(name, ".") {
-			continue
-		}
-		switch strings.ToLower(filepath.Ext(name)) {
-		case ".yaml", ".yml", ".json":
-		default:
-			continue
-		}
-		path := filepath.Join(dir, name)
-		st, err := os.Stat(path)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue // a dangling symlink: the file was removed in a ConfigMap update
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		if !st.Mode().IsRegular() {
-			continue
-		}
-		if st.Size() > maxFileSize {
-			return nil, fmt.Errorf("%s: file is %d bytes, more than the %d allowed", path, st.Size(), maxFileSize)
-		}
-		data, err := os.ReadFile(path)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		files = append(files, file{name: path, data: data})
+	files := make([]file, len(mfiles))
+	for i, f := range mfiles {
+		files[i] = file{name: f.Name, data: f.Data}
 	}
 	return files, nil
 }
 
+func manifestFiles(files []file) []manifest.File {
+	mfiles := make([]manifest.File, len(files))
+	for i, f := range files {
+		mfiles[i] = manifest.File{Name: f.name, Data: f.data}
+	}
+	return mfiles
+}
+
 // hashFiles fingerprints a directory's content, to reload only on change.
 func hashFiles(files []file) [sha256.Size]byte {
-	h := sha256.New()
-	for _, f := range files {
-		fmt.Fprintf(h, "%d:%s%d:", len(f.name), f.name, len(f.data))
-		h.Write(f.data)
-	}
-	var sum [sha256.Size]byte
-	h.Sum(sum[:0])
-	return sum
+	return manifest.Hash(manifestFiles(files))
 }
 
 // loader parses and validates documents into a docSet.
@@ -133,8 +90,12 @@ func newLoader(wlNamespace string, td spiffeid.TrustDomain, log *slog.Logger) *l
 
 // load validates all files as one unit: any error fails the whole set.
 func (l *loader) load(files []file) (*docSet, error) {
-	for _, f := range files {
-		l.addFile(f.name, f.data)
+	for d, err := range manifest.Objects(manifestFiles(files)) {
+		if err != nil {
+			l.errs = append(l.errs, err)
+			continue
+		}
+		l.addObject(d)
 	}
 	if len(l.errs) > 0 {
 		if len(l.errs) > maxErrors {
@@ -152,168 +113,64 @@ type document struct {
 	data  []byte
 }
 
-// splitDocuments splits a YAML stream at "---" lines. Documents holding
-// only blanks and comments are dropped and not counted.
+// splitDocuments splits a YAML stream as the loader does (manifest.Split).
 func splitDocuments(data []byte) []document {
-	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
 	var docs []document
-	start, startLine, line := 0, 1, 1
-	content := false
-	flush := func(end int) {
-		if content {
-			docs = append(docs, document{index: len(docs) + 1, line: startLine, data: data[start:end]})
-		}
+	for _, p := range manifest.Split(data) {
+		docs = append(docs, document{index: p.Index, line: p.Line, data: p.Data})
 	}
-	for off := 0; off < len(data); line++ {
-		end := bytes.IndexByte(data[off:], '\n')
-		next := len(data)
-		if end >= 0 {
-			next = off + end + 1
-		}
-		text := strings.TrimRight(string(data[off:next]), "\r\n")
-		if rest, ok := separator(text); ok {
-			flush(off)
-			start, startLine, content = next, line+1, false
-			if r := strings.TrimSpace(rest); r != "" && !strings.HasPrefix(r, "#") {
-				start, startLine, content = off+3, line, true // "--- {inline: document}"
-			}
-		} else if t := strings.TrimSpace(text); t != "" && !strings.HasPrefix(t, "#") {
-			content = true
-		}
-		off = next
-	}
-	flush(len(data))
 	return docs
 }
 
-// separator reports whether line is a "---" document marker, and what
-// follows it on the line.
-func separator(line string) (rest string, ok bool) {
-	rest, ok = strings.CutPrefix(line, "---")
-	return rest, ok && (rest == "" || rest[0] == ' ' || rest[0] == '\t')
-}
-
-var yamlLine = regexp.MustCompile(`\bline (\d+)(: )?`)
-
-// syntaxError turns a sigs.k8s.io/yaml error into "line N: ..." with N
-// counted from the start of the file.
-func syntaxError(err error, firstLine int) error {
-	msg := err.Error()
-	msg = strings.TrimPrefix(msg, "error converting YAML to JSON: ")
-	msg = strings.TrimPrefix(msg, "yaml: ")
-	m := yamlLine.FindStringSubmatchIndex(msg)
-	if m == nil {
-		return errors.New(msg)
-	}
-	n, _ := strconv.Atoi(msg[m[2]:m[3]])
-	msg = strings.TrimSpace(msg[:m[0]] + msg[m[1]:])
-	msg = strings.TrimSuffix(strings.TrimPrefix(msg, "unmarshal errors:"), ":")
-	return fmt.Errorf("line %d: %s", firstLine+n-1, strings.TrimSpace(msg))
-}
-
-func (l *loader) addFile(name string, data []byte) {
-	for _, doc := range splitDocuments(data) {
-		where := fmt.Sprintf("%s: document %d", name, doc.index)
-		j, err := yaml.YAMLToJSONStrict(doc.data)
-		if err != nil {
-			l.errs = append(l.errs, fmt.Errorf("%s: %w", where, syntaxError(err, doc.line)))
-			continue
-		}
-		l.addObject(where, j)
-	}
-}
-
-// addObject routes one JSON object by apiVersion and kind.
-func (l *loader) addObject(where string, j []byte) {
-	if isNull(j) {
-		return
-	}
-	var h header
-	if bytes.HasPrefix(bytes.TrimSpace(j), []byte("{")) {
-		_ = json.Unmarshal(j, &h) // a non-string kind is just not ours
-	}
-	group, version, _ := strings.Cut(h.APIVersion, "/")
-	if version == "" {
-		group, version = "", group
-	}
+// addObject routes one object by apiVersion and kind.
+func (l *loader) addObject(d manifest.Doc) {
+	group, _, kind := d.Kind()
 	var err error
 	switch {
-	case h.Kind == "List" && group == "" && version == "v1":
-		err = l.addList(where, j)
-	case group == "security.istio.io" && h.Kind == "PeerAuthentication":
-		err = addKind(l, where, j, version, []string{"v1", "v1beta1"}, func(m meta, s *peerAuthSpec) error {
+	case group == "security.istio.io" && kind == "PeerAuthentication":
+		err = addKind(l, d, []string{"v1", "v1beta1"}, func(m meta, s *peerAuthSpec) error {
 			p, err := compilePeerAuth(m, s)
 			if err == nil {
 				l.set.peerAuths = append(l.set.peerAuths, p)
 			}
 			return err
 		})
-	case group == "security.istio.io" && h.Kind == "AuthorizationPolicy":
-		err = addKind(l, where, j, version, []string{"v1", "v1beta1"}, func(m meta, s *authzSpec) error {
+	case group == "security.istio.io" && kind == "AuthorizationPolicy":
+		err = addKind(l, d, []string{"v1", "v1beta1"}, func(m meta, s *authzSpec) error {
 			p, err := compileAuthz(m, s, l.td)
 			if err == nil {
 				l.set.authz = append(l.set.authz, p)
 			}
 			return err
 		})
-	case group == "networking.istio.io" && h.Kind == "DestinationRule":
-		err = addKind(l, where, j, version, []string{"v1", "v1beta1", "v1alpha3"}, func(m meta, s *destRuleSpec) error {
-			d, err := compileDestRule(m, s)
+	case group == "networking.istio.io" && kind == "DestinationRule":
+		err = addKind(l, d, []string{"v1", "v1beta1", "v1alpha3"}, func(m meta, s *destRuleSpec) error {
+			dr, err := compileDestRule(m, s)
 			if err == nil {
-				l.set.dests = append(l.set.dests, d)
+				l.set.dests = append(l.set.dests, dr)
 			}
 			return err
 		})
 	default:
-		l.log.Debug("policy: ignoring unsupported kind", "where", where, "apiVersion", h.APIVersion, "kind", h.Kind)
+		apiVersion, _ := d.Header()
+		l.log.Debug("policy: ignoring unsupported kind", "where", d.Where, "apiVersion", apiVersion, "kind", kind)
 	}
 	if err != nil {
 		l.errs = append(l.errs, err)
 	}
 }
 
-// addList loads the items of a kind: List (as `kubectl get -o yaml` writes).
-func (l *loader) addList(where string, j []byte) error {
-	var list struct {
-		Items []json.RawMessage `json:"items"`
+// addKind strictly decodes an object of a supported kind (see
+// manifest.DecodeObject) and hands it to add.
+func addKind[S any](l *loader, d manifest.Doc, versions []string, add func(meta, *S) error) error {
+	// No namespace: the workload's, as `kubectl apply` without -n does.
+	obj, err := manifest.DecodeObject[S](d, versions, l.wlNamespace)
+	if err != nil {
+		return err
 	}
-	if err := json.Unmarshal(j, &list); err != nil {
-		return fmt.Errorf("%s: items: want a list of objects", where)
-	}
-	for i, item := range list.Items {
-		l.addObject(fmt.Sprintf("%s: items[%d]", where, i), item)
-	}
-	return nil
-}
-
-// addKind strictly decodes an object of a supported kind and hands it to add.
-func addKind[S any](l *loader, where string, j []byte, version string, versions []string, add func(meta, *S) error) error {
-	var obj object[S]
-	// Decode first to learn the name for the error's "where".
-	derr := decodeStrict("", j, &obj)
 	m := meta{kind: obj.Kind, namespace: obj.Metadata.Namespace, name: obj.Metadata.Name, created: obj.Metadata.CreationTimestamp.Time}
-	if m.namespace == "" {
-		m.namespace = l.wlNamespace // as `kubectl apply` without -n puts it in the current namespace
-	}
-	if m.name != "" {
-		where = fmt.Sprintf("%s (%s %s)", where, m.kind, m.id())
-	}
+	where := d.Named(m.kind, m.id())
 	fail := func(err error) error { return fmt.Errorf("%s: %w", where, err) }
-	if !slices.Contains(versions, version) {
-		return fail(fieldErrorf("apiVersion", "%q: %s is read in versions %s", obj.APIVersion, m.kind, strings.Join(versions, ", ")))
-	}
-	if derr != nil {
-		return fail(derr)
-	}
-	if m.name == "" {
-		return fail(fieldErrorf("metadata.name", "required"))
-	}
-	if errs := validation.IsDNS1123Subdomain(m.name); len(errs) > 0 {
-		return fail(fieldErrorf("metadata.name", "%q: %s", m.name, strings.Join(errs, "; ")))
-	}
-	if errs := validation.IsDNS1123Label(m.namespace); m.namespace != "" && len(errs) > 0 {
-		return fail(fieldErrorf("metadata.namespace", "%q: %s", m.namespace, strings.Join(errs, "; ")))
-	}
 	key := m.kind + "/" + m.id()
 	if first, dup := l.seen[key]; dup {
 		return fail(fmt.Errorf("%s %s is defined twice (first in %s)", m.kind, m.id(), first))

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/meshproxy/meshproxy/metrics"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
 )
 
 // BenchmarkCopyLoop measures the forwarder alone: bytes/s from a client
@@ -13,8 +14,8 @@ import (
 func BenchmarkCopyLoop(b *testing.B) {
 	client, down := tcpPair(b)
 	up, sink := tcpPair(b)
-	t := newTracked(b.Context(), DirInbound, down)
-	t.addSocket(up)
+	t := conntrack.NewConn(b.Context(), DirInbound, down)
+	t.AddSocket(up)
 	done := make(chan error, 1)
 	go func() { done <- forward(t, down, up, DefaultIdleTimeout, metrics.Bytes.WithLabelValues(DirInbound)) }()
 	drained := make(chan int64, 1)

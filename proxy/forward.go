@@ -11,7 +11,7 @@ import (
 // forward copies between down (the accepted side) and up until both
 // directions have ended, counting into t; see forward.Forward.
 func forward(t *tracked, down, up net.Conn, idle time.Duration, bytes prometheus.Counter) error {
-	return fwd.Forward(down, up, &t.stats, idle, t.abort, bytes)
+	return fwd.Forward(down, up, &t.Stats, idle, t.Abort, bytes)
 }
 
 var errIdle = fwd.ErrIdle

@@ -180,21 +180,34 @@ func joinIDs(ids []spiffeid.ID) string {
 // maxClientConfigs bounds the outbound config cache; it is emptied when full.
 const maxClientConfigs = 1024
 
-// clientConfigs caches outbound TLS configs by (SNI, expected identity), so
-// each distinct destination builds its config once and handshakes reuse it.
-type clientConfigs struct {
+// maxClientSessions bounds the TLS sessions kept for resumption, shared by
+// every config of a ClientConfigs (keyed by SNI, else the server address).
+const maxClientSessions = 1024
+
+// ClientConfigs caches mesh client TLS configs by (SNI, expected
+// identities), so each distinct destination builds its config once and
+// handshakes reuse it. The sidecar's outbound side and the gateway share it.
+type ClientConfigs struct {
 	src tlsmgr.Source
-	mu  sync.Mutex
-	m   map[string]*tls.Config
+	// sessions resumes TLS 1.3 sessions; it forgets them all when src's
+	// generation changes, and VerifyConnection re-checks every resumed peer.
+	sessions tls.ClientSessionCache
+	mu       sync.Mutex
+	m        map[string]*tls.Config
 }
 
-func newClientConfigs(src tlsmgr.Source) *clientConfigs {
-	return &clientConfigs{src: src, m: make(map[string]*tls.Config)}
+// NewClientConfigs returns an empty cache of configs presenting src's SVID.
+func NewClientConfigs(src tlsmgr.Source) *ClientConfigs {
+	return &ClientConfigs{
+		src:      src,
+		sessions: tlsmgr.NewClientSessionCache(src, maxClientSessions),
+		m:        make(map[string]*tls.Config),
+	}
 }
 
-// get returns the config that sends sni and accepts a server presenting one
-// of ids, or, if ids is empty, any member of td.
-func (c *clientConfigs) get(sni string, ids []spiffeid.ID, td spiffeid.TrustDomain) *tls.Config {
+// Get returns the config (ALPN istio) that sends sni and accepts a server
+// presenting one of ids, or, if ids is empty, any member of td.
+func (c *ClientConfigs) Get(sni string, ids []spiffeid.ID, td spiffeid.TrustDomain) *tls.Config {
 	var key string
 	if len(ids) > 0 {
 		key = sni + "|id|" + joinIDs(ids)
@@ -212,9 +225,26 @@ func (c *clientConfigs) get(sni string, ids []spiffeid.ID, td spiffeid.TrustDoma
 	}
 	cfg := tlsmgr.ClientConfig(c.src, authz, tlsmgr.ALPNIstio)
 	cfg.ServerName = sni
+	cfg.ClientSessionCache = c.sessions
 	if len(c.m) >= maxClientConfigs {
 		clear(c.m)
 	}
 	c.m[key] = cfg
 	return cfg
+}
+
+// newServerTLS builds the inbound mesh server config. Its session tickets
+// are bound to src's generation and to pol's, so a session resumed after a
+// trust bundle or policy change is refused and a full handshake follows.
+func newServerTLS(src tlsmgr.Source, pol PolicySource) *tls.Config {
+	return tlsmgr.ServerConfig(src, authorizeBundleMember(src),
+		tlsmgr.WithSessionGeneration(func() uint64 {
+			if pol == nil {
+				return 0
+			}
+			if snap := pol.Current(); snap != nil {
+				return snap.Generation()
+			}
+			return 0
+		}))
 }

@@ -13,13 +13,13 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/proxy/proxytest"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -112,65 +112,17 @@ func startProxy(t testing.TB, src tlsmgr.Source, pol PolicySource, opts ...Optio
 }
 
 // app is a TCP server on loopback running handle for each connection.
-type app struct {
-	ln    net.Listener
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup
-}
+type app struct{ *proxytest.App }
 
-func (a *app) addr() string { return a.ln.Addr().String() }
+func (a *app) addr() string { return a.Addr() }
 
 func startApp(t testing.TB, handle func(net.Conn)) *app {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := &app{ln: ln, conns: make(map[net.Conn]struct{})}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			a.mu.Lock()
-			a.conns[c] = struct{}{}
-			a.mu.Unlock()
-			a.wg.Add(1)
-			go func() {
-				defer a.wg.Done()
-				defer func() {
-					c.Close()
-					a.mu.Lock()
-					delete(a.conns, c)
-					a.mu.Unlock()
-				}()
-				_ = c.SetDeadline(time.Now().Add(2 * clientWait))
-				handle(c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		a.mu.Lock()
-		for c := range a.conns {
-			c.Close()
-		}
-		a.mu.Unlock()
-		a.wg.Wait()
-	})
-	return a
+	return &app{proxytest.StartApp(t, 2*clientWait, handle)}
 }
 
 // echo copies everything back, then half-closes.
-func echo(c net.Conn) {
-	_, _ = io.Copy(c, c)
-	_ = closeWrite(c)
-	_, _ = io.Copy(io.Discard, c)
-}
+func echo(c net.Conn) { proxytest.Echo(c) }
 
 // banner speaks first, then echoes.
 func banner(c net.Conn) {
@@ -197,13 +149,7 @@ func tlsApp(m *mesh, t testing.TB) func(net.Conn) {
 // dial connects to addr with a deadline covering the whole exchange.
 func dial(t testing.TB, addr string) net.Conn {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, clientWait)
-	if err != nil {
-		t.Fatalf("dial %s: %v", addr, err)
-	}
-	_ = c.SetDeadline(time.Now().Add(clientWait))
-	t.Cleanup(func() { c.Close() })
-	return c
+	return proxytest.Dial(t, addr, clientWait)
 }
 
 // roundTrip writes msg and expects it echoed back.

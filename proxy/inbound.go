@@ -49,7 +49,7 @@ func (p *Proxy) handleInbound(l *listener, t *tracked, c net.Conn) {
 	case sniff.MeshTLS:
 		start := time.Now()
 		tc := tls.Server(sc, p.serverTLS)
-		ctx, cancel := context.WithTimeout(t.ctx, p.opts.handshakeTimeout)
+		ctx, cancel := context.WithTimeout(t.Context(), p.opts.handshakeTimeout)
 		err := tc.HandshakeContext(ctx)
 		cancel()
 		result := observeHandshake(DirInbound, start, err)
@@ -78,6 +78,21 @@ func (p *Proxy) handleInbound(l *listener, t *tracked, c net.Conn) {
 // for anything but mesh mTLS) and, if allowed, connects to the app (see
 // dialApp for the source address).
 func (p *Proxy) authorizeAndForward(l *listener, t *tracked, snap *policy.Snapshot, down net.Conn, dest string, port uint16, mode string, peer spiffeid.ID) {
+	if !p.authorize(t, snap, dest, port, mode, peer) {
+		return
+	}
+	up, err := p.dialApp(l, t, dest)
+	if err != nil {
+		p.refuse(t, refusal{mode: mode, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
+		return
+	}
+	p.pipe(t, down, up, dest, mode, peer)
+}
+
+// authorize applies the AuthorizationPolicies of snap to a connection from
+// peer (zero for anything but mesh mTLS) to port; a denial is counted,
+// logged and the connection refused. The :15006 and HBONE paths share it.
+func (p *Proxy) authorize(t *tracked, snap *policy.Snapshot, dest string, port uint16, mode string, peer spiffeid.ID) bool {
 	req := policy.Request{Peer: peer, Port: port}
 	if !peer.IsZero() {
 		// A peer of a federated trust domain needs a policy naming it.
@@ -87,14 +102,9 @@ func (p *Proxy) authorizeAndForward(l *listener, t *tracked, snap *policy.Snapsh
 	if !dec.Allowed {
 		metrics.PolicyDenials.WithLabelValues(dec.Reason).Inc()
 		p.refuse(t, refusal{mode: mode, decision: dec.Reason, dest: dest, peer: peer, policy: dec.Policy})
-		return
+		return false
 	}
-	up, err := p.dialApp(l, t, dest)
-	if err != nil {
-		p.refuse(t, refusal{mode: mode, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
-		return
-	}
-	p.pipe(t, down, up, dest, mode, peer)
+	return true
 }
 
 // handshakeError carries the handshake result label into the log line.

@@ -59,6 +59,7 @@ type options struct {
 	listenConfig     net.ListenConfig
 	inboundListen    ListenFunc
 	inboundDialer    InboundDialFunc
+	hbone            hboneOptions // see hbone.go
 }
 
 func defaultOptions() options {
@@ -68,6 +69,7 @@ func defaultOptions() options {
 		handshakeTimeout: DefaultHandshakeTimeout,
 		log:              slog.Default(),
 		dialer:           &net.Dialer{Timeout: DefaultDialTimeout},
+		hbone:            defaultHBONEOptions(),
 	}
 }
 

@@ -60,6 +60,10 @@ func (p *Proxy) handleOutbound(l *listener, t *tracked, c net.Conn) {
 // empty. With ruleSANs, ids come from the DestinationRule covering the
 // address actually reached (an explicit destination may be a host name).
 func (p *Proxy) originate(t *tracked, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
+	if p.opts.hbone.outbound {
+		p.originateHBONE(t, down, dest, sni, ids, ruleSANs)
+		return
+	}
 	up, err := p.dial(t, dest)
 	if err != nil {
 		p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionUnreachable, dest: dest, err: err})
@@ -77,8 +81,8 @@ func (p *Proxy) originate(t *tracked, down net.Conn, dest, sni string, ids []spi
 	}
 
 	start := time.Now()
-	tc := tls.Client(up, p.clientTLS.get(sni, ids, td))
-	ctx, cancel := context.WithTimeout(t.ctx, p.opts.handshakeTimeout)
+	tc := tls.Client(up, p.clientTLS.Get(sni, ids, td))
+	ctx, cancel := context.WithTimeout(t.Context(), p.opts.handshakeTimeout)
 	err = tc.HandshakeContext(ctx)
 	cancel()
 	result := observeHandshake(DirOutbound, start, err)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -60,14 +61,15 @@ const (
 	outboundTransparent
 	inboundExplicit
 	outboundExplicit
+	inboundHBONE
 )
 
 func (k listenerKind) String() string {
-	return [...]string{"inbound", "outbound", "inbound-explicit", "outbound-explicit"}[k]
+	return [...]string{"inbound", "outbound", "inbound-explicit", "outbound-explicit", "inbound-hbone"}[k]
 }
 
 func (k listenerKind) direction() string {
-	if k == inboundTransparent || k == inboundExplicit {
+	if k == inboundTransparent || k == inboundExplicit || k == inboundHBONE {
 		return DirInbound
 	}
 	return DirOutbound
@@ -92,16 +94,16 @@ type Proxy struct {
 	opts      options
 	log       *slog.Logger
 	serverTLS *tls.Config
-	clientTLS *clientConfigs
+	clientTLS *ClientConfigs
+	hbone     *hbone
 	base      context.Context
+
+	conns *conntrack.Table
 
 	mu        sync.Mutex
 	started   bool
 	closing   bool
 	listeners []*listener
-	conns     map[*tracked]struct{}
-	connWG    sync.WaitGroup
-	acceptWG  sync.WaitGroup
 
 	inboundFallback sync.Once // logs the first inbound dial that cannot use the client's address
 }
@@ -113,14 +115,16 @@ func New(src tlsmgr.Source, pol PolicySource, opts ...Option) *Proxy {
 	for _, opt := range opts {
 		opt(&o)
 	}
+	log := o.log.With("component", "proxy")
 	return &Proxy{
 		src:       src,
 		pol:       pol,
 		opts:      o,
-		log:       o.log.With("component", "proxy"),
-		serverTLS: tlsmgr.ServerConfig(src, authorizeBundleMember(src)),
-		clientTLS: newClientConfigs(src),
-		conns:     make(map[*tracked]struct{}),
+		log:       log,
+		serverTLS: newServerTLS(src, pol),
+		clientTLS: NewClientConfigs(src),
+		hbone:     newHBONE(src, pol, o),
+		conns:     conntrack.NewTable(log, o.maxConns),
 	}
 }
 
@@ -155,8 +159,7 @@ func (p *Proxy) Start(ctx context.Context) error {
 	p.listeners = ls
 	p.started = true
 	for _, l := range ls {
-		p.acceptWG.Add(1)
-		go p.serve(l)
+		p.conns.Serve(l.ln, func(c net.Conn) { p.admit(l, c) }, "listener", l.name)
 		p.log.Info("listening", "listener", l.name, "addr", l.ln.Addr().String())
 	}
 	return nil
@@ -215,68 +218,27 @@ func splitHostPort(addr string) (string, uint16, error) {
 	return host, uint16(port), nil
 }
 
-// serve accepts connections on l until it is closed.
-func (p *Proxy) serve(l *listener) {
-	defer p.acceptWG.Done()
-	var backoff time.Duration
-	for {
-		c, err := l.ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			// Out of descriptors and the like: wait a little, keep serving.
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			p.log.Warn("accept failed", "listener", l.name, "err", err, "retry_in", backoff)
-			time.Sleep(backoff)
-			continue
-		}
-		backoff = 0
-		p.admit(l, c)
-	}
-}
-
 // admit starts handling c, or closes it at once when over the limit or
 // shutting down.
 func (p *Proxy) admit(l *listener, c net.Conn) {
 	dir := l.spec.kind.direction()
-	p.mu.Lock()
-	if p.closing {
-		p.mu.Unlock()
-		c.Close()
-		return
-	}
-	if max := p.opts.maxConns; max > 0 && len(p.conns) >= max {
-		p.mu.Unlock()
-		metrics.Connections.WithLabelValues(dir, ModeUnknown, DecisionOverLimit).Inc()
-		p.log.Warn("connection refused", "direction", dir, "listener", l.name,
-			"source", c.RemoteAddr().String(), "reason", DecisionOverLimit, "max_connections", max)
-		c.Close()
-		return
-	}
-	t := newTracked(p.base, dir, c)
-	p.conns[t] = struct{}{}
-	p.connWG.Add(1)
-	p.mu.Unlock()
-
-	metrics.ConnectionsActive.WithLabelValues(dir).Inc()
-	go func() {
-		defer p.release(t)
-		if dir == DirInbound {
+	err := p.conns.Admit(p.base, dir, c, metrics.ConnectionsActive.WithLabelValues(dir), func(t *tracked) {
+		if l.spec.kind == inboundHBONE {
+			p.serveHBONE(l, t, c)
+		} else if dir == DirInbound {
 			p.handleInbound(l, t, c)
 		} else {
 			p.handleOutbound(l, t, c)
 		}
-	}()
-}
-
-func (p *Proxy) release(t *tracked) {
-	t.abort() // closes anything still open; a no-op after a clean close
-	metrics.ConnectionsActive.WithLabelValues(t.direction).Dec()
-	p.mu.Lock()
-	delete(p.conns, t)
-	p.mu.Unlock()
-	p.connWG.Done()
+	})
+	if errors.Is(err, conntrack.ErrOverLimit) {
+		metrics.Connections.WithLabelValues(dir, ModeUnknown, DecisionOverLimit).Inc()
+		p.log.Warn("connection refused", "direction", dir, "listener", l.name,
+			"source", c.RemoteAddr().String(), "reason", DecisionOverLimit, "max_connections", p.opts.maxConns)
+	}
+	if err != nil {
+		c.Close()
+	}
 }
 
 // Shutdown stops accepting, lets open connections finish until ctx is done,
@@ -285,32 +247,15 @@ func (p *Proxy) release(t *tracked) {
 func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
 	p.closing = true
+	p.conns.Close()
 	ls := p.listeners
 	p.mu.Unlock()
 	for _, l := range ls {
 		l.ln.Close()
 	}
-	p.acceptWG.Wait()
-
-	done := make(chan struct{})
-	go func() {
-		p.connWG.Wait()
-		close(done)
-	}()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-	}
-	p.mu.Lock()
-	n := len(p.conns)
-	for t := range p.conns {
-		t.abort()
-	}
-	p.mu.Unlock()
-	p.log.Warn("drain deadline reached, closing connections", "open", n)
-	<-done
-	return fmt.Errorf("drain: %w", ctx.Err())
+	p.hbone.shutdown()
+	defer p.hbone.pool.close()
+	return p.conns.Drain(ctx)
 }
 
 // Ready returns nil when every listener is bound and the identity source is
@@ -344,17 +289,7 @@ func (p *Proxy) Addrs() []net.Addr {
 }
 
 // Peers lists the established connections.
-func (p *Proxy) Peers() []PeerInfo {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := make([]PeerInfo, 0, len(p.conns))
-	for t := range p.conns {
-		if pi, ok := t.info(); ok {
-			out = append(out, pi)
-		}
-	}
-	return out
-}
+func (p *Proxy) Peers() []PeerInfo { return p.conns.Peers() }
 
 // Config is the effective configuration, as GET /config shows it.
 type Config struct {
@@ -449,8 +384,8 @@ type refusal struct {
 
 // refuse counts and logs a refused connection; the caller's release closes it.
 func (p *Proxy) refuse(t *tracked, r refusal) {
-	metrics.Connections.WithLabelValues(t.direction, r.mode, r.decision).Inc()
-	attrs := []any{"direction", t.direction, "source", t.source, "mode", r.mode, "reason", r.decision}
+	metrics.Connections.WithLabelValues(t.Direction, r.mode, r.decision).Inc()
+	attrs := []any{"direction", t.Direction, "source", t.Source, "mode", r.mode, "reason", r.decision}
 	if r.dest != "" {
 		attrs = append(attrs, "destination", r.dest)
 	}
@@ -464,7 +399,7 @@ func (p *Proxy) refuse(t *tracked, r refusal) {
 		attrs = append(attrs, "err", r.err.Error())
 	}
 	p.log.Warn("connection refused", attrs...)
-	t.abort()
+	t.Abort()
 }
 
 // dial opens an upstream connection for t and registers it for abort.
@@ -480,13 +415,13 @@ func (p *Proxy) dialApp(l *listener, t *tracked, addr string) (net.Conn, error) 
 	if l.spec.kind != inboundTransparent || fn == nil {
 		return p.dial(t, addr)
 	}
-	client, err := netip.ParseAddrPort(t.source)
+	client, err := netip.ParseAddrPort(t.Source)
 	client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 	if err != nil || client.Addr().IsLoopback() || client.Addr().IsUnspecified() {
 		// Replies to such an address could not be steered back to us.
 		p.inboundFallback.Do(func() {
 			p.log.Info("inbound: client address is loopback or unknown, connecting to the app from the proxy's own address (logged once)",
-				"source", t.source, "destination", addr)
+				"source", t.Source, "destination", addr)
 		})
 		return p.dial(t, addr)
 	}
@@ -501,17 +436,8 @@ func (p *Proxy) dialApp(l *listener, t *tracked, addr string) (net.Conn, error) 
 
 // dialWith opens an upstream connection for t with dial and registers it
 // for abort.
-func (p *Proxy) dialWith(t *tracked, addr string, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(t.ctx, DefaultDialTimeout)
-	defer cancel()
-	c, err := dial(ctx, "tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", addr, err)
-	}
-	if !t.addSocket(c) {
-		return nil, fmt.Errorf("dial %s: connection closed meanwhile", addr)
-	}
-	return c, nil
+func (p *Proxy) dialWith(t *tracked, addr string, dial conntrack.DialFunc) (net.Conn, error) {
+	return t.Dial(dial, addr, DefaultDialTimeout)
 }
 
 // pipe counts an allowed connection, forwards it and logs its end.
@@ -520,13 +446,13 @@ func (p *Proxy) pipe(t *tracked, down, up net.Conn, dest, mode string, peer spif
 	if !peer.IsZero() {
 		peerID = peer.String()
 	}
-	metrics.Connections.WithLabelValues(t.direction, mode, DecisionAllow).Inc()
-	t.establish(dest, mode, peerID)
-	p.log.Debug("connection open", "direction", t.direction, "source", t.source, "destination", dest, "mode", mode, "peer", peerID)
-	err := forward(t, down, up, p.opts.idleTimeout, metrics.Bytes.WithLabelValues(t.direction))
-	attrs := []any{"direction", t.direction, "source", t.source, "destination", dest, "mode", mode,
-		"peer", peerID, "bytes_in", t.stats.In.Load(), "bytes_out", t.stats.Out.Load(),
-		"duration", time.Since(t.since).Round(time.Millisecond).String()}
+	metrics.Connections.WithLabelValues(t.Direction, mode, DecisionAllow).Inc()
+	t.Establish(dest, mode, peerID)
+	p.log.Debug("connection open", "direction", t.Direction, "source", t.Source, "destination", dest, "mode", mode, "peer", peerID)
+	err := forward(t, down, up, p.opts.idleTimeout, metrics.Bytes.WithLabelValues(t.Direction))
+	attrs := []any{"direction", t.Direction, "source", t.Source, "destination", dest, "mode", mode,
+		"peer", peerID, "bytes_in", t.Stats.In.Load(), "bytes_out", t.Stats.Out.Load(),
+		"duration", time.Since(t.Since).Round(time.Millisecond).String()}
 	switch {
 	case errors.Is(err, errIdle):
 		p.log.Info("connection closed: idle timeout", attrs...)

@@ -210,7 +210,7 @@ func TestHalfHellosHeldOpenDoNotExhaustSlots(t *testing.T) {
 	eventually(t, "all slots taken", func() bool {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		return len(p.conns) == slots
+		return p.conns.Len() == slots
 	})
 	// While they are held, the slots really are full.
 	if err := meshClient(web)(t, addr); err == nil {
@@ -235,7 +235,7 @@ func TestHalfHellosHeldOpenDoNotExhaustSlots(t *testing.T) {
 	eventually(t, "slots released", func() bool {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		return len(p.conns) == 0
+		return p.conns.Len() == 0
 	})
 	if err := meshClient(web)(t, addr); err != nil {
 		t.Fatalf("valid client refused after the half-hellos timed out: %v", err)
@@ -301,7 +301,7 @@ func TestConnectionFloodPastMaxConnections(t *testing.T) {
 	eventually(t, "slot released", func() bool {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		return len(p.conns) < slots
+		return p.conns.Len() < slots
 	})
 	if err := meshClient(web)(t, addr); err != nil {
 		t.Fatalf("valid client refused after the flood: %v", err)

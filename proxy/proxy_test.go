@@ -188,7 +188,7 @@ func TestTransparentOutboundChoosesMTLSOrPassthrough(t *testing.T) {
 	st, _ := policyStore(t, peerAuth("STRICT"))
 	server := startProxy(t, m.identity(t, echoID), st, WithInboundExplicit("127.0.0.1:0", a.addr()))
 	meshPort := server.Addrs()[0].(*net.TCPAddr).Port // STRICT: only mesh mTLS gets through
-	appPort := a.ln.Addr().(*net.TCPAddr).Port        // plaintext: only passthrough gets through
+	appPort := int(a.Port())                          // plaintext: only passthrough gets through
 
 	tests := []struct {
 		name     string
@@ -245,7 +245,7 @@ func TestOutboundSendsIstioALPNAndSNI(t *testing.T) {
 			echo(tc)
 		}
 	})
-	port := a.ln.Addr().(*net.TCPAddr).Port
+	port := int(a.Port())
 	st, _ := policyStore(t, "")
 	client := startProxy(t, m.identity(t, webID), st,
 		WithOutboundExplicit("127.0.0.1:0", fmt.Sprintf("localhost:%d", port), spiffeid.ID{}))
@@ -668,7 +668,7 @@ func testutilBytes(dir string) float64 {
 func TestPolicyPortIsTheDestinationPort(t *testing.T) {
 	m := newMesh(t)
 	open, closed := startApp(t, echo), startApp(t, echo)
-	openPort := open.ln.Addr().(*net.TCPAddr).Port
+	openPort := int(open.Port())
 	st, _ := policyStore(t, fmt.Sprintf(`apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata:

@@ -84,56 +84,73 @@ func NewRotator(issuer Issuer, opts ...Option) (*Rotator, error) {
 var errNoCertificate = fmt.Errorf("%w: no certificate issued yet", ErrNoIdentity)
 
 // Certificate implements Source. It only loads a pointer.
-func (r *Rotator) Certificate() (*tls.Certificate, error) {
-	if cur := r.cur.Load(); cur != nil {
-		return cur.cert, nil
-	}
-	return nil, errNoCertificate
-}
+func (r *Rotator) Certificate() (*tls.Certificate, error) { return r.cur.Load().certificate() }
 
 // GetX509SVID implements x509svid.Source.
-func (r *Rotator) GetX509SVID() (*x509svid.SVID, error) {
-	if cur := r.cur.Load(); cur != nil {
-		return cur.svid, nil
-	}
-	return nil, errNoCertificate
-}
+func (r *Rotator) GetX509SVID() (*x509svid.SVID, error) { return r.cur.Load().x509SVID() }
 
 // GetX509BundleForTrustDomain implements x509bundle.Source.
 func (r *Rotator) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	if cur := r.cur.Load(); cur != nil {
-		return cur.bundles.GetX509BundleForTrustDomain(td)
-	}
-	return nil, fmt.Errorf("%w: no trust bundle for %s yet", ErrNoIdentity, td)
+	return r.cur.Load().bundleFor(td)
 }
 
 // Generation implements Source; it is 0 until the first certificate.
-func (r *Rotator) Generation() uint64 {
-	if cur := r.cur.Load(); cur != nil {
-		return cur.gen
-	}
-	return 0
-}
+func (r *Rotator) Generation() uint64 { return r.cur.Load().generation() }
 
 // Ready implements Source: nil while an unexpired certificate is loaded,
 // even if renewals fail; otherwise why not, with the last CA error.
 func (r *Rotator) Ready() error {
-	r.mu.Lock()
-	lastErr := r.lastErr
-	r.mu.Unlock()
-	return readiness(r.cur.Load(), r.opts.clock.Now(), lastErr)
+	return readiness(r.cur.Load(), r.opts.clock.Now(), r.lastError())
 }
 
 // Status implements Source.
 func (r *Rotator) Status() Status {
+	return r.cur.Load().status("ca", errText(r.lastError()))
+}
+
+func (r *Rotator) lastError() error {
 	r.mu.Lock()
-	lastErr := r.lastErr
-	r.mu.Unlock()
-	msg := ""
-	if lastErr != nil {
-		msg = lastErr.Error()
+	defer r.mu.Unlock()
+	return r.lastErr
+}
+
+// The accessors below serve the sources whose identity may not be loaded
+// yet (Rotator, WorkloadAPISource): a nil id means none so far.
+
+func (id *identity) certificate() (*tls.Certificate, error) {
+	if id != nil {
+		return id.cert, nil
 	}
-	return r.cur.Load().status("ca", msg)
+	return nil, errNoCertificate
+}
+
+func (id *identity) x509SVID() (*x509svid.SVID, error) {
+	if id != nil {
+		return id.svid, nil
+	}
+	return nil, errNoCertificate
+}
+
+func (id *identity) bundleFor(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	if id != nil {
+		return id.bundles.GetX509BundleForTrustDomain(td)
+	}
+	return nil, fmt.Errorf("%w: no trust bundle for %s yet", ErrNoIdentity, td)
+}
+
+func (id *identity) generation() uint64 {
+	if id != nil {
+		return id.gen
+	}
+	return 0
+}
+
+// errText is err's message, or "" for nil.
+func errText(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
 }
 
 // Rotate implements Source: it renews the certificate now and returns the

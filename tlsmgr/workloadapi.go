@@ -299,37 +299,21 @@ func (s *WorkloadAPISource) lastError() error {
 
 // Certificate implements Source. It only loads a pointer.
 func (s *WorkloadAPISource) Certificate() (*tls.Certificate, error) {
-	if cur := s.cur.Load(); cur != nil {
-		return cur.cert, nil
-	}
-	return nil, errNoCertificate
+	return s.cur.Load().certificate()
 }
 
 // GetX509SVID implements x509svid.Source.
-func (s *WorkloadAPISource) GetX509SVID() (*x509svid.SVID, error) {
-	if cur := s.cur.Load(); cur != nil {
-		return cur.svid, nil
-	}
-	return nil, errNoCertificate
-}
+func (s *WorkloadAPISource) GetX509SVID() (*x509svid.SVID, error) { return s.cur.Load().x509SVID() }
 
 // GetX509BundleForTrustDomain implements x509bundle.Source; it knows the
 // workload's own trust domain and every federated one the agent sent.
 func (s *WorkloadAPISource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	if cur := s.cur.Load(); cur != nil {
-		return cur.bundles.GetX509BundleForTrustDomain(td)
-	}
-	return nil, fmt.Errorf("%w: no trust bundle for %s yet", ErrNoIdentity, td)
+	return s.cur.Load().bundleFor(td)
 }
 
 // Generation implements Source: it changes with every new SVID or bundle
 // set the agent pushes.
-func (s *WorkloadAPISource) Generation() uint64 {
-	if cur := s.cur.Load(); cur != nil {
-		return cur.gen
-	}
-	return 0
-}
+func (s *WorkloadAPISource) Generation() uint64 { return s.cur.Load().generation() }
 
 // Ready implements Source: nil while an unexpired SVID is loaded, even if
 // the agent is unreachable; otherwise why not, with the last Workload API
@@ -341,11 +325,7 @@ func (s *WorkloadAPISource) Ready() error {
 // Status implements Source. LastError is set while the agent is
 // unreachable or its last update was refused.
 func (s *WorkloadAPISource) Status() Status {
-	msg := ""
-	if err := s.lastError(); err != nil {
-		msg = err.Error()
-	}
-	return s.cur.Load().status(WorkloadAPISourceName, msg)
+	return s.cur.Load().status(WorkloadAPISourceName, errText(s.lastError()))
 }
 
 // Rotate implements Source. The Workload API has no "renew now" call: the

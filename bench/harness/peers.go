@@ -23,6 +23,9 @@ const (
 	// MeshproxyB is a second meshproxy binary (Binaries.MeshproxyB), for
 	// measuring a change against the baseline in the same interleaved run.
 	MeshproxyB Peer = "meshproxy-b"
+	// MeshproxyHBONE is the meshproxy pair with --hbone: app connections
+	// travel as HTTP/2 CONNECT streams over one pooled mTLS connection.
+	MeshproxyHBONE Peer = "meshproxy-hbone"
 )
 
 // AllPeers lists the peers of the comparison (MeshproxyB is opt-in).
@@ -38,16 +41,16 @@ func (p Peer) Title() string {
 	}
 }
 
-func (p Peer) isMeshproxy() bool { return p == Meshproxy || p == MeshproxyB }
+func (p Peer) isMeshproxy() bool { return p == Meshproxy || p == MeshproxyB || p == MeshproxyHBONE }
 
 // ParsePeer validates a peer name.
 func ParsePeer(s string) (Peer, error) {
-	for _, p := range []Peer{Meshproxy, HAProxy, Stunnel, MeshproxyB} {
+	for _, p := range []Peer{Meshproxy, HAProxy, Stunnel, MeshproxyB, MeshproxyHBONE} {
 		if string(p) == strings.ToLower(strings.TrimSpace(s)) {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("unknown peer %q (want meshproxy, haproxy, stunnel or meshproxy-b)", s)
+	return "", fmt.Errorf("unknown peer %q (want meshproxy, haproxy, stunnel, meshproxy-b or meshproxy-hbone)", s)
 }
 
 // readyTimeout bounds how long a pair may take to carry its first request.
@@ -70,7 +73,7 @@ type Binaries struct {
 // Path returns the binary of peer p, or "" if it is unavailable.
 func (b Binaries) Path(p Peer) string {
 	switch p {
-	case Meshproxy:
+	case Meshproxy, MeshproxyHBONE:
 		return b.Meshproxy
 	case MeshproxyB:
 		return b.MeshproxyB
@@ -200,7 +203,7 @@ func (e *Env) StartPair(ctx context.Context, peer Peer, opt PairOptions) (*Pair,
 }
 
 func (e *Env) startPair(ctx context.Context, peer Peer, opt PairOptions) (*Pair, error) {
-	ports, err := freePorts(3)
+	ports, err := freePorts(4)
 	if err != nil {
 		return nil, err
 	}
@@ -211,6 +214,11 @@ func (e *Env) startPair(ctx context.Context, peer Peer, opt PairOptions) (*Pair,
 		p.Admin = fmt.Sprintf("127.0.0.1:%d", ports[2])
 	}
 	serverArgv, clientArgv, err := e.argv(peer, clientAddr, serverAddr, p.Admin)
+	if err == nil && peer == MeshproxyHBONE {
+		hbone := fmt.Sprintf("127.0.0.1:%d", ports[3])
+		serverArgv = append(serverArgv, "--hbone", "--hbone-listen", hbone)
+		clientArgv = append(clientArgv, "--hbone", "--hbone-listen", "off", "--hbone-peer", serverAddr+"="+hbone)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -265,7 +273,7 @@ func (p *Pair) waitReady(ctx context.Context) error {
 func (e *Env) argv(peer Peer, clientAddr, serverAddr, admin string) (server, client []string, err error) {
 	k := e.PKI
 	switch peer {
-	case Meshproxy, MeshproxyB:
+	case Meshproxy, MeshproxyB, MeshproxyHBONE:
 		bin := e.Bins.Path(peer)
 		if admin == "" {
 			admin = "off"

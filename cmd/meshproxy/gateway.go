@@ -2,34 +2,25 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"strconv"
-	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/meshproxy/meshproxy/gateway"
-	"github.com/meshproxy/meshproxy/policy"
-	"github.com/meshproxy/meshproxy/proxy/admin"
 )
 
 // gatewayFlags are the flags of `meshproxy gateway`.
 type gatewayFlags struct {
 	identityFlags
+	serveFlags
 
 	configDir, credentialsDir string
 	listenHost                string
 	namespace, labelsFile     string
 	rootNamespace             string
 	trustDomain               string
-	admin, metrics, health    string
-	detectTimeout             time.Duration
-	idleTimeout               time.Duration
-	drainTimeout              time.Duration
-	maxConnections            int
-	logLevel, logFormat       string
 }
 
 func newGatewayCmd() *cobra.Command {
@@ -78,15 +69,7 @@ SIGTERM stops accepting and lets open connections finish for up to --drain-timeo
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the gateway's labels (downward-API format); when given, Gateway selectors must match them")
 	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
 	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the gateway's SVID)")
-	fl.StringVar(&f.admin, "admin", "127.0.0.1:15000", "admin API address; must be a loopback address ('off' disables)")
-	fl.StringVar(&f.metrics, "metrics", ":15020", "Prometheus metrics address ('off' disables)")
-	fl.StringVar(&f.health, "health", ":15021", "readiness endpoint address, /healthz/ready ('off' disables)")
-	fl.DurationVar(&f.detectTimeout, "detect-timeout", gateway.DefaultDetectTimeout, "how long a client on a TLS port may take to send its ClientHello")
-	fl.DurationVar(&f.idleTimeout, "idle-timeout", gateway.DefaultIdleTimeout, "close a connection with no traffic either way for this long")
-	fl.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long open connections may finish")
-	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: no limit)")
-	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	f.serveFlags.register(fl, "how long a client on a TLS port may take to send its ClientHello")
 	return cmd
 }
 
@@ -97,14 +80,9 @@ func (f *gatewayFlags) options() ([]gateway.Option, error) {
 		return nil, usagef("--config-dir is required: the directory of Gateway and VirtualService YAML")
 	case f.credentialsDir == "":
 		return nil, usagef("--credentials-dir is required: the directory of NAME.crt / NAME.key files")
-	case f.detectTimeout <= 0:
-		return nil, usagef("--detect-timeout must be positive")
-	case f.idleTimeout <= 0:
-		return nil, usagef("--idle-timeout must be positive")
-	case f.drainTimeout < 0:
-		return nil, usagef("--drain-timeout must not be negative")
-	case f.maxConnections < 0:
-		return nil, usagef("--max-connections must not be negative")
+	}
+	if err := f.serveFlags.validate(); err != nil {
+		return nil, err
 	}
 	opts := []gateway.Option{
 		gateway.WithDetectTimeout(f.detectTimeout),
@@ -139,12 +117,12 @@ func runGateway(ctx context.Context, f *gatewayFlags) error {
 	if err != nil {
 		return err
 	}
-	wl := policy.Workload{Namespace: f.namespace, Labels: map[string]string{}}
+	wl, err := workload(f.namespace, f.labelsFile)
+	if err != nil {
+		return err
+	}
 	var gwLabels map[string]string // nil: Gateway selectors are not checked
 	if f.labelsFile != "" {
-		if wl.Labels, err = policy.ReadLabelsFile(f.labelsFile); err != nil {
-			return fmt.Errorf("--labels-file: %w", err)
-		}
 		gwLabels = wl.Labels
 	}
 	gopts = append(gopts, gateway.WithLogger(log), gateway.WithWorkload(f.namespace, gwLabels))
@@ -160,19 +138,10 @@ func runGateway(ctx context.Context, f *gatewayFlags) error {
 	}
 	runIdentity(ctx, src, log)
 
-	polOpts := []policy.Option{policy.WithRootNamespace(f.rootNamespace), policy.WithLogger(log)}
-	if !td.IsZero() {
-		polOpts = append(polOpts, policy.WithTrustDomain(td))
-	}
-	store, err := policy.NewStore(f.configDir, wl, polOpts...)
+	store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log), log)
 	if err != nil {
-		return fmt.Errorf("--config-dir: %w", err)
+		return err
 	}
-	go func() {
-		if err := store.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
-			log.Error("policy watcher stopped", "err", err)
-		}
-	}()
 
 	gw, err := gateway.New(src, store, f.configDir, f.credentialsDir, gopts...)
 	if err != nil {
@@ -182,32 +151,5 @@ func runGateway(ctx context.Context, f *gatewayFlags) error {
 		return err
 	}
 	go func() { _ = gw.Run(ctx) }()
-	servers, err := startHTTP(log, []httpServer{
-		{"admin", f.admin, admin.Handler(src, gw)},
-		{"metrics", f.metrics, admin.MetricsHandler()},
-		{"health", f.health, admin.HealthHandler(gw)},
-	})
-	if err != nil {
-		shutdownCtx, c := context.WithTimeout(context.Background(), time.Second)
-		defer c()
-		_ = gw.Shutdown(shutdownCtx)
-		return err
-	}
-	log.Info("gateway started", "config_dir", f.configDir, "credentials_dir", f.credentialsDir,
-		"admin", f.admin, "metrics", f.metrics, "health", f.health)
-	logIdentityReady(ctx, src, log)
-
-	<-ctx.Done()
-	log.Info("draining", "timeout", f.drainTimeout)
-	drainCtx, drainCancel := context.WithTimeout(context.Background(), f.drainTimeout)
-	defer drainCancel()
-	err = gw.Shutdown(drainCtx)
-	for _, s := range servers {
-		_ = s.Close()
-	}
-	if err != nil {
-		log.Warn("drain ended with connections still open", "err", err)
-	}
-	log.Info("stopped")
-	return nil
+	return f.serve(ctx, log, src, gw, "gateway started", "config_dir", f.configDir, "credentials_dir", f.credentialsDir)
 }

@@ -12,14 +12,15 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/e2eutil"
 	"github.com/meshproxy/meshproxy/internal/testpki"
 )
 
@@ -151,11 +152,11 @@ spec:
 	tc := tls.Client(c, &tls.Config{RootCAs: pool, ServerName: "shop.example.com"})
 	msg := "GET / HTTP/1.1\r\nHost: shop.example.com\r\n\r\n"
 	if _, err := io.WriteString(tc, msg); err != nil {
-		t.Fatalf("write through the gateway: %v (gateway log:\n%s)", err, gateway.out.String())
+		t.Fatalf("write through the gateway: %v (gateway log:\n%s)", err, gateway.Output.String())
 	}
 	got := make([]byte, len(msg))
 	if _, err := io.ReadFull(tc, got); err != nil || string(got) != msg {
-		t.Fatalf("echo through gateway and sidecar = %q, %v (gateway log:\n%s)", got, err, gateway.out.String())
+		t.Fatalf("echo through gateway and sidecar = %q, %v (gateway log:\n%s)", got, err, gateway.Output.String())
 	}
 
 	// The gateway's admin API shows the open connection to the service's identity.
@@ -174,83 +175,44 @@ spec:
 	tc.Close()
 
 	for _, p := range []*gwProc{gateway, sidecar} {
-		if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		if err := p.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
 		}
 		select {
-		case <-p.done:
-			if code := p.cmd.ProcessState.ExitCode(); code != 0 {
-				t.Errorf("%s exited %d after SIGTERM:\n%s", p.name, code, p.out.String())
+		case <-p.Done():
+			if code := p.Cmd.ProcessState.ExitCode(); code != 0 {
+				t.Errorf("%s exited %d after SIGTERM:\n%s", p.name, code, p.Output.String())
 			}
 		case <-time.After(gwWait):
-			t.Fatalf("%s did not stop after SIGTERM:\n%s", p.name, p.out.String())
+			t.Fatalf("%s did not stop after SIGTERM:\n%s", p.name, p.Output.String())
 		}
 	}
-	if !strings.Contains(gateway.out.String(), "stopped") {
-		t.Errorf("gateway log lacks the drain: %s", gateway.out.String())
+	if !strings.Contains(gateway.Output.String(), "stopped") {
+		t.Errorf("gateway log lacks the drain: %s", gateway.Output.String())
 	}
 }
 
 // gwBuild builds the meshproxy binary into a temporary directory.
 func gwBuild(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "meshproxy")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	// go test puts its own go first on PATH.
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, ".")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	bin, err := e2eutil.BuildContext(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
 	}
 	return bin
 }
 
-// gwProc is a running meshproxy process.
+// gwProc is a running meshproxy process, named by its subcommand.
 type gwProc struct {
+	*e2eutil.Process
 	name string
-	cmd  *exec.Cmd
-	out  *gwBuffer
-	done chan struct{}
-}
-
-type gwBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *gwBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *gwBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func gwStart(t *testing.T, bin string, args ...string) *gwProc {
 	t.Helper()
-	p := &gwProc{name: args[0], cmd: exec.Command(bin, args...), out: &gwBuffer{}, done: make(chan struct{})}
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
-	p.cmd.Env = append(os.Environ(), "MESHPROXY_LOG_LEVEL=debug")
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		_ = p.cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-p.done:
-		default:
-			_ = p.cmd.Process.Kill()
-			<-p.done
-		}
-	})
-	return p
+	return &gwProc{Process: e2eutil.Start(t, bin, []string{"MESHPROXY_LOG_LEVEL=debug"}, args...), name: args[0]}
 }
 
 // gwWaitReady polls a process's /healthz/ready until it answers 200.
@@ -261,8 +223,8 @@ func gwWaitReady(t *testing.T, p *gwProc, port int) {
 	deadline := time.Now().Add(gwWait)
 	for {
 		select {
-		case <-p.done:
-			t.Fatalf("%s exited early:\n%s", p.name, p.out.String())
+		case <-p.Done():
+			t.Fatalf("%s exited early:\n%s", p.name, p.Output.String())
 		default:
 		}
 		if resp, err := client.Get(url); err == nil {
@@ -272,21 +234,25 @@ func gwWaitReady(t *testing.T, p *gwProc, port int) {
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s not ready:\n%s", p.name, p.out.String())
+			t.Fatalf("%s not ready:\n%s", p.name, p.Output.String())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 }
 
-// gwFreePort returns a loopback port that was free a moment ago.
+// gwFreePort returns a loopback port that is free right now and not handed
+// out before in this test binary.
 func gwFreePort(t *testing.T) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	_, port, err := net.SplitHostPort(e2eutil.FreeAddr(t))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	n, err := strconv.Atoi(port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 // gwEcho is an echo server on loopback; it returns its address.

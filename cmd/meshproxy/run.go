@@ -49,25 +49,22 @@ func (f *identityFlags) register(fl *pflag.FlagSet) {
 // runFlags are the flags of `meshproxy run`.
 type runFlags struct {
 	identityFlags
+	serveFlags
 
-	inbound, outbound   string
-	inboundExplicit     []string
-	outboundExplicit    []string
-	meshCIDRs           []string
-	configDir, mode     string
-	namespace           string
-	labelsFile          string
-	rootNamespace       string
-	trustDomain         string
-	admin, metrics      string
-	health              string
-	detectTimeout       time.Duration
-	idleTimeout         time.Duration
-	drainTimeout        time.Duration
-	maxConnections      int
-	logLevel, logFormat string
-	federateWith        []string
-	tproxy              bool
+	inbound, outbound string
+	inboundExplicit   []string
+	outboundExplicit  []string
+	meshCIDRs         []string
+	configDir, mode   string
+	namespace         string
+	labelsFile        string
+	rootNamespace     string
+	trustDomain       string
+	federateWith      []string
+	tproxy            bool
+	hbone             bool
+	hboneListen       string
+	hbonePeers        []string
 }
 
 func newRunCmd() *cobra.Command {
@@ -93,6 +90,15 @@ Listeners (at least one):
   --inbound :15006 / --outbound :15001      transparent, behind 'meshproxy redirect'
   --inbound-explicit LISTEN=APP_ADDR         terminate mesh mTLS, forward to the app
   --outbound-explicit LISTEN=DEST[#SPIFFE-ID] plaintext in, mesh mTLS to DEST
+
+With --hbone the sidecar also listens for HBONE (HTTP/2 CONNECT over mesh
+mTLS) on --hbone-listen (:15008): a stream's :authority must be one of this
+workload's inbound listeners or apps (explicit), or the pod address it
+arrived on (transparent; never loopback or ports 15000-15099), and the same
+PeerAuthentication/AuthorizationPolicy as on the other inbound paths
+applies. Outbound mesh connections then travel as CONNECT streams over one
+pooled mTLS connection per peer, to the destination's port 15008 or the
+address --hbone-peer DEST=HBONE_ADDR gives; there is no fallback.
 
 With --tproxy the inbound listener is transparent (IP_TRANSPARENT) and the
 proxy connects to the app from the client's own address, so the app sees the
@@ -142,6 +148,9 @@ subjectAltNames).`,
 	fl.StringVar(&f.outbound, "outbound", "", "transparent outbound listener, e.g. :15001 (needs 'meshproxy redirect')")
 	fl.StringArrayVar(&f.inboundExplicit, "inbound-explicit", nil, "LISTEN=APP_ADDR: terminate mesh mTLS on LISTEN, forward to APP_ADDR (repeatable)")
 	fl.StringArrayVar(&f.outboundExplicit, "outbound-explicit", nil, "LISTEN=DEST[#SPIFFE-ID]: plaintext on LISTEN, mesh mTLS to DEST (repeatable)")
+	fl.BoolVar(&f.hbone, "hbone", false, "HBONE: accept HTTP/2 CONNECT over mesh mTLS on --hbone-listen, and send outbound mesh traffic as CONNECT streams over one pooled connection per peer to its port 15008 (no fallback)")
+	fl.StringVar(&f.hboneListen, "hbone-listen", fmt.Sprintf(":%d", proxy.HBONEPort), "with --hbone: the inbound HBONE listener address ('off': outbound HBONE only)")
+	fl.StringArrayVar(&f.hbonePeers, "hbone-peer", nil, "with --hbone: DEST=HBONE_ADDR, the peer HBONE listener for destination DEST when it is not DEST's host port 15008 (repeatable)")
 	fl.BoolVar(&f.tproxy, "tproxy", false, "inbound capture is TPROXY: listen transparently and reach the app from the client's address (must match 'redirect install --tproxy'; needs CAP_NET_ADMIN)")
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
@@ -150,15 +159,7 @@ subjectAltNames).`,
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the workload's labels, Kubernetes downward-API format (key=\"value\" lines)")
 	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
 	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the workload's SVID)")
-	fl.StringVar(&f.admin, "admin", "127.0.0.1:15000", "admin API address; must be a loopback address ('off' disables)")
-	fl.StringVar(&f.metrics, "metrics", ":15020", "Prometheus metrics address ('off' disables)")
-	fl.StringVar(&f.health, "health", ":15021", "readiness endpoint address, /healthz/ready ('off' disables)")
-	fl.DurationVar(&f.detectTimeout, "detect-timeout", 5*time.Second, "how long inbound waits for a client's first bytes before treating it as plaintext")
-	fl.DurationVar(&f.idleTimeout, "idle-timeout", time.Hour, "close a connection with no traffic either way for this long")
-	fl.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long open connections may finish")
-	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: no limit)")
-	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	f.serveFlags.register(fl, "how long inbound waits for a client's first bytes before treating it as plaintext")
 	fl.StringSliceVar(&f.federateWith, "federate-with", nil, "TD=URL[#ENDPOINT-SPIFFE-ID][@BUNDLE-FILE]: trust the foreign trust domain TD, its bundle fetched from its bundle endpoint URL (repeatable; see above)")
 	return cmd
 }
@@ -208,11 +209,9 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 	if !td.IsZero() {
 		popts = append(popts, proxy.WithTrustDomain(td))
 	}
-	wl := policy.Workload{Namespace: f.namespace, Labels: map[string]string{}}
-	if f.labelsFile != "" {
-		if wl.Labels, err = policy.ReadLabelsFile(f.labelsFile); err != nil {
-			return fmt.Errorf("--labels-file: %w", err)
-		}
+	wl, err := workload(f.namespace, f.labelsFile)
+	if err != nil {
+		return err
 	}
 
 	feds, err := parseFederateWith(f.federateWith)
@@ -231,20 +230,12 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 	}
 	runIdentity(ctx, src, log)
 
-	polOpts := []policy.Option{policy.WithDefaultMode(mode), policy.WithRootNamespace(f.rootNamespace), policy.WithLogger(log)}
-	if !td.IsZero() {
-		polOpts = append(polOpts, policy.WithTrustDomain(td))
-	}
+	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode))
 	var store *policy.Store
 	if f.configDir != "" {
-		if store, err = policy.NewStore(f.configDir, wl, polOpts...); err != nil {
-			return fmt.Errorf("--config-dir: %w", err)
+		if store, err = watchPolicy(ctx, f.configDir, wl, polOpts, log); err != nil {
+			return err
 		}
-		go func() {
-			if err := store.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
-				log.Error("policy watcher stopped", "err", err)
-			}
-		}()
 	} else {
 		store = policy.Static(wl, polOpts...)
 	}
@@ -253,33 +244,7 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 	if err := p.Start(ctx); err != nil {
 		return err
 	}
-	servers, err := startHTTP(log, []httpServer{
-		{"admin", f.admin, admin.Handler(src, p)},
-		{"metrics", f.metrics, admin.MetricsHandler()},
-		{"health", f.health, admin.HealthHandler(p)},
-	})
-	if err != nil {
-		shutdownCtx, c := context.WithTimeout(context.Background(), time.Second)
-		defer c()
-		_ = p.Shutdown(shutdownCtx)
-		return err
-	}
-	log.Info("sidecar started", "listeners", listenerNames(p), "admin", f.admin, "metrics", f.metrics, "health", f.health)
-	logIdentityReady(ctx, src, log)
-
-	<-ctx.Done()
-	log.Info("draining", "timeout", f.drainTimeout)
-	drainCtx, drainCancel := context.WithTimeout(context.Background(), f.drainTimeout)
-	defer drainCancel()
-	err = p.Shutdown(drainCtx)
-	for _, s := range servers {
-		_ = s.Close()
-	}
-	if err != nil {
-		log.Warn("drain ended with connections still open", "err", err)
-	}
-	log.Info("stopped")
-	return nil
+	return f.serve(ctx, log, src, p, "sidecar started", "listeners", listenerNames(p))
 }
 
 // proxyOptions validates the listener flags and turns them into options.
@@ -291,17 +256,8 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 		proxy.WithMaxConnections(f.maxConnections),
 		proxy.WithOriginalDst(redirect.OriginalDst),
 	}
-	if f.detectTimeout <= 0 {
-		return nil, usagef("--detect-timeout must be positive")
-	}
-	if f.idleTimeout <= 0 {
-		return nil, usagef("--idle-timeout must be positive")
-	}
-	if f.drainTimeout < 0 {
-		return nil, usagef("--drain-timeout must not be negative")
-	}
-	if f.maxConnections < 0 {
-		return nil, usagef("--max-connections must not be negative")
+	if err := f.serveFlags.validate(); err != nil {
+		return nil, err
 	}
 	n := 0
 	if f.inbound != "" {
@@ -351,6 +307,11 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 		opts = append(opts, proxy.WithOutboundExplicit(listen, dest, id))
 		n++
 	}
+	hboneOpts, err := f.hboneOptions()
+	if err != nil {
+		return nil, err
+	}
+	opts = append(opts, hboneOpts...)
 	if n == 0 {
 		return nil, usagef("no listener: give --inbound, --outbound, --inbound-explicit or --outbound-explicit")
 	}
@@ -364,6 +325,32 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 	}
 	if len(cidrs) > 0 {
 		opts = append(opts, proxy.WithMeshCIDRs(cidrs))
+	}
+	return opts, nil
+}
+
+// hboneOptions validates --hbone, --hbone-listen and --hbone-peer.
+func (f *runFlags) hboneOptions() ([]proxy.Option, error) {
+	if !f.hbone {
+		if len(f.hbonePeers) > 0 {
+			return nil, usagef("--hbone-peer needs --hbone")
+		}
+		return nil, nil
+	}
+	opts := []proxy.Option{proxy.WithHBONEOutbound(true)}
+	switch {
+	case f.hboneListen == "off":
+	case isHostPort(f.hboneListen):
+		opts = append(opts, proxy.WithHBONE(f.hboneListen))
+	default:
+		return nil, usagef("--hbone-listen %q: want HOST:PORT, e.g. :15008, or 'off'", f.hboneListen)
+	}
+	for _, v := range f.hbonePeers {
+		dest, addr, ok := strings.Cut(v, "=")
+		if !ok || !isHostPort(dest) || !isHostPort(addr) {
+			return nil, usagef("--hbone-peer %q: want DEST=HBONE_ADDR, e.g. 10.0.0.7:8443=10.0.0.7:15008", v)
+		}
+		opts = append(opts, proxy.WithHBONEPeer(dest, addr))
 	}
 	return opts, nil
 }
@@ -501,6 +488,126 @@ func checkLoopback(flag, addr string) error {
 		return usagef("%s %q: the admin API binds to a loopback address only (e.g. 127.0.0.1:15000)", flag, addr)
 	}
 	return nil
+}
+
+// serveFlags are the flags run and gateway share: the admin, metrics and
+// health endpoints, connection timeouts and limit, draining and logging.
+type serveFlags struct {
+	admin, metrics, health string
+	detectTimeout          time.Duration
+	idleTimeout            time.Duration
+	drainTimeout           time.Duration
+	maxConnections         int
+	logLevel, logFormat    string
+}
+
+// register adds the shared flags to fl; detectUsage says what
+// --detect-timeout bounds for this command.
+func (f *serveFlags) register(fl *pflag.FlagSet, detectUsage string) {
+	fl.StringVar(&f.admin, "admin", "127.0.0.1:15000", "admin API address; must be a loopback address ('off' disables)")
+	fl.StringVar(&f.metrics, "metrics", ":15020", "Prometheus metrics address ('off' disables)")
+	fl.StringVar(&f.health, "health", ":15021", "readiness endpoint address, /healthz/ready ('off' disables)")
+	fl.DurationVar(&f.detectTimeout, "detect-timeout", proxy.DefaultDetectTimeout, detectUsage)
+	fl.DurationVar(&f.idleTimeout, "idle-timeout", proxy.DefaultIdleTimeout, "close a connection with no traffic either way for this long")
+	fl.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long open connections may finish")
+	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: no limit)")
+	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+}
+
+// validate checks the timeouts and the connection limit.
+func (f *serveFlags) validate() error {
+	switch {
+	case f.detectTimeout <= 0:
+		return usagef("--detect-timeout must be positive")
+	case f.idleTimeout <= 0:
+		return usagef("--idle-timeout must be positive")
+	case f.drainTimeout < 0:
+		return usagef("--drain-timeout must not be negative")
+	case f.maxConnections < 0:
+		return usagef("--max-connections must not be negative")
+	}
+	return nil
+}
+
+// dataPlane is a started sidecar or gateway, as the admin, metrics and
+// health servers expose it.
+type dataPlane interface {
+	admin.Dataplane
+	admin.Readiness
+	Shutdown(ctx context.Context) error
+}
+
+// serve runs the admin, metrics and health servers for dp and src, logs
+// started (with attrs and the server addresses), and waits for ctx; then it
+// drains dp for up to --drain-timeout and closes the servers. If a server
+// cannot bind, dp is shut down and the error returned.
+func (f *serveFlags) serve(ctx context.Context, log *slog.Logger, src tlsmgr.Source, dp dataPlane, started string, attrs ...any) error {
+	servers, err := startHTTP(log, []httpServer{
+		{"admin", f.admin, admin.Handler(src, dp)},
+		{"metrics", f.metrics, admin.MetricsHandler()},
+		{"health", f.health, admin.HealthHandler(dp)},
+	})
+	if err != nil {
+		shutdownCtx, c := context.WithTimeout(context.Background(), time.Second)
+		defer c()
+		_ = dp.Shutdown(shutdownCtx)
+		return err
+	}
+	log.Info(started, append(attrs, "admin", f.admin, "metrics", f.metrics, "health", f.health)...)
+	logIdentityReady(ctx, src, log)
+
+	<-ctx.Done()
+	log.Info("draining", "timeout", f.drainTimeout)
+	drainCtx, drainCancel := context.WithTimeout(context.Background(), f.drainTimeout)
+	defer drainCancel()
+	err = dp.Shutdown(drainCtx)
+	for _, s := range servers {
+		_ = s.Close()
+	}
+	if err != nil {
+		log.Warn("drain ended with connections still open", "err", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// workload is the workload policy selects by: namespace and the labels of
+// labelsFile (none if empty).
+func workload(namespace, labelsFile string) (policy.Workload, error) {
+	wl := policy.Workload{Namespace: namespace, Labels: map[string]string{}}
+	if labelsFile != "" {
+		var err error
+		if wl.Labels, err = policy.ReadLabelsFile(labelsFile); err != nil {
+			return policy.Workload{}, fmt.Errorf("--labels-file: %w", err)
+		}
+	}
+	return wl, nil
+}
+
+// policyOptions are extra followed by the options of --root-namespace,
+// the logger and --trust-domain (if set).
+func policyOptions(rootNamespace string, td spiffeid.TrustDomain, log *slog.Logger, extra ...policy.Option) []policy.Option {
+	opts := append(extra, policy.WithRootNamespace(rootNamespace), policy.WithLogger(log))
+	if !td.IsZero() {
+		opts = append(opts, policy.WithTrustDomain(td))
+	}
+	return opts
+}
+
+// watchPolicy loads the policy of configDir and keeps it current until ctx
+// ends.
+func watchPolicy(ctx context.Context, configDir string, wl policy.Workload, opts []policy.Option, log *slog.Logger) (*policy.Store, error) {
+	store, err := policy.NewStore(configDir, wl, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("--config-dir: %w", err)
+	}
+	go func() {
+		if err := store.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			log.Error("policy watcher stopped", "err", err)
+		}
+	}()
+	return store, nil
 }
 
 type httpServer struct {

@@ -15,10 +15,15 @@ import (
 )
 
 // Build compiles github.com/meshproxy/meshproxy/cmd/meshproxy into dir and
-// returns the binary's path. Call it once from TestMain.
+// returns the binary's path. Call it once from TestMain (see Main).
 func Build(dir string) (string, error) {
+	return BuildContext(context.Background(), dir)
+}
+
+// BuildContext is Build, stopped when ctx is done.
+func BuildContext(ctx context.Context, dir string) (string, error) {
 	bin := filepath.Join(dir, "meshproxy")
-	cmd := exec.Command("go", "build", "-o", bin, "github.com/meshproxy/meshproxy/cmd/meshproxy")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "github.com/meshproxy/meshproxy/cmd/meshproxy")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,6 +30,7 @@ type Stats struct {
 	In         atomic.Int64 // bytes read from the accepted side, sent upstream
 	Out        atomic.Int64 // bytes read from upstream, sent to the accepted side
 	lastActive atomic.Int64 // unix nanoseconds of the last forwarded write
+	spliced    atomic.Int64 // bytes of In and Out moved by splice(2), kernel to kernel
 }
 
 // Touch records activity now (forwarding does this on every write).
@@ -113,20 +115,54 @@ func (w *idleWatch) check() {
 	w.abort()
 }
 
-// copyHalf copies src to dst until src ends, then half-closes dst.
+// Sizes of the copy loop. A direction blocks in Read on a small buffer of
+// its own while idle, so an idle connection holds no large buffer; a read
+// that fills it means data is flowing, and the direction takes a pooled
+// copyBufSize buffer (or, TCP to TCP, splices) until a read comes back
+// shorter than burstEnd, a full TLS record.
+const (
+	smallBufSize = 2 << 10
+	burstEnd     = 16 << 10
+)
+
+// Splicing moves at most spliceChunk bytes per call, and stops waiting for
+// more after spliceSlice without data: counters and the idle watch see
+// spliced traffic at least that often.
+const (
+	spliceChunk = 1 << 20
+	spliceSlice = time.Second
+)
+
+// copyHalf copies src to dst until src ends, then half-closes dst. Between
+// two plain TCP sockets (passthrough) bursts go through
+// (*net.TCPConn).ReadFrom, which splices in the kernel.
 func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus.Counter) error {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
+	count := func(nw int64) {
+		if nw > 0 {
+			n.Add(nw)
+			bytes.Add(float64(nw))
+			stats.Touch()
+		}
+	}
+	small := make([]byte, smallBufSize)
+	buf := small
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			bufPool.Put(bp)
+		}
+	}()
+	srcTCP, srcOK := src.(*net.TCPConn)
+	dstTCP, dstOK := dst.(*net.TCPConn)
+	var sp *splicer
+	if srcOK && dstOK {
+		sp = &splicer{dst: dstTCP, src: srcTCP, spliced: &stats.spliced}
+	}
 	for {
 		nr, rerr := src.Read(buf)
 		if nr > 0 {
 			nw, werr := dst.Write(buf[:nr])
-			if nw > 0 {
-				n.Add(int64(nw))
-				bytes.Add(float64(nw))
-				stats.Touch()
-			}
+			count(int64(nw))
 			if werr != nil {
 				return fmt.Errorf("write to %s: %w", dst.RemoteAddr(), werr)
 			}
@@ -136,6 +172,52 @@ func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus
 		}
 		if rerr != nil {
 			return fmt.Errorf("read from %s: %w", src.RemoteAddr(), rerr)
+		}
+		switch {
+		case nr == len(buf) && sp != nil:
+			eof, err := sp.burst(count)
+			if err != nil {
+				return err
+			}
+			if eof {
+				return CloseWrite(dst)
+			}
+		case nr == len(buf) && bp == nil:
+			bp = bufPool.Get().(*[]byte)
+			buf = *bp
+		case bp != nil && nr < burstEnd:
+			bufPool.Put(bp)
+			bp, buf = nil, small
+		}
+	}
+}
+
+// splicer copies one direction between two TCP sockets in the kernel.
+type splicer struct {
+	dst, src *net.TCPConn
+	spliced  *atomic.Int64
+	lr       io.LimitedReader
+}
+
+// burst splices src to dst while data keeps coming (a pause of spliceSlice
+// ends it), counting as it goes. eof reports that src ended.
+func (s *splicer) burst(count func(int64)) (eof bool, err error) {
+	defer s.src.SetReadDeadline(time.Time{}) //nolint:errcheck // a closed socket fails the next Read anyway
+	for {
+		if err := s.src.SetReadDeadline(time.Now().Add(spliceSlice)); err != nil {
+			return false, fmt.Errorf("read from %s: %w", s.src.RemoteAddr(), err)
+		}
+		s.lr.R, s.lr.N = s.src, spliceChunk
+		nw, err := s.dst.ReadFrom(&s.lr)
+		s.spliced.Add(nw)
+		count(nw)
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			return false, nil // the flow paused: back to a blocking small Read
+		case err != nil:
+			return false, fmt.Errorf("splice %s to %s: %w", s.src.RemoteAddr(), s.dst.RemoteAddr(), err)
+		case s.lr.N > 0:
+			return true, nil // ReadFrom stopped short of the chunk without error: EOF
 		}
 	}
 }

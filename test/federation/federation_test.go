@@ -22,20 +22,7 @@ import (
 // bin is the meshproxy binary built once for the package.
 var bin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "meshproxy-federation-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	if bin, err = e2eutil.Build(dir); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { e2eutil.Main(m, "federation", &bin) }
 
 // domain is one trust domain: its CA directory, the running CA and its
 // bundle endpoint.

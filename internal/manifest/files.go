@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"iter"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -31,11 +32,13 @@ type File struct {
 // ReadDir returns the manifest files of dir in name order: *.yaml, *.yml
 // and *.json, following symlinks and skipping dot-entries, so the Kubernetes
 // ConfigMap layout (name → ..data/name, ..data → ..TIMESTAMP) reads as plain
-// files. Subdirectories are not descended into.
-func ReadDir(dir string) ([]File, error) {
+// files. Subdirectories are not descended into. what names the directory
+// in the error when it cannot be listed ("read policy dir: ..."); errors
+// about one file name the file.
+func ReadDir(dir, what string) ([]File, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return nil, fmt.Errorf("read config dir: %w", err)
+		return nil, fmt.Errorf("read %s dir: %w", what, err)
 	}
 	var files []File
 	for _, e := range entries {
@@ -89,22 +92,35 @@ type Doc struct {
 	JSON  []byte
 }
 
-// Kind returns the object's API group, version and kind; all empty when the
-// document is not an object.
-func (d Doc) Kind() (group, version, kind string) {
+// Header returns the object's apiVersion and kind as written; both empty
+// when the document is not an object or they are not strings.
+func (d Doc) Header() (apiVersion, kind string) {
 	var h struct {
 		APIVersion string `json:"apiVersion"`
 		Kind       string `json:"kind"`
 	}
 	if !bytes.HasPrefix(bytes.TrimSpace(d.JSON), []byte("{")) {
-		return "", "", ""
+		return "", ""
 	}
 	_ = json.Unmarshal(d.JSON, &h) // a non-string kind is just not ours
-	group, version, _ = strings.Cut(h.APIVersion, "/")
+	return h.APIVersion, h.Kind
+}
+
+// Kind returns the object's API group, version and kind; all empty when the
+// document is not an object.
+func (d Doc) Kind() (group, version, kind string) {
+	apiVersion, kind := d.Header()
+	group, version, _ = strings.Cut(apiVersion, "/")
 	if version == "" {
 		group, version = "", group
 	}
-	return group, version, h.Kind
+	return group, version, kind
+}
+
+// Named is d.Where followed by the kind and namespace/name of the object it
+// holds: "FILE: document N (Kind namespace/name)".
+func (d Doc) Named(kind, id string) string {
+	return fmt.Sprintf("%s (%s %s)", d.Where, kind, id)
 }
 
 // Documents splits every file into its objects, expanding `kind: List`
@@ -113,56 +129,81 @@ func (d Doc) Kind() (group, version, kind string) {
 func Documents(files []File) ([]Doc, []error) {
 	var docs []Doc
 	var errs []error
-	for _, f := range files {
-		for _, part := range splitDocuments(f.Data) {
-			where := fmt.Sprintf("%s: document %d", f.Name, part.index)
-			j, err := yaml.YAMLToJSONStrict(part.data)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", where, syntaxError(err, part.line)))
-				continue
-			}
-			docs, errs = appendObject(docs, errs, Doc{Where: where, JSON: j})
+	for d, err := range Objects(files) {
+		if err != nil {
+			errs = append(errs, err)
+		} else {
+			docs = append(docs, d)
 		}
 	}
 	return docs, errs
 }
 
-func appendObject(docs []Doc, errs []error, d Doc) ([]Doc, []error) {
+// Objects yields the objects of every file in order, as Documents returns
+// them, each with a nil error, and each problem (a YAML syntax error with
+// the file and line, or a `kind: List` without a list of items) in its
+// place among them with a zero Doc.
+func Objects(files []File) iter.Seq2[Doc, error] {
+	return func(yield func(Doc, error) bool) {
+		for _, f := range files {
+			for _, part := range Split(f.Data) {
+				where := fmt.Sprintf("%s: document %d", f.Name, part.Index)
+				j, err := yaml.YAMLToJSONStrict(part.Data)
+				if err != nil {
+					if !yield(Doc{}, fmt.Errorf("%s: %w", where, syntaxError(err, part.Line))) {
+						return
+					}
+					continue
+				}
+				if !yieldObject(Doc{Where: where, JSON: j}, yield) {
+					return
+				}
+			}
+		}
+	}
+}
+
+// yieldObject yields d, or the items of d if it is a `kind: List`; it
+// reports whether to go on.
+func yieldObject(d Doc, yield func(Doc, error) bool) bool {
 	if IsNull(d.JSON) {
-		return docs, errs
+		return true
 	}
 	if group, version, kind := d.Kind(); kind != "List" || group != "" || version != "v1" {
-		return append(docs, d), errs
+		return yield(d, nil)
 	}
 	var list struct {
 		Items []json.RawMessage `json:"items"`
 	}
 	if err := json.Unmarshal(d.JSON, &list); err != nil {
-		return docs, append(errs, fmt.Errorf("%s: items: want a list of objects", d.Where))
+		return yield(Doc{}, fmt.Errorf("%s: items: want a list of objects", d.Where))
 	}
 	for i, item := range list.Items {
-		docs, errs = appendObject(docs, errs, Doc{Where: fmt.Sprintf("%s: items[%d]", d.Where, i), JSON: item})
+		if !yieldObject(Doc{Where: fmt.Sprintf("%s: items[%d]", d.Where, i), JSON: item}, yield) {
+			return false
+		}
 	}
-	return docs, errs
+	return true
 }
 
-// part is one YAML document of a file.
-type part struct {
-	index int // 1-based, counting documents with content
-	line  int // file line of the document's first line
-	data  []byte
+// Part is one YAML document of a file.
+type Part struct {
+	Index int // 1-based, counting documents with content
+	Line  int // file line of the document's first line
+	Data  []byte
 }
 
-// splitDocuments splits a YAML stream at "---" lines. Documents holding
-// only blanks and comments are dropped and not counted.
-func splitDocuments(data []byte) []part {
+// Split splits a YAML stream at "---" lines; a document may start on the
+// marker's line ("--- {inline: document}"). Documents holding only blanks
+// and comments are dropped and not counted.
+func Split(data []byte) []Part {
 	data = bytes.TrimPrefix(data, []byte("\xef\xbb\xbf"))
-	var parts []part
+	var parts []Part
 	start, startLine, line := 0, 1, 1
 	content := false
 	flush := func(end int) {
 		if content {
-			parts = append(parts, part{index: len(parts) + 1, line: startLine, data: data[start:end]})
+			parts = append(parts, Part{Index: len(parts) + 1, Line: startLine, Data: data[start:end]})
 		}
 	}
 	for off := 0; off < len(data); line++ {
@@ -171,9 +212,12 @@ func splitDocuments(data []byte) []part {
 			next = off + end + 1
 		}
 		text := strings.TrimRight(string(data[off:next]), "\r\n")
-		if rest, ok := strings.CutPrefix(text, "---"); ok && (rest == "" || rest[0] == ' ' || rest[0] == '\t') {
+		if rest, ok := separator(text); ok {
 			flush(off)
 			start, startLine, content = next, line+1, false
+			if r := strings.TrimSpace(rest); r != "" && !strings.HasPrefix(r, "#") {
+				start, startLine, content = off+3, line, true // "--- {inline: document}"
+			}
 		} else if t := strings.TrimSpace(text); t != "" && !strings.HasPrefix(t, "#") {
 			content = true
 		}
@@ -181,6 +225,13 @@ func splitDocuments(data []byte) []part {
 	}
 	flush(len(data))
 	return parts
+}
+
+// separator reports whether line is a "---" document marker, and what
+// follows it on the line.
+func separator(line string) (rest string, ok bool) {
+	rest, ok = strings.CutPrefix(line, "---")
+	return rest, ok && (rest == "" || rest[0] == ' ' || rest[0] == '\t')
 }
 
 var yamlLine = regexp.MustCompile(`\bline (\d+)(: )?`)
@@ -267,7 +318,7 @@ func DecodeObject[S any](d Doc, versions []string, defaultNS string) (*Object[S]
 	}
 	where := d.Where
 	if obj.Metadata.Name != "" {
-		where = fmt.Sprintf("%s (%s %s)", where, obj.Kind, obj.ID())
+		where = d.Named(obj.Kind, obj.ID())
 	}
 	fail := func(err error) error { return fmt.Errorf("%s: %w", where, err) }
 	_, version, _ := d.Kind()
