@@ -77,8 +77,9 @@ func bundleOf(cas ...*testpki.CA) *x509bundle.Bundle {
 // the bundle and policy generations, then it resumes again).
 func TestResumedSessionsNeverOutliveATrustOrPolicyChange(t *testing.T) {
 	tests := []struct {
-		name   string
-		change func(t *testing.T, server *tlsmgr.Static, rootA *testpki.CA, policyDir string)
+		name     string
+		change   func(t *testing.T, server *tlsmgr.Static, rootA *testpki.CA, policyDir string)
+		isPolicy bool // the change is a policy file: wait for its reload
 	}{
 		{"server trust bundle drops the ratings root", func(t *testing.T, server *tlsmgr.Static, rootA *testpki.CA, _ string) {
 			svid, err := server.GetX509SVID()
@@ -86,7 +87,7 @@ func TestResumedSessionsNeverOutliveATrustOrPolicyChange(t *testing.T) {
 				t.Fatal(err)
 			}
 			server.Set(svid, bundleOf(rootA))
-		}},
+		}, false},
 		{"authorization policy now denies ratings", func(t *testing.T, _ *tlsmgr.Static, _ *testpki.CA, policyDir string) {
 			writePolicy(t, policyDir, peerAuth("STRICT")+`---
 apiVersion: security.istio.io/v1
@@ -101,7 +102,7 @@ spec:
     - source:
         principals: ["cluster.local/ns/default/sa/ratings"]
 `)
-		}},
+		}, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -133,22 +134,22 @@ spec:
 			}
 
 			// connect makes one connection from id's sidecar and returns
-			// the round trip's error and the server's handshakes of it.
-			connect := func(id string) (error, []handshakeEntry) {
+			// the server's handshakes of it and the round trip's error.
+			connect := func(id string) ([]handshakeEntry, error) {
 				before := log.len()
 				c := dial(t, entry[id])
 				err := roundTrip(c, "hello from "+id)
 				c.Close()
 				if err == nil {
-					return nil, log.since(before)
+					return log.since(before), nil
 				}
 				// A refusal: wait until the server has recorded it.
 				eventually(t, "the server's handshake record", func() bool { return log.len() > before })
-				return err, log.since(before)
+				return log.since(before), err
 			}
 			expect := func(id string, wantResumed bool) {
 				t.Helper()
-				err, hs := connect(id)
+				hs, err := connect(id)
 				if err != nil {
 					t.Fatalf("%s: round trip: %v", id, err)
 				}
@@ -170,12 +171,12 @@ spec:
 			// 2. The change; wait for a policy reload to be in force.
 			gen := st.Current().Generation()
 			tt.change(t, server, rootA, dir)
-			if tt.name == "authorization policy now denies ratings" {
+			if tt.isPolicy {
 				eventually(t, "the new policy", func() bool { return st.Current().Generation() != gen })
 			}
 
 			// 3. ratings holds a ticket but is refused.
-			err, hs := connect(ratingsID)
+			hs, err := connect(ratingsID)
 			if err == nil {
 				t.Fatal("ratings still gets through after the change")
 			}
@@ -189,7 +190,7 @@ spec:
 			expect(webID, false)
 			expect(webID, true)
 			// And ratings stays refused.
-			if err, _ := connect(ratingsID); err == nil {
+			if _, err := connect(ratingsID); err == nil {
 				t.Fatal("ratings gets through on a second try")
 			}
 		})
