@@ -203,9 +203,9 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 	fmt.Fprintf(&md, "- load average at end: %s\n", harness.LoadAvg())
 	fmt.Fprintf(&md, "- TLS: 1.3 only; HAProxy and stunnel pinned to %s (what two Go peers negotiate); key exchange is each side's default\n", harness.CipherSuite)
 	if o.peerResume {
-		fmt.Fprintf(&md, "- session resumption: HAProxy and stunnel clients resume (their default); meshproxy's outbound does full handshakes\n\n")
+		fmt.Fprintf(&md, "- session resumption: all three clients resume TLS sessions (HAProxy and stunnel by default, meshproxy between sidecars)\n\n")
 	} else {
-		fmt.Fprintf(&md, "- session resumption: off in the HAProxy and stunnel clients (-peer-resume=false): full handshakes everywhere\n\n")
+		fmt.Fprintf(&md, "- session resumption: off in the HAProxy and stunnel clients (-peer-resume=false); meshproxy still resumes between sidecars\n\n")
 	}
 	rep.WriteMarkdown(&md)
 	if ctx.Err() == nil {
