@@ -89,6 +89,10 @@ type route struct {
 	matches []routeMatch
 	dests   []destination
 	weights int // sum of the weights
+	// scope is the server's hosts whose namespace part admits the
+	// VirtualService: the only names the route may serve (nil on TCP
+	// servers, which have no SNI).
+	scope []host
 }
 
 type routeMatch struct {
@@ -139,6 +143,9 @@ func (s *server) route(port uint16, sni string) *route {
 }
 
 func (r *route) match(port uint16, sni string) bool {
+	if r.scope != nil && !anyMatches(r.scope, sni) {
+		return false
+	}
 	if len(r.matches) == 0 {
 		return true
 	}
@@ -366,8 +373,16 @@ func (c *compiler) bind(s *server, port uint16, services []*vsCompiled) []*route
 		if s.mode == modePassthrough {
 			specs, kind = vs.tls, "tls"
 		}
+		var scope []host
+		if s.mode != modeTCP {
+			for _, sh := range s.hosts {
+				if sh.ns == "*" || sh.ns == vs.ns {
+					scope = append(scope, sh.host)
+				}
+			}
+		}
 		for _, rs := range specs {
-			r := &route{name: vs.id, kind: kind, index: rs.index, dests: rs.dests, weights: rs.weights}
+			r := &route{name: vs.id, kind: kind, index: rs.index, dests: rs.dests, weights: rs.weights, scope: scope}
 			applies := len(rs.matches) == 0
 			for _, m := range rs.matches {
 				if len(m.gateways) > 0 && !slices.Contains(m.gateways, s.gateway) {

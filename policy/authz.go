@@ -210,11 +210,52 @@ func anyMatch(ps []pattern, v string) bool {
 	return false
 }
 
-func (s *sourceMatch) match(p peer) bool {
+// match reports whether the source matches p. A namespace that only
+// refuses (a DENY rule's namespaces, an ALLOW rule's notNamespaces) is
+// matched as Istio does, against /ns/NS/ anywhere in the principal, so an
+// ID of an unusual shape cannot slip past it; one that admits needs the
+// /ns/NS/sa/SA form.
+func (s *sourceMatch) match(p peer, deny bool) bool {
+	nsIn := anyMatch(s.namespaces, p.namespace)
+	if deny && !nsIn {
+		nsIn = anyNamespaceIn(s.namespaces, p.principal)
+	}
+	nsOut := anyMatch(s.notNamespaces, p.namespace)
+	if !deny && !nsOut {
+		nsOut = anyNamespaceIn(s.notNamespaces, p.principal)
+	}
 	return (len(s.principals) == 0 || anyMatch(s.principals, p.principal)) &&
 		!anyMatch(s.notPrincipals, p.principal) &&
-		(len(s.namespaces) == 0 || anyMatch(s.namespaces, p.namespace)) &&
-		!anyMatch(s.notNamespaces, p.namespace)
+		(len(s.namespaces) == 0 || nsIn) &&
+		!nsOut
+}
+
+// anyNamespaceIn reports whether one of ps matches principal as Istio's
+// namespace regex ".*/ns/PATTERN/.*" does. Linear in the principal.
+func anyNamespaceIn(ps []pattern, principal string) bool {
+	i := strings.Index(principal, "/ns/")
+	if i < 0 {
+		return false
+	}
+	for _, pt := range ps {
+		var ok bool
+		switch {
+		case pt.prefix && pt.suffix: // "*"
+			ok = strings.Contains(principal[i+4:], "/")
+		case pt.prefix: // ".*/ns/P.*/.*": the first /ns/P leaves the most room
+			if j := strings.Index(principal, "/ns/"+pt.s); j >= 0 {
+				ok = strings.Contains(principal[j+4+len(pt.s):], "/")
+			}
+		case pt.suffix: // ".*/ns/.*S/.*": after the first /ns/
+			ok = strings.Contains(principal[i+4:], pt.s+"/")
+		default:
+			ok = strings.Contains(principal, "/ns/"+pt.s+"/")
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
 }
 
 func (o *portMatch) match(port uint16) bool {
@@ -229,10 +270,10 @@ func (o *portMatch) match(port uint16) bool {
 	return (len(o.ports) == 0 || has(o.ports)) && !has(o.notPorts)
 }
 
-func (r *authzRuleMatch) match(p peer, port uint16) bool {
+func (r *authzRuleMatch) match(p peer, port uint16, deny bool) bool {
 	from := len(r.from) == 0
 	for i := range r.from {
-		if r.from[i].match(p) {
+		if r.from[i].match(p, deny) {
 			from = true
 			break
 		}
@@ -254,7 +295,7 @@ func (r *authzRuleMatch) match(p peer, port uint16) bool {
 // match reports whether any rule matches; a policy without rules matches nothing.
 func (a *authzPolicy) match(p peer, port uint16) bool {
 	for i := range a.rules {
-		if a.rules[i].match(p, port) {
+		if a.rules[i].match(p, port, a.deny) {
 			return true
 		}
 	}

@@ -29,7 +29,10 @@
 //     applies, one must match. A peer without mesh mTLS has no principal or
 //     namespace: it never matches principals/namespaces, and so always
 //     satisfies notPrincipals/notNamespaces (Istio's "require mTLS" DENY
-//     policy, notPrincipals: ["*"], refuses it). The trust domain
+//     policy, notPrincipals: ["*"], refuses it). A namespace admits only
+//     an ID of the form /ns/NS/sa/SA; where it refuses (a DENY rule's
+//     namespaces, an ALLOW rule's notNamespaces) it also matches, as Istio's
+//     ".*/ns/NS/.*" does, /ns/NS/ anywhere in the ID. The trust domain
 //     "cluster.local" in a principal stands for the mesh's own.
 //   - DestinationRule: host as IP, CIDR, "*" or DNS name (resolved and
 //     refreshed); the most specific address wins, then a port-level setting

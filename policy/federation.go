@@ -34,12 +34,12 @@ func (a *authzPolicies) authorizeForeign(p peer, r Request) Decision {
 // matchNaming is match, with the further condition that the matching
 // source names trust domain td in one of its matching principals.
 func (r *authzRuleMatch) matchNaming(p peer, port uint16, td string) bool {
-	if !r.match(p, port) {
+	if !r.match(p, port, false) {
 		return false
 	}
 	for i := range r.from {
 		s := &r.from[i]
-		if s.match(p) && namesTrustDomain(s.principals, p.principal, td) {
+		if s.match(p, false) && namesTrustDomain(s.principals, p.principal, td) {
 			return true
 		}
 	}

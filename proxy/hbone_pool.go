@@ -198,7 +198,10 @@ func (p *Proxy) originateHBONE(t *tracked, down net.Conn, dest, sni string, ids 
 	}
 	key := addr + "|" + sni + "|" + joinIDs(ids) + "|" + td.String()
 	if ruleSANs {
-		key += "|rule"
+		// The expected ids are read from the DestinationRules when a pooled
+		// connection is made, so one made under another policy generation
+		// may have verified the server against rules no longer in force.
+		key += fmt.Sprintf("|rule@%d", p.pol.Current().Generation())
 	}
 	_, destPort, _ := splitHostPort(dest)
 	dial := func() (*hboneConn, error) {
