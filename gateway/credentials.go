@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
@@ -184,15 +185,33 @@ func (s *credStore) load(name string, prev *credential) (*credential, error) {
 	return c, nil
 }
 
+// readBounded reads a regular file of at most maxCredentialFile bytes. The
+// bound holds while reading too (a file may grow after it was looked at),
+// and anything but a regular file (a FIFO would block reloads) is refused.
 func readBounded(path string) ([]byte, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, err
 	}
+	if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file", path)
+	}
 	if st.Size() > maxCredentialFile {
 		return nil, fmt.Errorf("%s: file is %d bytes, more than the %d allowed", path, st.Size(), maxCredentialFile)
 	}
-	return os.ReadFile(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxCredentialFile+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	if len(data) > maxCredentialFile {
+		return nil, fmt.Errorf("%s: file grew past the %d bytes allowed while being read", path, maxCredentialFile)
+	}
+	return data, nil
 }
 
 // parseCredential checks a certificate chain, its key and the optional
