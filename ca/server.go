@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -60,6 +61,7 @@ type Server struct {
 	log     *slog.Logger
 	serving *servingCert
 	grace   time.Duration
+	conn    keepalive.ServerParameters
 	rot     *rotation // reload, issuance record, bundle endpoint
 }
 
@@ -72,7 +74,17 @@ type serverOptions struct {
 	servingTTL time.Duration
 	grace      time.Duration
 	rot        rotationOptions
+	conn       keepalive.ServerParameters // bounds on a client connection's life
 }
+
+// Bounds on a client connection, so idle or stalled connections cannot
+// pile up and exhaust the CA's file descriptors. Clients open a connection
+// per request (tlsmgr/caclient) or reconnect on GOAWAY (istio-agent).
+const (
+	maxConnIdle     = 5 * time.Minute
+	maxConnAge      = 30 * time.Minute
+	maxConnAgeGrace = time.Minute
+)
 
 // WithLogger sets the server's logger (default slog.Default()).
 func WithLogger(l *slog.Logger) ServerOption { return func(o *serverOptions) { o.log = l } }
@@ -98,7 +110,8 @@ const ServingID = "/ns/istio-system/sa/meshproxy-ca"
 // NewServer returns a CA server signing with a and authenticating callers
 // with auth, tried in order after SVID renewal (a valid client SVID).
 func NewServer(a *Authority, auth []authn.Authenticator, opts ...ServerOption) (*Server, error) {
-	o := serverOptions{log: slog.Default(), servingTTL: DefaultTTL, grace: 10 * time.Second}
+	o := serverOptions{log: slog.Default(), servingTTL: DefaultTTL, grace: 10 * time.Second,
+		conn: keepalive.ServerParameters{MaxConnectionIdle: maxConnIdle, MaxConnectionAge: maxConnAge, MaxConnectionAgeGrace: maxConnAgeGrace}}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -118,7 +131,7 @@ func NewServer(a *Authority, auth []authn.Authenticator, opts ...ServerOption) (
 	if err != nil {
 		return nil, fmt.Errorf("serving identity: %w", err)
 	}
-	s := &Server{log: o.log, grace: o.grace}
+	s := &Server{log: o.log, grace: o.grace, conn: o.conn}
 	s.cur.Store(a)
 	// The bundle and the serving certificate's issuer follow reloads.
 	s.authn = append(authn.Chain{authn.NewSVID(currentBundle{s})}, auth...)
@@ -187,6 +200,7 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 		grpc.MaxRecvMsgSize(1<<20),
 		grpc.MaxConcurrentStreams(256),
 		grpc.ConnectionTimeout(20*time.Second),
+		grpc.KeepaliveParams(s.conn),
 	)
 	pb.RegisterIstioCertificateServiceServer(gs, s)
 

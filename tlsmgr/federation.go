@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	mrand "math/rand/v2"
+	"net/http"
 	"net/url"
 	"os"
 	"slices"
@@ -20,8 +21,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/federation"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/meshproxy/meshproxy/metrics"
@@ -234,7 +235,8 @@ func WithWebPKIRoots(roots *x509.CertPool) FederationOption {
 
 // Federated is a Source that adds the trust bundles of foreign trust domains
 // to those of a local source. Each foreign bundle comes from its trust
-// domain's SPIFFE bundle endpoint (go-spiffe federation.FetchBundle), is
+// domain's SPIFFE bundle endpoint (fetched as go-spiffe's
+// federation.FetchBundle does, but at most maxBundleFileSize bytes), is
 // fetched again at its refresh hint, and, when a fetch fails, the last
 // bundle stays (the failure is logged and counted, and retried with
 // backoff). Until the first fetch succeeds an https_spiffe endpoint's
@@ -429,7 +431,11 @@ func (f *Federated) watch(ctx context.Context, e FederationEndpoint) {
 // fetch gets e's bundle once, stores it if it changed, and returns when to
 // fetch next.
 func (f *Federated) fetch(ctx context.Context, e FederationEndpoint) (time.Duration, error) {
-	var opts []federation.FetchOption
+	// The same transport go-spiffe's federation.FetchBundle builds, but the
+	// document is read up to a limit: the endpoint is trusted for its trust
+	// domain's roots, not with this process's memory.
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	defer transport.CloseIdleConnections()
 	if !e.EndpointID.IsZero() {
 		// The endpoint is authenticated with the bundle trusted now, so it
 		// can move to a new root during its own root rotation.
@@ -437,13 +443,13 @@ func (f *Federated) fetch(ctx context.Context, e FederationEndpoint) (time.Durat
 		if !ok {
 			cur = e.Bootstrap
 		}
-		opts = append(opts, federation.WithSPIFFEAuth(cur, e.EndpointID))
+		transport.TLSClientConfig = tlsconfig.TLSClientConfig(cur, tlsconfig.AuthorizeID(e.EndpointID))
 	} else if f.opts.webRoots != nil {
-		opts = append(opts, federation.WithWebPKIRoots(f.opts.webRoots))
+		transport.TLSClientConfig = &tls.Config{RootCAs: f.opts.webRoots, MinVersion: tls.VersionTLS12}
 	}
 	fctx, cancel := context.WithTimeout(ctx, f.opts.timeout)
 	defer cancel()
-	b, err := federation.FetchBundle(fctx, e.TrustDomain, e.URL, opts...)
+	b, err := fetchBundle(fctx, &http.Client{Transport: transport}, e.TrustDomain, e.URL)
 	if err != nil {
 		return 0, err
 	}
@@ -463,6 +469,32 @@ func (f *Federated) fetch(ctx context.Context, e FederationEndpoint) (time.Durat
 	f.store(e.TrustDomain, xb, refresh)
 	// Spread clients that started together.
 	return refresh - time.Duration(mrand.Float64()*0.1*float64(refresh)), nil
+}
+
+// fetchBundle GETs the SPIFFE bundle document of td at url and parses it;
+// a document larger than maxBundleFileSize is refused unread.
+func fetchBundle(ctx context.Context, client *http.Client, td spiffeid.TrustDomain, url string) (*spiffebundle.Bundle, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, http.NoBody)
+	if err != nil {
+		return nil, fmt.Errorf("federation: could not create request: %w", err)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("federation: could not GET bundle: %w", err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxBundleFileSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("federation: read bundle: %w", err)
+	}
+	if len(data) > maxBundleFileSize {
+		return nil, fmt.Errorf("federation: bundle document larger than %d bytes", maxBundleFileSize)
+	}
+	b, err := spiffebundle.Parse(td, data)
+	if err != nil {
+		return nil, fmt.Errorf("federation: %w", err)
+	}
+	return b, nil
 }
 
 // store installs b as td's bundle if it differs from the current one.

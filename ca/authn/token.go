@@ -149,7 +149,13 @@ func parseTokens(path string) ([]tokenEntry, error) {
 		}
 		id, err := spiffeid.FromString(fields[1])
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s:%d: SPIFFE ID %q: %w", path, lineNo, fields[1], err))
+			// Quote the field only if it looks like a SPIFFE ID: with the
+			// columns swapped it is a token, and this error is logged.
+			if strings.HasPrefix(strings.ToLower(fields[1]), "spiffe://") {
+				errs = append(errs, fmt.Errorf("%s:%d: SPIFFE ID %q: %w", path, lineNo, fields[1], err))
+			} else {
+				errs = append(errs, fmt.Errorf("%s:%d: second field is not a SPIFFE ID (want \"TOKEN SPIFFE-ID\"; value not shown): %w", path, lineNo, err))
+			}
 			continue
 		}
 		sum := sha256.Sum256([]byte(fields[0]))
