@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -57,7 +58,8 @@ func (id *identity) status(source, lastErr string) Status {
 // It notifies subscribers when Set replaces them.
 type Static struct {
 	notifier
-	cur atomic.Pointer[identity]
+	setMu sync.Mutex // one Set at a time, so each generation names one bundle set
+	cur   atomic.Pointer[identity]
 }
 
 // NewStatic returns a Source serving svid and trusting bundles.
@@ -69,6 +71,8 @@ func NewStatic(svid *x509svid.SVID, bundles ...*x509bundle.Bundle) *Static {
 
 // Set replaces the SVID and bundles; the next handshake uses them.
 func (s *Static) Set(svid *x509svid.SVID, bundles ...*x509bundle.Bundle) {
+	s.setMu.Lock()
+	defer s.setMu.Unlock()
 	var gen uint64 = 1
 	if old := s.cur.Load(); old != nil {
 		gen = old.gen + 1
