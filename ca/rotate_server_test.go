@@ -1,12 +1,10 @@
 package ca
 
 import (
-	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"net"
 	"path/filepath"
 	"testing"
 	"time"
@@ -49,25 +47,8 @@ func serveDir(t *testing.T, dir string, opts ...ServerOption) *dirCA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, lis) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("Serve did not return after cancel")
-		}
-	})
-	return &dirCA{dir: dir, addr: lis.Addr().String(), srv: srv}
+	addr, _, _ := serveForTest(t, srv)
+	return &dirCA{dir: dir, addr: addr, srv: srv}
 }
 
 // issue asks the CA for a certificate valid for ttl, trusting the CA by the

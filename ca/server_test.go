@@ -73,24 +73,8 @@ func startCA(t testing.TB, extra []authn.Authenticator, opts ...ServerOption) *t
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	tc := &testCA{dir: dir, ca: a, addr: lis.Addr().String(), done: make(chan error, 1), stop: cancel}
-	go func() { tc.done <- srv.Serve(ctx, lis) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-tc.done:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("Serve did not return after cancel")
-		}
-	})
+	tc := &testCA{dir: dir, ca: a}
+	tc.addr, tc.stop, tc.done = serveForTest(t, srv)
 	tc.roots = x509.NewCertPool()
 	if !tc.roots.AppendCertsFromPEM(readFile(t, filepath.Join(dir, RootCertFile))) {
 		t.Fatal("root-cert.pem holds no certificates")

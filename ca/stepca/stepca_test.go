@@ -24,6 +24,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/ca"
 	"github.com/meshproxy/meshproxy/ca/authn"
+	"github.com/meshproxy/meshproxy/ca/catest"
 	"github.com/meshproxy/meshproxy/ca/stepca"
 	"github.com/meshproxy/meshproxy/ca/stepca/stepcatest"
 	"github.com/meshproxy/meshproxy/internal/testpki"
@@ -48,10 +49,9 @@ func skipShort(t *testing.T) {
 // meshCA is a meshproxy CA server signing through a Signer, on loopback,
 // with bearer tokens for the client and the server identity.
 type meshCA struct {
-	addr   string
-	dir    string
-	roots  []*x509.Certificate // the backend's roots: CA TLS and trust bundle
-	cancel context.CancelFunc
+	addr  string
+	dir   string
+	roots []*x509.Certificate // the backend's roots: CA TLS and trust bundle
 }
 
 func startMeshCA(t *testing.T, s ca.Signer) *meshCA {
@@ -81,56 +81,7 @@ func startMeshCA(t *testing.T, s ca.Signer) *meshCA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, lis) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("Serve did not return after cancel")
-		}
-	})
-	m := &meshCA{addr: lis.Addr().String(), dir: dir, roots: a.Roots(), cancel: cancel}
-	m.waitServing(t, done)
-	return m
-}
-
-// waitServing waits until the CA answers TLS with its serving certificate,
-// which the backend has to issue first.
-func (m *meshCA) waitServing(t *testing.T, done chan error) {
-	t.Helper()
-	pool := x509.NewCertPool()
-	for _, r := range m.roots {
-		pool.AddCert(r)
-	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		select {
-		case err := <-done:
-			done <- err
-			t.Fatalf("CA server stopped before serving: %v", err)
-		default:
-		}
-		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", m.addr,
-			&tls.Config{RootCAs: pool, ServerName: "localhost", NextProtos: []string{"h2"}})
-		if err == nil {
-			c.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("CA server not serving after 60s: %v", err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	return &meshCA{addr: catest.Serve(t, srv, a.Roots(), 60*time.Second), dir: dir, roots: a.Roots()}
 }
 
 // sidecar is what `meshproxy run --ca-addr` builds: a Rotator requesting

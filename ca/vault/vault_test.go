@@ -9,7 +9,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -29,6 +28,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/ca"
 	"github.com/meshproxy/meshproxy/ca/authn"
+	"github.com/meshproxy/meshproxy/ca/catest"
 	"github.com/meshproxy/meshproxy/ca/vault"
 	"github.com/meshproxy/meshproxy/ca/vault/vaulttest"
 	"github.com/meshproxy/meshproxy/internal/testpki"
@@ -90,38 +90,8 @@ func (f *fixture) serve(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.addr = lis.Addr().String()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, lis) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("Serve did not return after cancel")
-		}
-	})
 	// Serving starts once Vault has issued the CA's own certificate.
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		c, err := tls.Dial("tcp", f.addr, f.tlsConfig())
-		if err == nil {
-			c.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("CA not serving: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	f.addr = catest.Serve(t, srv, f.roots, 30*time.Second)
 }
 
 func (f *fixture) tlsConfig() *tls.Config {
