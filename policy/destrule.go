@@ -3,6 +3,7 @@ package policy
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -11,6 +12,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/meshproxy/meshproxy/internal/manifest"
 )
 
 // ResolveFunc resolves a DestinationRule host name to addresses.
@@ -36,9 +39,12 @@ type destRule struct {
 type tlsSetting struct {
 	mtls bool
 	sans []spiffeid.ID
+	// refuse: the stand-in of a rejected TLS-origination rule; connections
+	// to the host are refused rather than sent in plaintext.
+	refuse bool
 }
 
-func compileDestRule(m meta, spec *destRuleSpec) (*destRule, error) {
+func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string, args ...any)) (*destRule, error) {
 	d := &destRule{meta: m, host: spec.Host}
 	if err := d.parseHost(spec.Host); err != nil {
 		return nil, err
@@ -50,14 +56,35 @@ func compileDestRule(m meta, spec *destRuleSpec) (*destRule, error) {
 	}
 	d.exportTo = spec.ExportTo
 	d.selector = spec.WorkloadSelector.labels()
+	if err := validateSelector("spec.workloadSelector", spec.WorkloadSelector, warn); err != nil {
+		return nil, err
+	}
 	for i, s := range spec.Subsets {
+		path := fmt.Sprintf("spec.subsets[%d]", i)
 		if s.Name == "" {
-			return nil, fieldErrorf(fmt.Sprintf("spec.subsets[%d].name", i), "required")
+			return nil, fieldErrorf(path+".name", "required")
+		}
+		if len(s.TrafficPolicy) > 0 && !manifest.IsNull(s.TrafficPolicy) {
+			warn(path+".trafficPolicy", "ignored: subsets need endpoint labels, which meshproxy does not know (it forwards to the original destination)")
 		}
 	}
 	tp := spec.TrafficPolicy
 	if tp == nil {
 		return d, nil
+	}
+	warnIgnored(warn, "spec.trafficPolicy", tp.LoadBalancer, tp.ConnectionPool, tp.OutlierDetection)
+	for _, f := range []struct {
+		name string
+		raw  []byte
+		why  string
+	}{
+		{"tunnel", tp.Tunnel, "tunnelling to a proxy is not supported"},
+		{"proxyProtocol", tp.ProxyProtocol, "meshproxy does not send PROXY protocol headers upstream"},
+		{"retryBudget", tp.RetryBudget, "retries are HTTP-only"},
+	} {
+		if len(f.raw) > 0 && !manifest.IsNull(f.raw) {
+			warn("spec.trafficPolicy."+f.name, "ignored: %s", f.why)
+		}
 	}
 	var err error
 	if d.tls, err = compileTLS("spec.trafficPolicy.tls", tp.TLS); err != nil {
@@ -69,6 +96,7 @@ func compileDestRule(m meta, spec *destRuleSpec) (*destRule, error) {
 			return nil, fieldErrorf(path+".port.number", "want a port number 1-65535")
 		}
 		port := uint16(pl.Port.Number)
+		warnIgnored(warn, path, pl.LoadBalancer, pl.ConnectionPool, pl.OutlierDetection)
 		if _, dup := d.ports[port]; dup {
 			return nil, fieldErrorf(path+".port.number", "port %d is set twice", port)
 		}
@@ -82,6 +110,24 @@ func compileDestRule(m meta, spec *destRuleSpec) (*destRule, error) {
 		d.ports[port] = t // nil: the rule-level setting applies
 	}
 	return d, nil
+}
+
+// warnIgnored warns about the traffic-policy fields that have no effect on
+// a forwarder to the original destination.
+func warnIgnored(warn func(field, format string, args ...any), path string, lb json.RawMessage, pool *connectionPool, outlier json.RawMessage) {
+	const why = "ignored: meshproxy forwards each connection to its original destination, so there is no load balancing or endpoint ejection"
+	if len(lb) > 0 && !manifest.IsNull(lb) {
+		warn(path+".loadBalancer", why)
+	}
+	if len(outlier) > 0 && !manifest.IsNull(outlier) {
+		warn(path+".outlierDetection", why)
+	}
+	if pool != nil && len(pool.HTTP) > 0 && !manifest.IsNull(pool.HTTP) {
+		warn(path+".connectionPool.http", "ignored: HTTP connection pooling is HTTP-only")
+	}
+	if pool != nil && len(pool.TCP) > 0 && !manifest.IsNull(pool.TCP) {
+		warn(path+".connectionPool.tcp", "ignored: not enforced by meshproxy yet")
+	}
 }
 
 func (d *destRule) parseHost(h string) error {
@@ -130,9 +176,21 @@ func compileTLS(path string, t *clientTLS) (*tlsSetting, error) {
 	case "ISTIO_MUTUAL":
 		s.mtls = true
 	case "SIMPLE", "MUTUAL":
-		return nil, fieldErrorf(path+".mode", "%s is not supported by meshproxy (ISTIO_MUTUAL and DISABLE are)", t.Mode)
+		return nil, fieldErrorf(path+".mode", "%s (TLS origination) is not supported by meshproxy yet (ISTIO_MUTUAL and DISABLE are); "+
+			"fails closed: connections to the host are refused", t.Mode)
 	default:
 		return nil, fieldErrorf(path+".mode", "unknown mode %q (want ISTIO_MUTUAL or DISABLE)", t.Mode)
+	}
+	for _, f := range []struct{ name, v string }{
+		{"clientCertificate", t.ClientCertificate}, {"privateKey", t.PrivateKey}, {"caCertificates", t.CACertificates},
+		{"caCrl", t.CACrl}, {"credentialName", t.CredentialName}, {"sni", t.SNI},
+	} {
+		if f.v != "" {
+			return nil, fieldErrorf(path+"."+f.name, "only with mode SIMPLE or MUTUAL (TLS origination), which meshproxy does not support yet")
+		}
+	}
+	if len(t.InsecureSkipVerify) > 0 && !manifest.IsNull(t.InsecureSkipVerify) {
+		return nil, fieldErrorf(path+".insecureSkipVerify", "mesh peers are always verified by SPIFFE ID")
 	}
 	if len(t.SubjectAltNames) > 0 && !s.mtls {
 		return nil, fieldErrorf(path+".subjectAltNames", "only meaningful with mode ISTIO_MUTUAL")
@@ -274,7 +332,7 @@ func (d *destRules) lookup(dst netip.AddrPort) Outbound {
 	addr := dst.Addr().Unmap()
 	for _, e := range d.entries {
 		if (e.port == 0 || e.port == dst.Port()) && e.prefix.Contains(addr) {
-			return Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans)}
+			return Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans), Refuse: e.tls.refuse}
 		}
 	}
 	return Outbound{}
@@ -295,6 +353,9 @@ func (d *destRules) view() []destView {
 		v := destView{Rule: e.rule.id(), Host: e.rule.host, Prefix: e.prefix.String(), Port: e.port, Mode: "DISABLE"}
 		if e.tls.mtls {
 			v.Mode = "ISTIO_MUTUAL"
+		}
+		if e.tls.refuse {
+			v.Mode = "REFUSE (rejected TLS origination rule)"
 		}
 		for _, id := range e.tls.sans {
 			v.SANs = append(v.SANs, id.String())
