@@ -443,15 +443,23 @@ func (cs conds) view() condView {
 	return out
 }
 
+// viewAny is view, with {} (any connection) for an empty conjunction.
+func (cs conds) viewAny() condView {
+	if len(cs) == 0 {
+		return condView{}
+	}
+	return cs.view()
+}
+
 func (p *authzPolicy) view() authzView {
 	v := authzView{Policy: p.id(), Action: p.action.String(), DryRun: p.dryRun, FailClosed: p.failClosed, Rules: []authzRuleView{}}
 	for _, r := range p.rules {
 		rv := authzRuleView{Never: r.never, When: r.when.view()}
 		for _, f := range r.from {
-			rv.From = append(rv.From, f.view())
+			rv.From = append(rv.From, f.viewAny())
 		}
 		for _, t := range r.to {
-			rv.To = append(rv.To, t.view())
+			rv.To = append(rv.To, t.viewAny())
 		}
 		v.Rules = append(v.Rules, rv)
 	}

@@ -163,6 +163,10 @@ func validateSelector(path string, s *workloadSelector, warn func(field, format 
 // (or AUDIT) rule needing it never matches; a DENY rule is applied without
 // it (Istio's TCP semantics: more restrictive either way).
 func (c *authzCompiler) narrow(rule *authzRuleMatch, field, what string) {
+	if c.action == actionAudit { // decides nothing either way; the action's warning says so
+		rule.never = true
+		return
+	}
 	if c.action == actionDeny {
 		c.warn(field, "%s; left out, so this DENY rule matches without it (as Istio does for TCP)", what)
 		return

@@ -173,6 +173,11 @@ func NewSnapshot(cfg *Config, wl Workload, opts ...Option) *Snapshot {
 	return buildSnapshot(1, cfg, wl, &o, nil)
 }
 
+// ReadDir returns the configuration files of dir as a Store reads them:
+// *.yaml, *.yml and *.json, following the symlinks of a mounted ConfigMap,
+// in name order.
+func ReadDir(dir string) ([]File, error) { return readDir(dir) }
+
 // readDir returns the policy files of dir (see manifest.ReadDir).
 func readDir(dir string) ([]File, error) {
 	mfiles, err := manifest.ReadDir(dir, "policy")
