@@ -18,7 +18,7 @@ import (
 
 type checkFlags struct {
 	configDir, forRole, namespace, labelsFile, output, rootNamespace, trustDomain string
-	files                                                                          []string
+	files                                                                         []string
 }
 
 // checkDocument is one line of `meshproxy check`'s report.
