@@ -166,8 +166,22 @@ func (s *Snapshot) Authorize(r Request) Decision {
 	return d
 }
 
-// Outbound returns the most specific DestinationRule setting covering dst.
-func (s *Snapshot) Outbound(dst netip.AddrPort) Outbound { return s.dests.lookup(dst) }
+// Outbound returns the most specific DestinationRule setting covering dst,
+// a destination that is not known to be in the mesh: mesh-wide wildcard
+// hosts (*.local) do not cover it.
+func (s *Snapshot) Outbound(dst netip.AddrPort) Outbound { return s.dests.lookup(dst, false) }
+
+// OutboundMesh is Outbound for a destination known to be in the mesh (in
+// --mesh-cidrs): mesh-wide wildcard hosts (*.local, *.svc.cluster.local)
+// cover it too.
+func (s *Snapshot) OutboundMesh(dst netip.AddrPort) Outbound { return s.dests.lookup(dst, true) }
+
+// OutboundName returns the DestinationRule setting for a destination known
+// by name (an SNI, an explicit outbound's host): the rule of that exact
+// host, else of the longest matching wildcard host, else of "*".
+func (s *Snapshot) OutboundName(name string, port uint16) Outbound {
+	return s.dests.lookupName(name, port)
+}
 
 // MarshalJSON renders the effective policy, for the admin API's GET /config.
 func (s *Snapshot) MarshalJSON() ([]byte, error) { return json.Marshal(s.view()) }

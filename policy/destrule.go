@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/apimachinery/pkg/util/validation"
@@ -26,11 +27,17 @@ func resolveSystem(ctx context.Context, host string) ([]netip.Addr, error) {
 // destRule is one validated DestinationRule.
 type destRule struct {
 	meta
-	host     string       // as written, for logs and GET /config
-	prefix   netip.Prefix // for an IP, CIDR or "*"
-	name     string       // a DNS name to resolve (short names qualified with the rule's namespace)
-	any      bool         // host "*"
-	exportTo []string     // nil: visible everywhere
+	host   string       // as written, for logs and GET /config
+	prefix netip.Prefix // for an IP, CIDR or "*"
+	name   string       // a DNS name to resolve (short names qualified with the rule's namespace)
+	any    bool         // host "*"
+	// wildcard is the suffix of a wildcard host ("*.example.com" →
+	// ".example.com"): it matches destinations by name. The mesh-wide forms
+	// (*.local, *.cluster.local, *.svc.cluster.local) also cover every mesh
+	// destination reached by address (meshWide).
+	wildcard string
+	meshWide bool
+	exportTo []string // nil: visible everywhere
 	selector map[string]string
 	tls      *tlsSetting // rule level; nil when unset
 	ports    map[uint16]*tlsSetting
@@ -72,6 +79,13 @@ func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string,
 	if tp == nil {
 		return d, nil
 	}
+	if tp.TLS == nil && tp.PortLevelSettings == nil && tp.ConnectionPool == nil && isUnset(tp.LoadBalancer) && isUnset(tp.OutlierDetection) &&
+		isUnset(tp.Tunnel) && isUnset(tp.ProxyProtocol) && isUnset(tp.RetryBudget) {
+		return nil, fieldErrorf("spec.trafficPolicy", "must set at least one field")
+	}
+	if err := validateLoadBalancer("spec.trafficPolicy.loadBalancer", tp.LoadBalancer); err != nil {
+		return nil, err
+	}
 	warnIgnored(warn, "spec.trafficPolicy", tp.LoadBalancer, tp.ConnectionPool, tp.OutlierDetection)
 	for _, f := range []struct {
 		name string
@@ -87,7 +101,7 @@ func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string,
 		}
 	}
 	var err error
-	if d.tls, err = compileTLS("spec.trafficPolicy.tls", tp.TLS); err != nil {
+	if d.tls, err = compileTLS("spec.trafficPolicy.tls", tp.TLS, warn); err != nil {
 		return nil, err
 	}
 	for i, pl := range tp.PortLevelSettings {
@@ -96,11 +110,14 @@ func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string,
 			return nil, fieldErrorf(path+".port.number", "want a port number 1-65535")
 		}
 		port := uint16(pl.Port.Number)
+		if err := validateLoadBalancer(path+".loadBalancer", pl.LoadBalancer); err != nil {
+			return nil, err
+		}
 		warnIgnored(warn, path, pl.LoadBalancer, pl.ConnectionPool, pl.OutlierDetection)
 		if _, dup := d.ports[port]; dup {
 			return nil, fieldErrorf(path+".port.number", "port %d is set twice", port)
 		}
-		t, err := compileTLS(path+".tls", pl.TLS)
+		t, err := compileTLS(path+".tls", pl.TLS, warn)
 		if err != nil {
 			return nil, err
 		}
@@ -110,6 +127,45 @@ func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string,
 		d.ports[port] = t // nil: the rule-level setting applies
 	}
 	return d, nil
+}
+
+func isUnset(raw json.RawMessage) bool { return len(raw) == 0 || manifest.IsNull(raw) }
+
+// validateLoadBalancer applies the schema rules Istio's API server enforces
+// on a load balancer's warmup, although meshproxy ignores the setting: a
+// document Istio refuses is refused here too.
+func validateLoadBalancer(path string, raw json.RawMessage) error {
+	if len(raw) == 0 || manifest.IsNull(raw) {
+		return nil
+	}
+	var lb struct {
+		Warmup *struct {
+			Duration       *string  `json:"duration"`
+			MinimumPercent *float64 `json:"minimumPercent"`
+			Aggression     *float64 `json:"aggression"`
+		} `json:"warmup"`
+	}
+	if err := json.Unmarshal(raw, &lb); err != nil {
+		return fieldErrorf(path, "%v", err)
+	}
+	w := lb.Warmup
+	if w == nil {
+		return nil
+	}
+	path += ".warmup"
+	if w.Duration == nil {
+		return fieldErrorf(path+".duration", "required")
+	}
+	if d, err := time.ParseDuration(*w.Duration); err != nil || d < time.Millisecond {
+		return fieldErrorf(path+".duration", "%q: want a duration of at least 1ms", *w.Duration)
+	}
+	if p := w.MinimumPercent; p != nil && (*p < 0 || *p > 100) {
+		return fieldErrorf(path+".minimumPercent", "%v: want 0-100", *p)
+	}
+	if a := w.Aggression; a != nil && *a < 0 {
+		return fieldErrorf(path+".aggression", "%v: must not be negative", *a)
+	}
+	return nil
 }
 
 // warnIgnored warns about the traffic-policy fields that have no effect on
@@ -138,8 +194,19 @@ func (d *destRule) parseHost(h string) error {
 	case h == "*":
 		d.any = true
 		return nil
+	case strings.HasPrefix(h, "*."):
+		suffix := strings.TrimSuffix(strings.ToLower(h[1:]), ".")
+		if errs := validation.IsDNS1123Subdomain(suffix[1:]); len(errs) > 0 || strings.Contains(suffix, "*") {
+			return fieldErrorf(path, "%q is not a wildcard DNS name (*.domain)", h)
+		}
+		d.wildcard = suffix
+		switch suffix {
+		case ".local", ".cluster.local", ".svc.cluster.local":
+			d.meshWide = true
+		}
+		return nil
 	case strings.Contains(h, "*"):
-		return fieldErrorf(path, "%q: wildcard hosts cannot be matched to addresses; use \"*\", an IP, a CIDR or a resolvable name", h)
+		return fieldErrorf(path, "%q: a wildcard host is \"*\" or starts with \"*.\"", h)
 	}
 	if a, err := netip.ParseAddr(h); err == nil {
 		a = a.Unmap()
@@ -166,7 +233,7 @@ func (d *destRule) parseHost(h string) error {
 	return nil
 }
 
-func compileTLS(path string, t *clientTLS) (*tlsSetting, error) {
+func compileTLS(path string, t *clientTLS, warn func(field, format string, args ...any)) (*tlsSetting, error) {
 	if t == nil {
 		return nil, nil
 	}
@@ -181,16 +248,18 @@ func compileTLS(path string, t *clientTLS) (*tlsSetting, error) {
 	default:
 		return nil, fieldErrorf(path+".mode", "unknown mode %q (want ISTIO_MUTUAL or DISABLE)", t.Mode)
 	}
+	// With ISTIO_MUTUAL (or DISABLE) Istio uses the mesh's own certificates
+	// and ignores these; meshproxy sends the mesh SNI itself.
 	for _, f := range []struct{ name, v string }{
 		{"clientCertificate", t.ClientCertificate}, {"privateKey", t.PrivateKey}, {"caCertificates", t.CACertificates},
 		{"caCrl", t.CACrl}, {"credentialName", t.CredentialName}, {"sni", t.SNI},
 	} {
 		if f.v != "" {
-			return nil, fieldErrorf(path+"."+f.name, "only with mode SIMPLE or MUTUAL (TLS origination), which meshproxy does not support yet")
+			warn(path+"."+f.name, "ignored with mode %s (meshproxy uses the mesh identity and SNI)", cmp.Or(t.Mode, "DISABLE"))
 		}
 	}
 	if len(t.InsecureSkipVerify) > 0 && !manifest.IsNull(t.InsecureSkipVerify) {
-		return nil, fieldErrorf(path+".insecureSkipVerify", "mesh peers are always verified by SPIFFE ID")
+		warn(path+".insecureSkipVerify", "ignored: mesh peers are always verified by SPIFFE ID")
 	}
 	if len(t.SubjectAltNames) > 0 && !s.mtls {
 		return nil, fieldErrorf(path+".subjectAltNames", "only meaningful with mode ISTIO_MUTUAL")
@@ -258,12 +327,17 @@ type destEntry struct {
 	rank   int // tie-break between rules of equal specificity: lower wins
 }
 
+// meshOnly reports whether the entry covers mesh destinations only (a
+// mesh-wide wildcard host reached by address).
+func (e *destEntry) meshOnly() bool { return e.rule.meshWide }
+
 // destRules is a lookup table from destination to TLS setting, most
 // specific first: longer prefix, then port-level before rule-level, then
 // rule precedence (our namespace, other namespaces, the root namespace; older
 // first).
 type destRules struct {
 	entries []destEntry
+	visible []*destRule // in precedence order, for lookups by name
 }
 
 func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[string][]netip.Addr) destRules {
@@ -288,12 +362,14 @@ func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[st
 		}
 		return a.meta.compare(b.meta)
 	})
-	var out destRules
+	out := destRules{visible: visible}
 	for rank, d := range visible {
 		var prefixes []netip.Prefix
 		switch {
-		case d.any:
+		case d.any, d.meshWide:
 			prefixes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+		case d.wildcard != "":
+			// Matched by name only (LookupName): a wildcard has no addresses.
 		case d.name != "":
 			for _, a := range resolved[d.name] {
 				a = a.Unmap()
@@ -328,14 +404,50 @@ func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[st
 	return out
 }
 
-func (d *destRules) lookup(dst netip.AddrPort) Outbound {
+func (d *destRules) lookup(dst netip.AddrPort, mesh bool) Outbound {
 	addr := dst.Addr().Unmap()
 	for _, e := range d.entries {
+		if e.meshOnly() && !mesh {
+			continue
+		}
 		if (e.port == 0 || e.port == dst.Port()) && e.prefix.Contains(addr) {
 			return Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans), Refuse: e.tls.refuse}
 		}
 	}
 	return Outbound{}
+}
+
+// lookupName returns the rule covering a destination known by name (SNI,
+// an explicit outbound's host): an exact host first, then the longest
+// wildcard suffix, then "*"; a port-level setting before the rule level.
+func (d *destRules) lookupName(name string, port uint16) Outbound {
+	name = strings.TrimSuffix(strings.ToLower(name), ".")
+	best, bestLen := (*destRule)(nil), -1
+	for _, r := range d.visible {
+		l := -1
+		switch {
+		case r.name != "" && (r.name == name || r.host == name):
+			l = len(name) + 1
+		case r.wildcard != "" && strings.HasSuffix(name, r.wildcard):
+			l = len(r.wildcard)
+		case r.any:
+			l = 0
+		}
+		if l > bestLen {
+			best, bestLen = r, l
+		}
+	}
+	if best == nil {
+		return Outbound{}
+	}
+	t := best.tls
+	if pt, ok := best.ports[port]; ok && pt != nil {
+		t = pt
+	}
+	if t == nil {
+		return Outbound{}
+	}
+	return Outbound{Matched: true, MTLS: t.mtls, SANs: slices.Clone(t.sans), Refuse: t.refuse}
 }
 
 type destView struct {
@@ -344,13 +456,14 @@ type destView struct {
 	Prefix string   `json:"prefix"`
 	Port   uint16   `json:"port,omitempty"`
 	Mode   string   `json:"tls_mode"`
+	Mesh   bool     `json:"mesh_destinations_only,omitempty"`
 	SANs   []string `json:"subject_alt_names,omitempty"`
 }
 
 func (d *destRules) view() []destView {
 	out := []destView{}
 	for _, e := range d.entries {
-		v := destView{Rule: e.rule.id(), Host: e.rule.host, Prefix: e.prefix.String(), Port: e.port, Mode: "DISABLE"}
+		v := destView{Rule: e.rule.id(), Host: e.rule.host, Prefix: e.prefix.String(), Port: e.port, Mode: "DISABLE", Mesh: e.meshOnly()}
 		if e.tls.mtls {
 			v.Mode = "ISTIO_MUTUAL"
 		}
