@@ -10,9 +10,9 @@ import (
 
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
-	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	fwd "github.com/meshproxy/meshproxy/proxy/forward"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/proxy/sniff"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -37,16 +37,6 @@ const (
 
 // routeNone is the route label before a route is chosen.
 const routeNone = "none"
-
-// Connection modes (PeerInfo.Mode).
-const (
-	ModeMTLS        = proxy.ModeMTLS        // terminated (or TCP), mesh mTLS to the destination
-	ModePassthrough = proxy.ModePassthrough // client TLS forwarded untouched
-	ModePlaintext   = proxy.ModePlaintext   // terminated, plaintext to a destination a DestinationRule marks DISABLE
-)
-
-// DirGateway is the direction of gateway connections in GET /peers.
-const DirGateway = "gateway"
 
 // conn is one accepted connection from accept to close, with the label
 // of the listener that accepted it.
@@ -109,7 +99,7 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 		return
 	}
 
-	sc, hello, err := sniff.Sniff(c, g.opts.detectTimeout)
+	sc, hello, err := sniff.Sniff(c, g.opts.DetectTimeout)
 	switch {
 	case err != nil:
 		g.refuse(t, refusal{result: ResultBadHello, err: err})
@@ -138,7 +128,7 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 			return
 		}
 		// sc replays the ClientHello: the destination sees the client's TLS untouched.
-		g.pipe(t, sc, up, r, d.addr, ModePassthrough, spiffeid.ID{})
+		g.pipe(t, sc, up, r, d.addr, mesh.ModePassthrough, spiffeid.ID{})
 		return
 	}
 
@@ -152,7 +142,7 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 		return
 	}
 	tc := tls.Server(sc, s.tlsConfig(cred))
-	ctx, cancel := context.WithTimeout(t.Context(), g.opts.handshakeTimeout)
+	ctx, cancel := context.WithTimeout(t.Context(), g.opts.HandshakeTimeout)
 	err = tc.HandshakeContext(ctx)
 	cancel()
 	if err != nil {
@@ -182,10 +172,10 @@ func (g *Gateway) toMesh(t *conn, down net.Conn, s *server, r *route) {
 		return
 	}
 	var ids []spiffeid.ID
-	remote := addrPort(up.RemoteAddr())
+	remote := mesh.AddrPort(up.RemoteAddr())
 	if rule := g.pol.Current().Outbound(remote); rule.Matched {
 		if !rule.MTLS {
-			g.pipe(t, down, up, r, d.addr, ModePlaintext, spiffeid.ID{})
+			g.pipe(t, down, up, r, d.addr, mesh.ModePlaintext, spiffeid.ID{})
 			return
 		}
 		ids = rule.SANs
@@ -200,31 +190,22 @@ func (g *Gateway) toMesh(t *conn, down net.Conn, s *server, r *route) {
 	if _, err := netip.ParseAddr(d.host); err != nil {
 		sni = tlsmgr.OutboundSNI(d.host, d.port)
 	}
-	start := time.Now()
-	tc := tls.Client(up, g.meshTLS.Get(sni, ids, td))
-	ctx, cancel := context.WithTimeout(t.Context(), g.opts.handshakeTimeout)
-	err = tc.HandshakeContext(ctx)
-	cancel()
-	metrics.Handshakes.WithLabelValues(proxy.DirOutbound, proxy.HandshakeResult(err)).Inc()
-	metrics.HandshakeDuration.Observe(time.Since(start).Seconds())
+	tc, peer, err := mesh.Originate(t.Context(), up, g.meshTLS.Get(sni, ids, td), g.opts.HandshakeTimeout)
 	if err != nil {
 		ref.result, ref.err = ResultUpstreamHandshakeFailed, err
-		ref.attrs = []any{"handshake", proxy.HandshakeResult(err)}
+		var he *mesh.HandshakeError
+		if errors.As(err, &he) {
+			ref.err, ref.attrs = he.Err, []any{"handshake", he.Result}
+		}
 		g.refuse(t, ref)
 		return
 	}
-	peer, err := tlsmgr.PeerID(tc.ConnectionState())
-	if err != nil { // verified already, so this cannot happen; refuse rather than guess
-		ref.result, ref.err = ResultUpstreamHandshakeFailed, err
-		g.refuse(t, ref)
-		return
-	}
-	g.pipe(t, down, tc, r, d.addr, ModeMTLS, peer)
+	g.pipe(t, down, tc, r, d.addr, mesh.ModeMTLS, peer)
 }
 
 // dial opens the upstream connection for t and registers it for abort.
 func (g *Gateway) dial(t *conn, addr string) (net.Conn, error) {
-	return t.Dial(g.opts.dialer.DialContext, addr, DefaultDialTimeout)
+	return t.Dial(g.opts.Dialer.DialContext, addr, mesh.DefaultDialTimeout)
 }
 
 // pipe counts an allowed connection, forwards it and logs its end.
@@ -237,7 +218,7 @@ func (g *Gateway) pipe(t *conn, down, up net.Conn, r *route, dest, mode string, 
 	t.Establish(dest, mode, peerID)
 	g.log.Debug("connection open", "listener", t.listener, "source", t.Source, "route", r.name,
 		"destination", dest, "mode", mode, "peer", peerID)
-	err := fwd.Forward(down, up, &t.Stats, g.opts.idleTimeout, t.Abort, metrics.GatewayBytes.WithLabelValues(t.listener))
+	err := fwd.Forward(down, up, &t.Stats, g.opts.IdleTimeout, t.Abort, metrics.GatewayBytes.WithLabelValues(t.listener))
 	attrs := []any{"listener", t.listener, "source", t.Source, "route", r.name, "destination", dest, "mode", mode,
 		"peer", peerID, "bytes_in", t.Stats.In.Load(), "bytes_out", t.Stats.Out.Load(),
 		"duration", time.Since(t.Since).Round(time.Millisecond).String()}
@@ -249,14 +230,4 @@ func (g *Gateway) pipe(t *conn, down, up net.Conn, r *route, dest, mode string, 
 	default:
 		g.log.Debug("connection closed", attrs...)
 	}
-}
-
-func addrPort(a net.Addr) netip.AddrPort {
-	var ap netip.AddrPort
-	if ta, ok := a.(*net.TCPAddr); ok {
-		ap = ta.AddrPort()
-	} else {
-		ap, _ = netip.ParseAddrPort(a.String())
-	}
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }

@@ -17,8 +17,8 @@ import (
 
 	"github.com/meshproxy/meshproxy/internal/manifest"
 	"github.com/meshproxy/meshproxy/metrics"
-	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -28,13 +28,13 @@ import (
 // it with Shutdown.
 type Gateway struct {
 	src       tlsmgr.Source
-	pol       proxy.PolicySource
+	pol       mesh.PolicySource
 	configDir string
 	creds     *credStore
 	opts      options
 	log       *slog.Logger
 	cfg       atomic.Pointer[config]
-	meshTLS   *proxy.ClientConfigs
+	meshTLS   *mesh.ClientConfigs
 
 	reloadMu  sync.Mutex // serialises config reloads; guards the fields below
 	hash      [sha256.Size]byte
@@ -63,7 +63,7 @@ type listener struct {
 // error names the file, document and field; a credential that cannot be
 // loaded is logged and its servers refuse connections until it can.
 // Nothing is bound until Start.
-func New(src tlsmgr.Source, pol proxy.PolicySource, configDir, credentialsDir string, opts ...Option) (*Gateway, error) {
+func New(src tlsmgr.Source, pol mesh.PolicySource, configDir, credentialsDir string, opts ...Option) (*Gateway, error) {
 	if src == nil || pol == nil {
 		return nil, errors.New("gateway: an identity source and a policy source are required")
 	}
@@ -83,7 +83,7 @@ func New(src tlsmgr.Source, pol proxy.PolicySource, configDir, credentialsDir st
 			return nil, fmt.Errorf("%s %s: not a directory", d.what, d.dir)
 		}
 	}
-	log := o.log.With("component", "gateway")
+	log := o.Log.With("component", "gateway")
 	g := &Gateway{
 		src:       src,
 		pol:       pol,
@@ -91,10 +91,10 @@ func New(src tlsmgr.Source, pol proxy.PolicySource, configDir, credentialsDir st
 		creds:     newCredStore(credentialsDir, log),
 		opts:      o,
 		log:       log,
-		meshTLS:   proxy.NewClientConfigs(src),
+		meshTLS:   mesh.NewClientConfigs(src),
 		listeners: map[uint16]*listener{},
 		bindErrs:  map[uint16]error{},
-		conns:     conntrack.NewTable(log, o.maxConns),
+		conns:     conntrack.NewTable(log, o.MaxConns),
 	}
 	if err := g.reload(); err != nil {
 		return nil, err
@@ -183,7 +183,7 @@ func (g *Gateway) Start(ctx context.Context) error {
 
 func (g *Gateway) bind(ctx context.Context, port uint16) (*listener, error) {
 	addr := g.opts.listenAddr(port)
-	ln, err := g.opts.listenConfig.Listen(ctx, "tcp", addr)
+	ln, err := g.opts.ListenConfig.Listen(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("gateway listener for port %d on %s: %w", port, addr, err)
 	}
@@ -250,13 +250,13 @@ func (g *Gateway) Run(ctx context.Context) error {
 // admit starts handling c, or closes it at once when over the limit or
 // shutting down.
 func (g *Gateway) admit(l *listener, c net.Conn) {
-	err := g.conns.Admit(g.base, DirGateway, c, metrics.GatewayConnectionsActive.WithLabelValues(l.label), func(t *conntrack.Conn) {
+	err := g.conns.Admit(g.base, mesh.DirGateway, c, metrics.GatewayConnectionsActive.WithLabelValues(l.label), func(t *conntrack.Conn) {
 		g.handle(l, &conn{Conn: t, listener: l.label}, c)
 	})
 	if errors.Is(err, conntrack.ErrOverLimit) {
 		metrics.GatewayConnections.WithLabelValues(l.label, routeNone, ResultOverLimit).Inc()
 		g.log.Warn("connection refused", "listener", l.label, "source", c.RemoteAddr().String(),
-			"reason", ResultOverLimit, "max_connections", g.opts.maxConns)
+			"reason", ResultOverLimit, "max_connections", g.opts.MaxConns)
 	}
 	if err != nil {
 		c.Close()
@@ -313,12 +313,12 @@ func (g *Gateway) Addr(port uint16) net.Addr {
 
 // Peers lists the connections being forwarded: the client, the destination,
 // the destination's SPIFFE ID (mesh mTLS) and the bytes so far.
-func (g *Gateway) Peers() []proxy.PeerInfo { return g.conns.Peers() }
+func (g *Gateway) Peers() []conntrack.PeerInfo { return g.conns.Peers() }
 
 // Config returns the effective configuration in the admin API's shape:
 // one listener per Gateway port, and under "policy" the gateway's servers,
 // routes and credentials next to the mesh policy in force.
-func (g *Gateway) Config() (proxy.Config, error) {
+func (g *Gateway) Config() (mesh.Config, error) {
 	cfg := g.cfg.Load()
 	view := cfg.view()
 	view.Credentials = g.creds.view()
@@ -337,9 +337,9 @@ func (g *Gateway) Config() (proxy.Config, error) {
 		Mesh    any        `json:"mesh"`
 	}{view, g.pol.Current()})
 	if err != nil {
-		return proxy.Config{}, fmt.Errorf("marshal config: %w", err)
+		return mesh.Config{}, fmt.Errorf("marshal config: %w", err)
 	}
-	out := proxy.Config{Generation: cfg.gen, MeshCIDRs: []string{}, Listeners: []proxy.ListenerInfo{}, Policy: pol}
+	out := mesh.Config{Generation: cfg.gen, MeshCIDRs: []string{}, Listeners: []mesh.ListenerInfo{}, Policy: pol}
 	if td, err := g.trustDomain(); err == nil {
 		out.TrustDomain = td.String()
 	}
@@ -348,7 +348,7 @@ func (g *Gateway) Config() (proxy.Config, error) {
 		if cfg.ports[lv.Port].tcp {
 			kind = "gateway-tcp"
 		}
-		out.Listeners = append(out.Listeners, proxy.ListenerInfo{
+		out.Listeners = append(out.Listeners, mesh.ListenerInfo{
 			Name: fmt.Sprintf("%s %d", kind, lv.Port), Kind: kind, Listen: g.opts.listenAddr(lv.Port), Address: lv.Address,
 		})
 	}
@@ -357,15 +357,5 @@ func (g *Gateway) Config() (proxy.Config, error) {
 
 // trustDomain is the configured trust domain, else that of the current SVID.
 func (g *Gateway) trustDomain() (spiffeid.TrustDomain, error) {
-	if !g.opts.td.IsZero() {
-		return g.opts.td, nil
-	}
-	svid, err := g.src.GetX509SVID()
-	if err != nil {
-		return spiffeid.TrustDomain{}, fmt.Errorf("current svid: %w", err)
-	}
-	if svid == nil {
-		return spiffeid.TrustDomain{}, tlsmgr.ErrNoIdentity
-	}
-	return svid.ID.TrustDomain(), nil
+	return mesh.TrustDomain(g.opts.TrustDomain, g.src)
 }

@@ -15,8 +15,9 @@ import (
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"github.com/meshproxy/meshproxy/metrics"
-	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/proxy/admin"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -113,7 +114,7 @@ spec:
 		t.Errorf("sidecar peers = %+v, want one mtls connection from %s", peers, gatewayID)
 	}
 	gwPeers := e.gw.Peers()
-	if len(gwPeers) != 1 || gwPeers[0].PeerSPIFFEID != shopID || gwPeers[0].Direction != DirGateway {
+	if len(gwPeers) != 1 || gwPeers[0].PeerSPIFFEID != shopID || gwPeers[0].Direction != mesh.DirGateway {
 		t.Errorf("gateway peers = %+v, want one connection to %s", gwPeers, shopID)
 	}
 	if got := gatewayConns(8443, "shop/shop", ResultOK) - okBefore; got != 1 {
@@ -223,7 +224,7 @@ func TestPassthroughDeliversClientTLSUntouched(t *testing.T) {
 	if err := roundTrip(conn, "select 1\n"); err != nil {
 		t.Fatal(err)
 	}
-	if got := e.gw.Peers(); len(got) != 1 || got[0].Mode != ModePassthrough || got[0].PeerSPIFFEID != "" {
+	if got := e.gw.Peers(); len(got) != 1 || got[0].Mode != mesh.ModePassthrough || got[0].PeerSPIFFEID != "" {
 		t.Errorf("gateway peers = %+v, want one passthrough connection", got)
 	}
 }
@@ -557,7 +558,7 @@ func TestAdminAPIShowsGatewayConfigAndPeers(t *testing.T) {
 	if err := roundTrip(conn, "ping\n"); err != nil {
 		t.Fatal(err)
 	}
-	var peers []proxy.PeerInfo
+	var peers []conntrack.PeerInfo
 	get("/peers", &peers)
 	if len(peers) != 1 || peers[0].PeerSPIFFEID != shopID || peers[0].Destination != fmt.Sprintf("127.0.0.1:%d", svc.port) {
 		t.Errorf("/peers = %+v, want the connection to %s", peers, shopID)

@@ -1,78 +1,50 @@
 package gateway
 
 import (
-	"context"
 	"log/slog"
 	"maps"
 	"net"
 	"strconv"
 	"time"
 
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// Defaults for the timeouts a Gateway applies.
+// Defaults of the gateway's own settings; the timeouts are mesh's
+// (mesh.DefaultDetectTimeout and the others).
 const (
-	DefaultDetectTimeout    = 5 * time.Second  // for a client's ClientHello
-	DefaultHandshakeTimeout = 10 * time.Second // each TLS handshake, client and mesh side
-	DefaultIdleTimeout      = time.Hour
-	DefaultDialTimeout      = 10 * time.Second
-	DefaultPollInterval     = 2 * time.Second
-	DefaultNamespace        = "istio-system"
+	DefaultPollInterval = 2 * time.Second
+	DefaultNamespace    = "istio-system"
 )
 
-// Dialer opens upstream connections; *net.Dialer satisfies it. Host names
-// are resolved at dial time.
-type Dialer interface {
-	DialContext(ctx context.Context, network, address string) (net.Conn, error)
-}
-
 // Option configures a Gateway.
-type Option func(*options)
+type Option = mesh.Option[*options]
 
 type options struct {
-	log              *slog.Logger
-	td               spiffeid.TrustDomain
-	namespace        string
-	labels           map[string]string
-	listenAddr       func(port uint16) string
-	dialer           Dialer
-	listenConfig     net.ListenConfig
-	detectTimeout    time.Duration
-	handshakeTimeout time.Duration
-	idleTimeout      time.Duration
-	maxConns         int
-	pollEvery        time.Duration
+	mesh.Settings // shared with the sidecar
+	namespace     string
+	labels        map[string]string
+	listenAddr    func(port uint16) string
+	pollEvery     time.Duration
 }
 
 func defaultOptions() options {
 	return options{
-		log:              slog.Default(),
-		namespace:        DefaultNamespace,
-		listenAddr:       func(port uint16) string { return ":" + strconv.Itoa(int(port)) },
-		dialer:           &net.Dialer{Timeout: DefaultDialTimeout},
-		detectTimeout:    DefaultDetectTimeout,
-		handshakeTimeout: DefaultHandshakeTimeout,
-		idleTimeout:      DefaultIdleTimeout,
-		pollEvery:        DefaultPollInterval,
+		Settings:   mesh.DefaultSettings(),
+		namespace:  DefaultNamespace,
+		listenAddr: func(port uint16) string { return ":" + strconv.Itoa(int(port)) },
+		pollEvery:  DefaultPollInterval,
 	}
 }
 
 // WithLogger sets the logger (default slog.Default()).
-func WithLogger(l *slog.Logger) Option {
-	return func(o *options) {
-		if l != nil {
-			o.log = l
-		}
-	}
-}
+func WithLogger(l *slog.Logger) Option { return mesh.WithLogger[*options](l) }
 
 // WithTrustDomain sets the mesh trust domain that destinations must belong
 // to when no DestinationRule names their SPIFFE IDs. By default it is the
 // trust domain of the gateway's own SVID.
-func WithTrustDomain(td spiffeid.TrustDomain) Option {
-	return func(o *options) { o.td = td }
-}
+func WithTrustDomain(td spiffeid.TrustDomain) Option { return mesh.WithTrustDomain[*options](td) }
 
 // WithWorkload sets the gateway workload's namespace (default
 // "istio-system"), which manifests without a namespace belong to and
@@ -102,58 +74,26 @@ func WithListenAddr(fn func(port uint16) string) Option {
 
 // WithDialer sets how destinations are dialed (default a net.Dialer with a
 // 10s timeout).
-func WithDialer(d Dialer) Option {
-	return func(o *options) {
-		if d != nil {
-			o.dialer = d
-		}
-	}
-}
+func WithDialer(d mesh.Dialer) Option { return mesh.WithDialer[*options](d) }
 
 // WithListenConfig sets how listeners are bound, for socket options.
-func WithListenConfig(lc net.ListenConfig) Option {
-	return func(o *options) { o.listenConfig = lc }
-}
+func WithListenConfig(lc net.ListenConfig) Option { return mesh.WithListenConfig[*options](lc) }
 
 // WithDetectTimeout bounds how long a client on a TLS port may take to send
 // its ClientHello (default 5s).
-func WithDetectTimeout(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.detectTimeout = d
-		}
-	}
-}
+func WithDetectTimeout(d time.Duration) Option { return mesh.WithDetectTimeout[*options](d) }
 
 // WithHandshakeTimeout bounds each TLS handshake, with the client and with
 // the mesh destination (default 10s).
-func WithHandshakeTimeout(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.handshakeTimeout = d
-		}
-	}
-}
+func WithHandshakeTimeout(d time.Duration) Option { return mesh.WithHandshakeTimeout[*options](d) }
 
 // WithIdleTimeout closes connections with no traffic either way for d
 // (default 1h).
-func WithIdleTimeout(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.idleTimeout = d
-		}
-	}
-}
+func WithIdleTimeout(d time.Duration) Option { return mesh.WithIdleTimeout[*options](d) }
 
 // WithMaxConnections caps the connections open at once over all listeners;
 // past it new connections are closed immediately. Zero means no limit.
-func WithMaxConnections(n int) Option {
-	return func(o *options) {
-		if n >= 0 {
-			o.maxConns = n
-		}
-	}
-}
+func WithMaxConnections(n int) Option { return mesh.WithMaxConnections[*options](n) }
 
 // WithPollInterval sets how often Run re-reads the config and credentials
 // directories in case a change escaped file notifications (default 2s).

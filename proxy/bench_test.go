@@ -7,17 +7,21 @@ import (
 
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	fwd "github.com/meshproxy/meshproxy/proxy/forward"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 )
 
 // BenchmarkCopyLoop measures the forwarder alone: bytes/s from a client
-// socket through forward() into a sink socket, and allocations per MiB.
+// socket through forward.Forward into a sink socket, and allocations per MiB.
 func BenchmarkCopyLoop(b *testing.B) {
 	client, down := tcpPair(b)
 	up, sink := tcpPair(b)
-	t := conntrack.NewConn(b.Context(), DirInbound, down)
+	t := conntrack.NewConn(b.Context(), mesh.DirInbound, down)
 	t.AddSocket(up)
 	done := make(chan error, 1)
-	go func() { done <- forward(t, down, up, DefaultIdleTimeout, metrics.Bytes.WithLabelValues(DirInbound)) }()
+	go func() {
+		done <- fwd.Forward(down, up, &t.Stats, mesh.DefaultIdleTimeout, t.Abort, metrics.Bytes.WithLabelValues(mesh.DirInbound))
+	}()
 	drained := make(chan int64, 1)
 	go func() {
 		n, _ := io.Copy(io.Discard, sink)

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
@@ -23,12 +24,12 @@ func TestFederatedPeerRefusedUntilAPolicyNamesItsTrustDomain(t *testing.T) {
 	p := startProxy(t, server, st, WithInboundExplicit("127.0.0.1:0", a.addr()))
 	addr := p.Addrs()[0].String()
 
-	denied, refused := denials("foreign_trust_domain"), connections(DirInbound, ModeMTLS, "foreign_trust_domain")
+	denied, refused := denials("foreign_trust_domain"), connections(mesh.DirInbound, mesh.ModeMTLS, "foreign_trust_domain")
 	if err := meshClient(foreignClient)(t, addr); err == nil {
 		t.Fatal("a foreign peer got in without a policy naming its trust domain")
 	}
 	eventually(t, "refusal counted as foreign_trust_domain", func() bool {
-		return denials("foreign_trust_domain") == denied+1 && connections(DirInbound, ModeMTLS, "foreign_trust_domain") == refused+1
+		return denials("foreign_trust_domain") == denied+1 && connections(mesh.DirInbound, mesh.ModeMTLS, "foreign_trust_domain") == refused+1
 	})
 	if err := meshClient(localClient)(t, addr); err != nil {
 		t.Fatalf("local peer refused: %v", err)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/proxy/sniff"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -55,7 +56,7 @@ func handshakePair(t *testing.T, client, server *tls.Config) (clientErr, serverE
 func TestHandshakeResultMapsRealErrors(t *testing.T) {
 	m := newMesh(t)
 	server := m.identity(t, echoID)
-	serverCfg := tlsmgr.ServerConfig(server, authorizeBundleMember(server))
+	serverCfg := tlsmgr.ServerConfig(server, mesh.AuthorizeBundleMember(server))
 	now := time.Now()
 
 	// clientWith is a mesh client presenting svid.
@@ -90,36 +91,36 @@ func TestHandshakeResultMapsRealErrors(t *testing.T) {
 		err  func(*testing.T) error
 		want string
 	}{
-		{"good peer", serverSide(clientWith(m.ca.Issue(t, webID, time.Hour))), ResultOK},
-		{"client without certificate", serverSide(&tls.Config{InsecureSkipVerify: true, NextProtos: []string{"istio"}}), ResultNoClientCert},
-		{"no peer certificate (tlsmgr)", errOf(fmt.Errorf("verify: %w", tlsmgr.ErrNoPeerCertificate)), ResultNoClientCert},
-		{"expired client", serverSide(clientWith(m.ca.IssueLeaf(t, testpki.Leaf{ID: webID, NotBefore: now.Add(-3 * time.Hour), TTL: time.Hour}))), ResultExpired},
-		{"client not yet valid", serverSide(clientWith(m.ca.IssueLeaf(t, testpki.Leaf{ID: webID, NotBefore: now.Add(time.Hour)}))), ResultNotYetValid},
-		{"client from an unknown CA", serverSide(clientWith(foreignCA.Issue(t, webID, time.Hour))), ResultUnknownAuthority},
-		{"client from an untrusted trust domain", serverSide(clientWith(otherTD.Issue(t, "spiffe://other.example/ns/a/sa/b", time.Hour))), ResultWrongTrustDomain},
-		{"client without a SPIFFE ID", serverSide(clientWith(m.ca.IssueLeaf(t, testpki.Leaf{DNSNames: []string{"web"}}))), ResultNotSPIFFE},
-		{"CA certificate used as leaf", serverSide(clientWith(m.ca.IssueLeaf(t, testpki.Leaf{ID: webID, IsCA: true}))), ResultCAAsLeaf},
-		{"client offers only TLS 1.2", serverSide(&tls.Config{InsecureSkipVerify: true, MaxVersion: tls.VersionTLS12}), ResultTLSVersion},
-		{"server with the wrong identity", clientSide(tlsmgr.ClientConfig(m.identity(t, webID), authorizeIDs([]spiffeid.ID{mustID(t, otherID)})), serverCfg), ResultWrongIdentity},
-		{"server outside our trust domain", clientSide(tlsmgr.ClientConfig(m.identity(t, webID), authorizeMemberOf(mustID(t, "spiffe://example.org/x").TrustDomain())), serverCfg), ResultWrongTrustDomain},
-		{"server refuses our certificate (alert)", errOf(fmt.Errorf("read: %w", tls.AlertError(116))), ResultNoClientCert},
-		{"server refuses our version (alert)", errOf(tls.AlertError(70)), ResultTLSVersion},
-		{"plaintext where TLS was expected", recordHeaderErr, ResultBadHello},
-		{"oversized hello", errOf(sniff.ErrHelloTooLarge), ResultBadHello},
-		{"malformed hello", errOf(fmt.Errorf("%w: x", sniff.ErrBadHello)), ResultBadHello},
-		{"half-sent hello", errOf(sniff.ErrTimeout), ResultTimeout},
-		{"socket deadline", deadlineErr, ResultTimeout},
-		{"handshake context deadline", errOf(fmt.Errorf("handshake: %w", context.DeadlineExceeded)), ResultTimeout},
-		{"peer hung up", errOf(io.EOF), ResultOther},
-		{"unknown alert", errOf(tls.AlertError(80)), ResultOther},
-		{"x509 other invalid reason", errOf(x509.CertificateInvalidError{Reason: x509.NotAuthorizedToSign}), ResultOther},
-		{"anything else", errOf(errors.New("boom")), ResultOther},
+		{"good peer", serverSide(clientWith(m.ca.Issue(t, webID, time.Hour))), mesh.ResultOK},
+		{"client without certificate", serverSide(&tls.Config{InsecureSkipVerify: true, NextProtos: []string{"istio"}}), mesh.ResultNoClientCert},
+		{"no peer certificate (tlsmgr)", errOf(fmt.Errorf("verify: %w", tlsmgr.ErrNoPeerCertificate)), mesh.ResultNoClientCert},
+		{"expired client", serverSide(clientWith(m.ca.IssueLeaf(t, testpki.Leaf{ID: webID, NotBefore: now.Add(-3 * time.Hour), TTL: time.Hour}))), mesh.ResultExpired},
+		{"client not yet valid", serverSide(clientWith(m.ca.IssueLeaf(t, testpki.Leaf{ID: webID, NotBefore: now.Add(time.Hour)}))), mesh.ResultNotYetValid},
+		{"client from an unknown CA", serverSide(clientWith(foreignCA.Issue(t, webID, time.Hour))), mesh.ResultUnknownAuthority},
+		{"client from an untrusted trust domain", serverSide(clientWith(otherTD.Issue(t, "spiffe://other.example/ns/a/sa/b", time.Hour))), mesh.ResultWrongTrustDomain},
+		{"client without a SPIFFE ID", serverSide(clientWith(m.ca.IssueLeaf(t, testpki.Leaf{DNSNames: []string{"web"}}))), mesh.ResultNotSPIFFE},
+		{"CA certificate used as leaf", serverSide(clientWith(m.ca.IssueLeaf(t, testpki.Leaf{ID: webID, IsCA: true}))), mesh.ResultCAAsLeaf},
+		{"client offers only TLS 1.2", serverSide(&tls.Config{InsecureSkipVerify: true, MaxVersion: tls.VersionTLS12}), mesh.ResultTLSVersion},
+		{"server with the wrong identity", clientSide(tlsmgr.ClientConfig(m.identity(t, webID), mesh.AuthorizeIDs([]spiffeid.ID{mustID(t, otherID)})), serverCfg), mesh.ResultWrongIdentity},
+		{"server outside our trust domain", clientSide(tlsmgr.ClientConfig(m.identity(t, webID), mesh.AuthorizeMemberOf(mustID(t, "spiffe://example.org/x").TrustDomain())), serverCfg), mesh.ResultWrongTrustDomain},
+		{"server refuses our certificate (alert)", errOf(fmt.Errorf("read: %w", tls.AlertError(116))), mesh.ResultNoClientCert},
+		{"server refuses our version (alert)", errOf(tls.AlertError(70)), mesh.ResultTLSVersion},
+		{"plaintext where TLS was expected", recordHeaderErr, mesh.ResultBadHello},
+		{"oversized hello", errOf(sniff.ErrHelloTooLarge), mesh.ResultBadHello},
+		{"malformed hello", errOf(fmt.Errorf("%w: x", sniff.ErrBadHello)), mesh.ResultBadHello},
+		{"half-sent hello", errOf(sniff.ErrTimeout), mesh.ResultTimeout},
+		{"socket deadline", deadlineErr, mesh.ResultTimeout},
+		{"handshake context deadline", errOf(fmt.Errorf("handshake: %w", context.DeadlineExceeded)), mesh.ResultTimeout},
+		{"peer hung up", errOf(io.EOF), mesh.ResultOther},
+		{"unknown alert", errOf(tls.AlertError(80)), mesh.ResultOther},
+		{"x509 other invalid reason", errOf(x509.CertificateInvalidError{Reason: x509.NotAuthorizedToSign}), mesh.ResultOther},
+		{"anything else", errOf(errors.New("boom")), mesh.ResultOther},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			err := tt.err(t)
-			if got := handshakeResult(err); got != tt.want {
-				t.Fatalf("handshakeResult(%v) = %q, want %q", err, got, tt.want)
+			if got := mesh.HandshakeResult(err); got != tt.want {
+				t.Fatalf("mesh.HandshakeResult(%v) = %q, want %q", err, got, tt.want)
 			}
 		})
 	}

@@ -64,6 +64,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/net/http2"
@@ -172,8 +173,8 @@ type hbone struct {
 	pool *hbonePool
 }
 
-func newHBONE(src tlsmgr.Source, pol PolicySource, o options) *hbone {
-	cfg := newServerTLS(src, pol)
+func newHBONE(src tlsmgr.Source, pol mesh.PolicySource, o options) *hbone {
+	cfg := mesh.ServerConfig(src, pol)
 	cfg.NextProtos = []string{hboneALPN}
 	h := &hbone{
 		serverTLS: cfg,
@@ -181,7 +182,7 @@ func newHBONE(src tlsmgr.Source, pol PolicySource, o options) *hbone {
 			MaxConcurrentStreams: o.hbone.maxStreams,
 			IdleTimeout:          hboneServerIdle,
 		},
-		hs: &http.Server{ReadHeaderTimeout: o.handshakeTimeout},
+		hs: &http.Server{ReadHeaderTimeout: o.HandshakeTimeout},
 	}
 	// Only fails for a TLS config with bad cipher suites; hs has none.
 	_ = http2.ConfigureServer(h.hs, h.h2s)
@@ -199,16 +200,16 @@ func (h *hbone) shutdown() {
 
 // serveHBONE runs the mesh mTLS handshake on an accepted HBONE connection
 // and serves its CONNECT streams until it closes.
-func (p *Proxy) serveHBONE(l *listener, t *tracked, c net.Conn) {
+func (p *Proxy) serveHBONE(l *listener, t *conntrack.Conn, c net.Conn) {
 	start := time.Now()
 	tc := tls.Server(c, p.hbone.serverTLS)
-	ctx, cancel := context.WithTimeout(t.Context(), p.opts.handshakeTimeout)
+	ctx, cancel := context.WithTimeout(t.Context(), p.opts.HandshakeTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()
-	result := observeHandshake(DirInbound, start, err)
+	result := mesh.ObserveHandshake(mesh.DirInbound, start, err)
 	if err != nil {
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionHandshakeFailed,
-			err: &handshakeError{result, err}})
+			err: &mesh.HandshakeError{Result: result, Err: err}})
 		return
 	}
 	cs := tc.ConnectionState()
@@ -220,7 +221,7 @@ func (p *Proxy) serveHBONE(l *listener, t *tracked, c net.Conn) {
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionHandshakeFailed, err: err})
 		return
 	}
-	local := unmap(addrPort(c.LocalAddr())).Addr()
+	local := mesh.AddrPort(c.LocalAddr()).Addr()
 	p.log.Debug("hbone connection open", "source", t.Source, "peer", peer.String())
 	p.hbone.h2s.ServeConn(tc, &http2.ServeConnOpts{
 		Context:    t.Context(),
@@ -237,15 +238,15 @@ func (p *Proxy) serveHBONE(l *listener, t *tracked, c net.Conn) {
 func (p *Proxy) serveHBONEStream(l *listener, tc *tls.Conn, local netip.Addr, peer spiffeid.ID, w http.ResponseWriter, r *http.Request) {
 	sc := newHBONEServerStream(w, r, tc)
 	finished := make(chan struct{})
-	err := p.conns.Admit(p.base, DirInbound, sc, metrics.ConnectionsActive.WithLabelValues(DirInbound), func(t *tracked) {
+	err := p.conns.Admit(p.base, mesh.DirInbound, sc, metrics.ConnectionsActive.WithLabelValues(mesh.DirInbound), func(t *conntrack.Conn) {
 		defer close(finished)
 		p.handleHBONEStream(l, t, sc, local, peer, r)
 	})
 	if err != nil {
 		if errors.Is(err, conntrack.ErrOverLimit) {
-			metrics.Connections.WithLabelValues(DirInbound, ModeHBONE, DecisionOverLimit).Inc()
-			p.log.Warn("connection refused", "direction", DirInbound, "listener", l.name, "source", sc.RemoteAddr().String(),
-				"mode", ModeHBONE, "peer", peer.String(), "reason", DecisionOverLimit, "max_connections", p.opts.maxConns)
+			metrics.Connections.WithLabelValues(mesh.DirInbound, ModeHBONE, DecisionOverLimit).Inc()
+			p.log.Warn("connection refused", "direction", mesh.DirInbound, "listener", l.name, "source", sc.RemoteAddr().String(),
+				"mode", ModeHBONE, "peer", peer.String(), "reason", DecisionOverLimit, "max_connections", p.opts.MaxConns)
 		}
 		sc.finish(http.StatusServiceUnavailable)
 		return
@@ -261,7 +262,7 @@ func (p *Proxy) serveHBONEStream(l *listener, tc *tls.Conn, local netip.Addr, pe
 
 // handleHBONEStream checks a CONNECT stream's destination and the policy,
 // then connects it to the app.
-func (p *Proxy) handleHBONEStream(l *listener, t *tracked, sc *hboneServerStream, local netip.Addr, peer spiffeid.ID, r *http.Request) {
+func (p *Proxy) handleHBONEStream(l *listener, t *conntrack.Conn, sc *hboneServerStream, local netip.Addr, peer spiffeid.ID, r *http.Request) {
 	if r.Method != http.MethodConnect {
 		sc.setFailStatus(http.StatusMethodNotAllowed)
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionBadRequest, dest: r.Host, peer: peer,
@@ -313,12 +314,12 @@ func (p *Proxy) hboneTarget(authority string, local netip.Addr) (string, uint16,
 	if err != nil || ap.Port() == 0 {
 		return "", 0, fmt.Errorf("%w %q: want IP:PORT", errBadAuthority, authority)
 	}
-	ap = unmap(ap)
+	ap = mesh.Unmap(ap)
 	transparent := false
 	for _, l := range ls {
 		switch l.spec.kind {
 		case inboundExplicit:
-			bound := unmap(addrPort(l.ln.Addr()))
+			bound := mesh.AddrPort(l.ln.Addr())
 			if ap.Port() == bound.Port() && (ap.Addr() == bound.Addr() || bound.Addr().IsUnspecified() && ap.Addr() == local) {
 				return l.spec.target, l.appPort, nil
 			}

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/net/http2"
@@ -164,8 +166,8 @@ func (pl *hbonePool) close() {
 
 // clientConfig is the HBONE (ALPN h2) variant of the direct path's client
 // config for the same SNI and expected identities.
-func (pl *hbonePool) clientConfig(base *ClientConfigs, sni string, ids []spiffeid.ID, td spiffeid.TrustDomain) *tls.Config {
-	key := sni + "|" + joinIDs(ids) + "|" + td.String()
+func (pl *hbonePool) clientConfig(base *mesh.ClientConfigs, sni string, ids []spiffeid.ID, td spiffeid.TrustDomain) *tls.Config {
+	key := sni + "|" + mesh.JoinIDs(ids) + "|" + td.String()
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	if cfg, ok := pl.cfgs[key]; ok {
@@ -173,7 +175,7 @@ func (pl *hbonePool) clientConfig(base *ClientConfigs, sni string, ids []spiffei
 	}
 	cfg := base.Get(sni, ids, td).Clone()
 	cfg.NextProtos = []string{hboneALPN}
-	if len(pl.cfgs) >= maxClientConfigs {
+	if len(pl.cfgs) >= mesh.MaxClientConfigs {
 		clear(pl.cfgs)
 	}
 	pl.cfgs[key] = cfg
@@ -185,7 +187,7 @@ func (pl *hbonePool) clientConfig(base *ClientConfigs, sni string, ids []spiffei
 // it must present one of ids, or, if ids is empty, be a member of our trust
 // domain; with ruleSANs the ids come from the DestinationRule covering the
 // address reached (checked when the pooled connection is made).
-func (p *Proxy) originateHBONE(t *tracked, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
+func (p *Proxy) originateHBONE(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
 	addr, err := p.hbonePeerAddr(dest)
 	if err != nil {
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, err: err})
@@ -196,7 +198,7 @@ func (p *Proxy) originateHBONE(t *tracked, down net.Conn, dest, sni string, ids 
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionNoIdentity, dest: dest, err: tdErr})
 		return
 	}
-	key := addr + "|" + sni + "|" + joinIDs(ids) + "|" + td.String()
+	key := addr + "|" + sni + "|" + mesh.JoinIDs(ids) + "|" + td.String()
 	if ruleSANs {
 		// The expected ids are read from the DestinationRules when a pooled
 		// connection is made, so one made under another policy generation
@@ -215,7 +217,7 @@ func (p *Proxy) originateHBONE(t *tracked, down net.Conn, dest, sni string, ids 
 	for attempt := 0; attempt < 2; attempt++ {
 		hc, err := p.hbone.pool.get(t.Context(), key, dial)
 		if err != nil {
-			var he *handshakeError
+			var he *mesh.HandshakeError
 			decision := DecisionUnreachable
 			if errors.As(err, &he) {
 				decision = DecisionHandshakeFailed
@@ -229,7 +231,7 @@ func (p *Proxy) originateHBONE(t *tracked, down net.Conn, dest, sni string, ids 
 		authority := dest
 		if _, err := netip.ParseAddrPort(dest); err != nil {
 			// A host name: CONNECT to the address actually reached.
-			authority = netip.AddrPortFrom(unmap(addrPort(hc.remote)).Addr(), destPort).String()
+			authority = netip.AddrPortFrom(mesh.AddrPort(hc.remote).Addr(), destPort).String()
 		}
 		up, resp, err := p.connectStream(t, hc, authority)
 		if err != nil {
@@ -255,7 +257,7 @@ func (p *Proxy) originateHBONE(t *tracked, down net.Conn, dest, sni string, ids 
 }
 
 // connectStream opens a CONNECT stream for authority on hc.
-func (p *Proxy) connectStream(t *tracked, hc *hboneConn, authority string) (*hboneClientStream, *http.Response, error) {
+func (p *Proxy) connectStream(t *conntrack.Conn, hc *hboneConn, authority string) (*hboneClientStream, *http.Response, error) {
 	ctx, cancel := context.WithCancel(t.Context())
 	pr, pw := io.Pipe()
 	req := (&http.Request{
@@ -287,16 +289,16 @@ func (p *Proxy) connectStream(t *tracked, hc *hboneConn, authority string) (*hbo
 // HTTP/2 up to the server's first SETTINGS, so its stream limit is known.
 func (p *Proxy) dialHBONE(addr, sni string, ids []spiffeid.ID, ruleSANs bool, destPort uint16, td spiffeid.TrustDomain, tdErr error) (*hboneConn, error) {
 	// Not tied to one app connection: others wait for this dial and use it.
-	ctx, cancel := context.WithTimeout(p.base, DefaultDialTimeout+p.opts.handshakeTimeout)
+	ctx, cancel := context.WithTimeout(p.base, mesh.DefaultDialTimeout+p.opts.HandshakeTimeout)
 	defer cancel()
-	dctx, dcancel := context.WithTimeout(ctx, DefaultDialTimeout)
-	raw, err := p.opts.dialer.DialContext(dctx, "tcp", addr)
+	dctx, dcancel := context.WithTimeout(ctx, mesh.DefaultDialTimeout)
+	raw, err := p.opts.Dialer.DialContext(dctx, "tcp", addr)
 	dcancel()
 	if err != nil {
 		return nil, fmt.Errorf("dial hbone %s: %w", addr, err)
 	}
 	if ruleSANs {
-		reached := netip.AddrPortFrom(unmap(addrPort(raw.RemoteAddr())).Addr(), destPort)
+		reached := netip.AddrPortFrom(mesh.AddrPort(raw.RemoteAddr()).Addr(), destPort)
 		if rule := p.pol.Current().Outbound(reached); rule.Matched && rule.MTLS {
 			ids = rule.SANs
 		}
@@ -305,24 +307,18 @@ func (p *Proxy) dialHBONE(addr, sni string, ids []spiffeid.ID, ruleSANs bool, de
 		raw.Close()
 		return nil, tdErr
 	}
-	start := time.Now()
-	tc := tls.Client(raw, p.hbone.pool.clientConfig(p.clientTLS, sni, ids, td))
-	hctx, hcancel := context.WithTimeout(ctx, p.opts.handshakeTimeout)
-	err = tc.HandshakeContext(hctx)
-	hcancel()
-	result := observeHandshake(DirOutbound, start, err)
-	if err != nil {
+	tc, peer, err := mesh.Originate(ctx, raw, p.hbone.pool.clientConfig(p.clientTLS, sni, ids, td), p.opts.HandshakeTimeout)
+	var he *mesh.HandshakeError
+	switch {
+	case errors.As(err, &he):
 		raw.Close()
-		return nil, &handshakeError{result, fmt.Errorf("hbone %s: %w", addr, err)}
-	}
-	cs := tc.ConnectionState()
-	peer, err := tlsmgr.PeerID(cs)
-	if err == nil && cs.NegotiatedProtocol != hboneALPN {
+		return nil, &mesh.HandshakeError{Result: he.Result, Err: fmt.Errorf("hbone %s: %w", addr, he.Err)}
+	case err == nil && tc.ConnectionState().NegotiatedProtocol != hboneALPN:
 		err = fmt.Errorf("hbone %s did not negotiate ALPN %q: not an HBONE listener", addr, hboneALPN)
 	}
 	if err != nil {
 		raw.Close()
-		return nil, &handshakeError{ResultOther, err}
+		return nil, &mesh.HandshakeError{Result: mesh.ResultOther, Err: err}
 	}
 	cc, err := p.hbone.pool.tr.NewClientConn(tc)
 	if err != nil {

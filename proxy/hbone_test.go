@@ -20,6 +20,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"golang.org/x/net/http2"
 )
@@ -35,7 +36,7 @@ type hboneChain struct {
 	policyDir      string // the server's policy directory
 }
 
-func newHBONEChain(t testing.TB, m *mesh, handle func(net.Conn), serverPolicy string, serverOpts ...Option) hboneChain {
+func newHBONEChain(t testing.TB, m *testMesh, handle func(net.Conn), serverPolicy string, serverOpts ...Option) hboneChain {
 	t.Helper()
 	a := startApp(t, handle)
 	st, dir := policyStore(t, serverPolicy)
@@ -133,7 +134,7 @@ func TestHBONEAppHalfCloseEndsTheStream(t *testing.T) {
 func TestHBONEManyAppConnectionsShareOneHandshake(t *testing.T) {
 	m := newMesh(t)
 	c := newHBONEChain(t, m, echo, peerAuth("STRICT"))
-	out, in := handshakes(DirOutbound, ResultOK), handshakes(DirInbound, ResultOK)
+	out, in := handshakes(mesh.DirOutbound, mesh.ResultOK), handshakes(mesh.DirInbound, mesh.ResultOK)
 
 	const sequential, concurrent = 10, 10
 	for i := range sequential {
@@ -174,10 +175,10 @@ func TestHBONEManyAppConnectionsShareOneHandshake(t *testing.T) {
 			t.Errorf("client peer %+v: want mode hbone, peer %s", pi, echoID)
 		}
 	}
-	if d := handshakes(DirOutbound, ResultOK) - out; d != 1 {
+	if d := handshakes(mesh.DirOutbound, mesh.ResultOK) - out; d != 1 {
 		t.Errorf("%d outbound handshakes for %d app connections, want 1", int(d), sequential+concurrent)
 	}
-	if d := handshakes(DirInbound, ResultOK) - in; d != 1 {
+	if d := handshakes(mesh.DirInbound, mesh.ResultOK) - in; d != 1 {
 		t.Errorf("%d inbound handshakes for %d app connections, want 1", int(d), sequential+concurrent)
 	}
 	if n := c.client.hbone.pool.size(); n != 1 {
@@ -188,13 +189,13 @@ func TestHBONEManyAppConnectionsShareOneHandshake(t *testing.T) {
 func TestHBONEOpensAnotherConnectionPastMaxStreams(t *testing.T) {
 	m := newMesh(t)
 	c := newHBONEChain(t, m, echo, "", WithHBONEMaxStreams(2))
-	out := handshakes(DirOutbound, ResultOK)
+	out := handshakes(mesh.DirOutbound, mesh.ResultOK)
 	for i := range 3 { // held open: three streams at once
 		if err := roundTrip(dial(t, c.entry), fmt.Sprintf("ping %d\n", i)); err != nil {
 			t.Fatalf("connection %d: %v", i, err)
 		}
 	}
-	if d := handshakes(DirOutbound, ResultOK) - out; d != 2 {
+	if d := handshakes(mesh.DirOutbound, mesh.ResultOK) - out; d != 2 {
 		t.Errorf("%d handshakes for 3 open streams with 2 per connection, want 2", int(d))
 	}
 }
@@ -258,12 +259,12 @@ func TestHBONEPolicyMatchesInbound15006(t *testing.T) {
 				try        func() error
 			}{
 				{"hbone", ModeHBONE, func() error { return roundTrip(dial(t, c.entry), "ping\n") }},
-				{"15006", ModeMTLS, func() error { return meshClient(m.identity(t, webID))(t, c.dest) }},
+				{"15006", mesh.ModeMTLS, func() error { return meshClient(m.identity(t, webID))(t, c.dest) }},
 			} {
-				if tt.policy == peerAuth("DISABLE") && path.mode == ModeMTLS {
+				if tt.policy == peerAuth("DISABLE") && path.mode == mesh.ModeMTLS {
 					continue // DISABLE passes mesh mTLS through to the app untouched
 				}
-				conns, denied := connections(DirInbound, path.mode, tt.decision), denials(tt.decision)
+				conns, denied := connections(mesh.DirInbound, path.mode, tt.decision), denials(tt.decision)
 				err := path.try()
 				if tt.decision == DecisionAllow {
 					if err != nil {
@@ -276,7 +277,7 @@ func TestHBONEPolicyMatchesInbound15006(t *testing.T) {
 					eventually(t, path.name+" denial counted", func() bool { return denials(tt.decision) == denied+1 })
 				}
 				eventually(t, path.name+" connection counted", func() bool {
-					return connections(DirInbound, path.mode, tt.decision) == conns+1
+					return connections(mesh.DirInbound, path.mode, tt.decision) == conns+1
 				})
 			}
 		})
@@ -294,20 +295,20 @@ func TestHBONEDeniedStreamGets403(t *testing.T) {
 	if resp.StatusCode != http.StatusForbidden {
 		t.Fatalf("status %d, want 403", resp.StatusCode)
 	}
-	refused := connections(DirOutbound, ModeHBONE, DecisionPeerRefused)
+	refused := connections(mesh.DirOutbound, ModeHBONE, DecisionPeerRefused)
 	conn := dial(t, c.entry)
 	if _, err := io.ReadAll(conn); err != nil && !errors.Is(err, net.ErrClosed) {
 		t.Logf("client side: %v", err)
 	}
 	eventually(t, "outbound peer_refused counted", func() bool {
-		return connections(DirOutbound, ModeHBONE, DecisionPeerRefused) == refused+1
+		return connections(mesh.DirOutbound, ModeHBONE, DecisionPeerRefused) == refused+1
 	})
 }
 
 func TestHBONEPolicyChangeAppliesToPooledConnection(t *testing.T) {
 	m := newMesh(t)
 	c := newHBONEChain(t, m, echo, peerAuth("PERMISSIVE"))
-	out := handshakes(DirOutbound, ResultOK)
+	out := handshakes(mesh.DirOutbound, mesh.ResultOK)
 	if err := roundTrip(dial(t, c.entry), "before\n"); err != nil {
 		t.Fatal(err)
 	}
@@ -323,7 +324,7 @@ func TestHBONEPolicyChangeAppliesToPooledConnection(t *testing.T) {
 	if denials(policy.ReasonDeniedByPolicy) <= denied {
 		t.Error("denial not counted")
 	}
-	if d := handshakes(DirOutbound, ResultOK) - out; d != 1 {
+	if d := handshakes(mesh.DirOutbound, mesh.ResultOK) - out; d != 1 {
 		t.Errorf("%d handshakes, want 1: the change must apply on the pooled connection", int(d))
 	}
 	if err := roundTrip(open, "still open\n"); err != nil {
@@ -335,12 +336,12 @@ func TestHBONERefusesPeerFromAnotherRoot(t *testing.T) {
 	m := newMesh(t)
 	c := newHBONEChain(t, m, echo, "")
 	stranger := tlsmgr.NewStatic(testpki.New(t, "cluster.local").Issue(t, webID, time.Hour), m.ca.Bundle())
-	failed := handshakes(DirInbound, ResultUnknownAuthority)
+	failed := handshakes(mesh.DirInbound, mesh.ResultUnknownAuthority)
 	if _, err := hboneClient(t, stranger, c.hbone); err == nil {
 		// TLS 1.3: the client may finish before the server's verdict arrives.
-		eventually(t, "server refusal", func() bool { return handshakes(DirInbound, ResultUnknownAuthority) == failed+1 })
+		eventually(t, "server refusal", func() bool { return handshakes(mesh.DirInbound, mesh.ResultUnknownAuthority) == failed+1 })
 	}
-	eventually(t, "handshake failure counted", func() bool { return handshakes(DirInbound, ResultUnknownAuthority) == failed+1 })
+	eventually(t, "handshake failure counted", func() bool { return handshakes(mesh.DirInbound, mesh.ResultUnknownAuthority) == failed+1 })
 	if n := c.app.Accepted(); n != 0 {
 		t.Errorf("app accepted %d connections", n)
 	}
@@ -372,7 +373,7 @@ func TestHBONEIsNotAnOpenRelay(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			before := connections(DirInbound, ModeHBONE, tt.decision)
+			before := connections(mesh.DirInbound, ModeHBONE, tt.decision)
 			resp, w := connect(t, cc, tt.method, tt.authority)
 			if resp.StatusCode != tt.status {
 				t.Fatalf("status %d, want %d", resp.StatusCode, tt.status)
@@ -384,7 +385,7 @@ func TestHBONEIsNotAnOpenRelay(t *testing.T) {
 					t.Fatalf("echo %q, %v", got, err)
 				}
 			}
-			eventually(t, "counted", func() bool { return connections(DirInbound, ModeHBONE, tt.decision) == before+1 })
+			eventually(t, "counted", func() bool { return connections(mesh.DirInbound, ModeHBONE, tt.decision) == before+1 })
 		})
 	}
 	if n := bystander.Accepted(); n != 0 {

@@ -19,6 +19,7 @@ import (
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/proxy/proxytest"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -35,15 +36,15 @@ const (
 
 var quietLog = slog.New(slog.DiscardHandler)
 
-// mesh is a trust domain with its CA.
-type mesh struct {
+// testMesh is a trust domain with its CA.
+type testMesh struct {
 	ca *testpki.CA
 }
 
-func newMesh(t testing.TB) *mesh { return &mesh{ca: testpki.New(t, "cluster.local")} }
+func newMesh(t testing.TB) *testMesh { return &testMesh{ca: testpki.New(t, "cluster.local")} }
 
 // identity returns a static Source for id, trusting the mesh's CA.
-func (m *mesh) identity(t testing.TB, id string) *tlsmgr.Static {
+func (m *testMesh) identity(t testing.TB, id string) *tlsmgr.Static {
 	return tlsmgr.NewStatic(m.ca.Issue(t, id, time.Hour), m.ca.Bundle())
 }
 
@@ -95,7 +96,7 @@ spec:
 }
 
 // startProxy starts a proxy and shuts it down at cleanup.
-func startProxy(t testing.TB, src tlsmgr.Source, pol PolicySource, opts ...Option) *Proxy {
+func startProxy(t testing.TB, src tlsmgr.Source, pol mesh.PolicySource, opts ...Option) *Proxy {
 	t.Helper()
 	p := New(src, pol, append([]Option{WithLogger(quietLog)}, opts...)...)
 	if err := p.Start(context.Background()); err != nil {
@@ -134,7 +135,7 @@ func banner(c net.Conn) {
 
 // tlsApp is an app that terminates its own TLS with a DNS certificate
 // for app.test, then echoes.
-func tlsApp(m *mesh, t testing.TB) func(net.Conn) {
+func tlsApp(m *testMesh, t testing.TB) func(net.Conn) {
 	svid := m.ca.IssueLeaf(t, testpki.Leaf{DNSNames: []string{"app.test"}})
 	cfg := &tls.Config{Certificates: []tls.Certificate{testpki.TLSCertificate(svid)}, NextProtos: []string{"http/1.1"}}
 	return func(c net.Conn) {
@@ -187,7 +188,7 @@ func meshClient(src tlsmgr.Source) func(testing.TB, string) error {
 	}
 }
 
-func appTLSClient(m *mesh) func(testing.TB, string) error {
+func appTLSClient(m *testMesh) func(testing.TB, string) error {
 	pool := x509.NewCertPool()
 	pool.AddCert(m.ca.Root)
 	return func(t testing.TB, addr string) error {

@@ -8,6 +8,8 @@ import (
 
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/proxy/sniff"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -15,16 +17,16 @@ import (
 
 // handleInbound enforces the port's mTLS mode on one inbound connection and
 // forwards it to the app.
-func (p *Proxy) handleInbound(l *listener, t *tracked, c net.Conn) {
+func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	dest, port := l.spec.target, l.appPort
 	if l.spec.kind == inboundTransparent {
 		dst, err := p.opts.originalDst(c)
 		if err != nil {
-			p.refuse(t, refusal{mode: ModeUnknown, decision: DecisionNoOriginalDst, err: err})
+			p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionNoOriginalDst, err: err})
 			return
 		}
 		if isSelf(l, c, dst) {
-			p.refuse(t, refusal{mode: ModeUnknown, decision: DecisionLoop, dest: dst.String()})
+			p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionLoop, dest: dst.String()})
 			return
 		}
 		dest, port = dst.String(), dst.Port()
@@ -34,36 +36,36 @@ func (p *Proxy) handleInbound(l *listener, t *tracked, c net.Conn) {
 	mode := snap.InboundMode(port)
 	if mode == policy.ModeDisable {
 		// Not inspected at all: the first byte goes to the app as it came.
-		p.authorizeAndForward(l, t, snap, c, dest, port, ModePassthrough, spiffeid.ID{})
+		p.authorizeAndForward(l, t, snap, c, dest, port, mesh.ModePassthrough, spiffeid.ID{})
 		return
 	}
 
-	sc, res, err := sniff.Sniff(c, p.opts.detectTimeout)
+	sc, res, err := sniff.Sniff(c, p.opts.DetectTimeout)
 	if err != nil {
-		result := observeHandshake(DirInbound, time.Time{}, err)
-		p.refuse(t, refusal{mode: ModeUnknown, decision: DecisionHandshakeFailed, dest: dest,
-			err: &handshakeError{result, err}})
+		result := mesh.ObserveHandshake(mesh.DirInbound, time.Time{}, err)
+		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionHandshakeFailed, dest: dest,
+			err: &mesh.HandshakeError{Result: result, Err: err}})
 		return
 	}
 	switch res.Kind {
 	case sniff.MeshTLS:
 		start := time.Now()
 		tc := tls.Server(sc, p.serverTLS)
-		ctx, cancel := context.WithTimeout(t.Context(), p.opts.handshakeTimeout)
+		ctx, cancel := context.WithTimeout(t.Context(), p.opts.HandshakeTimeout)
 		err := tc.HandshakeContext(ctx)
 		cancel()
-		result := observeHandshake(DirInbound, start, err)
+		result := mesh.ObserveHandshake(mesh.DirInbound, start, err)
 		if err != nil {
-			p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionHandshakeFailed, dest: dest,
-				err: &handshakeError{result, err}})
+			p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionHandshakeFailed, dest: dest,
+				err: &mesh.HandshakeError{Result: result, Err: err}})
 			return
 		}
 		peer, err := tlsmgr.PeerID(tc.ConnectionState())
 		if err != nil { // verified already, so this cannot happen; refuse rather than guess
-			p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
+			p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
 			return
 		}
-		p.authorizeAndForward(l, t, snap, tc, dest, port, ModeMTLS, peer)
+		p.authorizeAndForward(l, t, snap, tc, dest, port, mesh.ModeMTLS, peer)
 	default:
 		m := res.Kind.String()
 		if mode == policy.ModeStrict {
@@ -77,7 +79,7 @@ func (p *Proxy) handleInbound(l *listener, t *tracked, c net.Conn) {
 // authorizeAndForward applies the AuthorizationPolicies to the peer (zero
 // for anything but mesh mTLS) and, if allowed, connects to the app (see
 // dialApp for the source address).
-func (p *Proxy) authorizeAndForward(l *listener, t *tracked, snap *policy.Snapshot, down net.Conn, dest string, port uint16, mode string, peer spiffeid.ID) {
+func (p *Proxy) authorizeAndForward(l *listener, t *conntrack.Conn, snap *policy.Snapshot, down net.Conn, dest string, port uint16, mode string, peer spiffeid.ID) {
 	if !p.authorize(t, snap, dest, port, mode, peer) {
 		return
 	}
@@ -92,7 +94,7 @@ func (p *Proxy) authorizeAndForward(l *listener, t *tracked, snap *policy.Snapsh
 // authorize applies the AuthorizationPolicies of snap to a connection from
 // peer (zero for anything but mesh mTLS) to port; a denial is counted,
 // logged and the connection refused. The :15006 and HBONE paths share it.
-func (p *Proxy) authorize(t *tracked, snap *policy.Snapshot, dest string, port uint16, mode string, peer spiffeid.ID) bool {
+func (p *Proxy) authorize(t *conntrack.Conn, snap *policy.Snapshot, dest string, port uint16, mode string, peer spiffeid.ID) bool {
 	req := policy.Request{Peer: peer, Port: port}
 	if !peer.IsZero() {
 		// A peer of a federated trust domain needs a policy naming it.
@@ -106,12 +108,3 @@ func (p *Proxy) authorize(t *tracked, snap *policy.Snapshot, dest string, port u
 	}
 	return true
 }
-
-// handshakeError carries the handshake result label into the log line.
-type handshakeError struct {
-	result string
-	err    error
-}
-
-func (e *handshakeError) Error() string { return e.result + ": " + e.err.Error() }
-func (e *handshakeError) Unwrap() error { return e.err }

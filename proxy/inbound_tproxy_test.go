@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 )
 
 // podClient is where a TPROXY'd connection seems to come from in these
@@ -127,12 +129,12 @@ func TestInboundDialerFailureRefusesTheConnection(t *testing.T) {
 		WithInboundTransparent("127.0.0.1:0"), WithOriginalDst(fixedDst(a.addr())),
 		WithInboundListen(listen), WithInboundDialer(rec.dial),
 		WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
-	before := connections(DirInbound, ModePlaintext, DecisionUnreachable)
+	before := connections(mesh.DirInbound, mesh.ModePlaintext, DecisionUnreachable)
 	if err := plaintextClient(t, p.Addrs()[0].String()); err == nil {
 		t.Fatal("forwarded although the inbound dialer failed")
 	}
 	eventually(t, "refusal counted", func() bool {
-		return connections(DirInbound, ModePlaintext, DecisionUnreachable) == before+1
+		return connections(mesh.DirInbound, mesh.ModePlaintext, DecisionUnreachable) == before+1
 	})
 	if out := logs.String(); !strings.Contains(out, "from "+podClient.String()) || !strings.Contains(out, "IP_TRANSPARENT") {
 		t.Errorf("refusal log does not name the client address and the cause:\n%s", out)

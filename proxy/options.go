@@ -7,25 +7,13 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-)
-
-// Defaults for the timeouts a Proxy applies.
-const (
-	DefaultDetectTimeout    = 5 * time.Second
-	DefaultIdleTimeout      = time.Hour
-	DefaultHandshakeTimeout = 10 * time.Second
-	DefaultDialTimeout      = 10 * time.Second
 )
 
 // OriginalDstFunc returns where a redirected connection was originally
 // going (SO_ORIGINAL_DST, the TPROXY local address, or an eBPF map lookup).
 type OriginalDstFunc func(net.Conn) (netip.AddrPort, error)
-
-// Dialer opens upstream connections; *net.Dialer satisfies it.
-type Dialer interface {
-	DialContext(ctx context.Context, network, address string) (net.Conn, error)
-}
 
 // ListenFunc binds a listener; redirect.ListenTransparent is one.
 type ListenFunc func(ctx context.Context, network, addr string) (net.Listener, error)
@@ -36,7 +24,7 @@ type ListenFunc func(ctx context.Context, network, addr string) (net.Listener, e
 type InboundDialFunc func(ctx context.Context, client netip.AddrPort, network, addr string) (net.Conn, error)
 
 // Option configures a Proxy.
-type Option func(*options)
+type Option = mesh.Option[*options]
 
 type listenerSpec struct {
 	kind   listenerKind
@@ -46,31 +34,17 @@ type listenerSpec struct {
 }
 
 type options struct {
-	listeners        []listenerSpec
-	meshCIDRs        []netip.Prefix
-	originalDst      OriginalDstFunc
-	detectTimeout    time.Duration
-	idleTimeout      time.Duration
-	handshakeTimeout time.Duration
-	maxConns         int
-	log              *slog.Logger
-	td               spiffeid.TrustDomain
-	dialer           Dialer
-	listenConfig     net.ListenConfig
-	inboundListen    ListenFunc
-	inboundDialer    InboundDialFunc
-	hbone            hboneOptions // see hbone.go
+	mesh.Settings // shared with the gateway
+	listeners     []listenerSpec
+	meshCIDRs     []netip.Prefix
+	originalDst   OriginalDstFunc
+	inboundListen ListenFunc
+	inboundDialer InboundDialFunc
+	hbone         hboneOptions // see hbone.go
 }
 
 func defaultOptions() options {
-	return options{
-		detectTimeout:    DefaultDetectTimeout,
-		idleTimeout:      DefaultIdleTimeout,
-		handshakeTimeout: DefaultHandshakeTimeout,
-		log:              slog.Default(),
-		dialer:           &net.Dialer{Timeout: DefaultDialTimeout},
-		hbone:            defaultHBONEOptions(),
-	}
+	return options{Settings: mesh.DefaultSettings(), hbone: defaultHBONEOptions()}
 }
 
 // WithInboundTransparent adds the redirected inbound listener (":15006" in
@@ -124,75 +98,35 @@ func WithOriginalDst(fn OriginalDstFunc) Option {
 // WithDetectTimeout sets how long inbound sniffing waits for the first
 // bytes before treating the connection as server-speaks-first plaintext
 // (default 5s).
-func WithDetectTimeout(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.detectTimeout = d
-		}
-	}
-}
+func WithDetectTimeout(d time.Duration) Option { return mesh.WithDetectTimeout[*options](d) }
 
 // WithIdleTimeout closes connections with no traffic either way for d
 // (default 1h).
-func WithIdleTimeout(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.idleTimeout = d
-		}
-	}
-}
+func WithIdleTimeout(d time.Duration) Option { return mesh.WithIdleTimeout[*options](d) }
 
 // WithHandshakeTimeout bounds each mesh TLS handshake (default 10s).
-func WithHandshakeTimeout(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.handshakeTimeout = d
-		}
-	}
-}
+func WithHandshakeTimeout(d time.Duration) Option { return mesh.WithHandshakeTimeout[*options](d) }
 
 // WithMaxConnections caps the connections open at once over all listeners;
 // past it new connections are closed immediately. Zero means no limit.
-func WithMaxConnections(n int) Option {
-	return func(o *options) {
-		if n >= 0 {
-			o.maxConns = n
-		}
-	}
-}
+func WithMaxConnections(n int) Option { return mesh.WithMaxConnections[*options](n) }
 
 // WithLogger sets the logger (default slog.Default()).
-func WithLogger(l *slog.Logger) Option {
-	return func(o *options) {
-		if l != nil {
-			o.log = l
-		}
-	}
-}
+func WithLogger(l *slog.Logger) Option { return mesh.WithLogger[*options](l) }
 
 // WithTrustDomain sets the workload's trust domain, which outbound servers
 // must belong to when no SPIFFE ID is expected. By default it is the trust
 // domain of the Source's current SVID.
-func WithTrustDomain(td spiffeid.TrustDomain) Option {
-	return func(o *options) { o.td = td }
-}
+func WithTrustDomain(td spiffeid.TrustDomain) Option { return mesh.WithTrustDomain[*options](td) }
 
 // WithDialer sets how upstream connections are opened (default a
 // net.Dialer with a 10s timeout); a caller can mark or bind the proxy's own
 // sockets here.
-func WithDialer(d Dialer) Option {
-	return func(o *options) {
-		if d != nil {
-			o.dialer = d
-		}
-	}
-}
+func WithDialer(d mesh.Dialer) Option { return mesh.WithDialer[*options](d) }
 
 // WithListenConfig sets how listeners are bound, for socket options such as
 // IP_TRANSPARENT that TPROXY capture needs.
-func WithListenConfig(lc net.ListenConfig) Option {
-	return func(o *options) { o.listenConfig = lc }
-}
+func WithListenConfig(lc net.ListenConfig) Option { return mesh.WithListenConfig[*options](lc) }
 
 // WithInboundListen sets how the transparent inbound listener
 // (WithInboundTransparent) is bound, and only that one: for TPROXY capture,

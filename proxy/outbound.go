@@ -1,20 +1,18 @@
 package proxy
 
 import (
-	"context"
-	"crypto/tls"
 	"net"
 	"net/netip"
 	"slices"
-	"time"
 
-	"github.com/meshproxy/meshproxy/tlsmgr"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // handleOutbound sends one outbound connection on: with mesh mTLS where the
 // destination is in the mesh, untouched otherwise.
-func (p *Proxy) handleOutbound(l *listener, t *tracked, c net.Conn) {
+func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	if l.spec.kind == outboundExplicit {
 		var ids []spiffeid.ID
 		if !l.spec.id.IsZero() {
@@ -25,27 +23,27 @@ func (p *Proxy) handleOutbound(l *listener, t *tracked, c net.Conn) {
 	}
 	dst, err := p.opts.originalDst(c)
 	if err != nil {
-		p.refuse(t, refusal{mode: ModeUnknown, decision: DecisionNoOriginalDst, err: err})
+		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionNoOriginalDst, err: err})
 		return
 	}
-	dst = unmap(dst)
+	dst = mesh.Unmap(dst)
 	if dst.Addr().IsLoopback() || isSelf(l, c, dst) {
 		// Capture rules exclude loopback, so arriving here means a loop.
-		p.refuse(t, refusal{mode: ModeUnknown, decision: DecisionLoop, dest: dst.String()})
+		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionLoop, dest: dst.String()})
 		return
 	}
 	rule := p.pol.Current().Outbound(dst)
-	mesh := rule.MTLS
+	inMesh := rule.MTLS
 	if !rule.Matched {
-		mesh = slices.ContainsFunc(p.opts.meshCIDRs, func(pfx netip.Prefix) bool { return pfx.Contains(dst.Addr()) })
+		inMesh = slices.ContainsFunc(p.opts.meshCIDRs, func(pfx netip.Prefix) bool { return pfx.Contains(dst.Addr()) })
 	}
-	if !mesh {
+	if !inMesh {
 		up, err := p.dial(t, dst.String())
 		if err != nil {
-			p.refuse(t, refusal{mode: ModePassthrough, decision: DecisionUnreachable, dest: dst.String(), err: err})
+			p.refuse(t, refusal{mode: mesh.ModePassthrough, decision: DecisionUnreachable, dest: dst.String(), err: err})
 			return
 		}
-		p.pipe(t, c, up, dst.String(), ModePassthrough, spiffeid.ID{})
+		p.pipe(t, c, up, dst.String(), mesh.ModePassthrough, spiffeid.ID{})
 		return
 	}
 	var sans []spiffeid.ID
@@ -59,47 +57,31 @@ func (p *Proxy) handleOutbound(l *listener, t *tracked, c net.Conn) {
 // server presenting one of ids, or any member of our trust domain if ids is
 // empty. With ruleSANs, ids come from the DestinationRule covering the
 // address actually reached (an explicit destination may be a host name).
-func (p *Proxy) originate(t *tracked, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
+func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
 	if p.opts.hbone.outbound {
 		p.originateHBONE(t, down, dest, sni, ids, ruleSANs)
 		return
 	}
 	up, err := p.dial(t, dest)
 	if err != nil {
-		p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionUnreachable, dest: dest, err: err})
+		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionUnreachable, dest: dest, err: err})
 		return
 	}
 	if ruleSANs {
-		if rule := p.pol.Current().Outbound(unmap(addrPort(up.RemoteAddr()))); rule.Matched && rule.MTLS {
+		if rule := p.pol.Current().Outbound(mesh.AddrPort(up.RemoteAddr())); rule.Matched && rule.MTLS {
 			ids = rule.SANs
 		}
 	}
 	td, err := p.trustDomain()
 	if err != nil && len(ids) == 0 {
-		p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionNoIdentity, dest: dest, err: err})
+		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionNoIdentity, dest: dest, err: err})
 		return
 	}
 
-	start := time.Now()
-	tc := tls.Client(up, p.clientTLS.Get(sni, ids, td))
-	ctx, cancel := context.WithTimeout(t.Context(), p.opts.handshakeTimeout)
-	err = tc.HandshakeContext(ctx)
-	cancel()
-	result := observeHandshake(DirOutbound, start, err)
+	tc, peer, err := mesh.Originate(t.Context(), up, p.clientTLS.Get(sni, ids, td), p.opts.HandshakeTimeout)
 	if err != nil {
-		p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionHandshakeFailed, dest: dest,
-			err: &handshakeError{result, err}})
+		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
 		return
 	}
-	peer, err := tlsmgr.PeerID(tc.ConnectionState())
-	if err != nil {
-		p.refuse(t, refusal{mode: ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
-		return
-	}
-	p.pipe(t, down, tc, dest, ModeMTLS, peer)
-}
-
-// unmap turns an IPv4-mapped IPv6 address into plain IPv4.
-func unmap(ap netip.AddrPort) netip.AddrPort {
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	p.pipe(t, down, tc, dest, mesh.ModeMTLS, peer)
 }

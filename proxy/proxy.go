@@ -14,31 +14,11 @@ import (
 	"time"
 
 	"github.com/meshproxy/meshproxy/metrics"
-	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	fwd "github.com/meshproxy/meshproxy/proxy/forward"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-)
-
-// PolicySource gives the policy snapshot in force; *policy.Store satisfies it.
-// Each connection reads it once, so a reload applies to new connections.
-type PolicySource interface {
-	Current() *policy.Snapshot
-}
-
-// Connection directions (the direction label).
-const (
-	DirInbound  = "inbound"
-	DirOutbound = "outbound"
-)
-
-// Connection modes (the mode label and PeerInfo.Mode).
-const (
-	ModeMTLS        = "mtls"        // mesh mTLS terminated (inbound) or originated (outbound)
-	ModeTLS         = "tls"         // the app's own TLS, passed through
-	ModePlaintext   = "plaintext"   // plaintext, passed through
-	ModePassthrough = "passthrough" // not inspected (inbound DISABLE, outbound outside the mesh)
-	ModeUnknown     = "unknown"     // refused before the mode was known
 )
 
 // Connection decisions (the decision label): DecisionAllow or why a
@@ -70,9 +50,9 @@ func (k listenerKind) String() string {
 
 func (k listenerKind) direction() string {
 	if k == inboundTransparent || k == inboundExplicit || k == inboundHBONE {
-		return DirInbound
+		return mesh.DirInbound
 	}
-	return DirOutbound
+	return mesh.DirOutbound
 }
 
 type listener struct {
@@ -90,11 +70,11 @@ type listener struct {
 // stop with Shutdown.
 type Proxy struct {
 	src       tlsmgr.Source
-	pol       PolicySource
+	pol       mesh.PolicySource
 	opts      options
 	log       *slog.Logger
 	serverTLS *tls.Config
-	clientTLS *ClientConfigs
+	clientTLS *mesh.ClientConfigs
 	hbone     *hbone
 	base      context.Context
 
@@ -110,21 +90,21 @@ type Proxy struct {
 
 // New returns a Proxy serving src's identity under pol's policy. Nothing is
 // bound until Start.
-func New(src tlsmgr.Source, pol PolicySource, opts ...Option) *Proxy {
+func New(src tlsmgr.Source, pol mesh.PolicySource, opts ...Option) *Proxy {
 	o := defaultOptions()
 	for _, opt := range opts {
 		opt(&o)
 	}
-	log := o.log.With("component", "proxy")
+	log := o.Log.With("component", "proxy")
 	return &Proxy{
 		src:       src,
 		pol:       pol,
 		opts:      o,
 		log:       log,
-		serverTLS: newServerTLS(src, pol),
-		clientTLS: NewClientConfigs(src),
+		serverTLS: mesh.ServerConfig(src, pol),
+		clientTLS: mesh.NewClientConfigs(src),
 		hbone:     newHBONE(src, pol, o),
-		conns:     conntrack.NewTable(log, o.maxConns),
+		conns:     conntrack.NewTable(log, o.MaxConns),
 	}
 }
 
@@ -190,7 +170,7 @@ func (p *Proxy) bind(ctx context.Context, spec listenerSpec) (*listener, error) 
 			l.sni = tlsmgr.OutboundSNI(host, port)
 		}
 	}
-	listen := p.opts.listenConfig.Listen
+	listen := p.opts.ListenConfig.Listen
 	if spec.kind == inboundTransparent && p.opts.inboundListen != nil {
 		listen = p.opts.inboundListen
 	}
@@ -222,19 +202,19 @@ func splitHostPort(addr string) (string, uint16, error) {
 // shutting down.
 func (p *Proxy) admit(l *listener, c net.Conn) {
 	dir := l.spec.kind.direction()
-	err := p.conns.Admit(p.base, dir, c, metrics.ConnectionsActive.WithLabelValues(dir), func(t *tracked) {
+	err := p.conns.Admit(p.base, dir, c, metrics.ConnectionsActive.WithLabelValues(dir), func(t *conntrack.Conn) {
 		if l.spec.kind == inboundHBONE {
 			p.serveHBONE(l, t, c)
-		} else if dir == DirInbound {
+		} else if dir == mesh.DirInbound {
 			p.handleInbound(l, t, c)
 		} else {
 			p.handleOutbound(l, t, c)
 		}
 	})
 	if errors.Is(err, conntrack.ErrOverLimit) {
-		metrics.Connections.WithLabelValues(dir, ModeUnknown, DecisionOverLimit).Inc()
+		metrics.Connections.WithLabelValues(dir, mesh.ModeUnknown, DecisionOverLimit).Inc()
 		p.log.Warn("connection refused", "direction", dir, "listener", l.name,
-			"source", c.RemoteAddr().String(), "reason", DecisionOverLimit, "max_connections", p.opts.maxConns)
+			"source", c.RemoteAddr().String(), "reason", DecisionOverLimit, "max_connections", p.opts.MaxConns)
 	}
 	if err != nil {
 		c.Close()
@@ -289,41 +269,20 @@ func (p *Proxy) Addrs() []net.Addr {
 }
 
 // Peers lists the established connections.
-func (p *Proxy) Peers() []PeerInfo { return p.conns.Peers() }
-
-// Config is the effective configuration, as GET /config shows it.
-type Config struct {
-	Generation  uint64          `json:"generation"`
-	Mode        string          `json:"mode"` // the workload's mTLS mode before port-level overrides
-	TrustDomain string          `json:"trust_domain,omitempty"`
-	MeshCIDRs   []string        `json:"mesh_cidrs"`
-	Listeners   []ListenerInfo  `json:"listeners"`
-	Policy      json.RawMessage `json:"policy"`
-}
-
-// ListenerInfo describes one listener.
-type ListenerInfo struct {
-	Name       string `json:"name"`
-	Kind       string `json:"kind"` // inbound, outbound, inbound-explicit, outbound-explicit
-	Listen     string `json:"listen"`
-	Address    string `json:"address,omitempty"` // bound address once started
-	Target     string `json:"target,omitempty"`  // app (inbound-explicit) or destination (outbound-explicit)
-	ExpectedID string `json:"expected_id,omitempty"`
-	Mode       string `json:"mode,omitempty"` // inbound-explicit: the mTLS mode of the app port
-}
+func (p *Proxy) Peers() []conntrack.PeerInfo { return p.conns.Peers() }
 
 // Config returns the effective configuration and policy.
-func (p *Proxy) Config() (Config, error) {
+func (p *Proxy) Config() (mesh.Config, error) {
 	snap := p.pol.Current()
 	pol, err := json.Marshal(snap)
 	if err != nil {
-		return Config{}, fmt.Errorf("marshal policy: %w", err)
+		return mesh.Config{}, fmt.Errorf("marshal policy: %w", err)
 	}
-	cfg := Config{
+	cfg := mesh.Config{
 		Generation: snap.Generation(),
 		Mode:       snap.InboundMode(0).String(),
 		MeshCIDRs:  []string{},
-		Listeners:  []ListenerInfo{},
+		Listeners:  []mesh.ListenerInfo{},
 		Policy:     pol,
 	}
 	if td, err := p.trustDomain(); err == nil {
@@ -339,7 +298,7 @@ func (p *Proxy) Config() (Config, error) {
 	}
 	p.mu.Unlock()
 	for i, spec := range p.opts.listeners {
-		li := ListenerInfo{Kind: spec.kind.String(), Listen: spec.listen, Address: bound[i], Target: spec.target}
+		li := mesh.ListenerInfo{Kind: spec.kind.String(), Listen: spec.listen, Address: bound[i], Target: spec.target}
 		li.Name = li.Kind + " " + spec.listen
 		if spec.target != "" {
 			li.Name += "=" + spec.target
@@ -359,17 +318,7 @@ func (p *Proxy) Config() (Config, error) {
 
 // trustDomain is the configured trust domain, else that of the current SVID.
 func (p *Proxy) trustDomain() (spiffeid.TrustDomain, error) {
-	if !p.opts.td.IsZero() {
-		return p.opts.td, nil
-	}
-	svid, err := p.src.GetX509SVID()
-	if err != nil {
-		return spiffeid.TrustDomain{}, fmt.Errorf("current svid: %w", err)
-	}
-	if svid == nil {
-		return spiffeid.TrustDomain{}, tlsmgr.ErrNoIdentity
-	}
-	return svid.ID.TrustDomain(), nil
+	return mesh.TrustDomain(p.opts.TrustDomain, p.src)
 }
 
 // refusal describes why a connection is closed, for the metric and the log.
@@ -383,7 +332,7 @@ type refusal struct {
 }
 
 // refuse counts and logs a refused connection; the caller's release closes it.
-func (p *Proxy) refuse(t *tracked, r refusal) {
+func (p *Proxy) refuse(t *conntrack.Conn, r refusal) {
 	metrics.Connections.WithLabelValues(t.Direction, r.mode, r.decision).Inc()
 	attrs := []any{"direction", t.Direction, "source", t.Source, "mode", r.mode, "reason", r.decision}
 	if r.dest != "" {
@@ -403,14 +352,14 @@ func (p *Proxy) refuse(t *tracked, r refusal) {
 }
 
 // dial opens an upstream connection for t and registers it for abort.
-func (p *Proxy) dial(t *tracked, addr string) (net.Conn, error) {
-	return p.dialWith(t, addr, p.opts.dialer.DialContext)
+func (p *Proxy) dial(t *conntrack.Conn, addr string) (net.Conn, error) {
+	return p.dialWith(t, addr, p.opts.Dialer.DialContext)
 }
 
 // dialApp connects an inbound connection to the app. Behind the transparent
 // inbound listener with an inbound dialer (TPROXY), the connection is made
 // on behalf of the client, from its address; otherwise it is a plain dial.
-func (p *Proxy) dialApp(l *listener, t *tracked, addr string) (net.Conn, error) {
+func (p *Proxy) dialApp(l *listener, t *conntrack.Conn, addr string) (net.Conn, error) {
 	fn := p.opts.inboundDialer
 	if l.spec.kind != inboundTransparent || fn == nil {
 		return p.dial(t, addr)
@@ -436,12 +385,12 @@ func (p *Proxy) dialApp(l *listener, t *tracked, addr string) (net.Conn, error) 
 
 // dialWith opens an upstream connection for t with dial and registers it
 // for abort.
-func (p *Proxy) dialWith(t *tracked, addr string, dial conntrack.DialFunc) (net.Conn, error) {
-	return t.Dial(dial, addr, DefaultDialTimeout)
+func (p *Proxy) dialWith(t *conntrack.Conn, addr string, dial conntrack.DialFunc) (net.Conn, error) {
+	return t.Dial(dial, addr, mesh.DefaultDialTimeout)
 }
 
 // pipe counts an allowed connection, forwards it and logs its end.
-func (p *Proxy) pipe(t *tracked, down, up net.Conn, dest, mode string, peer spiffeid.ID) {
+func (p *Proxy) pipe(t *conntrack.Conn, down, up net.Conn, dest, mode string, peer spiffeid.ID) {
 	var peerID string
 	if !peer.IsZero() {
 		peerID = peer.String()
@@ -449,12 +398,12 @@ func (p *Proxy) pipe(t *tracked, down, up net.Conn, dest, mode string, peer spif
 	metrics.Connections.WithLabelValues(t.Direction, mode, DecisionAllow).Inc()
 	t.Establish(dest, mode, peerID)
 	p.log.Debug("connection open", "direction", t.Direction, "source", t.Source, "destination", dest, "mode", mode, "peer", peerID)
-	err := forward(t, down, up, p.opts.idleTimeout, metrics.Bytes.WithLabelValues(t.Direction))
+	err := fwd.Forward(down, up, &t.Stats, p.opts.IdleTimeout, t.Abort, metrics.Bytes.WithLabelValues(t.Direction))
 	attrs := []any{"direction", t.Direction, "source", t.Source, "destination", dest, "mode", mode,
 		"peer", peerID, "bytes_in", t.Stats.In.Load(), "bytes_out", t.Stats.Out.Load(),
 		"duration", time.Since(t.Since).Round(time.Millisecond).String()}
 	switch {
-	case errors.Is(err, errIdle):
+	case errors.Is(err, fwd.ErrIdle):
 		p.log.Info("connection closed: idle timeout", attrs...)
 	case err != nil:
 		p.log.Debug("connection aborted", append(attrs, "err", err.Error())...)
@@ -463,18 +412,9 @@ func (p *Proxy) pipe(t *tracked, down, up net.Conn, dest, mode string, peer spif
 	}
 }
 
-// addrPort converts a net.Addr of a TCP socket.
-func addrPort(a net.Addr) netip.AddrPort {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		return ta.AddrPort()
-	}
-	ap, _ := netip.ParseAddrPort(a.String())
-	return ap
-}
-
 // isSelf reports whether dst is the listener's own socket: a connection made
 // straight to the capture port, which would loop forever if forwarded.
 func isSelf(l *listener, c net.Conn, dst netip.AddrPort) bool {
-	local := addrPort(c.LocalAddr())
+	local := mesh.AddrPort(c.LocalAddr())
 	return dst.Port() == l.port && dst.Addr().Unmap() == local.Addr().Unmap()
 }

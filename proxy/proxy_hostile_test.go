@@ -13,20 +13,21 @@ import (
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
 // allResults are the bounded values of handshakes_total{result}.
-var allResults = []string{ResultOK, ResultNoClientCert, ResultExpired, ResultNotYetValid, ResultUnknownAuthority,
-	ResultWrongTrustDomain, ResultNotSPIFFE, ResultCAAsLeaf, ResultWrongIdentity, ResultTLSVersion,
-	ResultBadHello, ResultTimeout, ResultOther}
+var allResults = []string{mesh.ResultOK, mesh.ResultNoClientCert, mesh.ResultExpired, mesh.ResultNotYetValid, mesh.ResultUnknownAuthority,
+	mesh.ResultWrongTrustDomain, mesh.ResultNotSPIFFE, mesh.ResultCAAsLeaf, mesh.ResultWrongIdentity, mesh.ResultTLSVersion,
+	mesh.ResultBadHello, mesh.ResultTimeout, mesh.ResultOther}
 
 // inboundHandshakes sums handshakes_total{direction="inbound"} over every result.
 func inboundHandshakes() float64 {
 	var n float64
 	for _, r := range allResults {
-		n += handshakes(DirInbound, r)
+		n += handshakes(mesh.DirInbound, r)
 	}
 	return n
 }
@@ -70,7 +71,7 @@ func tlsClientRefused(cfg *tls.Config) func(testing.TB, string) error {
 }
 
 // clientPresenting is a mesh client config presenting svid and trusting the mesh.
-func clientPresenting(m *mesh, svid *x509svid.SVID) *tls.Config {
+func clientPresenting(m *testMesh, svid *x509svid.SVID) *tls.Config {
 	return meshClientConfig(tlsmgr.NewStatic(svid, m.ca.Bundle()))
 }
 
@@ -112,24 +113,24 @@ func TestStrictRefusalsAreCountedExactlyAndSpareValidClients(t *testing.T) {
 		decision  string
 		peerCheck bool // one of the refusals of a peer certificate, which must be told apart
 	}{
-		{"random plaintext garbage", sendAndExpectClose(plainGarbage), "", ModePlaintext, DecisionMTLSRequired, false},
-		{"random bytes framed as a TLS record", sendAndExpectClose(tlsGarbage), ResultBadHello, ModeUnknown, DecisionHandshakeFailed, false},
-		{"oversized ClientHello", tlsClientRefused(oversized), ResultBadHello, ModeUnknown, DecisionHandshakeFailed, false},
-		{"the app's own TLS on a STRICT port", appTLSClientRefused(), "", ModeTLS, DecisionMTLSRequired, false},
-		{"TLS 1.2-only mesh client", tlsClientRefused(tls12), ResultTLSVersion, ModeMTLS, DecisionHandshakeFailed, false},
-		{"mesh client without a certificate", tlsClientRefused(noCert), ResultNoClientCert, ModeMTLS, DecisionHandshakeFailed, false},
+		{"random plaintext garbage", sendAndExpectClose(plainGarbage), "", mesh.ModePlaintext, DecisionMTLSRequired, false},
+		{"random bytes framed as a TLS record", sendAndExpectClose(tlsGarbage), mesh.ResultBadHello, mesh.ModeUnknown, DecisionHandshakeFailed, false},
+		{"oversized ClientHello", tlsClientRefused(oversized), mesh.ResultBadHello, mesh.ModeUnknown, DecisionHandshakeFailed, false},
+		{"the app's own TLS on a STRICT port", appTLSClientRefused(), "", mesh.ModeTLS, DecisionMTLSRequired, false},
+		{"TLS 1.2-only mesh client", tlsClientRefused(tls12), mesh.ResultTLSVersion, mesh.ModeMTLS, DecisionHandshakeFailed, false},
+		{"mesh client without a certificate", tlsClientRefused(noCert), mesh.ResultNoClientCert, mesh.ModeMTLS, DecisionHandshakeFailed, false},
 		{"expired certificate", tlsClientRefused(clientPresenting(m, m.ca.IssueLeaf(t, testpki.Leaf{ID: webID, NotBefore: now.Add(-3 * time.Hour), TTL: time.Hour}))),
-			ResultExpired, ModeMTLS, DecisionHandshakeFailed, true},
+			mesh.ResultExpired, mesh.ModeMTLS, DecisionHandshakeFailed, true},
 		{"certificate not yet valid", tlsClientRefused(clientPresenting(m, m.ca.IssueLeaf(t, testpki.Leaf{ID: webID, NotBefore: now.Add(time.Hour)}))),
-			ResultNotYetValid, ModeMTLS, DecisionHandshakeFailed, true},
+			mesh.ResultNotYetValid, mesh.ModeMTLS, DecisionHandshakeFailed, true},
 		{"certificate from another trust domain", tlsClientRefused(clientPresenting(m, otherTD.Issue(t, "spiffe://other.example/ns/frontend/sa/web", time.Hour))),
-			ResultWrongTrustDomain, ModeMTLS, DecisionHandshakeFailed, true},
+			mesh.ResultWrongTrustDomain, mesh.ModeMTLS, DecisionHandshakeFailed, true},
 		{"CA certificate used as a leaf", tlsClientRefused(clientPresenting(m, m.ca.IssueLeaf(t, testpki.Leaf{ID: webID, IsCA: true}))),
-			ResultCAAsLeaf, ModeMTLS, DecisionHandshakeFailed, true},
+			mesh.ResultCAAsLeaf, mesh.ModeMTLS, DecisionHandshakeFailed, true},
 		{"certificate chained to another root", tlsClientRefused(clientPresenting(m, foreignRoot.Issue(t, webID, time.Hour))),
-			ResultUnknownAuthority, ModeMTLS, DecisionHandshakeFailed, true},
+			mesh.ResultUnknownAuthority, mesh.ModeMTLS, DecisionHandshakeFailed, true},
 		{"certificate without a SPIFFE ID", tlsClientRefused(clientPresenting(m, m.ca.IssueLeaf(t, testpki.Leaf{DNSNames: []string{"web.frontend"}}))),
-			ResultNotSPIFFE, ModeMTLS, DecisionHandshakeFailed, false},
+			mesh.ResultNotSPIFFE, mesh.ModeMTLS, DecisionHandshakeFailed, false},
 	}
 
 	a := startApp(t, echo)
@@ -141,19 +142,19 @@ func TestStrictRefusalsAreCountedExactlyAndSpareValidClients(t *testing.T) {
 	peerReasons := map[string]string{}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			hsBefore, totalBefore := handshakes(DirInbound, tt.result), inboundHandshakes()
-			connBefore := connections(DirInbound, tt.mode, tt.decision)
+			hsBefore, totalBefore := handshakes(mesh.DirInbound, tt.result), inboundHandshakes()
+			connBefore := connections(mesh.DirInbound, tt.mode, tt.decision)
 
 			if err := tt.client(t, addr); err != nil {
 				t.Fatalf("hostile client: %v", err)
 			}
 			eventually(t, fmt.Sprintf("connections_total{inbound,%s,%s} +1", tt.mode, tt.decision), func() bool {
-				return connections(DirInbound, tt.mode, tt.decision) == connBefore+1
+				return connections(mesh.DirInbound, tt.mode, tt.decision) == connBefore+1
 			})
 			wantHS := totalBefore
 			if tt.result != "" {
 				wantHS++
-				if got := handshakes(DirInbound, tt.result) - hsBefore; got != 1 {
+				if got := handshakes(mesh.DirInbound, tt.result) - hsBefore; got != 1 {
 					t.Errorf("handshakes_total{inbound,%s} rose by %v, want 1", tt.result, got)
 				}
 			}
@@ -167,11 +168,11 @@ func TestStrictRefusalsAreCountedExactlyAndSpareValidClients(t *testing.T) {
 				peerReasons[tt.result] = tt.name
 			}
 
-			okBefore := handshakes(DirInbound, ResultOK)
+			okBefore := handshakes(mesh.DirInbound, mesh.ResultOK)
 			if err := valid(t, addr); err != nil {
 				t.Fatalf("valid client refused after the hostile one: %v", err)
 			}
-			if got := handshakes(DirInbound, ResultOK) - okBefore; got != 1 {
+			if got := handshakes(mesh.DirInbound, mesh.ResultOK) - okBefore; got != 1 {
 				t.Errorf("handshakes_total{inbound,ok} rose by %v for the valid client, want 1", got)
 			}
 		})
@@ -195,9 +196,9 @@ func TestHalfHellosHeldOpenDoNotExhaustSlots(t *testing.T) {
 		WithMaxConnections(slots), WithDetectTimeout(3*time.Second))
 	addr := p.Addrs()[0].String()
 
-	timeouts := handshakes(DirInbound, ResultTimeout)
-	failed := connections(DirInbound, ModeUnknown, DecisionHandshakeFailed)
-	overLimit := connections(DirInbound, ModeUnknown, DecisionOverLimit)
+	timeouts := handshakes(mesh.DirInbound, mesh.ResultTimeout)
+	failed := connections(mesh.DirInbound, mesh.ModeUnknown, DecisionHandshakeFailed)
+	overLimit := connections(mesh.DirInbound, mesh.ModeUnknown, DecisionOverLimit)
 
 	// Fill every slot with a ClientHello that never finishes.
 	held := make([]net.Conn, slots)
@@ -217,7 +218,7 @@ func TestHalfHellosHeldOpenDoNotExhaustSlots(t *testing.T) {
 		t.Fatal("a client was served past --max-connections while the half-hellos were held")
 	}
 	eventually(t, "over_limit counted", func() bool {
-		return connections(DirInbound, ModeUnknown, DecisionOverLimit) == overLimit+1
+		return connections(mesh.DirInbound, mesh.ModeUnknown, DecisionOverLimit) == overLimit+1
 	})
 
 	// The detect timeout closes every half-hello and counts it.
@@ -227,8 +228,8 @@ func TestHalfHellosHeldOpenDoNotExhaustSlots(t *testing.T) {
 		}
 	}
 	eventually(t, "timeouts counted", func() bool {
-		return handshakes(DirInbound, ResultTimeout) == timeouts+slots &&
-			connections(DirInbound, ModeUnknown, DecisionHandshakeFailed) == failed+slots
+		return handshakes(mesh.DirInbound, mesh.ResultTimeout) == timeouts+slots &&
+			connections(mesh.DirInbound, mesh.ModeUnknown, DecisionHandshakeFailed) == failed+slots
 	})
 
 	// The slots are free again: a valid client is served.
@@ -262,7 +263,7 @@ func TestConnectionFloodPastMaxConnections(t *testing.T) {
 			t.Fatalf("connection %d: %v", i, err)
 		}
 	}
-	overLimit := connections(DirInbound, ModeUnknown, DecisionOverLimit)
+	overLimit := connections(mesh.DirInbound, mesh.ModeUnknown, DecisionOverLimit)
 
 	// Flood: every new connection is closed at once and counted.
 	var wg sync.WaitGroup
@@ -287,7 +288,7 @@ func TestConnectionFloodPastMaxConnections(t *testing.T) {
 		t.Error(err)
 	}
 	eventually(t, "every flood connection counted over_limit", func() bool {
-		return connections(DirInbound, ModeUnknown, DecisionOverLimit) == overLimit+flood
+		return connections(mesh.DirInbound, mesh.ModeUnknown, DecisionOverLimit) == overLimit+flood
 	})
 
 	// The connections that were in first are untouched.

@@ -20,6 +20,9 @@ import (
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	fwd "github.com/meshproxy/meshproxy/proxy/forward"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
@@ -33,7 +36,7 @@ type chain struct {
 	entry          string // where the client app connects
 }
 
-func newChain(t *testing.T, m *mesh, handle func(net.Conn), serverPolicy string, opts ...Option) chain {
+func newChain(t *testing.T, m *testMesh, handle func(net.Conn), serverPolicy string, opts ...Option) chain {
 	t.Helper()
 	a := startApp(t, handle)
 	st, _ := policyStore(t, serverPolicy)
@@ -73,20 +76,20 @@ func TestAuthorizationByPrincipalAndNamespace(t *testing.T) {
 		mode     string
 		decision string // allow, or the denial reason
 	}{
-		{"allow principal admits it", authzPolicy("ALLOW", `principals: ["cluster.local/ns/frontend/sa/web"]`), meshClient(web), ModeMTLS, DecisionAllow},
-		{"allow principal refuses another", authzPolicy("ALLOW", `principals: ["cluster.local/ns/frontend/sa/web"]`), meshClient(intruder), ModeMTLS, policy.ReasonNoAllowMatch},
-		{"allow principal refuses plaintext", authzPolicy("ALLOW", `principals: ["cluster.local/ns/frontend/sa/web"]`), plaintextClient, ModePlaintext, policy.ReasonNoAllowMatch},
-		{"allow namespace admits it", authzPolicy("ALLOW", `namespaces: ["frontend"]`), meshClient(web), ModeMTLS, DecisionAllow},
-		{"allow namespace refuses another", authzPolicy("ALLOW", `namespaces: ["frontend"]`), meshClient(intruder), ModeMTLS, policy.ReasonNoAllowMatch},
-		{"deny namespace refuses it", authzPolicy("DENY", `namespaces: ["other"]`), meshClient(intruder), ModeMTLS, policy.ReasonDeniedByPolicy},
-		{"deny namespace admits another", authzPolicy("DENY", `namespaces: ["other"]`), meshClient(web), ModeMTLS, DecisionAllow},
-		{"deny principal refuses it", authzPolicy("DENY", `principals: ["cluster.local/ns/other/sa/intruder"]`), meshClient(intruder), ModeMTLS, policy.ReasonDeniedByPolicy},
+		{"allow principal admits it", authzPolicy("ALLOW", `principals: ["cluster.local/ns/frontend/sa/web"]`), meshClient(web), mesh.ModeMTLS, DecisionAllow},
+		{"allow principal refuses another", authzPolicy("ALLOW", `principals: ["cluster.local/ns/frontend/sa/web"]`), meshClient(intruder), mesh.ModeMTLS, policy.ReasonNoAllowMatch},
+		{"allow principal refuses plaintext", authzPolicy("ALLOW", `principals: ["cluster.local/ns/frontend/sa/web"]`), plaintextClient, mesh.ModePlaintext, policy.ReasonNoAllowMatch},
+		{"allow namespace admits it", authzPolicy("ALLOW", `namespaces: ["frontend"]`), meshClient(web), mesh.ModeMTLS, DecisionAllow},
+		{"allow namespace refuses another", authzPolicy("ALLOW", `namespaces: ["frontend"]`), meshClient(intruder), mesh.ModeMTLS, policy.ReasonNoAllowMatch},
+		{"deny namespace refuses it", authzPolicy("DENY", `namespaces: ["other"]`), meshClient(intruder), mesh.ModeMTLS, policy.ReasonDeniedByPolicy},
+		{"deny namespace admits another", authzPolicy("DENY", `namespaces: ["other"]`), meshClient(web), mesh.ModeMTLS, DecisionAllow},
+		{"deny principal refuses it", authzPolicy("DENY", `principals: ["cluster.local/ns/other/sa/intruder"]`), meshClient(intruder), mesh.ModeMTLS, policy.ReasonDeniedByPolicy},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			st, _ := policyStore(t, tt.policy)
 			p := startProxy(t, server, st, WithInboundExplicit("127.0.0.1:0", a.addr()))
-			conns := connections(DirInbound, tt.mode, tt.decision)
+			conns := connections(mesh.DirInbound, tt.mode, tt.decision)
 			denied := denials(tt.decision)
 
 			err := tt.dial(t, p.Addrs()[0].String())
@@ -100,7 +103,7 @@ func TestAuthorizationByPrincipalAndNamespace(t *testing.T) {
 				}
 				eventually(t, "denial counted", func() bool { return denials(tt.decision) == denied+1 })
 			}
-			eventually(t, "connection counted", func() bool { return connections(DirInbound, tt.mode, tt.decision) == conns+1 })
+			eventually(t, "connection counted", func() bool { return connections(mesh.DirInbound, tt.mode, tt.decision) == conns+1 })
 		})
 	}
 }
@@ -119,12 +122,12 @@ func TestOutboundVerifiesServerIdentity(t *testing.T) {
 		ok     bool
 		result string
 	}{
-		{"expected id", echoID, "", true, ResultOK},
-		{"any member of the trust domain", "", "", true, ResultOK},
-		{"wrong id is refused", otherID, "", false, ResultWrongIdentity},
-		{"rule SANs apply without an expected id", "", destRule("127.0.0.1", "ISTIO_MUTUAL", `"`+echoID+`"`), true, ResultOK},
-		{"rule SANs naming another server refuse it", "", destRule("127.0.0.1", "ISTIO_MUTUAL", `"`+otherID+`"`), false, ResultWrongIdentity},
-		{"expected id wins over rule SANs", echoID, destRule("127.0.0.1", "ISTIO_MUTUAL", `"`+otherID+`"`), true, ResultOK},
+		{"expected id", echoID, "", true, mesh.ResultOK},
+		{"any member of the trust domain", "", "", true, mesh.ResultOK},
+		{"wrong id is refused", otherID, "", false, mesh.ResultWrongIdentity},
+		{"rule SANs apply without an expected id", "", destRule("127.0.0.1", "ISTIO_MUTUAL", `"`+echoID+`"`), true, mesh.ResultOK},
+		{"rule SANs naming another server refuse it", "", destRule("127.0.0.1", "ISTIO_MUTUAL", `"`+otherID+`"`), false, mesh.ResultWrongIdentity},
+		{"expected id wins over rule SANs", echoID, destRule("127.0.0.1", "ISTIO_MUTUAL", `"`+otherID+`"`), true, mesh.ResultOK},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -134,17 +137,17 @@ func TestOutboundVerifiesServerIdentity(t *testing.T) {
 			}
 			cst, _ := policyStore(t, tt.policy)
 			client := startProxy(t, m.identity(t, webID), cst, WithOutboundExplicit("127.0.0.1:0", serverAddr, want))
-			hs := handshakes(DirOutbound, tt.result)
-			refused := connections(DirOutbound, ModeMTLS, DecisionHandshakeFailed)
+			hs := handshakes(mesh.DirOutbound, tt.result)
+			refused := connections(mesh.DirOutbound, mesh.ModeMTLS, DecisionHandshakeFailed)
 
 			err := plaintextClient(t, client.Addrs()[0].String())
 			if tt.ok != (err == nil) {
 				t.Fatalf("round trip error = %v, want ok=%v", err, tt.ok)
 			}
-			eventually(t, "handshake counted", func() bool { return handshakes(DirOutbound, tt.result) == hs+1 })
+			eventually(t, "handshake counted", func() bool { return handshakes(mesh.DirOutbound, tt.result) == hs+1 })
 			if !tt.ok {
 				eventually(t, "refusal counted", func() bool {
-					return connections(DirOutbound, ModeMTLS, DecisionHandshakeFailed) == refused+1
+					return connections(mesh.DirOutbound, mesh.ModeMTLS, DecisionHandshakeFailed) == refused+1
 				})
 			}
 		})
@@ -198,15 +201,15 @@ func TestTransparentOutboundChoosesMTLSOrPassthrough(t *testing.T) {
 		decision string
 		ok       bool
 	}{
-		{"mesh cidr gets mTLS", "", fmt.Sprintf("10.1.0.5:%d", meshPort), ModeMTLS, DecisionAllow, true},
-		{"outside the mesh passes through", "", fmt.Sprintf("10.200.0.5:%d", appPort), ModePassthrough, DecisionAllow, true},
+		{"mesh cidr gets mTLS", "", fmt.Sprintf("10.1.0.5:%d", meshPort), mesh.ModeMTLS, DecisionAllow, true},
+		{"outside the mesh passes through", "", fmt.Sprintf("10.200.0.5:%d", appPort), mesh.ModePassthrough, DecisionAllow, true},
 		{"ISTIO_MUTUAL rule outside mesh cidrs gets mTLS", destRule("10.200.0.0/16", "ISTIO_MUTUAL", `"`+echoID+`"`),
-			fmt.Sprintf("10.200.0.5:%d", meshPort), ModeMTLS, DecisionAllow, true},
+			fmt.Sprintf("10.200.0.5:%d", meshPort), mesh.ModeMTLS, DecisionAllow, true},
 		{"rule SANs naming another server refuse it", destRule("10.1.0.0/16", "ISTIO_MUTUAL", `"`+otherID+`"`),
-			fmt.Sprintf("10.1.0.5:%d", meshPort), ModeMTLS, DecisionHandshakeFailed, false},
+			fmt.Sprintf("10.1.0.5:%d", meshPort), mesh.ModeMTLS, DecisionHandshakeFailed, false},
 		{"DISABLE rule inside mesh cidrs passes through", destRule("10.1.0.0/16", "DISABLE", ""),
-			fmt.Sprintf("10.1.0.5:%d", appPort), ModePassthrough, DecisionAllow, true},
-		{"loopback destination is a loop", "", a.addr(), ModeUnknown, DecisionLoop, false},
+			fmt.Sprintf("10.1.0.5:%d", appPort), mesh.ModePassthrough, DecisionAllow, true},
+		{"loopback destination is a loop", "", a.addr(), mesh.ModeUnknown, DecisionLoop, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -216,12 +219,12 @@ func TestTransparentOutboundChoosesMTLSOrPassthrough(t *testing.T) {
 				WithOriginalDst(fixedDst(tt.dst)),
 				WithMeshCIDRs([]netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}),
 				WithDialer(&mapDialer{}))
-			before := connections(DirOutbound, tt.mode, tt.decision)
+			before := connections(mesh.DirOutbound, tt.mode, tt.decision)
 			err := plaintextClient(t, client.Addrs()[0].String())
 			if tt.ok != (err == nil) {
 				t.Fatalf("round trip error = %v, want ok=%v", err, tt.ok)
 			}
-			eventually(t, "connection counted", func() bool { return connections(DirOutbound, tt.mode, tt.decision) == before+1 })
+			eventually(t, "connection counted", func() bool { return connections(mesh.DirOutbound, tt.mode, tt.decision) == before+1 })
 		})
 	}
 }
@@ -277,7 +280,7 @@ func TestHalfCloseBothWays(t *testing.T) {
 		if _, err := io.WriteString(conn, "hello"); err != nil {
 			t.Fatal(err)
 		}
-		if err := closeWrite(conn); err != nil {
+		if err := fwd.CloseWrite(conn); err != nil {
 			t.Fatal(err)
 		}
 		reply, err := io.ReadAll(conn)
@@ -292,7 +295,7 @@ func TestHalfCloseBothWays(t *testing.T) {
 			if _, err := io.WriteString(c, "bye"); err != nil {
 				return
 			}
-			_ = closeWrite(c)
+			_ = fwd.CloseWrite(c)
 			got, _ := io.ReadAll(c)
 			late <- string(got)
 		}, peerAuth("STRICT"))
@@ -304,7 +307,7 @@ func TestHalfCloseBothWays(t *testing.T) {
 		if _, err := io.WriteString(conn, "still here"); err != nil {
 			t.Fatalf("write after the server's half-close: %v", err)
 		}
-		_ = closeWrite(conn)
+		_ = fwd.CloseWrite(conn)
 		if s := <-late; s != "still here" {
 			t.Fatalf("app received %q after its half-close", s)
 		}
@@ -325,7 +328,7 @@ func TestLargeTransferArrivesByteIdentical(t *testing.T) {
 		}
 		_, _ = fmt.Fprintf(c, "%d %x", n, h.Sum(nil))
 	}, peerAuth("STRICT"))
-	bytesBefore := testutilBytes(DirInbound)
+	bytesBefore := testutilBytes(mesh.DirInbound)
 
 	conn, err := net.Dial("tcp", c.entry)
 	if err != nil {
@@ -338,7 +341,7 @@ func TestLargeTransferArrivesByteIdentical(t *testing.T) {
 	if _, err := io.Copy(conn, src); err != nil {
 		t.Fatal(err)
 	}
-	_ = closeWrite(conn)
+	_ = fwd.CloseWrite(conn)
 	reply, err := io.ReadAll(conn)
 	if err != nil {
 		t.Fatal(err)
@@ -346,7 +349,7 @@ func TestLargeTransferArrivesByteIdentical(t *testing.T) {
 	if want := fmt.Sprintf("%d %s", size, hex.EncodeToString(h.Sum(nil))); string(reply) != want {
 		t.Fatalf("app saw %q, sent %q", reply, want)
 	}
-	if got := testutilBytes(DirInbound) - bytesBefore; got < float64(size) {
+	if got := testutilBytes(mesh.DirInbound) - bytesBefore; got < float64(size) {
 		t.Fatalf("bytes_total{inbound} grew by %.0f, want at least %d", got, size)
 	}
 }
@@ -416,7 +419,7 @@ func TestShutdownDrainsInFlightTransfer(t *testing.T) {
 		t.Fatalf("Shutdown returned %v with a connection open", err)
 	default:
 	}
-	_ = closeWrite(conn)
+	_ = fwd.CloseWrite(conn)
 	if rest, err := io.ReadAll(conn); err != nil || len(rest) != 0 {
 		t.Fatalf("end of stream = %q, %v", rest, err)
 	}
@@ -458,12 +461,12 @@ func TestMaxConnectionsRefusesExtraKeepsExisting(t *testing.T) {
 	if err := roundTrip(first, "one\n"); err != nil {
 		t.Fatal(err)
 	}
-	before := connections(DirInbound, ModeUnknown, DecisionOverLimit)
+	before := connections(mesh.DirInbound, mesh.ModeUnknown, DecisionOverLimit)
 	if err := plaintextClient(t, addr); err == nil {
 		t.Fatal("second connection admitted past --max-connections=1")
 	}
 	eventually(t, "over_limit counted", func() bool {
-		return connections(DirInbound, ModeUnknown, DecisionOverLimit) == before+1
+		return connections(mesh.DirInbound, mesh.ModeUnknown, DecisionOverLimit) == before+1
 	})
 	if err := roundTrip(first, "still one\n"); err != nil {
 		t.Fatalf("existing connection hurt by the refusal: %v", err)
@@ -490,11 +493,11 @@ func TestHelloRefusals(t *testing.T) {
 		{"half-sent hello is closed at the detect timeout", 300 * time.Millisecond, func(c net.Conn) error {
 			_, err := c.Write(hello[:10])
 			return err
-		}, ResultTimeout},
+		}, mesh.ResultTimeout},
 		{"hello over 16 KiB is refused", clientWait, func(c net.Conn) error {
 			go func() { _ = tls.Client(c, big).Handshake() }()
 			return nil
-		}, ResultBadHello},
+		}, mesh.ResultBadHello},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -502,13 +505,13 @@ func TestHelloRefusals(t *testing.T) {
 			st, _ := policyStore(t, "")
 			p := startProxy(t, m.identity(t, echoID), st, WithInboundExplicit("127.0.0.1:0", a.addr()),
 				WithDetectTimeout(tt.detect))
-			before := handshakes(DirInbound, tt.result)
+			before := handshakes(mesh.DirInbound, tt.result)
 			conn := dial(t, p.Addrs()[0].String())
 			if err := tt.send(conn); err != nil {
 				t.Fatal(err)
 			}
-			eventually(t, "refusal counted", func() bool { return handshakes(DirInbound, tt.result) == before+1 })
-			if tt.result == ResultTimeout {
+			eventually(t, "refusal counted", func() bool { return handshakes(mesh.DirInbound, tt.result) == before+1 })
+			if tt.result == mesh.ResultTimeout {
 				if _, err := conn.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 					t.Fatalf("half-sent hello: connection not closed by the proxy (%v)", err)
 				}
@@ -541,30 +544,30 @@ func TestPeersShowsBothEnds(t *testing.T) {
 	if err := roundTrip(conn, msg); err != nil {
 		t.Fatal(err)
 	}
-	find := func(p *Proxy, dir string) (PeerInfo, bool) {
+	find := func(p *Proxy, dir string) (conntrack.PeerInfo, bool) {
 		for _, pi := range p.Peers() {
 			if pi.Direction == dir && pi.BytesIn >= int64(len(msg)) && pi.BytesOut >= int64(len(msg)) {
 				return pi, true
 			}
 		}
-		return PeerInfo{}, false
+		return conntrack.PeerInfo{}, false
 	}
-	var out, in PeerInfo
-	eventually(t, "outbound peer listed", func() (ok bool) { out, ok = find(c.client, DirOutbound); return })
-	eventually(t, "inbound peer listed", func() (ok bool) { in, ok = find(c.server, DirInbound); return })
-	if out.PeerSPIFFEID != echoID || out.Mode != ModeMTLS || out.Source != conn.LocalAddr().String() {
+	var out, in conntrack.PeerInfo
+	eventually(t, "outbound peer listed", func() (ok bool) { out, ok = find(c.client, mesh.DirOutbound); return })
+	eventually(t, "inbound peer listed", func() (ok bool) { in, ok = find(c.server, mesh.DirInbound); return })
+	if out.PeerSPIFFEID != echoID || out.Mode != mesh.ModeMTLS || out.Source != conn.LocalAddr().String() {
 		t.Errorf("outbound peer = %+v", out)
 	}
-	if in.PeerSPIFFEID != webID || in.Mode != ModeMTLS || in.Since.IsZero() {
+	if in.PeerSPIFFEID != webID || in.Mode != mesh.ModeMTLS || in.Since.IsZero() {
 		t.Errorf("inbound peer = %+v", in)
 	}
 	active := func(dir string) float64 { return testutil.ToFloat64(metrics.ConnectionsActive.WithLabelValues(dir)) }
-	if active(DirInbound) < 1 || active(DirOutbound) < 1 {
-		t.Errorf("connections_active = inbound %v, outbound %v while open", active(DirInbound), active(DirOutbound))
+	if active(mesh.DirInbound) < 1 || active(mesh.DirOutbound) < 1 {
+		t.Errorf("connections_active = inbound %v, outbound %v while open", active(mesh.DirInbound), active(mesh.DirOutbound))
 	}
 	conn.Close()
 	eventually(t, "peers gone after close", func() bool { return len(c.client.Peers()) == 0 && len(c.server.Peers()) == 0 })
-	eventually(t, "connections_active back to zero", func() bool { return active(DirInbound) == 0 && active(DirOutbound) == 0 })
+	eventually(t, "connections_active back to zero", func() bool { return active(mesh.DirInbound) == 0 && active(mesh.DirOutbound) == 0 })
 }
 
 func TestStartFailureNamesListenerAndUnbindsAll(t *testing.T) {
@@ -637,11 +640,11 @@ func TestTransparentInboundRefusesLoop(t *testing.T) {
 	mu.Lock()
 	self = netip.MustParseAddrPort(p.Addrs()[0].String())
 	mu.Unlock()
-	before := connections(DirInbound, ModeUnknown, DecisionLoop)
+	before := connections(mesh.DirInbound, mesh.ModeUnknown, DecisionLoop)
 	if err := plaintextClient(t, self.String()); err == nil {
 		t.Fatal("a connection to the capture port itself was forwarded")
 	}
-	eventually(t, "loop counted", func() bool { return connections(DirInbound, ModeUnknown, DecisionLoop) == before+1 })
+	eventually(t, "loop counted", func() bool { return connections(mesh.DirInbound, mesh.ModeUnknown, DecisionLoop) == before+1 })
 }
 
 func TestHandshakeDurationObserved(t *testing.T) {

@@ -3,6 +3,8 @@ package proxy
 import (
 	"testing"
 	"time"
+
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 )
 
 // TestInboundWireTable runs every client kind against every mTLS mode,
@@ -24,12 +26,12 @@ func TestInboundWireTable(t *testing.T) {
 		mode string // the mode label when inspected (PERMISSIVE / STRICT)
 	}
 	echoApp := func(t *testing.T) *app { return startApp(t, echo) }
-	mesh := client{"mesh mTLS", echoApp, meshClient(web), ModeMTLS}
-	appTLS := client{"app TLS", func(t *testing.T) *app { return startApp(t, tlsApp(m, t)) }, appTLSClient(m), ModeTLS}
-	plain := client{"plaintext", echoApp, plaintextClient, ModePlaintext}
-	silent := client{"server speaks first", func(t *testing.T) *app { return startApp(t, banner) }, silentClient, ModePlaintext}
+	meshMTLS := client{"mesh mTLS", echoApp, meshClient(web), mesh.ModeMTLS}
+	appTLS := client{"app TLS", func(t *testing.T) *app { return startApp(t, tlsApp(m, t)) }, appTLSClient(m), mesh.ModeTLS}
+	plain := client{"plaintext", echoApp, plaintextClient, mesh.ModePlaintext}
+	silent := client{"server speaks first", func(t *testing.T) *app { return startApp(t, banner) }, silentClient, mesh.ModePlaintext}
 	// Under DISABLE a mesh client's hello must reach the app as it was sent.
-	meshRaw := client{"mesh mTLS", echoApp, meshHelloVerbatim(web), ModePassthrough}
+	meshRaw := client{"mesh mTLS", echoApp, meshHelloVerbatim(web), mesh.ModePassthrough}
 
 	tests := []struct {
 		mode     string
@@ -38,18 +40,18 @@ func TestInboundWireTable(t *testing.T) {
 		label    string // mode label counted
 		decision string
 	}{
-		{"STRICT", mesh, true, ModeMTLS, DecisionAllow},
-		{"STRICT", appTLS, false, ModeTLS, DecisionMTLSRequired},
-		{"STRICT", plain, false, ModePlaintext, DecisionMTLSRequired},
-		{"STRICT", silent, false, ModePlaintext, DecisionMTLSRequired},
-		{"PERMISSIVE", mesh, true, ModeMTLS, DecisionAllow},
-		{"PERMISSIVE", appTLS, true, ModeTLS, DecisionAllow},
-		{"PERMISSIVE", plain, true, ModePlaintext, DecisionAllow},
-		{"PERMISSIVE", silent, true, ModePlaintext, DecisionAllow},
-		{"DISABLE", meshRaw, true, ModePassthrough, DecisionAllow},
-		{"DISABLE", appTLS, true, ModePassthrough, DecisionAllow},
-		{"DISABLE", plain, true, ModePassthrough, DecisionAllow},
-		{"DISABLE", silent, true, ModePassthrough, DecisionAllow},
+		{"STRICT", meshMTLS, true, mesh.ModeMTLS, DecisionAllow},
+		{"STRICT", appTLS, false, mesh.ModeTLS, DecisionMTLSRequired},
+		{"STRICT", plain, false, mesh.ModePlaintext, DecisionMTLSRequired},
+		{"STRICT", silent, false, mesh.ModePlaintext, DecisionMTLSRequired},
+		{"PERMISSIVE", meshMTLS, true, mesh.ModeMTLS, DecisionAllow},
+		{"PERMISSIVE", appTLS, true, mesh.ModeTLS, DecisionAllow},
+		{"PERMISSIVE", plain, true, mesh.ModePlaintext, DecisionAllow},
+		{"PERMISSIVE", silent, true, mesh.ModePlaintext, DecisionAllow},
+		{"DISABLE", meshRaw, true, mesh.ModePassthrough, DecisionAllow},
+		{"DISABLE", appTLS, true, mesh.ModePassthrough, DecisionAllow},
+		{"DISABLE", plain, true, mesh.ModePassthrough, DecisionAllow},
+		{"DISABLE", silent, true, mesh.ModePassthrough, DecisionAllow},
 	}
 	for _, listener := range []string{"explicit", "transparent"} {
 		for _, tt := range tests {
@@ -65,7 +67,7 @@ func TestInboundWireTable(t *testing.T) {
 					d = silentDetect
 				}
 				p := startProxy(t, server, st, opt, WithOriginalDst(fixedDst(a.addr())), WithDetectTimeout(d))
-				before := connections(DirInbound, tt.label, tt.decision)
+				before := connections(mesh.DirInbound, tt.label, tt.decision)
 
 				err := tt.client.dial(t, p.Addrs()[0].String())
 				if tt.ok && err != nil {
@@ -75,7 +77,7 @@ func TestInboundWireTable(t *testing.T) {
 					t.Fatalf("%s client got through a %s port", tt.client.name, tt.mode)
 				}
 				eventually(t, "connection counted", func() bool {
-					return connections(DirInbound, tt.label, tt.decision) == before+1
+					return connections(mesh.DirInbound, tt.label, tt.decision) == before+1
 				})
 			})
 		}

@@ -12,8 +12,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/proxy/admin"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
 )
 
 const defaultAdmin = "127.0.0.1:15000"
@@ -91,7 +91,7 @@ when it started and the bytes moved each way.`,
 			if err != nil {
 				return err
 			}
-			var peers []proxy.PeerInfo
+			var peers []conntrack.PeerInfo
 			if err := json.Unmarshal(body, &peers); err != nil {
 				return fmt.Errorf("admin %s/peers: decode: %w", adminAddr, err)
 			}

@@ -20,6 +20,7 @@ import (
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/proxy/admin"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/meshproxy/meshproxy/tlsmgr/caclient"
@@ -507,8 +508,8 @@ func (f *serveFlags) register(fl *pflag.FlagSet, detectUsage string) {
 	fl.StringVar(&f.admin, "admin", "127.0.0.1:15000", "admin API address; must be a loopback address ('off' disables)")
 	fl.StringVar(&f.metrics, "metrics", ":15020", "Prometheus metrics address ('off' disables)")
 	fl.StringVar(&f.health, "health", ":15021", "readiness endpoint address, /healthz/ready ('off' disables)")
-	fl.DurationVar(&f.detectTimeout, "detect-timeout", proxy.DefaultDetectTimeout, detectUsage)
-	fl.DurationVar(&f.idleTimeout, "idle-timeout", proxy.DefaultIdleTimeout, "close a connection with no traffic either way for this long")
+	fl.DurationVar(&f.detectTimeout, "detect-timeout", mesh.DefaultDetectTimeout, detectUsage)
+	fl.DurationVar(&f.idleTimeout, "idle-timeout", mesh.DefaultIdleTimeout, "close a connection with no traffic either way for this long")
 	fl.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long open connections may finish")
 	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: no limit)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")

@@ -13,7 +13,8 @@ import (
 	"time"
 
 	"github.com/meshproxy/meshproxy/metrics"
-	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -24,8 +25,8 @@ const DefaultRotateTimeout = 30 * time.Second
 // Dataplane is what the admin API reads from the data plane; *proxy.Proxy
 // implements it.
 type Dataplane interface {
-	Peers() []proxy.PeerInfo
-	Config() (proxy.Config, error)
+	Peers() []conntrack.PeerInfo
+	Config() (mesh.Config, error)
 }
 
 // Identity is the body of GET /identity and POST /rotate.
@@ -161,7 +162,7 @@ func (a *api) peers(w http.ResponseWriter, r *http.Request) {
 	}
 	peers := a.dp.Peers()
 	if peers == nil {
-		peers = []proxy.PeerInfo{}
+		peers = []conntrack.PeerInfo{}
 	}
 	writeJSON(w, http.StatusOK, peers)
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/proxy/admin"
+	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"go.uber.org/goleak"
 )
@@ -144,7 +145,7 @@ func TestIdentityDescribesTheLoadedSVID(t *testing.T) {
 
 func TestPeersListsOpenConnections(t *testing.T) {
 	f := newFixture(t, nil)
-	var peers []proxy.PeerInfo
+	var peers []conntrack.PeerInfo
 	if code, _ := call(t, http.MethodGet, f.admin.URL+"/peers", &peers); code != http.StatusOK || peers == nil || len(peers) != 0 {
 		t.Fatalf("idle /peers = %d %v, want 200 []", code, peers)
 	}

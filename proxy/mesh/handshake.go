@@ -1,4 +1,4 @@
-package proxy
+package mesh
 
 import (
 	"context"
@@ -9,7 +9,6 @@ import (
 	"net"
 	"os"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/meshproxy/meshproxy/metrics"
@@ -53,11 +52,13 @@ const (
 	alertCertificateRequired tls.AlertError = 116
 )
 
-// handshakeResult maps a handshake error from crypto/tls, crypto/x509,
-// go-spiffe, tlsmgr or the sniffer to a bounded result label. go-spiffe
-// reports most failures as plain wrapped strings, so some cases match text;
-// the table test pins every case against the real libraries.
-func handshakeResult(err error) string {
+// HandshakeResult maps an error of a mesh TLS handshake (or of sniffing)
+// from crypto/tls, crypto/x509, go-spiffe, tlsmgr or the sniffer to its
+// bounded result label, as counted in meshproxy_handshakes_total; ResultOK
+// for nil. go-spiffe reports most failures as plain wrapped strings, so
+// some cases match text; the table test pins every case against the real
+// libraries.
+func HandshakeResult(err error) string {
 	if err == nil {
 		return ResultOK
 	}
@@ -120,15 +121,10 @@ func handshakeResult(err error) string {
 	return ResultOther
 }
 
-// HandshakeResult maps an error of a mesh TLS handshake (or of sniffing) to
-// its bounded result label, as counted in meshproxy_handshakes_total;
-// ResultOK for nil. Other data planes (the gateway) label theirs with it.
-func HandshakeResult(err error) string { return handshakeResult(err) }
-
-// observeHandshake records one mesh handshake (or sniff failure) in the
-// metrics and returns its result label.
-func observeHandshake(direction string, start time.Time, err error) string {
-	res := handshakeResult(err)
+// ObserveHandshake records one mesh handshake (or sniff failure) in the
+// metrics and returns its result label. A zero start records no duration.
+func ObserveHandshake(direction string, start time.Time, err error) string {
+	res := HandshakeResult(err)
 	metrics.Handshakes.WithLabelValues(direction, res).Inc()
 	if !start.IsZero() {
 		metrics.HandshakeDuration.Observe(time.Since(start).Seconds())
@@ -136,20 +132,30 @@ func observeHandshake(direction string, start time.Time, err error) string {
 	return res
 }
 
-// authorizeIDs accepts only the given SPIFFE IDs.
-func authorizeIDs(ids []spiffeid.ID) tlsconfig.Authorizer {
+// HandshakeError is a failed mesh handshake with its result label, which
+// its message starts with.
+type HandshakeError struct {
+	Result string
+	Err    error
+}
+
+func (e *HandshakeError) Error() string { return e.Result + ": " + e.Err.Error() }
+func (e *HandshakeError) Unwrap() error { return e.Err }
+
+// AuthorizeIDs accepts only the given SPIFFE IDs.
+func AuthorizeIDs(ids []spiffeid.ID) tlsconfig.Authorizer {
 	return func(id spiffeid.ID, _ [][]*x509.Certificate) error {
 		for _, want := range ids {
 			if id == want {
 				return nil
 			}
 		}
-		return fmt.Errorf("%w: got %s, want %s", ErrWrongIdentity, id, joinIDs(ids))
+		return fmt.Errorf("%w: got %s, want %s", ErrWrongIdentity, id, JoinIDs(ids))
 	}
 }
 
-// authorizeMemberOf accepts any SPIFFE ID in td.
-func authorizeMemberOf(td spiffeid.TrustDomain) tlsconfig.Authorizer {
+// AuthorizeMemberOf accepts any SPIFFE ID in td.
+func AuthorizeMemberOf(td spiffeid.TrustDomain) tlsconfig.Authorizer {
 	return func(id spiffeid.ID, _ [][]*x509.Certificate) error {
 		if id.MemberOf(td) {
 			return nil
@@ -158,9 +164,9 @@ func authorizeMemberOf(td spiffeid.TrustDomain) tlsconfig.Authorizer {
 	}
 }
 
-// authorizeBundleMember accepts any SPIFFE ID whose trust domain src has a
+// AuthorizeBundleMember accepts any SPIFFE ID whose trust domain src has a
 // bundle for: every trust domain we trust, federated ones included.
-func authorizeBundleMember(src tlsmgr.Source) tlsconfig.Authorizer {
+func AuthorizeBundleMember(src tlsmgr.Source) tlsconfig.Authorizer {
 	return func(id spiffeid.ID, _ [][]*x509.Certificate) error {
 		if _, err := src.GetX509BundleForTrustDomain(id.TrustDomain()); err != nil {
 			return fmt.Errorf("%w: %s: %v", ErrWrongTrustDomain, id, err)
@@ -169,82 +175,11 @@ func authorizeBundleMember(src tlsmgr.Source) tlsconfig.Authorizer {
 	}
 }
 
-func joinIDs(ids []spiffeid.ID) string {
+// JoinIDs lists ids for messages and cache keys.
+func JoinIDs(ids []spiffeid.ID) string {
 	s := make([]string, len(ids))
 	for i, id := range ids {
 		s[i] = id.String()
 	}
 	return strings.Join(s, " or ")
-}
-
-// maxClientConfigs bounds the outbound config cache; it is emptied when full.
-const maxClientConfigs = 1024
-
-// maxClientSessions bounds the TLS sessions kept for resumption, shared by
-// every config of a ClientConfigs (keyed by SNI, else the server address).
-const maxClientSessions = 1024
-
-// ClientConfigs caches mesh client TLS configs by (SNI, expected
-// identities), so each distinct destination builds its config once and
-// handshakes reuse it. The sidecar's outbound side and the gateway share it.
-type ClientConfigs struct {
-	src tlsmgr.Source
-	// sessions resumes TLS 1.3 sessions; it forgets them all when src's
-	// generation changes, and VerifyConnection re-checks every resumed peer.
-	sessions tls.ClientSessionCache
-	mu       sync.Mutex
-	m        map[string]*tls.Config
-}
-
-// NewClientConfigs returns an empty cache of configs presenting src's SVID.
-func NewClientConfigs(src tlsmgr.Source) *ClientConfigs {
-	return &ClientConfigs{
-		src:      src,
-		sessions: tlsmgr.NewClientSessionCache(src, maxClientSessions),
-		m:        make(map[string]*tls.Config),
-	}
-}
-
-// Get returns the config (ALPN istio) that sends sni and accepts a server
-// presenting one of ids, or, if ids is empty, any member of td.
-func (c *ClientConfigs) Get(sni string, ids []spiffeid.ID, td spiffeid.TrustDomain) *tls.Config {
-	var key string
-	if len(ids) > 0 {
-		key = sni + "|id|" + joinIDs(ids)
-	} else {
-		key = sni + "|td|" + td.String()
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if cfg, ok := c.m[key]; ok {
-		return cfg
-	}
-	authz := authorizeMemberOf(td)
-	if len(ids) > 0 {
-		authz = authorizeIDs(append([]spiffeid.ID(nil), ids...))
-	}
-	cfg := tlsmgr.ClientConfig(c.src, authz, tlsmgr.ALPNIstio)
-	cfg.ServerName = sni
-	cfg.ClientSessionCache = c.sessions
-	if len(c.m) >= maxClientConfigs {
-		clear(c.m)
-	}
-	c.m[key] = cfg
-	return cfg
-}
-
-// newServerTLS builds the inbound mesh server config. Its session tickets
-// are bound to src's generation and to pol's, so a session resumed after a
-// trust bundle or policy change is refused and a full handshake follows.
-func newServerTLS(src tlsmgr.Source, pol PolicySource) *tls.Config {
-	return tlsmgr.ServerConfig(src, authorizeBundleMember(src),
-		tlsmgr.WithSessionGeneration(func() uint64 {
-			if pol == nil {
-				return 0
-			}
-			if snap := pol.Current(); snap != nil {
-				return snap.Generation()
-			}
-			return 0
-		}))
 }

@@ -1,0 +1,117 @@
+package mesh
+
+import (
+	"context"
+	"crypto/tls"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/meshproxy/meshproxy/policy"
+	"github.com/meshproxy/meshproxy/tlsmgr"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// PolicySource gives the policy snapshot in force; *policy.Store satisfies it.
+// Each connection reads it once, so a reload applies to new connections.
+type PolicySource interface {
+	Current() *policy.Snapshot
+}
+
+// MaxClientConfigs bounds a cache of mesh client configs (ClientConfigs,
+// and the sidecar's HBONE variants); it is emptied when full.
+const MaxClientConfigs = 1024
+
+// maxClientSessions bounds the TLS sessions kept for resumption, shared by
+// every config of a ClientConfigs (keyed by SNI, else the server address).
+const maxClientSessions = 1024
+
+// ClientConfigs caches mesh client TLS configs by (SNI, expected
+// identities), so each distinct destination builds its config once and
+// handshakes reuse it. The sidecar's outbound side and the gateway share it.
+type ClientConfigs struct {
+	src tlsmgr.Source
+	// sessions resumes TLS 1.3 sessions; it forgets them all when src's
+	// generation changes, and VerifyConnection re-checks every resumed peer.
+	sessions tls.ClientSessionCache
+	mu       sync.Mutex
+	m        map[string]*tls.Config
+}
+
+// NewClientConfigs returns an empty cache of configs presenting src's SVID.
+func NewClientConfigs(src tlsmgr.Source) *ClientConfigs {
+	return &ClientConfigs{
+		src:      src,
+		sessions: tlsmgr.NewClientSessionCache(src, maxClientSessions),
+		m:        make(map[string]*tls.Config),
+	}
+}
+
+// Get returns the config (ALPN istio) that sends sni and accepts a server
+// presenting one of ids, or, if ids is empty, any member of td.
+func (c *ClientConfigs) Get(sni string, ids []spiffeid.ID, td spiffeid.TrustDomain) *tls.Config {
+	var key string
+	if len(ids) > 0 {
+		key = sni + "|id|" + JoinIDs(ids)
+	} else {
+		key = sni + "|td|" + td.String()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cfg, ok := c.m[key]; ok {
+		return cfg
+	}
+	authz := AuthorizeMemberOf(td)
+	if len(ids) > 0 {
+		authz = AuthorizeIDs(append([]spiffeid.ID(nil), ids...))
+	}
+	cfg := tlsmgr.ClientConfig(c.src, authz, tlsmgr.ALPNIstio)
+	cfg.ServerName = sni
+	cfg.ClientSessionCache = c.sessions
+	if len(c.m) >= MaxClientConfigs {
+		clear(c.m)
+	}
+	c.m[key] = cfg
+	return cfg
+}
+
+// ServerConfig builds the mesh server config that terminates mesh mTLS,
+// accepting any peer of a trust domain src has a bundle for. Its session
+// tickets are bound to src's generation and to pol's (nil: none), so a
+// session resumed after a trust bundle or policy change is refused and a
+// full handshake follows.
+func ServerConfig(src tlsmgr.Source, pol PolicySource) *tls.Config {
+	return tlsmgr.ServerConfig(src, AuthorizeBundleMember(src),
+		tlsmgr.WithSessionGeneration(func() uint64 {
+			if pol == nil {
+				return 0
+			}
+			if snap := pol.Current(); snap != nil {
+				return snap.Generation()
+			}
+			return 0
+		}))
+}
+
+// Originate runs the client side of a mesh mTLS handshake with cfg (from
+// ClientConfigs.Get) on up, a connection just dialed, bounded by timeout
+// and ctx, and counts it in the outbound handshake metrics. It returns the
+// TLS connection and the server's verified SPIFFE ID. A failed handshake
+// is a *HandshakeError carrying its result label; up is left to the caller
+// to close on error.
+func Originate(ctx context.Context, up net.Conn, cfg *tls.Config, timeout time.Duration) (*tls.Conn, spiffeid.ID, error) {
+	start := time.Now()
+	tc := tls.Client(up, cfg)
+	hctx, cancel := context.WithTimeout(ctx, timeout)
+	err := tc.HandshakeContext(hctx)
+	cancel()
+	if result := ObserveHandshake(DirOutbound, start, err); err != nil {
+		return nil, spiffeid.ID{}, &HandshakeError{Result: result, Err: err}
+	}
+	// Verified already, so this cannot fail; refuse rather than guess.
+	peer, err := tlsmgr.PeerID(tc.ConnectionState())
+	if err != nil {
+		return nil, spiffeid.ID{}, err
+	}
+	return tc, peer, nil
+}
