@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/meshproxy/meshproxy/gateway"
+	"github.com/meshproxy/meshproxy/policy"
 )
 
 // gatewayFlags are the flags of `meshproxy gateway`.
@@ -17,6 +18,7 @@ type gatewayFlags struct {
 	serveFlags
 
 	configDir, credentialsDir string
+	strictConfig              bool
 	listenHost                string
 	namespace, labelsFile     string
 	rootNamespace             string
@@ -64,6 +66,7 @@ SIGTERM stops accepting and lets open connections finish for up to --drain-timeo
 	f.identityFlags.register(fl)
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio YAML: Gateway, VirtualService, DestinationRule, AuthorizationPolicy (watched; required)")
 	fl.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of credentialName files NAME.crt, NAME.key, NAME-ca.crt (watched; required)")
+	fl.BoolVar(&f.strictConfig, "strict-config", false, "refuse to start when any --config-dir policy document is rejected; by default a rejected document is reported and fails closed alone")
 	fl.StringVar(&f.listenHost, "listen-host", "", "address every Gateway port binds to (default: all addresses)")
 	fl.StringVar(&f.namespace, "namespace", gateway.DefaultNamespace, "the gateway's namespace: default for manifests without one, and for exportTo and policy selection")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the gateway's labels (downward-API format); when given, Gateway selectors must match them")
@@ -138,7 +141,7 @@ func runGateway(ctx context.Context, f *gatewayFlags) error {
 	}
 	runIdentity(ctx, src, log)
 
-	store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log), log)
+	store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log, policy.WithStrictConfig(f.strictConfig)), log)
 	if err != nil {
 		return err
 	}

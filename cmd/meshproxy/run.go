@@ -57,6 +57,7 @@ type runFlags struct {
 	outboundExplicit  []string
 	meshCIDRs         []string
 	configDir, mode   string
+	strictConfig      bool
 	namespace         string
 	labelsFile        string
 	rootNamespace     string
@@ -155,6 +156,7 @@ subjectAltNames).`,
 	fl.BoolVar(&f.tproxy, "tproxy", false, "inbound capture is TPROXY: listen transparently and reach the app from the client's address (must match 'redirect install --tproxy'; needs CAP_NET_ADMIN)")
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
+	fl.BoolVar(&f.strictConfig, "strict-config", false, "refuse to start (and keep the last good policy on reload) when any --config-dir document is rejected; by default a rejected document is reported and fails closed alone")
 	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
 	fl.StringVar(&f.namespace, "namespace", "default", "the workload's namespace (for policy selection)")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the workload's labels, Kubernetes downward-API format (key=\"value\" lines)")
@@ -231,7 +233,7 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 	}
 	runIdentity(ctx, src, log)
 
-	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode))
+	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode), policy.WithStrictConfig(f.strictConfig))
 	var store *policy.Store
 	if f.configDir != "" {
 		if store, err = watchPolicy(ctx, f.configDir, wl, polOpts, log); err != nil {
