@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strconv"
 
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
@@ -32,10 +33,19 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionLoop, dest: dst.String()})
 		return
 	}
-	rule := p.pol.Current().Outbound(dst)
+	snap := p.pol.Current()
+	inCIDRs := slices.ContainsFunc(p.opts.meshCIDRs, func(pfx netip.Prefix) bool { return pfx.Contains(dst.Addr()) })
+	rule := snap.Outbound(dst)
+	if inCIDRs { // mesh-wide DestinationRule hosts (*.local) cover mesh destinations
+		rule = snap.OutboundMesh(dst)
+	}
+	if rule.Refuse {
+		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionDestinationRuleRejected, dest: dst.String()})
+		return
+	}
 	inMesh := rule.MTLS
 	if !rule.Matched {
-		inMesh = slices.ContainsFunc(p.opts.meshCIDRs, func(pfx netip.Prefix) bool { return pfx.Contains(dst.Addr()) })
+		inMesh = inCIDRs
 	}
 	if !inMesh {
 		up, err := p.dial(t, dst.String())
@@ -68,7 +78,16 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 		return
 	}
 	if ruleSANs {
-		if rule := p.pol.Current().Outbound(mesh.AddrPort(up.RemoteAddr())); rule.Matched && rule.MTLS {
+		rule := p.pol.Current().Outbound(mesh.AddrPort(up.RemoteAddr()))
+		if host, port, ok := nameAndPort(dest); ok && !rule.Matched {
+			rule = p.pol.Current().OutboundName(host, port) // an explicit destination by name, or a wildcard host
+		}
+		if rule.Refuse {
+			_ = up.Close()
+			p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionDestinationRuleRejected, dest: dest})
+			return
+		}
+		if rule.Matched && rule.MTLS {
 			ids = rule.SANs
 		}
 	}
@@ -84,4 +103,21 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 		return
 	}
 	p.pipe(t, down, tc, dest, mesh.ModeMTLS, peer)
+}
+
+// nameAndPort splits an explicit destination HOST:PORT whose host is a
+// name, not an address.
+func nameAndPort(dest string) (string, uint16, bool) {
+	host, port, err := net.SplitHostPort(dest)
+	if err != nil {
+		return "", 0, false
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return "", 0, false
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return "", 0, false
+	}
+	return host, uint16(n), true
 }
