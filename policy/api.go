@@ -120,6 +120,9 @@ type Outbound struct {
 	// Refuse: the rule covering dst was rejected and asked for TLS
 	// origination; the connection must be refused, not sent in plaintext.
 	Refuse bool
+	// Pool is the connectionPool.tcp covering dst (nil for none), whatever
+	// its TLS setting.
+	Pool *TCPPool
 }
 
 // Snapshot is an immutable, validated set of policies for one workload.

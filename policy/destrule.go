@@ -41,6 +41,8 @@ type destRule struct {
 	selector map[string]string
 	tls      *tlsSetting // rule level; nil when unset
 	ports    map[uint16]*tlsSetting
+	pool     *TCPPool            // connectionPool.tcp, rule level; nil when unset
+	poolPort map[uint16]*TCPPool // port level
 }
 
 type tlsSetting struct {
@@ -104,6 +106,9 @@ func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string,
 	if d.tls, err = compileTLS("spec.trafficPolicy.tls", tp.TLS, warn); err != nil {
 		return nil, err
 	}
+	if d.pool, err = compilePool("spec.trafficPolicy.connectionPool", tp.ConnectionPool, d.id(), warn); err != nil {
+		return nil, err
+	}
 	for i, pl := range tp.PortLevelSettings {
 		path := fmt.Sprintf("spec.trafficPolicy.portLevelSettings[%d]", i)
 		if pl.Port == nil || pl.Port.Number == 0 || pl.Port.Number > 65535 {
@@ -125,8 +130,112 @@ func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string,
 			d.ports = make(map[uint16]*tlsSetting)
 		}
 		d.ports[port] = t // nil: the rule-level setting applies
+		pool, err := compilePool(path+".connectionPool", pl.ConnectionPool, fmt.Sprintf("%s:%d", d.id(), port), warn)
+		if err != nil {
+			return nil, err
+		}
+		if pool != nil {
+			if d.poolPort == nil {
+				d.poolPort = make(map[uint16]*TCPPool)
+			}
+			d.poolPort[port] = pool
+		}
 	}
 	return d, nil
+}
+
+// TCPPool is a DestinationRule's connectionPool.tcp, enforced on outbound
+// connections: at most MaxConnections open at once for the rule (per port
+// for a port-level setting), dialled within ConnectTimeout, with TCP
+// keepalive probes as configured.
+type TCPPool struct {
+	// Key names the rule (and port) the limit is counted for.
+	Key            string
+	MaxConnections int           // 0: no limit
+	ConnectTimeout time.Duration // 0: the default
+	Keepalive      *Keepalive    // nil: the system's
+}
+
+// Keepalive is connectionPool.tcp.tcpKeepalive.
+type Keepalive struct {
+	Time, Interval time.Duration // 0: the system's
+	Probes         int           // 0: the system's
+}
+
+type tcpPoolSpec struct {
+	MaxConnections        *int64          `json:"maxConnections"`
+	ConnectTimeout        string          `json:"connectTimeout"`
+	TCPKeepalive          *keepaliveSpec  `json:"tcpKeepalive"`
+	MaxConnectionDuration string          `json:"maxConnectionDuration"`
+	IdleTimeout           string          `json:"idleTimeout"`
+	TCPNoDelay            json.RawMessage `json:"tcpNoDelay"`
+}
+
+type keepaliveSpec struct {
+	Probes   *int64 `json:"probes"`
+	Time     string `json:"time"`
+	Interval string `json:"interval"`
+}
+
+// compilePool reads connectionPool.tcp (connectionPool.http is warned
+// about by warnIgnored); nil when unset.
+func compilePool(path string, pool *connectionPool, key string, warn func(field, format string, args ...any)) (*TCPPool, error) {
+	if pool == nil || isUnset(pool.TCP) {
+		return nil, nil
+	}
+	path += ".tcp"
+	var s tcpPoolSpec
+	if err := manifest.Decode(path, pool.TCP, &s); err != nil {
+		return nil, err
+	}
+	out := &TCPPool{Key: key}
+	if s.MaxConnections != nil {
+		if *s.MaxConnections < 0 || *s.MaxConnections > 1<<31-1 {
+			return nil, fieldErrorf(path+".maxConnections", "want 0 to 2147483647")
+		}
+		out.MaxConnections = int(*s.MaxConnections)
+	}
+	duration := func(field, v string) (time.Duration, error) {
+		if v == "" {
+			return 0, nil
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil || d < time.Millisecond {
+			return 0, fieldErrorf(path+"."+field, "%q: want a duration of at least 1ms", v)
+		}
+		return d, nil
+	}
+	var err error
+	if out.ConnectTimeout, err = duration("connectTimeout", s.ConnectTimeout); err != nil {
+		return nil, err
+	}
+	if k := s.TCPKeepalive; k != nil {
+		out.Keepalive = &Keepalive{}
+		if out.Keepalive.Time, err = duration("tcpKeepalive.time", k.Time); err != nil {
+			return nil, err
+		}
+		if out.Keepalive.Interval, err = duration("tcpKeepalive.interval", k.Interval); err != nil {
+			return nil, err
+		}
+		if k.Probes != nil {
+			if *k.Probes < 0 || *k.Probes > 1<<31-1 {
+				return nil, fieldErrorf(path+".tcpKeepalive.probes", "want 0 to 2147483647")
+			}
+			out.Keepalive.Probes = int(*k.Probes)
+		}
+	}
+	for _, f := range []struct{ name, v string }{{"maxConnectionDuration", s.MaxConnectionDuration}, {"idleTimeout", s.IdleTimeout}} {
+		if f.v != "" {
+			if _, err := duration(f.name, f.v); err != nil {
+				return nil, err
+			}
+			warn(path+"."+f.name, "ignored: meshproxy closes idle connections after --idle-timeout")
+		}
+	}
+	if !isUnset(s.TCPNoDelay) {
+		warn(path+".tcpNoDelay", "ignored: Go sets TCP_NODELAY on every connection")
+	}
+	return out, nil
 }
 
 func isUnset(raw json.RawMessage) bool { return len(raw) == 0 || manifest.IsNull(raw) }
@@ -180,9 +289,6 @@ func warnIgnored(warn func(field, format string, args ...any), path string, lb j
 	}
 	if pool != nil && len(pool.HTTP) > 0 && !manifest.IsNull(pool.HTTP) {
 		warn(path+".connectionPool.http", "ignored: HTTP connection pooling is HTTP-only")
-	}
-	if pool != nil && len(pool.TCP) > 0 && !manifest.IsNull(pool.TCP) {
-		warn(path+".connectionPool.tcp", "ignored: not enforced by meshproxy yet")
 	}
 }
 
@@ -323,6 +429,7 @@ type destEntry struct {
 	prefix netip.Prefix
 	port   uint16 // 0: every port
 	tls    *tlsSetting
+	pool   *TCPPool
 	rule   *destRule
 	rank   int // tie-break between rules of equal specificity: lower wins
 }
@@ -337,6 +444,7 @@ func (e *destEntry) meshOnly() bool { return e.rule.meshWide }
 // first).
 type destRules struct {
 	entries []destEntry
+	pools   []destEntry // connection pools, in the same order
 	visible []*destRule // in precedence order, for lookups by name
 }
 
@@ -379,6 +487,12 @@ func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[st
 			prefixes = []netip.Prefix{d.prefix}
 		}
 		for _, p := range prefixes {
+			if d.pool != nil {
+				out.pools = append(out.pools, destEntry{prefix: p, pool: d.pool, rule: d, rank: rank})
+			}
+			for port, pool := range d.poolPort {
+				out.pools = append(out.pools, destEntry{prefix: p, port: port, pool: pool, rule: d, rank: rank})
+			}
 			if d.tls != nil {
 				out.entries = append(out.entries, destEntry{prefix: p, tls: d.tls, rule: d, rank: rank})
 			}
@@ -392,7 +506,7 @@ func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[st
 			}
 		}
 	}
-	slices.SortStableFunc(out.entries, func(a, b destEntry) int {
+	bySpecificity := func(a, b destEntry) int {
 		if c := cmp.Compare(b.prefix.Bits(), a.prefix.Bits()); c != 0 {
 			return c
 		}
@@ -400,21 +514,33 @@ func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[st
 			return c
 		}
 		return cmp.Compare(a.rank, b.rank)
-	})
+	}
+	slices.SortStableFunc(out.entries, bySpecificity)
+	slices.SortStableFunc(out.pools, bySpecificity)
 	return out
 }
 
+// lookup finds the TLS setting and, independently (as Istio merges a
+// port's settings field by field), the connection pool covering dst.
 func (d *destRules) lookup(dst netip.AddrPort, mesh bool) Outbound {
 	addr := dst.Addr().Unmap()
-	for _, e := range d.entries {
-		if e.meshOnly() && !mesh {
-			continue
-		}
-		if (e.port == 0 || e.port == dst.Port()) && e.prefix.Contains(addr) {
-			return Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans), Refuse: e.tls.refuse}
+	covers := func(e *destEntry) bool {
+		return (!e.meshOnly() || mesh) && (e.port == 0 || e.port == dst.Port()) && e.prefix.Contains(addr)
+	}
+	var out Outbound
+	for i := range d.entries {
+		if e := &d.entries[i]; covers(e) {
+			out = Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans), Refuse: e.tls.refuse}
+			break
 		}
 	}
-	return Outbound{}
+	for i := range d.pools {
+		if e := &d.pools[i]; covers(e) {
+			out.Pool = e.pool
+			break
+		}
+	}
+	return out
 }
 
 // lookupName returns the rule covering a destination known by name (SNI,

@@ -63,6 +63,8 @@ func TestLoadErrorsNameFileDocumentAndField(t *testing.T) {
 			[]string{"spec.trafficPolicy.portLevelSettings[0].port.number"}},
 		{"DR empty traffic policy", dr + "  host: 10.0.0.1\n  trafficPolicy: {}\n", []string{"spec.trafficPolicy", "at least one"}},
 		{"DR warmup without duration", dr + "  host: 10.0.0.1\n  trafficPolicy:\n    loadBalancer:\n      warmup:\n        minimumPercent: 5\n", []string{"loadBalancer.warmup.duration: required"}},
+		{"DR bad connectTimeout", dr + "  host: 10.0.0.1\n  trafficPolicy:\n    connectionPool:\n      tcp:\n        connectTimeout: soon\n", []string{"connectionPool.tcp.connectTimeout"}},
+		{"DR unknown pool field", dr + "  host: 10.0.0.1\n  trafficPolicy:\n    connectionPool:\n      tcp:\n        maxConns: 3\n", []string{"connectionPool.tcp.maxConns: unknown field"}},
 		{"DR duplicate port", dr + "  host: 10.0.0.1\n  trafficPolicy:\n    portLevelSettings:\n    - port: {number: 80}\n    - port: {number: 80}\n",
 			[]string{"portLevelSettings[1].port.number", "twice"}},
 		{"DR without host", dr + "  trafficPolicy:\n    tls:\n      mode: DISABLE\n", []string{"spec.host: required"}},

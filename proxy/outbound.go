@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 
+	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -19,7 +20,7 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		if !l.spec.id.IsZero() {
 			ids = []spiffeid.ID{l.spec.id}
 		}
-		p.originate(t, c, l.spec.target, l.sni, ids, ids == nil)
+		p.originate(t, c, l.spec.target, l.sni, ids, ids == nil, nil)
 		return
 	}
 	dst, err := p.opts.originalDst(c)
@@ -47,8 +48,14 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	if !rule.Matched {
 		inMesh = inCIDRs
 	}
+	release, ok := p.pools.acquire(rule.Pool)
+	if !ok {
+		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionConnectionPoolFull, dest: dst.String()})
+		return
+	}
+	defer release()
 	if !inMesh {
-		up, err := p.dial(t, dst.String())
+		up, err := p.dialPool(t, dst.String(), rule.Pool)
 		if err != nil {
 			p.refuse(t, refusal{mode: mesh.ModePassthrough, decision: DecisionUnreachable, dest: dst.String(), err: err})
 			return
@@ -60,19 +67,20 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	if rule.Matched {
 		sans = rule.SANs
 	}
-	p.originate(t, c, dst.String(), "", sans, false)
+	p.originate(t, c, dst.String(), "", sans, false, rule.Pool)
 }
 
 // originate connects to dest and runs a mesh mTLS handshake, accepting a
 // server presenting one of ids, or any member of our trust domain if ids is
 // empty. With ruleSANs, ids come from the DestinationRule covering the
 // address actually reached (an explicit destination may be a host name).
-func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
+// pool (nil for none) sets the dial's timeout and TCP keepalive.
+func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool, pool *policy.TCPPool) {
 	if p.opts.hbone.outbound {
 		p.originateHBONE(t, down, dest, sni, ids, ruleSANs)
 		return
 	}
-	up, err := p.dial(t, dest)
+	up, err := p.dialPool(t, dest, pool)
 	if err != nil {
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionUnreachable, dest: dest, err: err})
 		return

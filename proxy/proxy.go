@@ -90,6 +90,7 @@ type Proxy struct {
 	listeners []*listener
 
 	inboundFallback sync.Once // logs the first inbound dial that cannot use the client's address
+	pools           poolLimits
 }
 
 // New returns a Proxy serving src's identity under pol's policy. Nothing is
