@@ -120,6 +120,9 @@ type Outbound struct {
 	// Refuse: the rule covering dst was rejected and asked for TLS
 	// origination; the connection must be refused, not sent in plaintext.
 	Refuse bool
+	// Originate is the TLS origination (tls.mode SIMPLE or MUTUAL) for dst;
+	// nil for none.
+	Originate *Origination
 	// Pool is the connectionPool.tcp covering dst (nil for none), whatever
 	// its TLS setting.
 	Pool *TCPPool

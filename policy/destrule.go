@@ -51,6 +51,55 @@ type tlsSetting struct {
 	// refuse: the stand-in of a rejected TLS-origination rule; connections
 	// to the host are refused rather than sent in plaintext.
 	refuse bool
+	orig   *Origination // SIMPLE or MUTUAL
+}
+
+// Origination is a DestinationRule's TLS origination (tls.mode SIMPLE or
+// MUTUAL): the sidecar takes the app's plaintext and opens TLS to the
+// destination itself.
+type Origination struct {
+	Mutual bool // MUTUAL: present a client certificate
+	// Files on the sidecar's file system (PEM), or CredentialName: the
+	// credential NAME.crt, NAME.key and NAME-ca.crt in the sidecar's
+	// --credentials-dir.
+	CACertificates, ClientCertificate, PrivateKey string
+	CredentialName                                string
+	SNI                                           string   // server name to send ("" for none)
+	SubjectAltNames                               []string // the server must present one (DNS name, URI or IP); none: the SNI, if any
+	InsecureSkipVerify                            bool     // no verification at all
+}
+
+// compileOrigination applies Istio's rules for SIMPLE and MUTUAL.
+func compileOrigination(path string, t *clientTLS) (*Origination, error) {
+	o := &Origination{Mutual: t.Mode == "MUTUAL", CACertificates: t.CACertificates, ClientCertificate: t.ClientCertificate,
+		PrivateKey: t.PrivateKey, CredentialName: t.CredentialName, SNI: t.SNI, SubjectAltNames: t.SubjectAltNames}
+	if !isUnset(t.InsecureSkipVerify) {
+		if err := json.Unmarshal(t.InsecureSkipVerify, &o.InsecureSkipVerify); err != nil {
+			return nil, fieldErrorf(path+".insecureSkipVerify", "want a boolean")
+		}
+	}
+	if t.CACrl != "" {
+		return nil, fieldErrorf(path+".caCrl", "certificate revocation lists are not supported by meshproxy; fails closed: connections to the host are refused")
+	}
+	if o.InsecureSkipVerify && (o.CACertificates != "" || len(o.SubjectAltNames) > 0 || (!o.Mutual && o.CredentialName != "")) {
+		return nil, fieldErrorf(path+".insecureSkipVerify", "cannot be set with caCertificates, subjectAltNames or credentialName")
+	}
+	if o.CredentialName != "" {
+		if o.ClientCertificate != "" || o.CACertificates != "" || o.PrivateKey != "" {
+			return nil, fieldErrorf(path+".credentialName", "cannot be set with clientCertificate, privateKey or caCertificates")
+		}
+		if strings.Contains(o.CredentialName, "/") || strings.HasPrefix(o.CredentialName, ".") {
+			return nil, fieldErrorf(path+".credentialName", "%q: want a credential name, not a path", o.CredentialName)
+		}
+		return o, nil
+	}
+	if o.Mutual && o.ClientCertificate == "" {
+		return nil, fieldErrorf(path+".clientCertificate", "required for MUTUAL")
+	}
+	if o.Mutual && o.PrivateKey == "" {
+		return nil, fieldErrorf(path+".privateKey", "required for MUTUAL")
+	}
+	return o, nil
 }
 
 func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string, args ...any)) (*destRule, error) {
@@ -349,10 +398,13 @@ func compileTLS(path string, t *clientTLS, warn func(field, format string, args 
 	case "ISTIO_MUTUAL":
 		s.mtls = true
 	case "SIMPLE", "MUTUAL":
-		return nil, fieldErrorf(path+".mode", "%s (TLS origination) is not supported by meshproxy yet (ISTIO_MUTUAL and DISABLE are); "+
-			"fails closed: connections to the host are refused", t.Mode)
+		o, err := compileOrigination(path, t)
+		if err != nil {
+			return nil, err
+		}
+		return &tlsSetting{orig: o}, nil
 	default:
-		return nil, fieldErrorf(path+".mode", "unknown mode %q (want ISTIO_MUTUAL or DISABLE)", t.Mode)
+		return nil, fieldErrorf(path+".mode", "unknown mode %q (want DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL)", t.Mode)
 	}
 	// With ISTIO_MUTUAL (or DISABLE) Istio uses the mesh's own certificates
 	// and ignores these; meshproxy sends the mesh SNI itself.
@@ -530,7 +582,7 @@ func (d *destRules) lookup(dst netip.AddrPort, mesh bool) Outbound {
 	var out Outbound
 	for i := range d.entries {
 		if e := &d.entries[i]; covers(e) {
-			out = Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans), Refuse: e.tls.refuse}
+			out = Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans), Refuse: e.tls.refuse, Originate: e.tls.orig}
 			break
 		}
 	}
@@ -573,7 +625,7 @@ func (d *destRules) lookupName(name string, port uint16) Outbound {
 	if t == nil {
 		return Outbound{}
 	}
-	return Outbound{Matched: true, MTLS: t.mtls, SANs: slices.Clone(t.sans), Refuse: t.refuse}
+	return Outbound{Matched: true, MTLS: t.mtls, SANs: slices.Clone(t.sans), Refuse: t.refuse, Originate: t.orig}
 }
 
 type destView struct {
@@ -583,6 +635,7 @@ type destView struct {
 	Port   uint16   `json:"port,omitempty"`
 	Mode   string   `json:"tls_mode"`
 	Mesh   bool     `json:"mesh_destinations_only,omitempty"`
+	SNI    string   `json:"sni,omitempty"`
 	SANs   []string `json:"subject_alt_names,omitempty"`
 }
 
@@ -595,6 +648,13 @@ func (d *destRules) view() []destView {
 		}
 		if e.tls.refuse {
 			v.Mode = "REFUSE (rejected TLS origination rule)"
+		}
+		if o := e.tls.orig; o != nil {
+			v.Mode = "SIMPLE"
+			if o.Mutual {
+				v.Mode = "MUTUAL"
+			}
+			v.SNI = o.SNI
 		}
 		for _, id := range e.tls.sans {
 			v.SANs = append(v.SANs, id.String())

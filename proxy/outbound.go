@@ -54,6 +54,10 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		return
 	}
 	defer release()
+	if rule.Originate != nil {
+		p.originateTLS(t, c, dst.String(), rule.Originate, rule.Pool)
+		return
+	}
 	if !inMesh {
 		up, err := p.dialPool(t, dst.String(), rule.Pool)
 		if err != nil {
@@ -90,7 +94,7 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 		if host, port, ok := nameAndPort(dest); ok && !rule.Matched {
 			rule = p.pol.Current().OutboundName(host, port) // an explicit destination by name, or a wildcard host
 		}
-		if rule.Refuse {
+		if rule.Refuse || rule.Originate != nil { // an explicit destination always gets mesh mTLS
 			_ = up.Close()
 			p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionDestinationRuleRejected, dest: dest})
 			return

@@ -214,7 +214,7 @@ func TestTransparentOutboundChoosesMTLSOrPassthrough(t *testing.T) {
 			fmt.Sprintf("10.1.0.5:%d", appPort), mesh.ModePassthrough, DecisionAllow, true},
 		{"mesh-wide wildcard host leaves other destinations alone", destRule(`"*.local"`, "ISTIO_MUTUAL", ""),
 			fmt.Sprintf("10.200.0.5:%d", appPort), mesh.ModePassthrough, DecisionAllow, true},
-		{"a rejected TLS-origination rule refuses rather than send plaintext", destRule("10.200.0.0/16", "SIMPLE", ""),
+		{"a rejected TLS-origination rule refuses rather than send plaintext", destRule("10.200.0.0/16", "SIMPLE\n      caCrl: /crl.pem", ""),
 			fmt.Sprintf("10.200.0.5:%d", appPort), mesh.ModeUnknown, DecisionDestinationRuleRejected, false},
 	}
 	for _, tt := range tests {

@@ -58,6 +58,7 @@ type runFlags struct {
 	meshCIDRs         []string
 	configDir, mode   string
 	strictConfig      bool
+	credentialsDir    string
 	namespace         string
 	labelsFile        string
 	rootNamespace     string
@@ -156,6 +157,7 @@ subjectAltNames).`,
 	fl.BoolVar(&f.tproxy, "tproxy", false, "inbound capture is TPROXY: listen transparently and reach the app from the client's address (must match 'redirect install --tproxy'; needs CAP_NET_ADMIN)")
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
+	fl.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of DestinationRule tls.credentialName files for TLS origination: NAME.crt, NAME.key, NAME-ca.crt")
 	fl.BoolVar(&f.strictConfig, "strict-config", false, "refuse to start (and keep the last good policy on reload) when any --config-dir document is rejected; by default a rejected document is reported and fails closed alone")
 	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
 	fl.StringVar(&f.namespace, "namespace", "default", "the workload's namespace (for policy selection)")
@@ -258,6 +260,7 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 		proxy.WithIdleTimeout(f.idleTimeout),
 		proxy.WithMaxConnections(f.maxConnections),
 		proxy.WithOriginalDst(redirect.OriginalDst),
+		proxy.WithCredentialsDir(f.credentialsDir),
 	}
 	if err := f.serveFlags.validate(); err != nil {
 		return nil, err
