@@ -92,7 +92,7 @@ func read(path string, limit int64) ([]byte, error) {
 		return nil, fmt.Errorf("%s: %w (%s)", path, ErrNotRegular, kind(st.Mode()))
 	}
 	if st.Size() > limit {
-		return nil, fmt.Errorf("%s: %w: file is %d bytes, more than the %d allowed", path, ErrTooLarge, st.Size(), limit)
+		return nil, &sizeError{fmt.Sprintf("%s: file is %d bytes, more than the %d allowed", path, st.Size(), limit)}
 	}
 	// The file may grow after the fstat: read at most one byte past the cap.
 	data, err := io.ReadAll(io.LimitReader(f, limit+1))
@@ -100,10 +100,16 @@ func read(path string, limit int64) ([]byte, error) {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
 	if int64(len(data)) > limit {
-		return nil, fmt.Errorf("%s: %w: file grew past the %d bytes allowed while being read", path, ErrTooLarge, limit)
+		return nil, &sizeError{fmt.Sprintf("%s: file grew past the %d bytes allowed while being read", path, limit)}
 	}
 	return data, nil
 }
+
+// sizeError is an ErrTooLarge whose message says by how much.
+type sizeError struct{ msg string }
+
+func (e *sizeError) Error() string { return e.msg }
+func (e *sizeError) Unwrap() error { return ErrTooLarge }
 
 // kind names a non-regular file type for an error message.
 func kind(m fs.FileMode) string {

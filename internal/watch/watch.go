@@ -23,6 +23,7 @@ type options struct {
 	debounce time.Duration
 	log      *slog.Logger
 	after    func(time.Duration) <-chan time.Time
+	noFirst  bool
 }
 
 // Option configures Run.
@@ -66,6 +67,12 @@ func WithPollTimer(after func(time.Duration) <-chan time.Time) Option {
 	}
 }
 
+// WithoutFirstCheck skips the check when the watches are in place, for a
+// caller that has just loaded and applies files only on a later change.
+func WithoutFirstCheck() Option {
+	return func(o *options) { o.noFirst = true }
+}
+
 // DirsOf returns the directories of paths, each once, in order. Watching
 // a file's directory rather than the file sees atomic renames and
 // Kubernetes' ..data symlink swaps, which replace the file.
@@ -80,7 +87,7 @@ func DirsOf(paths ...string) []string {
 }
 
 // Run calls check once when the watches are in place (changes made before
-// them have no event), after filesystem events in dirs settle, and every
+// them have no event; see WithoutFirstCheck), after filesystem events in dirs settle, and every
 // poll interval, until ctx ends. A directory that cannot be watched is
 // polled; the failure is logged.
 func Run(ctx context.Context, dirs []string, check func(), opts ...Option) {
@@ -101,7 +108,9 @@ func Run(ctx context.Context, dirs []string, check func(), opts ...Option) {
 		}
 		events, errs = w.Events, w.Errors
 	}
-	check()
+	if !o.noFirst {
+		check()
+	}
 	settle := time.NewTimer(o.debounce)
 	settle.Stop()
 	defer settle.Stop()
