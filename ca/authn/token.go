@@ -9,18 +9,18 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/metrics"
 )
 
 // maxTokenFileSize bounds the tokens file.
-const maxTokenFileSize = 4 << 20
+const maxTokenFileSize = fileread.MaxTokensFile
 
 // Tokens authenticates static bearer tokens listed in a file, one
 // "TOKEN SPIFFE-ID" a line ('#' starts a comment; blank lines are fine).
@@ -119,12 +119,9 @@ func (t *Tokens) reloadIfChanged() {
 }
 
 func parseTokens(path string) ([]tokenEntry, error) {
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, maxTokenFileSize)
 	if err != nil {
 		return nil, fmt.Errorf("tokens file: %w", err)
-	}
-	if len(data) > maxTokenFileSize {
-		return nil, fmt.Errorf("tokens file %s: larger than %d bytes", path, maxTokenFileSize)
 	}
 	var (
 		entries []tokenEntry

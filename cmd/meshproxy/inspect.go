@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -18,6 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
@@ -238,9 +238,9 @@ func orNone(s string) string {
 
 // loadPEMCerts reads every certificate of a PEM file.
 func loadPEMCerts(path string) ([]*x509.Certificate, error) {
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, fileread.MaxPEM)
 	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+		return nil, fmt.Errorf("read %w", err)
 	}
 	certs, err := tlsmgr.ParseCertificatesPEM(data)
 	if err != nil {
