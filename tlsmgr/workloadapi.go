@@ -149,7 +149,7 @@ func (s *WorkloadAPISource) watch(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		s.opts.logger.Error("workload api watch stopped, restarting", "addr", s.addr, "error", err)
+		s.opts.logger.Error("workload api watch stopped, restarting", "addr", s.addr, "err", err)
 		select {
 		case <-ctx.Done():
 			return
@@ -180,7 +180,7 @@ func (w *contextWatcher) OnX509ContextWatchError(err error) {
 	err = fmt.Errorf("workload api %s: %w", s.addr, err)
 	s.setLastErr(err)
 	metrics.CertRotations.WithLabelValues("failure").Inc()
-	attrs := []any{"addr", s.addr, "error", err}
+	attrs := []any{"addr", s.addr, "err", err}
 	if cur := s.cur.Load(); cur != nil {
 		attrs = append(attrs, "spiffe_id", cur.svid.ID.String(), "current_not_after", cur.svid.Certificates[0].NotAfter)
 	}
@@ -199,7 +199,7 @@ func (s *WorkloadAPISource) apply(x *workloadapi.X509Context) error {
 		err = fmt.Errorf("workload api %s: refused update: %w", s.addr, err)
 		s.setLastErr(err)
 		metrics.CertRotations.WithLabelValues("failure").Inc()
-		s.opts.logger.Error("workload api update refused, keeping the current certificate", "addr", s.addr, "error", err)
+		s.opts.logger.Error("workload api update refused, keeping the current certificate", "addr", s.addr, "err", err)
 		return err
 	}
 	s.setLastErr(nil)
@@ -341,7 +341,7 @@ func (s *WorkloadAPISource) Rotate(ctx context.Context) error {
 		err = fmt.Errorf("workload api %s: fetch x509 context: %w", s.addr, err)
 		s.setLastErr(err)
 		metrics.CertRotations.WithLabelValues("failure").Inc()
-		s.opts.logger.Warn("workload api fetch failed, keeping the current certificate", "addr", s.addr, "error", err)
+		s.opts.logger.Warn("workload api fetch failed, keeping the current certificate", "addr", s.addr, "err", err)
 		return err
 	}
 	return s.apply(x)
