@@ -69,7 +69,7 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// HBONEPort is the port of a peer's HBONE listener (SPEC: 15008).
+// HBONEPort is the port of a peer's HBONE listener (docs/CONTRACT.md: 15008).
 const HBONEPort = 15008
 
 // ModeHBONE is the mode label and PeerInfo.Mode of app connections carried
