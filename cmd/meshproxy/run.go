@@ -217,12 +217,13 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode))
 	return f.start(ctx, &f.identityFlags, td, feds, log, "sidecar started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
 		var store *policy.Store
-		if f.configDir != "" {
+		if f.configDir == "" {
+			store = policy.Static(wl, polOpts...)
+		} else {
+			var err error
 			if store, err = watchPolicy(ctx, f.configDir, wl, polOpts, log); err != nil {
 				return serve.Built{}, err
 			}
-		} else {
-			store = policy.Static(wl, polOpts...)
 		}
 		p := proxy.New(src, store, popts...)
 		if err := p.Start(ctx); err != nil {
