@@ -142,7 +142,7 @@ func openIssuedLog(dir string, log *slog.Logger, now func() time.Time) *issuedLo
 	if err != nil {
 		aside := l.path + ".unreadable"
 		rerr := os.Rename(l.path, aside)
-		log.Error("issuance record unreadable; starting a new one", "file", l.path, "error", err, "moved_to", aside, "move_error", errString(rerr))
+		log.Error("issuance record unreadable; starting a new one", "file", l.path, "err", err, "moved_to", aside, "move_error", errString(rerr))
 		rec = &issuedRecord{Roots: map[string]*rootRecord{}}
 	}
 	l.rec = rec
@@ -247,7 +247,7 @@ func (l *issuedLog) flush() {
 		l.dirty = true
 		if msg := err.Error(); msg != l.lastErr {
 			l.lastErr = msg
-			l.log.Warn("cannot write the issuance record (read-only CA directory?); `ca rotate-root` cannot check retirement until it is written", "file", l.path, "error", err)
+			l.log.Warn("cannot write the issuance record (read-only CA directory?); `ca rotate-root` cannot check retirement until it is written", "file", l.path, "err", err)
 		}
 		return
 	}

@@ -145,7 +145,7 @@ func (r *reloader) check(ctx context.Context, s *Server) {
 	if err != nil {
 		if d != r.failed {
 			metrics.ConfigReloads.WithLabelValues("ca", "failure").Inc()
-			s.log.Error("ca reload failed; keeping the loaded CA", "dir", o.dir, "error", err)
+			s.log.Error("ca reload failed; keeping the loaded CA", "dir", o.dir, "err", err)
 		}
 		r.failed = d
 		return
@@ -171,7 +171,7 @@ func (r *reloader) check(ctx context.Context, s *Server) {
 	// The serving certificate follows the signing certificate at once, so
 	// clients never need the old root to reach the CA after a switch.
 	if _, err := s.serving.renew(ctx); err != nil && ctx.Err() == nil {
-		s.log.Error("ca serving certificate renewal after reload failed; retrying on schedule", "error", err)
+		s.log.Error("ca serving certificate renewal after reload failed; retrying on schedule", "err", err)
 	}
 }
 

@@ -62,6 +62,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/ports"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
@@ -70,8 +71,8 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// HBONEPort is the port of a peer's HBONE listener (SPEC: 15008).
-const HBONEPort = 15008
+// HBONEPort is the port of a peer's HBONE listener (docs/CONTRACT.md: 15008).
+const HBONEPort = ports.HBONE
 
 // ModeHBONE is the mode label and PeerInfo.Mode of app connections carried
 // over HBONE (HTTP/2 CONNECT over mesh mTLS).

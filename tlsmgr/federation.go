@@ -406,7 +406,7 @@ func (f *Federated) watch(ctx context.Context, e FederationEndpoint) {
 			}
 			metrics.FederationFetches.WithLabelValues(e.TrustDomain.Name(), "failure").Inc()
 			f.opts.log.Warn("federated bundle fetch failed", "trust_domain", e.TrustDomain.Name(), "url", e.URL,
-				"error", err.Error(), "failures", failures, "keeping", keeping, "retry_in", wait.Round(time.Millisecond).String())
+				"err", err.Error(), "failures", failures, "keeping", keeping, "retry_in", wait.Round(time.Millisecond).String())
 		} else {
 			failures = 0
 		}

@@ -76,7 +76,7 @@ func (s *FileSource) reload(force bool) (bool, error) {
 		metrics.ConfigReloads.WithLabelValues("cert", "failure").Inc()
 		metrics.CertRotations.WithLabelValues("failure").Inc()
 		cur := s.current()
-		s.opts.logger.Error("certificate reload failed, keeping the loaded certificate", "error", err,
+		s.opts.logger.Error("certificate reload failed, keeping the loaded certificate", "err", err,
 			"spiffe_id", cur.svid.ID.String(), "serial", serialString(cur.svid.Certificates[0].SerialNumber))
 		return false, err
 	}

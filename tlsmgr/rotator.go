@@ -204,7 +204,7 @@ func (r *Rotator) renew(ctx context.Context) error {
 		failures := r.failures
 		r.mu.Unlock()
 		metrics.CertRotations.WithLabelValues("failure").Inc()
-		attrs := []any{"error", err, "failures", failures}
+		attrs := []any{"err", err, "failures", failures}
 		if cur := r.current(); cur != nil {
 			attrs = append(attrs, "spiffe_id", cur.svid.ID.String(), "current_not_after", cur.svid.Certificates[0].NotAfter)
 		}
@@ -314,7 +314,7 @@ func (r *Rotator) reloadBundleFile() {
 	changed, err := r.loadBundleFile()
 	if err != nil {
 		metrics.ConfigReloads.WithLabelValues("bundle", "failure").Inc()
-		r.opts.logger.Error("bundle file reload failed, keeping the previous roots", "error", err)
+		r.opts.logger.Error("bundle file reload failed, keeping the previous roots", "err", err)
 		return
 	}
 	if !changed {

@@ -144,7 +144,7 @@ func (s *WorkloadAPISource) watch(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		s.opts.logger.Error("workload api watch stopped, restarting", "addr", s.addr, "error", err)
+		s.opts.logger.Error("workload api watch stopped, restarting", "addr", s.addr, "err", err)
 		select {
 		case <-ctx.Done():
 			return
@@ -175,7 +175,7 @@ func (w *contextWatcher) OnX509ContextWatchError(err error) {
 	err = fmt.Errorf("workload api %s: %w", s.addr, err)
 	s.setErr(err)
 	metrics.CertRotations.WithLabelValues("failure").Inc()
-	attrs := []any{"addr", s.addr, "error", err}
+	attrs := []any{"addr", s.addr, "err", err}
 	if cur := s.current(); cur != nil {
 		attrs = append(attrs, "spiffe_id", cur.svid.ID.String(), "current_not_after", cur.svid.Certificates[0].NotAfter)
 	}
@@ -194,7 +194,7 @@ func (s *WorkloadAPISource) apply(x *workloadapi.X509Context) error {
 		err = fmt.Errorf("workload api %s: refused update: %w", s.addr, err)
 		s.setErr(err)
 		metrics.CertRotations.WithLabelValues("failure").Inc()
-		s.opts.logger.Error("workload api update refused, keeping the current certificate", "addr", s.addr, "error", err)
+		s.opts.logger.Error("workload api update refused, keeping the current certificate", "addr", s.addr, "err", err)
 		return err
 	}
 	s.setErr(nil)
@@ -289,7 +289,7 @@ func (s *WorkloadAPISource) Rotate(ctx context.Context) error {
 		err = fmt.Errorf("workload api %s: fetch x509 context: %w", s.addr, err)
 		s.setErr(err)
 		metrics.CertRotations.WithLabelValues("failure").Inc()
-		s.opts.logger.Warn("workload api fetch failed, keeping the current certificate", "addr", s.addr, "error", err)
+		s.opts.logger.Warn("workload api fetch failed, keeping the current certificate", "addr", s.addr, "err", err)
 		return err
 	}
 	return s.apply(x)

@@ -197,7 +197,7 @@ func (j *JWKS) maybeRefresh(ctx context.Context, kid string) {
 		}
 	}
 	if err := j.load(ctx); err != nil {
-		j.log.Error("jwks refresh failed; keeping the last good keys", "source", j.source, "error", err)
+		j.log.Error("jwks refresh failed; keeping the last good keys", "source", j.source, "err", err)
 	}
 }
 

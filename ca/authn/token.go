@@ -97,7 +97,7 @@ func (t *Tokens) reloadIfChanged() {
 	stamp, err := statFile(t.path)
 	if err != nil {
 		if t.stamp != (fileStamp{}) {
-			t.log.Error("tokens file unreadable; keeping the last good tokens", "file", t.path, "error", err)
+			t.log.Error("tokens file unreadable; keeping the last good tokens", "file", t.path, "err", err)
 			metrics.ConfigReloads.WithLabelValues("tokens", "failure").Inc()
 			t.stamp = fileStamp{}
 		}
@@ -109,7 +109,7 @@ func (t *Tokens) reloadIfChanged() {
 	t.stamp = stamp
 	entries, err := parseTokens(t.path)
 	if err != nil {
-		t.log.Error("tokens file reload failed; keeping the last good tokens", "error", err)
+		t.log.Error("tokens file reload failed; keeping the last good tokens", "err", err)
 		metrics.ConfigReloads.WithLabelValues("tokens", "failure").Inc()
 		return
 	}

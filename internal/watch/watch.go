@@ -98,12 +98,12 @@ func Run(ctx context.Context, dirs []string, check func(), opts ...Option) {
 	var events <-chan fsnotify.Event
 	var errs <-chan error
 	if w, err := fsnotify.NewWatcher(); err != nil {
-		o.log.Warn("file notifications unavailable, polling only", "error", err, "poll_interval", o.poll)
+		o.log.Warn("file notifications unavailable, polling only", "err", err, "poll_interval", o.poll)
 	} else {
 		defer w.Close()
 		for _, d := range dirs {
 			if err := w.Add(d); err != nil {
-				o.log.Warn("cannot watch directory, polling it", "dir", d, "error", err, "poll_interval", o.poll)
+				o.log.Warn("cannot watch directory, polling it", "dir", d, "err", err, "poll_interval", o.poll)
 			}
 		}
 		events, errs = w.Events, w.Errors
@@ -130,7 +130,7 @@ func Run(ctx context.Context, dirs []string, check func(), opts ...Option) {
 				errs = nil
 				continue
 			}
-			o.log.Warn("file watch error; polling continues", "dirs", dirs, "error", err)
+			o.log.Warn("file watch error; polling continues", "dirs", dirs, "err", err)
 		case <-settle.C:
 			check()
 		case <-next:
