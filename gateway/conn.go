@@ -84,7 +84,9 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 		g.refuse(t, refusal{result: ResultNoRoute, err: errors.New("port no longer configured")})
 		return
 	}
-	if dec := g.pol.Current().Authorize(policy.Request{Port: l.port}); !dec.Allowed {
+	// The gateway's clients are outside the mesh: they have no principal,
+	// but ipBlocks and destination rules apply to their addresses.
+	if dec := g.pol.Current().Authorize(policy.Request{Port: l.port, Source: addrOf(c.RemoteAddr()), Dest: addrOf(c.LocalAddr())}); !dec.Allowed {
 		metrics.PolicyDenials.WithLabelValues(dec.Reason).Inc()
 		g.refuse(t, refusal{result: ResultDenied, attrs: []any{"policy", dec.Policy, "decision", dec.Reason}})
 		return
@@ -230,4 +232,14 @@ func (g *Gateway) pipe(t *conn, down, up net.Conn, r *route, dest, mode string, 
 	default:
 		g.log.Debug("connection closed", attrs...)
 	}
+}
+
+// addrOf is a TCP address's IP, invalid for anything else.
+func addrOf(a net.Addr) netip.Addr {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		if ip, ok := netip.AddrFromSlice(ta.IP); ok {
+			return ip.Unmap()
+		}
+	}
+	return netip.Addr{}
 }

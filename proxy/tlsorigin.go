@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"net/url"
@@ -14,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -22,9 +22,6 @@ import (
 // ModeTLSOrigination labels connections the sidecar wrapped in TLS for a
 // DestinationRule's SIMPLE or MUTUAL mode.
 const ModeTLSOrigination = "tls_origination"
-
-// maxCredentialFile bounds one certificate, key or CA file.
-const maxCredentialFile = 1 << 20
 
 // WithCredentialsDir sets where a DestinationRule's tls.credentialName is
 // found: NAME.crt (client chain), NAME.key and NAME-ca.crt (server roots),
@@ -80,11 +77,11 @@ func (p *Proxy) originationConfig(o *policy.Origination) (*tls.Config, error) {
 	}
 	cfg := &tls.Config{ServerName: o.SNI, MinVersion: tls.VersionTLS12, InsecureSkipVerify: true} //nolint:gosec // verified in VerifyConnection
 	if o.Mutual {
-		certPEM, err := readCredential(certFile)
+		certPEM, err := fileread.Read(certFile, fileread.MaxPEM)
 		if err != nil {
 			return nil, err
 		}
-		keyPEM, err := readCredential(keyFile)
+		keyPEM, err := fileread.Read(keyFile, fileread.MaxPEM)
 		if err != nil {
 			return nil, err
 		}
@@ -99,7 +96,7 @@ func (p *Proxy) originationConfig(o *policy.Origination) (*tls.Config, error) {
 	}
 	var roots *x509.CertPool
 	if caFile != "" {
-		pem, err := readCredential(caFile)
+		pem, err := fileread.Read(caFile, fileread.MaxPEM)
 		if err != nil {
 			return nil, err
 		}
@@ -159,28 +156,4 @@ func matchesSAN(leaf *x509.Certificate, sans []string) bool {
 		}
 	}
 	return false
-}
-
-// readCredential reads a regular file of at most maxCredentialFile bytes.
-func readCredential(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file", path)
-	}
-	b, err := io.ReadAll(io.LimitReader(f, maxCredentialFile+1))
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	if len(b) > maxCredentialFile {
-		return nil, fmt.Errorf("%s: larger than %d bytes", path, maxCredentialFile)
-	}
-	return b, nil
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 )
@@ -109,7 +110,7 @@ func TestDestinationRuleOriginatesTLS(t *testing.T) {
 
 func mustRead(t *testing.T, path string) []byte {
 	t.Helper()
-	b, err := readCredential(path)
+	b, err := fileread.Read(path, fileread.MaxPEM)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/meshproxy/meshproxy/gateway"
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/internal/manifest"
 	"github.com/meshproxy/meshproxy/policy"
 )
@@ -104,6 +106,10 @@ func runCheck(out io.Writer, stdin io.Reader, f *checkFlags) error {
 	opts := policyOptions(f.rootNamespace, td, quiet)
 	cfg := policy.Load(files, wl, opts...)
 	report := checkReport(cfg, f.forRole)
+	if f.forRole == "gateway" {
+		report = append(report, gatewayReport(files, ns, quiet)...)
+		sortReport(report)
+	}
 	if f.output == "json" {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")
@@ -136,21 +142,19 @@ func checkFiles(f *checkFlags, stdin io.Reader) ([]policy.File, error) {
 	}
 	var files []policy.File
 	for _, name := range f.files {
-		r := stdin
-		if name != "-" {
-			fh, err := os.Open(name)
-			if err != nil {
-				return nil, usagef("-f: %v", err)
+		var data []byte
+		var err error
+		if name == "-" {
+			if data, err = io.ReadAll(io.LimitReader(stdin, fileread.MaxManifest+1)); err == nil && len(data) > fileread.MaxManifest {
+				err = fmt.Errorf("more than the %d bytes allowed", fileread.MaxManifest)
 			}
-			defer fh.Close()
-			r = fh
+		} else if _, serr := os.Stat(name); serr != nil {
+			return nil, usagef("-f: %v", serr)
+		} else {
+			data, err = fileread.Read(name, fileread.MaxManifest)
 		}
-		data, err := io.ReadAll(io.LimitReader(r, manifest.MaxFileSize+1))
 		if err != nil {
 			return nil, fmt.Errorf("-f %s: %w", name, err)
-		}
-		if len(data) > manifest.MaxFileSize {
-			return nil, fmt.Errorf("-f %s: more than the %d bytes allowed", name, manifest.MaxFileSize)
 		}
 		files = append(files, policy.File{Name: name, Data: data})
 	}
@@ -165,15 +169,22 @@ func checkReport(cfg *policy.Config, role string) []checkDocument {
 		out = append(out, checkDocument{d.File, d.Index, d.Kind, d.Namespace, d.Name, string(d.Result), d.Messages})
 	}
 	for _, d := range cfg.Ignored {
-		if !istioKind(d.Kind) {
+		if !istioKind(d.Kind) || role == "gateway" && (d.Kind == "Gateway" || d.Kind == "VirtualService") {
 			continue
 		}
 		msg := fmt.Sprintf("%s is not read by meshproxy run (meshproxy gateway reads Gateway and VirtualService); ignored", d.Kind)
 		if role == "gateway" {
-			msg = fmt.Sprintf("%s is not read by meshproxy gateway yet; ignored", d.Kind)
+			msg = fmt.Sprintf("%s is not read by meshproxy gateway; ignored", d.Kind)
 		}
 		out = append(out, checkDocument{d.File, d.Index, d.Kind, d.Namespace, d.Name, string(policy.ResultWarned), []policy.Message{{Message: msg}}})
 	}
+	sortReport(out)
+	return out
+}
+
+// sortReport orders the report by file and document, and gives every
+// document a (possibly empty) list of messages.
+func sortReport(out []checkDocument) {
 	sort.SliceStable(out, func(i, j int) bool {
 		if out[i].File != out[j].File {
 			return out[i].File < out[j].File
@@ -184,6 +195,32 @@ func checkReport(cfg *policy.Config, role string) []checkDocument {
 		if out[i].Messages == nil {
 			out[i].Messages = []policy.Message{}
 		}
+	}
+}
+
+// gatewayReport is the gateway loader's verdict on each Gateway and
+// VirtualService document.
+func gatewayReport(files []policy.File, namespace string, log *slog.Logger) []checkDocument {
+	mfiles := make([]manifest.File, len(files))
+	for i, f := range files {
+		mfiles[i] = manifest.File(f)
+	}
+	var out []checkDocument
+	for _, r := range gateway.Check(mfiles, namespace, log) {
+		d := checkDocument{File: r.File, Index: r.Index, Kind: r.Kind, Namespace: r.Namespace, Name: r.Name, Result: string(policy.ResultApplied)}
+		for _, w := range r.Warnings {
+			d.Messages = append(d.Messages, policy.Message{Field: w.Field, Message: w.Message})
+			d.Result = string(policy.ResultWarned)
+		}
+		for _, e := range r.Errs {
+			field, msg, ok := strings.Cut(e, ": ")
+			if !ok || strings.Contains(field, " ") {
+				field, msg = "", e
+			}
+			d.Messages = append(d.Messages, policy.Message{Field: field, Message: msg})
+			d.Result = string(policy.ResultRejected)
+		}
+		out = append(out, d)
 	}
 	return out
 }
