@@ -66,8 +66,21 @@ func loadConfig(files []manifest.File, wl workload, log *slog.Logger) (*config, 
 	return cfg, err
 }
 
-// loadConfigWarn is loadConfig, also returning the warnings.
+// loadConfigWarn is loadConfig, also returning the warnings. On errors it
+// returns them, and (for loadIsolated) the config built without the
+// rejected documents.
 func loadConfigWarn(files []manifest.File, wl workload, log *slog.Logger) (*config, []warning, error) {
+	cfg, warns, err := loadIsolated(files, wl, log)
+	if err != nil {
+		return nil, warns, err
+	}
+	return cfg, warns, nil
+}
+
+// loadIsolated builds the config of files with every rejected document
+// left out (a rejected Gateway binds no server, a rejected VirtualService
+// routes nothing: closed), and returns the rejections as err.
+func loadIsolated(files []manifest.File, wl workload, log *slog.Logger) (*config, []warning, error) {
 	c := &compiler{wl: wl, log: log, seen: map[string]string{}}
 	docs, errs := manifest.Documents(files)
 	c.errs = append(c.errs, errs...)
@@ -91,7 +104,7 @@ func loadConfigWarn(files []manifest.File, wl workload, log *slog.Logger) (*conf
 		if len(c.errs) > maxErrors {
 			c.errs = append(c.errs[:maxErrors], fmt.Errorf("… and %d more errors", len(c.errs)-maxErrors))
 		}
-		return nil, c.warns, errors.Join(c.errs...)
+		return cfg, c.warns, errors.Join(c.errs...)
 	}
 	return cfg, c.warns, nil
 }

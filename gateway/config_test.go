@@ -284,7 +284,7 @@ func TestNewNamesTheBadFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	w := newWorld(t)
-	_, err := New(w.identity(t, gatewayID), policy.Static(policy.Workload{Namespace: DefaultNamespace}), dir, t.TempDir(), WithLogger(quietLog))
+	_, err := New(w.identity(t, gatewayID), policy.Static(policy.Workload{Namespace: DefaultNamespace}), dir, t.TempDir(), WithLogger(quietLog), WithStrictConfig(true))
 	if err == nil || !strings.Contains(err.Error(), "broken.yaml") || !strings.Contains(err.Error(), "spec.servers[0].tls.mode") {
 		t.Fatalf("New: %v; want an error naming broken.yaml and spec.servers[0].tls.mode", err)
 	}
