@@ -460,8 +460,27 @@ func (s *server) compileTLS(path string, t *serverTLSSpec, warn func(field, form
 		s.mode = modeSimple
 	case "MUTUAL":
 		s.mode = modeMutual
-	case "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL":
-		return notBound{fmt.Sprintf("tls.mode %s is not served by meshproxy's gateway yet", strings.ToUpper(t.Mode))}
+	case "ISTIO_MUTUAL":
+		// Istio's validation: the mesh's own certificates, nothing else.
+		for _, f := range []struct {
+			name string
+			set  bool
+		}{{"serverCertificate", t.ServerCertificate != ""}, {"privateKey", t.PrivateKey != ""}, {"caCertificates", t.CACertificates != ""},
+			{"tlsCertificates", !manifest.IsNull(t.TLSCertificates)}, {"credentialName", t.CredentialName != ""}, {"credentialNames", len(t.CredentialNames) > 0}} {
+			if f.set {
+				return manifest.Errorf(path+"."+f.name, "ISTIO_MUTUAL uses the mesh certificates; %s cannot be set", f.name)
+			}
+		}
+		s.mode = modeIstioMutual
+		return nil
+	case "AUTO_PASSTHROUGH":
+		s.mode = modeAutoPassthrough
+		if t.CredentialName != "" || t.ServerCertificate != "" || t.PrivateKey != "" || t.CACertificates != "" {
+			warn(path, "AUTO_PASSTHROUGH does not terminate TLS: certificates are ignored")
+		}
+		return nil
+	case "OPTIONAL_MUTUAL":
+		return notBound{"tls.mode OPTIONAL_MUTUAL is not served by meshproxy's gateway"}
 	default:
 		return manifest.Errorf(path+".mode", "%q: want SIMPLE, MUTUAL, PASSTHROUGH, ISTIO_MUTUAL, AUTO_PASSTHROUGH or OPTIONAL_MUTUAL", t.Mode)
 	}

@@ -306,8 +306,7 @@ func TestWhatTheGatewayDoesNotServeIsWarnedNotRefused(t *testing.T) {
 		ports             int // listeners left
 		routes            int // routes on port 9000
 	}{
-		{"ISTIO_MUTUAL server not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: ISTIO_MUTUAL}\n"), "spec.servers[1]", 1, 0},
-		{"AUTO_PASSTHROUGH server not bound", gw(gwTCP + "  - port: {number: 15443, name: tls, protocol: TLS}\n    hosts: [\"*.local\"]\n    tls: {mode: AUTO_PASSTHROUGH}\n"), "spec.servers[1]", 1, 0},
+		{"OPTIONAL_MUTUAL server not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: OPTIONAL_MUTUAL, credentialName: x}\n"), "spec.servers[1]", 1, 0},
 		{"HTTP server not bound", gw(gwTCP + "  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*\"]\n"), "spec.servers[1]", 1, 0},
 		{"certificate file paths not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, serverCertificate: /etc/cert.pem, privateKey: /etc/key.pem}\n"), "spec.servers[1]", 1, 0},
 		{"SIMPLE without a credential not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE}\n"), "spec.servers[1]", 1, 0},
