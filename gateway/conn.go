@@ -147,6 +147,7 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 		return
 	}
 
+	var cfg *tls.Config
 	if s.mode == modeIstioMutual {
 		td, err := g.trustDomain()
 		if err != nil {
@@ -154,27 +155,20 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 			return
 		}
 		// Mesh mTLS into the gateway: its own SVID, a client SVID of the trust domain.
-		tc := tls.Server(sc, tlsmgr.ServerConfig(g.src, tlsconfig.AuthorizeMemberOf(td)))
-		ctx, cancel := context.WithTimeout(t.Context(), g.opts.HandshakeTimeout)
-		err = tc.HandshakeContext(ctx)
-		cancel()
-		if err != nil {
-			g.refuse(t, refusal{route: r.name, result: ResultHandshakeFailed, server: s, err: err, attrs: []any{"sni", sni}})
+		cfg = tlsmgr.ServerConfig(g.src, tlsconfig.AuthorizeMemberOf(td))
+	} else {
+		cred := g.creds.get(s.credential)
+		if cred == nil || (s.mode == modeMutual && cred.clientCAs == nil) {
+			why := "credential " + s.credential + " is not loaded"
+			if cred != nil {
+				why = "MUTUAL needs " + s.credential + caSuffix + " (the client CA)"
+			}
+			g.refuse(t, refusal{route: r.name, result: ResultNoCredential, server: s, err: errors.New(why)})
 			return
 		}
-		g.toMesh(t, tc, s, r)
-		return
+		cfg = s.tlsConfig(cred)
 	}
-	cred := g.creds.get(s.credential)
-	if cred == nil || (s.mode == modeMutual && cred.clientCAs == nil) {
-		why := "credential " + s.credential + " is not loaded"
-		if cred != nil {
-			why = "MUTUAL needs " + s.credential + caSuffix + " (the client CA)"
-		}
-		g.refuse(t, refusal{route: r.name, result: ResultNoCredential, server: s, err: errors.New(why)})
-		return
-	}
-	tc := tls.Server(sc, s.tlsConfig(cred))
+	tc := tls.Server(sc, cfg)
 	ctx, cancel := context.WithTimeout(t.Context(), g.opts.HandshakeTimeout)
 	err = tc.HandshakeContext(ctx)
 	cancel()
