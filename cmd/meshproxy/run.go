@@ -20,6 +20,7 @@ import (
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/proxy/admin"
+	"github.com/meshproxy/meshproxy/proxy/apphealth"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -66,6 +67,7 @@ type runFlags struct {
 	hbone             bool
 	hboneListen       string
 	hbonePeers        []string
+	appProbers        string
 }
 
 func newRunCmd() *cobra.Command {
@@ -161,6 +163,7 @@ subjectAltNames).`,
 	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
 	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the workload's SVID)")
 	f.serveFlags.register(fl, "how long inbound waits for a client's first bytes before treating it as plaintext")
+	fl.StringVar(&f.appProbers, "app-probers", "", "JSON of the application's original probes, served on the health port at /app-health/CONTAINER/livez|readyz|startupz (written by 'meshproxy inject')")
 	fl.StringSliceVar(&f.federateWith, "federate-with", nil, "TD=URL[#ENDPOINT-SPIFFE-ID][@BUNDLE-FILE]: trust the foreign trust domain TD, its bundle fetched from its bundle endpoint URL (repeatable; see above)")
 	return cmd
 }
@@ -219,6 +222,11 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 	if err != nil {
 		return err
 	}
+	probers, err := apphealth.Parse([]byte(f.appProbers))
+	if err != nil {
+		return usagef("--app-probers (env MESHPROXY_APP_PROBERS): %v", err)
+	}
+	f.appHealth = apphealth.New(probers, apphealth.WithLogger(log))
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -500,6 +508,7 @@ type serveFlags struct {
 	drainTimeout           time.Duration
 	maxConnections         int
 	logLevel, logFormat    string
+	appHealth              *apphealth.Handler // run only: the app's probes on the health port
 }
 
 // register adds the shared flags to fl; detectUsage says what
@@ -547,7 +556,7 @@ func (f *serveFlags) serve(ctx context.Context, log *slog.Logger, src tlsmgr.Sou
 	servers, err := startHTTP(log, []httpServer{
 		{"admin", f.admin, admin.Handler(src, dp)},
 		{"metrics", f.metrics, admin.MetricsHandler()},
-		{"health", f.health, admin.HealthHandler(dp)},
+		{"health", f.health, f.appHealth.Wrap(admin.HealthHandler(dp))},
 	})
 	if err != nil {
 		shutdownCtx, c := context.WithTimeout(context.Background(), time.Second)

@@ -134,6 +134,15 @@ func (p Probers) JSON() (string, error) {
 	return string(b), nil
 }
 
+// Check reports what Parse would refuse in pr.
+func (pr Prober) Check() error {
+	if pr.HTTPGet != nil {
+		g := *pr.HTTPGet // normalize fills in defaults; leave the caller's as it is
+		pr.HTTPGet = &g
+	}
+	return pr.normalize()
+}
+
 func checkPath(path string) error {
 	rest, ok := strings.CutPrefix(path, PathPrefix)
 	container, kind, ok2 := strings.Cut(rest, "/")
