@@ -34,7 +34,7 @@ type originalProbes map[string]map[string]any
 // back what an earlier injection rewrote. It updates the annotations and
 // returns the original probes for the sidecar (empty if none).
 func probes(annotations object, lists [][]any, listFields []string, field string) (apphealth.Probers, error) {
-	if err := restoreProbes(annotations, lists, field); err != nil {
+	if err := restoreProbes(annotations, lists, listFields, field); err != nil {
 		return nil, err
 	}
 	probers := apphealth.Probers{}
@@ -65,32 +65,38 @@ func probes(annotations object, lists [][]any, listFields []string, field string
 }
 
 // restoreProbes puts back the original probes of OriginalProbesAnnotation
-// wherever the probe is still the rewritten one (a probe changed since is
-// the new original), and removes the annotation.
-func restoreProbes(annotations object, lists [][]any, field string) error {
-	raw, ok := annotations[OriginalProbesAnnotation]
-	if !ok {
-		return nil
+// wherever a probe is still a rewritten one (a probe changed since is the
+// new original), also after a container was renamed, and removes the
+// annotation. A rewritten probe without an original is an error: the
+// sidecar would have nothing to run for it.
+func restoreProbes(annotations object, lists [][]any, listFields []string, field string) error {
+	orig := originalProbes{}
+	if raw, ok := annotations[OriginalProbesAnnotation]; ok {
+		s, _ := raw.(string)
+		dec := json.NewDecoder(strings.NewReader(s))
+		dec.UseNumber()
+		if err := dec.Decode(&orig); err != nil {
+			return &fieldError{field: field + "metadata.annotations[" + OriginalProbesAnnotation + "]", err: fmt.Errorf("not meshproxy's original probes JSON: %w", err)}
+		}
 	}
-	s, _ := raw.(string)
-	dec := json.NewDecoder(strings.NewReader(s))
-	dec.UseNumber()
-	var orig originalProbes
-	if err := dec.Decode(&orig); err != nil {
-		return &fieldError{field: field + "metadata.annotations[" + OriginalProbesAnnotation + "]", err: fmt.Errorf("not meshproxy's original probes JSON: %w", err)}
-	}
-	for _, list := range lists {
-		for _, item := range list {
+	for i, list := range lists {
+		for j, item := range list {
 			ctr, _ := item.(object)
-			name := nameOf(ctr)
 			for _, pf := range probeFields {
-				o, ok := orig[name][pf.field].(object)
+				cur, ok := ctr[pf.field].(object)
 				if !ok {
 					continue
 				}
-				if cur, ok := ctr[pf.field].(object); ok && isRewritten(cur, name, pf.kind) {
-					ctr[pf.field] = o
+				from, ok := rewrittenFor(cur, pf.kind)
+				if !ok {
+					continue
 				}
+				o, ok := orig[from][pf.field].(object)
+				if !ok {
+					return &fieldError{field: fmt.Sprintf("%sspec.%s[%d].%s", field, listFields[i], j, pf.field),
+						err: fmt.Errorf("probes the sidecar's %s, but annotation %s has no original probe for it; put the application's own probe back", apphealth.Path(from, pf.kind), OriginalProbesAnnotation)}
+				}
+				ctr[pf.field] = o
 			}
 		}
 	}
@@ -98,14 +104,20 @@ func restoreProbes(annotations object, lists [][]any, field string) error {
 	return nil
 }
 
-// isRewritten says whether probe is the health-port probe injection writes
-// for container's kind.
-func isRewritten(probe object, container, kind string) bool {
+// rewrittenFor returns the container whose probe of kind an injection
+// rewrote into probe (an httpGet of /app-health/CONTAINER/KIND on the
+// health port), if it is one.
+func rewrittenFor(probe object, kind string) (string, bool) {
 	var p corev1.Probe
-	if err := fromGeneric(probe, &p); err != nil {
-		return false
+	if err := fromGeneric(probe, &p); err != nil || p.HTTPGet == nil || p.HTTPGet.Port.IntValue() != HealthPort {
+		return "", false
 	}
-	return p.HTTPGet != nil && p.HTTPGet.Path == apphealth.Path(container, kind) && p.HTTPGet.Port.IntValue() == HealthPort
+	rest, ok := strings.CutPrefix(p.HTTPGet.Path, apphealth.PathPrefix)
+	container, k, ok2 := strings.Cut(rest, "/")
+	if !ok || !ok2 || k != kind || container == "" {
+		return "", false
+	}
+	return container, true
 }
 
 // rewriteContainer rewrites ctr's httpGet, tcpSocket and grpc probes that

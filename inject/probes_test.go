@@ -170,7 +170,7 @@ func TestPodsWithoutRewritableProbesGetNoProbers(t *testing.T) {
 		"exec only":     "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: app, image: a, livenessProbe: {exec: {command: [\"true\"]}}}]\n",
 		"opted out":     "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {sidecar.meshproxy.io/rewriteAppProbers: \"false\"}}\nspec:\n  containers: [{name: app, image: a, livenessProbe: {tcpSocket: {port: 80}}}]\n",
 		"istio opt-out": "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {sidecar.istio.io/rewriteAppHTTPProbers: \"false\"}}\nspec:\n  containers: [{name: app, image: a, livenessProbe: {tcpSocket: {port: 80}}}]\n",
-		"health port":   "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: app, image: a, livenessProbe: {httpGet: {port: 15021, path: /app-health/app/livez}}}]\n",
+		"health port":   "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: app, image: a, livenessProbe: {httpGet: {port: 15021, path: /healthz/ready}}}]\n",
 	} {
 		t.Run(name, func(t *testing.T) {
 			pod, sidecar, probers, _ := injectedPod(t, newInjector(t), src)
@@ -251,6 +251,28 @@ func TestAProbeChangedAfterInjectionIsTheNewOriginal(t *testing.T) {
 	}
 }
 
+func TestRenamingAContainerAfterInjectionKeepsItsProbes(t *testing.T) {
+	once, _ := mustInject(t, newInjector(t), []byte(probePod))
+	renamed := strings.Replace(string(once), "    name: web\n    ports:", "    name: frontend\n    ports:", 1)
+	if renamed == string(once) {
+		t.Fatal("container web not found in the output")
+	}
+	pod, _, probers, _ := injectedPod(t, newInjector(t), renamed)
+	fe, ok := container(&pod.Spec, "frontend")
+	if !ok {
+		t.Fatal("container frontend missing")
+	}
+	if !reflect.DeepEqual(fe.ReadinessProbe.HTTPGet, healthProbe("frontend", "readyz")) {
+		t.Errorf("readiness probe %+v", fe.ReadinessProbe.HTTPGet)
+	}
+	if r := probers["/app-health/frontend/readyz"]; r.HTTPGet == nil || r.HTTPGet.Port != 8080 || r.HTTPGet.Path != "/ready?deep=1" {
+		t.Errorf("probers %v: want the original readiness probe under the new name", probers)
+	}
+	if _, ok := probers["/app-health/web/readyz"]; ok {
+		t.Error("the old container name is still probed")
+	}
+}
+
 func TestBadProbesAreErrorsNamingTheField(t *testing.T) {
 	pod := func(ctr string) string {
 		return "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - " + ctr + "\n"
@@ -262,6 +284,8 @@ func TestBadProbesAreErrorsNamingTheField(t *testing.T) {
 			"spec.containers[0].livenessProbe.tcpSocket.port", `named port "db"`},
 		"relative path": {pod("{name: app, image: a, startupProbe: {httpGet: {port: 80, path: healthz}}}"),
 			"spec.containers[0].startupProbe", "absolute path"},
+		"rewritten probe without original": {pod("{name: app, image: a, livenessProbe: {httpGet: {port: 15021, path: /app-health/app/livez}}}"),
+			"spec.containers[0].livenessProbe", "no original probe"},
 		"bad annotation": {"apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {sidecar.meshproxy.io/original-probes: nope}}\nspec:\n  containers: [{name: app, image: a}]\n",
 			"metadata.annotations[sidecar.meshproxy.io/original-probes]", "original probes JSON"},
 	} {
