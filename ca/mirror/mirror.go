@@ -64,7 +64,10 @@ func WithResources(rs ...Resource) Option { return func(m *Mirror) { m.res = rs 
 
 // New returns a mirror reading from api; Run keeps it current.
 func New(api Doer, opts ...Option) *Mirror {
-	m := &Mirror{api: api, log: slog.Default(), res: Resources, objs: map[objectKey]Document{}, changed: make(chan struct{}), wait: sleep}
+	m := &Mirror{api: api, log: slog.Default(), res: Resources, objs: map[objectKey]Document{}, changed: make(chan struct{}), wait: sleep,
+		// Versions start from the clock, so a client's version from before a
+		// CA restart does not match the restarted mirror's by chance.
+		version: uint64(time.Now().UnixNano())}
 	for _, o := range opts {
 		o(m)
 	}

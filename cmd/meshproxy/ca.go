@@ -122,6 +122,7 @@ func newCAServeCmd() *cobra.Command {
 		defaultTTL, maxTTL                    time.Duration
 		sf                                    signerFlags
 		rf                                    caRotationFlags
+		mf                                    caMirrorFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "serve --dir DIR | --signer stepca|vault ...",
@@ -154,7 +155,7 @@ The TLS serving certificate is issued by the CA itself for the DNS names
 istiod.istio-system.svc, meshproxy-ca.istio-system.svc, localhost, the
 --serving-dns names, and 127.0.0.1 and ::1; it is renewed at half its life.
 SIGTERM or SIGINT stops the server gracefully.
-` + signerHelp + caServeRotationHelp,
+` + signerHelp + caServeRotationHelp + caMirrorHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := sf.validate(dir); err != nil {
@@ -199,8 +200,11 @@ SIGTERM or SIGINT stops the server gracefully.
 				return usagef("--auth jwks needs --jwt-issuer")
 			case !uses("jwks") && (jwks != "" || jwtIssuer != ""):
 				return usagef("--jwks/--jwt-issuer are set but --auth does not include jwks")
-			case !uses("kubernetes") && !uses("jwks") && kubeconfig != "":
-				return usagef("--kubeconfig is set but --auth includes neither kubernetes nor jwks")
+			case !uses("kubernetes") && !uses("jwks") && !mf.enabled && kubeconfig != "":
+				return usagef("--kubeconfig is set but neither --auth kubernetes|jwks nor --mirror-istio-config uses it")
+			}
+			if err := mf.validate(); err != nil {
+				return err
 			}
 
 			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
@@ -225,6 +229,11 @@ SIGTERM or SIGINT stops the server gracefully.
 			if err != nil {
 				return usagef("--serving-dns: %v", err)
 			}
+			stopMirror, err := mf.start(cmd.Context(), srv, kubeconfig, log)
+			if err != nil {
+				return err
+			}
+			defer stopMirror()
 			return serveCA(cmd.Context(), srv, listen, metricsAddr, log)
 		},
 	}
@@ -233,7 +242,7 @@ SIGTERM or SIGINT stops the server gracefully.
 	f.StringVar(&listen, "listen", ":15012", "address of the CA gRPC API (TLS)")
 	f.StringSliceVar(&auth, "auth", []string{"kubernetes"}, "caller authentication methods, tried in order: token, kubernetes, jwks")
 	f.StringVar(&tokens, "tokens", "", "token file for --auth token: one \"TOKEN SPIFFE-ID\" a line")
-	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the API server for --auth kubernetes (default: in-cluster config); also used to fetch a --jwks URL")
+	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the API server for --auth kubernetes and --mirror-istio-config (default: in-cluster config); also used to fetch a --jwks URL")
 	f.StringVar(&jwks, "jwks", "", "JWKS for --auth jwks: a file, or an https URL such as https://API-SERVER/openid/v1/jwks")
 	f.StringVar(&jwtIssuer, "jwt-issuer", "", "required iss claim for --auth jwks, e.g. https://kubernetes.default.svc.cluster.local")
 	f.DurationVar(&defaultTTL, "default-ttl", ca.DefaultTTL, "validity of certificates whose request asks for none")
@@ -243,6 +252,7 @@ SIGTERM or SIGINT stops the server gracefully.
 	f.StringVar(&trustDomain, "trust-domain", "", "trust domain of a CA whose certificates carry no spiffe:// URI SAN (must match it otherwise)")
 	sf.register(f)
 	rf.register(f)
+	mf.register(f)
 	return cmd
 }
 

@@ -65,6 +65,7 @@ type runFlags struct {
 	hbone             bool
 	hboneListen       string
 	hbonePeers        []string
+	configServer      configServerFlags
 }
 
 func newRunCmd() *cobra.Command {
@@ -132,7 +133,7 @@ AuthorizationPolicy names its trust domain in a principal (e.g.
 "other.org/ns/web/sa/client" or "other.org/*"); otherwise it is refused with
 reason foreign_trust_domain. Outbound, a foreign server must be named by its
 SPIFFE ID (--outbound-explicit ...#spiffe://other.org/... or a DestinationRule's
-subjectAltNames).`,
+subjectAltNames).` + runConfigServerHelp,
 		Example: `  meshproxy run --ca-addr 127.0.0.1:15012 --ca-root root-cert.pem --token-file token \
       --inbound-explicit :8443=127.0.0.1:8080 --mode STRICT
   meshproxy run --cert-file svid.pem --key-file key.pem --bundle-file bundle.pem \
@@ -154,6 +155,7 @@ subjectAltNames).`,
 	fl.BoolVar(&f.tproxy, "tproxy", false, "inbound capture is TPROXY: listen transparently and reach the app from the client's address (must match 'redirect install --tproxy'; needs CAP_NET_ADMIN)")
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
+	f.configServer.register(fl)
 	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
 	fl.StringVar(&f.namespace, "namespace", "default", "the workload's namespace (for policy selection)")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the workload's labels, Kubernetes downward-API format (key=\"value\" lines)")
@@ -218,6 +220,9 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 	if err != nil {
 		return err
 	}
+	if err := f.configServer.validate(f.configDir); err != nil {
+		return err
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -229,6 +234,9 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 		return err
 	}
 	runIdentity(ctx, src, log)
+	if err := f.configServer.follow(ctx, src, td, f.configDir, log); err != nil {
+		return err
+	}
 
 	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode))
 	var store *policy.Store
