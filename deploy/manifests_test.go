@@ -312,8 +312,8 @@ func TestControlPlane(t *testing.T) {
 		r := get("ClusterRole/meshproxy-ca-istio-config").(*rbacv1.ClusterRole)
 		granted := map[string]bool{}
 		for _, rule := range r.Rules {
-			if !slices.Equal(rule.Verbs, []string{"get", "list", "watch"}) || len(rule.ResourceNames)+len(rule.NonResourceURLs) != 0 {
-				t.Errorf("rule %+v: want verbs get, list, watch on whole resources", rule)
+			if !slices.Equal(rule.Verbs, []string{"list", "watch"}) || len(rule.ResourceNames)+len(rule.NonResourceURLs) != 0 {
+				t.Errorf("rule %+v: want verbs list and watch (nothing else) on whole resources", rule)
 			}
 			for _, g := range rule.APIGroups {
 				for _, res := range rule.Resources {

@@ -8,7 +8,7 @@
 // distribution: `kubectl apply` of a policy reaches the sidecars within
 // seconds, without waiting for kubelet to refresh a mounted ConfigMap.
 //
-// The API server identity needs get, list and watch on exactly those five
+// The API server identity needs list and watch on exactly those five
 // resources (deploy/kubernetes/base/ca-rbac.yaml); a missing permission is
 // reported by resource and verb, and the mirror serves nothing until every
 // resource has been listed once, so a sidecar never mistakes an unsynced

@@ -55,7 +55,7 @@ func statusError(r Resource, verb string, resp *http.Response) error {
 	}
 	switch resp.StatusCode {
 	case http.StatusForbidden:
-		return fmt.Errorf("%w: %s %s (cluster-wide): the CA's service account needs get, list and watch on %s (ClusterRole meshproxy-ca-istio-config): %s",
+		return fmt.Errorf("%w: %s %s (cluster-wide): the CA's service account needs list and watch on %s (ClusterRole meshproxy-ca-istio-config): %s",
 			ErrForbidden, verb, r.Name(), r.Name(), msg)
 	case http.StatusNotFound:
 		return fmt.Errorf("%s %s: %w (install Istio's CRDs): %s", verb, r.Name(), ErrNotInstalled, msg)

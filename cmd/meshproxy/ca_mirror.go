@@ -23,7 +23,7 @@ serves them on --mirror-listen (HTTPS, the CA's serving certificate) to
 sidecars started with --config-server: each caller authenticates with its
 SVID and receives the objects of its own namespace and of --root-namespace,
 within a second or so of a change (long polling; no ConfigMap refresh
-delay). The CA's service account needs get, list and watch on exactly those
+delay). The CA's service account needs list and watch on exactly those
 five resources (ClusterRole meshproxy-ca-istio-config in
 deploy/kubernetes/base/ca-rbac.yaml); a refusal is logged with the missing
 permission, counted in meshproxy_ca_config_mirror_sync_errors_total, and
