@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"golang.org/x/net/netutil"
 )
 
 // httpsEndpoint is an HTTPS listener of the CA beside its gRPC API, served
@@ -56,6 +57,10 @@ func (s *Server) serveHTTPS(ctx context.Context, lis net.Listener, e httpsEndpoi
 	return nil
 }
 
+// MaxConfigConnections bounds the config endpoint's open connections (one
+// long poll per sidecar); more wait in the listen backlog.
+const MaxConfigConnections = 8192
+
 // ConfigWriteTimeout bounds one answer of the config endpoint; long polls
 // (ca/mirror, at most a minute) finish well within it.
 const ConfigWriteTimeout = 2 * time.Minute
@@ -63,11 +68,12 @@ const ConfigWriteTimeout = 2 * time.Minute
 // ServeConfig serves h — the Istio config mirror (ca/mirror) — over TLS on
 // lis until ctx ends, with the CA's serving certificate (an SVID for
 // ServingID) and a client certificate requested, so h can authenticate the
-// caller's SVID against TrustBundle. The serving certificate is issued when
+// caller's SVID against TrustBundle. At most MaxConfigConnections are open
+// at once. The serving certificate is issued when
 // Serve starts; handshakes before that fail and the client retries.
 func (s *Server) ServeConfig(ctx context.Context, lis net.Listener, h http.Handler) error {
 	s.log.Info("istio config endpoint serving", "addr", lis.Addr().String())
-	return s.serveHTTPS(ctx, lis, httpsEndpoint{
+	return s.serveHTTPS(ctx, netutil.LimitListener(lis, MaxConfigConnections), httpsEndpoint{
 		name: "istio config endpoint", handler: h, clientAuth: tls.RequestClientCert,
 		writeTimeout: ConfigWriteTimeout, keepAlive: true,
 	})

@@ -21,6 +21,7 @@ type gatewayFlags struct {
 	namespace, labelsFile     string
 	rootNamespace             string
 	trustDomain               string
+	configServer              configServerFlags
 }
 
 func newGatewayCmd() *cobra.Command {
@@ -63,6 +64,7 @@ SIGTERM stops accepting and lets open connections finish for up to --drain-timeo
 	fl := cmd.Flags()
 	f.identityFlags.register(fl)
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio YAML: Gateway, VirtualService, DestinationRule, AuthorizationPolicy (watched; required)")
+	f.configServer.register(fl)
 	fl.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of credentialName files NAME.crt, NAME.key, NAME-ca.crt (watched; required)")
 	fl.StringVar(&f.listenHost, "listen-host", "", "address every Gateway port binds to (default: all addresses)")
 	fl.StringVar(&f.namespace, "namespace", gateway.DefaultNamespace, "the gateway's namespace: default for manifests without one, and for exportTo and policy selection")
@@ -82,6 +84,9 @@ func (f *gatewayFlags) options() ([]gateway.Option, error) {
 		return nil, usagef("--credentials-dir is required: the directory of NAME.crt / NAME.key files")
 	}
 	if err := f.serveFlags.validate(); err != nil {
+		return nil, err
+	}
+	if err := f.configServer.validate(f.configDir); err != nil {
 		return nil, err
 	}
 	opts := []gateway.Option{
@@ -137,6 +142,9 @@ func runGateway(ctx context.Context, f *gatewayFlags) error {
 		return err
 	}
 	runIdentity(ctx, src, log)
+	if err := f.configServer.follow(ctx, src, td, f.configDir, log); err != nil {
+		return err
+	}
 
 	store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log), log)
 	if err != nil {
