@@ -123,9 +123,17 @@ func (m *Mirror) follow(ctx context.Context, i int) {
 			continue
 		}
 		m.replace(i, items)
-		backoff = minRetry
+		// The backoff resets only once a watch works, so a role that allows
+		// list but not watch does not make the mirror list in a tight loop.
 		for ctx.Err() == nil {
-			err := watch(ctx, m.api, r, &rv, func(typ string, obj json.RawMessage) error { return m.apply(i, typ, obj) })
+			progressed := false
+			err := watch(ctx, m.api, r, &rv, func(typ string, obj json.RawMessage) error {
+				progressed = true
+				return m.apply(i, typ, obj)
+			})
+			if err == nil || progressed {
+				backoff = minRetry
+			}
 			if err == nil {
 				continue // the server ended the stream: resume from rv
 			}
