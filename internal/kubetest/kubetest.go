@@ -313,7 +313,11 @@ func (c *Cluster) Delete(t testing.TB, apiVersion, kind, namespace, name string)
 // mirrored kinds are served.
 func (c *Cluster) InstallIstioCRDs(t testing.TB) {
 	t.Helper()
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		goBin = "/usr/local/go/bin/go"
+	}
+	out, err := exec.Command(goBin, "list", "-m", "-f", "{{.Dir}}", "istio.io/api").Output()
 	if err != nil {
 		t.Fatalf("locate istio.io/api module: %v", err)
 	}
