@@ -155,7 +155,7 @@ spec:
 	})
 
 	t.Run("a sidecar's syncer writes its documents and the policy store loads them", func(t *testing.T) {
-		c.Apply(t, []byte("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: only-web\n  namespace: web\nspec:\n  portLevelMtls:\n    \"8080\":\n      mode: STRICT\n"+
+		c.Apply(t, []byte("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: only-web\n  namespace: web\nspec:\n  selector:\n    matchLabels:\n      app: api\n  portLevelMtls:\n    \"8080\":\n      mode: STRICT\n"+
 			"---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: other\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: other-ns\n  namespace: other\nspec:\n  mtls:\n    mode: DISABLE\n"))
 		m := run(t, caKubeconfig)
 		e2eutil.Eventually(t, "mirror synced", 30*time.Second, func() error { return m.Current().Err })
@@ -180,7 +180,7 @@ spec:
 		if strings.Contains(string(data), "other-ns") || !strings.Contains(string(data), "only-web") {
 			t.Fatalf("written documents are not web's and istio-system's only:\n%s", data)
 		}
-		store, err := policy.NewStore(dir, policy.Workload{Namespace: "web"}, policy.WithLogger(discard()))
+		store, err := policy.NewStore(dir, policy.Workload{Namespace: "web", Labels: map[string]string{"app": "api"}}, policy.WithLogger(discard()))
 		if err != nil {
 			t.Fatalf("policy store on the written file: %v\n%s", err, data)
 		}
