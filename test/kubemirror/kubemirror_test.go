@@ -24,8 +24,8 @@ var binary string
 
 func TestMain(m *testing.M) { e2eutil.Main(m, "kubemirror", &binary) }
 
-// withinSeconds bounds how long a `kubectl apply` may take to be enforced.
-const withinSeconds = 10 * time.Second
+// enforceWithin bounds how long a `kubectl apply` may take to be enforced.
+const enforceWithin = 10 * time.Second
 
 // echoes reports whether a connection to addr carries bytes to the echo app
 // and back: nil if it does, an error saying why not.
@@ -101,14 +101,14 @@ func TestKubectlApplyChangesEnforcementWithoutRestart(t *testing.T) {
 	client.WaitReady(t)
 
 	// No policy yet: PERMISSIVE, so plaintext and mesh mTLS both reach the app.
-	e2eutil.Eventually(t, "plaintext reaches the app under PERMISSIVE", withinSeconds, func() error { return echoes(inbound) })
-	e2eutil.Eventually(t, "mesh mTLS reaches the app", withinSeconds, func() error { return echoes(outbound) })
+	e2eutil.Eventually(t, "plaintext reaches the app under PERMISSIVE", enforceWithin, func() error { return echoes(inbound) })
+	e2eutil.Eventually(t, "mesh mTLS reaches the app", enforceWithin, func() error { return echoes(outbound) })
 
 	step := func(what string, apply func(), checks ...func() error) {
 		t.Helper()
 		apply()
 		start := time.Now()
-		e2eutil.Eventually(t, what, withinSeconds, func() error {
+		e2eutil.Eventually(t, what, enforceWithin, func() error {
 			for _, check := range checks {
 				if err := check(); err != nil {
 					return err
