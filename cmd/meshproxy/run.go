@@ -70,6 +70,7 @@ type runFlags struct {
 	hboneListen       string
 	hbonePeers        []string
 	appProbers        string
+	configServer      configServerFlags
 }
 
 func newRunCmd() *cobra.Command {
@@ -137,7 +138,7 @@ AuthorizationPolicy names its trust domain in a principal (e.g.
 "other.org/ns/web/sa/client" or "other.org/*"); otherwise it is refused with
 reason foreign_trust_domain. Outbound, a foreign server must be named by its
 SPIFFE ID (--outbound-explicit ...#spiffe://other.org/... or a DestinationRule's
-subjectAltNames).`,
+subjectAltNames).` + runConfigServerHelp,
 		Example: `  meshproxy run --ca-addr 127.0.0.1:15012 --ca-root root-cert.pem --token-file token \
       --inbound-explicit :8443=127.0.0.1:8080 --mode STRICT
   meshproxy run --cert-file svid.pem --key-file key.pem --bundle-file bundle.pem \
@@ -161,6 +162,7 @@ subjectAltNames).`,
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
 	fl.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of DestinationRule tls.credentialName files for TLS origination: NAME.crt, NAME.key, NAME-ca.crt")
 	fl.BoolVar(&f.strictConfig, "strict-config", false, "refuse to start (and keep the last good policy on reload) when any --config-dir document is rejected; by default a rejected document is reported and fails closed alone")
+	f.configServer.register(fl)
 	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
 	fl.StringVar(&f.namespace, "namespace", "default", "the workload's namespace (for policy selection)")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the workload's labels, Kubernetes downward-API format (key=\"value\" lines)")
@@ -221,6 +223,9 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if err := f.configServer.validate(f.configDir); err != nil {
+		return err
+	}
 	probers, err := apphealth.Parse([]byte(f.appProbers))
 	if err != nil {
 		return usagef("--app-probers (env MESHPROXY_APP_PROBERS): %v", err)
@@ -229,6 +234,9 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 
 	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode), policy.WithStrictConfig(f.strictConfig))
 	return f.start(ctx, &f.identityFlags, td, feds, log, "sidecar started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
+		if err := f.configServer.follow(ctx, src, td, f.configDir, log); err != nil {
+			return serve.Built{}, err
+		}
 		var store *policy.Store
 		if f.configDir == "" {
 			store = policy.Static(wl, polOpts...)
