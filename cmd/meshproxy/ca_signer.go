@@ -12,13 +12,14 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/meshproxy/meshproxy/ca"
+	"github.com/meshproxy/meshproxy/ca/awspca"
 	"github.com/meshproxy/meshproxy/ca/stepca"
 	"github.com/meshproxy/meshproxy/ca/vault"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
 // Signers of --signer.
-var signerNames = []string{ca.SignerBuiltin, ca.SignerStepCA, ca.SignerVault}
+var signerNames = []string{ca.SignerBuiltin, ca.SignerStepCA, ca.SignerVault, ca.SignerAWSPCA}
 
 // signerHelp is the part of `ca serve --help` about --signer.
 const signerHelp = `
@@ -36,6 +37,14 @@ The certificate is signed by --signer:
             every request). Vault's TLS comes from VAULT_CACERT and friends.
             The trust bundle is --vault-root, or else the self-signed
             certificates of the mount's CA chain, read at start.
+  awspca    an AWS Private CA: IssueCertificate on --awspca-ca-arn with the
+            API-passthrough template (the SPIFFE ID as URI SAN), then
+            GetCertificate until issued; throttling and pending issuance are
+            retried until the request's deadline. Credentials come from the
+            AWS SDK's default chain (AWS_* variables, shared files, IRSA web
+            identity, ECS/EC2 roles); the region from the ARN or
+            --awspca-region. The trust bundle is --awspca-root, or else the
+            self-signed certificates of the CA's chain, read at start.
 
 With an external signer meshproxy still authenticates every caller and only
 delegates the signature; a certificate that is not an X.509-SVID for exactly
@@ -53,6 +62,8 @@ type signerFlags struct {
 	stepcaURL, stepcaRoot, stepcaProvisioner, stepcaKey, stepcaPasswordFile string
 
 	vaultAddr, vaultTokenFile, vaultMount, vaultRole, vaultRoot string
+
+	awsARN, awsRegion, awsEndpoint, awsTemplate, awsRoot string
 }
 
 func (sf *signerFlags) register(f *pflag.FlagSet) {
@@ -67,6 +78,33 @@ func (sf *signerFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&sf.vaultMount, "vault-mount", vault.DefaultMount, "path of Vault's PKI secrets engine")
 	f.StringVar(&sf.vaultRole, "vault-role", "", "Vault PKI role that signs for --signer vault")
 	f.StringVar(&sf.vaultRoot, "vault-root", "", "Vault's root certificate(s), PEM (default: the self-signed certificates of the mount's CA chain)")
+	f.StringVar(&sf.awsARN, "awspca-ca-arn", "", "ARN of the AWS Private CA for --signer awspca (arn:aws:acm-pca:REGION:ACCOUNT:certificate-authority/ID)")
+	f.StringVar(&sf.awsRegion, "awspca-region", "", "AWS region for --signer awspca (default: the CA ARN's)")
+	f.StringVar(&sf.awsEndpoint, "awspca-endpoint", "", "ACM PCA endpoint URL for --signer awspca (default: the region's; e.g. a VPC endpoint)")
+	f.StringVar(&sf.awsTemplate, "awspca-template-arn", awspca.DefaultTemplateARN, "certificate template for --signer awspca; it must pass API-passthrough SANs through")
+	f.StringVar(&sf.awsRoot, "awspca-root", "", "the private CA's root certificate(s), PEM (default: the self-signed certificates of its chain)")
+}
+
+// signerOnlyFlags lists, for each external signer, its flags that are set
+// (changed from their default): they are an error with another signer.
+func (sf *signerFlags) signerOnlyFlags() map[string][]string {
+	set := func(pairs ...string) []string {
+		var names []string
+		for i := 0; i < len(pairs); i += 3 {
+			if pairs[i+1] != pairs[i+2] {
+				names = append(names, "--"+pairs[i])
+			}
+		}
+		return names
+	}
+	return map[string][]string{
+		ca.SignerStepCA: set("stepca-url", sf.stepcaURL, "", "stepca-root", sf.stepcaRoot, "", "stepca-provisioner", sf.stepcaProvisioner, "",
+			"stepca-provisioner-key", sf.stepcaKey, "", "stepca-provisioner-password-file", sf.stepcaPasswordFile, ""),
+		ca.SignerVault: set("vault-addr", sf.vaultAddr, "", "vault-token-file", sf.vaultTokenFile, "", "vault-role", sf.vaultRole, "",
+			"vault-root", sf.vaultRoot, "", "vault-mount", sf.vaultMount, vault.DefaultMount),
+		ca.SignerAWSPCA: set("awspca-ca-arn", sf.awsARN, "", "awspca-region", sf.awsRegion, "", "awspca-endpoint", sf.awsEndpoint, "",
+			"awspca-template-arn", sf.awsTemplate, awspca.DefaultTemplateARN, "awspca-root", sf.awsRoot, ""),
+	}
 }
 
 // validate reports flag combinations that cannot work, naming the flag.
@@ -74,26 +112,10 @@ func (sf *signerFlags) validate(dir string) error {
 	if !slices.Contains(signerNames, sf.signer) {
 		return usagef("--signer: unknown signer %q (want %s)", sf.signer, strings.Join(signerNames, ", "))
 	}
-	set := func(pairs ...string) []string {
-		var names []string
-		for i := 0; i < len(pairs); i += 2 {
-			if pairs[i+1] != "" {
-				names = append(names, "--"+pairs[i])
-			}
+	for _, name := range signerNames {
+		if flags := sf.signerOnlyFlags()[name]; name != sf.signer && len(flags) > 0 {
+			return usagef("%s set but --signer is %s, not %s", strings.Join(flags, ", "), sf.signer, name)
 		}
-		return names
-	}
-	stepcaSet := set("stepca-url", sf.stepcaURL, "stepca-root", sf.stepcaRoot, "stepca-provisioner", sf.stepcaProvisioner,
-		"stepca-provisioner-key", sf.stepcaKey, "stepca-provisioner-password-file", sf.stepcaPasswordFile)
-	vaultSet := set("vault-addr", sf.vaultAddr, "vault-token-file", sf.vaultTokenFile, "vault-role", sf.vaultRole, "vault-root", sf.vaultRoot)
-	if sf.vaultMount != vault.DefaultMount {
-		vaultSet = append(vaultSet, "--vault-mount")
-	}
-	if sf.signer != ca.SignerStepCA && len(stepcaSet) > 0 {
-		return usagef("%s set but --signer is %s, not stepca", strings.Join(stepcaSet, ", "), sf.signer)
-	}
-	if sf.signer != ca.SignerVault && len(vaultSet) > 0 {
-		return usagef("%s set but --signer is %s, not vault", strings.Join(vaultSet, ", "), sf.signer)
 	}
 	switch sf.signer {
 	case ca.SignerBuiltin:
@@ -122,6 +144,13 @@ func (sf *signerFlags) validate(dir string) error {
 			return usagef("--signer vault needs --vault-role")
 		case sf.vaultMount == "":
 			return usagef("--vault-mount must not be empty")
+		}
+	case ca.SignerAWSPCA:
+		switch {
+		case sf.awsARN == "":
+			return usagef("--signer awspca needs --awspca-ca-arn")
+		case sf.awsTemplate == "":
+			return usagef("--awspca-template-arn must not be empty")
 		}
 	}
 	if dir != "" {
@@ -172,6 +201,30 @@ func (sf *signerFlags) authority(ctx context.Context, dir string, log *slog.Logg
 			return nil, nil, fmt.Errorf("--signer vault: %w", err)
 		}
 		return a, s.Close, nil
+	case ca.SignerAWSPCA:
+		aopts := []awspca.Option{awspca.WithLogger(log), awspca.WithTemplateARN(sf.awsTemplate)}
+		if sf.awsRegion != "" {
+			aopts = append(aopts, awspca.WithRegion(sf.awsRegion))
+		}
+		if sf.awsEndpoint != "" {
+			aopts = append(aopts, awspca.WithEndpoint(sf.awsEndpoint))
+		}
+		if sf.awsRoot != "" {
+			roots, err := readRoots("--awspca-root", sf.awsRoot)
+			if err != nil {
+				return nil, nil, err
+			}
+			aopts = append(aopts, awspca.WithRoots(roots...))
+		}
+		s, err := awspca.New(ctx, sf.awsARN, aopts...)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--signer awspca: %w", err)
+		}
+		a, err := ca.NewFromSigner(s, opts...)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--signer awspca: %w", err)
+		}
+		return a, func() {}, nil
 	}
 	a, err = ca.Load(dir, opts...)
 	return a, func() {}, err
