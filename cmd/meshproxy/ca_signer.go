@@ -13,13 +13,14 @@ import (
 
 	"github.com/meshproxy/meshproxy/ca"
 	"github.com/meshproxy/meshproxy/ca/awspca"
+	"github.com/meshproxy/meshproxy/ca/googlecas"
 	"github.com/meshproxy/meshproxy/ca/stepca"
 	"github.com/meshproxy/meshproxy/ca/vault"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
 // Signers of --signer.
-var signerNames = []string{ca.SignerBuiltin, ca.SignerStepCA, ca.SignerVault, ca.SignerAWSPCA}
+var signerNames = []string{ca.SignerBuiltin, ca.SignerStepCA, ca.SignerVault, ca.SignerAWSPCA, ca.SignerGoogleCAS}
 
 // signerHelp is the part of `ca serve --help` about --signer.
 const signerHelp = `
@@ -45,6 +46,14 @@ The certificate is signed by --signer:
             identity, ECS/EC2 roles); the region from the ARN or
             --awspca-region. The trust bundle is --awspca-root, or else the
             self-signed certificates of the CA's chain, read at start.
+  googlecas a Google Certificate Authority Service pool: CreateCertificate in
+            --googlecas-pool (on --googlecas-ca if set, with
+            --googlecas-template if set) describing the certificate: the
+            CSR's public key, the SPIFFE ID as URI SAN, the request's
+            lifetime. Quota and unavailability are retried until the
+            request's deadline. Credentials are Application Default
+            Credentials. The trust bundle is --googlecas-root, or else the
+            roots of the pool's CA certificates, read at start.
 
 With an external signer meshproxy still authenticates every caller and only
 delegates the signature; a certificate that is not an X.509-SVID for exactly
@@ -64,6 +73,8 @@ type signerFlags struct {
 	vaultAddr, vaultTokenFile, vaultMount, vaultRole, vaultRoot string
 
 	awsARN, awsRegion, awsEndpoint, awsTemplate, awsRoot string
+
+	casPool, casCA, casTemplate, casEndpoint, casRoot string
 }
 
 func (sf *signerFlags) register(f *pflag.FlagSet) {
@@ -83,6 +94,11 @@ func (sf *signerFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&sf.awsEndpoint, "awspca-endpoint", "", "ACM PCA endpoint URL for --signer awspca (default: the region's; e.g. a VPC endpoint)")
 	f.StringVar(&sf.awsTemplate, "awspca-template-arn", awspca.DefaultTemplateARN, "certificate template for --signer awspca; it must pass API-passthrough SANs through")
 	f.StringVar(&sf.awsRoot, "awspca-root", "", "the private CA's root certificate(s), PEM (default: the self-signed certificates of its chain)")
+	f.StringVar(&sf.casPool, "googlecas-pool", "", "CA pool for --signer googlecas: projects/PROJECT/locations/LOCATION/caPools/POOL")
+	f.StringVar(&sf.casCA, "googlecas-ca", "", "ID of the CA in the pool that issues, for --signer googlecas (default: CAS chooses)")
+	f.StringVar(&sf.casTemplate, "googlecas-template", "", "certificate template for --signer googlecas: projects/PROJECT/locations/LOCATION/certificateTemplates/TEMPLATE")
+	f.StringVar(&sf.casEndpoint, "googlecas-endpoint", "", "CAS endpoint HOST:PORT for --signer googlecas (default: Google's; e.g. a Private Service Connect endpoint)")
+	f.StringVar(&sf.casRoot, "googlecas-root", "", "the pool's root certificate(s), PEM (default: the roots of the pool's CA certificates)")
 }
 
 // signerOnlyFlags lists, for each external signer, its flags that are set
@@ -104,6 +120,8 @@ func (sf *signerFlags) signerOnlyFlags() map[string][]string {
 			"vault-root", sf.vaultRoot, "", "vault-mount", sf.vaultMount, vault.DefaultMount),
 		ca.SignerAWSPCA: set("awspca-ca-arn", sf.awsARN, "", "awspca-region", sf.awsRegion, "", "awspca-endpoint", sf.awsEndpoint, "",
 			"awspca-template-arn", sf.awsTemplate, awspca.DefaultTemplateARN, "awspca-root", sf.awsRoot, ""),
+		ca.SignerGoogleCAS: set("googlecas-pool", sf.casPool, "", "googlecas-ca", sf.casCA, "", "googlecas-template", sf.casTemplate, "",
+			"googlecas-endpoint", sf.casEndpoint, "", "googlecas-root", sf.casRoot, ""),
 	}
 }
 
@@ -151,6 +169,13 @@ func (sf *signerFlags) validate(dir string) error {
 			return usagef("--signer awspca needs --awspca-ca-arn")
 		case sf.awsTemplate == "":
 			return usagef("--awspca-template-arn must not be empty")
+		}
+	case ca.SignerGoogleCAS:
+		if sf.casPool == "" {
+			return usagef("--signer googlecas needs --googlecas-pool")
+		}
+		if err := googlecas.CheckPoolName(sf.casPool); err != nil {
+			return usagef("--googlecas-pool: %v", err)
 		}
 	}
 	if dir != "" {
@@ -225,6 +250,28 @@ func (sf *signerFlags) authority(ctx context.Context, dir string, log *slog.Logg
 			return nil, nil, fmt.Errorf("--signer awspca: %w", err)
 		}
 		return a, func() {}, nil
+	case ca.SignerGoogleCAS:
+		gopts := []googlecas.Option{googlecas.WithLogger(log), googlecas.WithCertificateAuthority(sf.casCA), googlecas.WithTemplate(sf.casTemplate)}
+		if sf.casEndpoint != "" {
+			gopts = append(gopts, googlecas.WithEndpoint(sf.casEndpoint))
+		}
+		if sf.casRoot != "" {
+			roots, err := readRoots("--googlecas-root", sf.casRoot)
+			if err != nil {
+				return nil, nil, err
+			}
+			gopts = append(gopts, googlecas.WithRoots(roots...))
+		}
+		s, err := googlecas.New(ctx, sf.casPool, gopts...)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--signer googlecas: %w", err)
+		}
+		a, err := ca.NewFromSigner(s, opts...)
+		if err != nil {
+			s.Close()
+			return nil, nil, fmt.Errorf("--signer googlecas: %w", err)
+		}
+		return a, s.Close, nil
 	}
 	a, err = ca.Load(dir, opts...)
 	return a, func() {}, err

@@ -72,6 +72,10 @@ func TestCAServeSignerUsageErrorsNameTheFlag(t *testing.T) {
 		{"awspca without arn", []string{"--signer", "awspca"}, "--awspca-ca-arn"},
 		{"awspca empty template", []string{"--signer", "awspca", "--awspca-ca-arn", "arn:aws:acm-pca:eu-west-1:1:certificate-authority/x",
 			"--awspca-template-arn", ""}, "--awspca-template-arn"},
+		{"googlecas without pool", []string{"--signer", "googlecas"}, "--googlecas-pool"},
+		{"googlecas flags with awspca", []string{"--signer", "awspca", "--awspca-ca-arn", "arn:aws:acm-pca:eu-west-1:1:certificate-authority/x",
+			"--googlecas-ca", "ca-1"}, "--googlecas-ca"},
+		{"googlecas bad pool", []string{"--signer", "googlecas", "--googlecas-pool", "mesh"}, "--googlecas-pool"},
 		{"awspca with dir", []string{"--signer", "awspca", "--awspca-ca-arn", "arn:aws:acm-pca:eu-west-1:1:certificate-authority/x", "--dir", dir}, "--dir"},
 	}
 	for _, tt := range tests {
