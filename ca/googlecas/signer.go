@@ -202,7 +202,7 @@ func (s *Signer) Sign(ctx context.Context, req *ca.SignRequest) ([]*x509.Certifi
 	_, isRSA := req.CSR.PublicKey.(*rsa.PublicKey)
 	isCA := false
 	cert := &privatecapb.Certificate{
-		Lifetime:            durationpb.New(req.NotAfter.Sub(time.Now())),
+		Lifetime:            durationpb.New(time.Until(req.NotAfter)),
 		CertificateTemplate: s.template,
 		CertificateConfig: &privatecapb.Certificate_Config{Config: &privatecapb.CertificateConfig{
 			PublicKey: &privatecapb.PublicKey{
