@@ -7,12 +7,15 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/pflag"
 
 	"github.com/meshproxy/meshproxy/ca"
+	"github.com/meshproxy/meshproxy/ca/authn"
 	"github.com/meshproxy/meshproxy/ca/awspca"
+	"github.com/meshproxy/meshproxy/ca/certmanager"
 	"github.com/meshproxy/meshproxy/ca/googlecas"
 	"github.com/meshproxy/meshproxy/ca/stepca"
 	"github.com/meshproxy/meshproxy/ca/vault"
@@ -20,7 +23,7 @@ import (
 )
 
 // Signers of --signer.
-var signerNames = []string{ca.SignerBuiltin, ca.SignerStepCA, ca.SignerVault, ca.SignerAWSPCA, ca.SignerGoogleCAS}
+var signerNames = []string{ca.SignerBuiltin, ca.SignerStepCA, ca.SignerVault, ca.SignerAWSPCA, ca.SignerGoogleCAS, ca.SignerCertManager}
 
 // signerHelp is the part of `ca serve --help` about --signer.
 const signerHelp = `
@@ -54,6 +57,16 @@ The certificate is signed by --signer:
             request's deadline. Credentials are Application Default
             Credentials. The trust bundle is --googlecas-root, or else the
             roots of the pool's CA certificates, read at start.
+  certmanager
+            cert-manager, as istio-csr does: a CertificateRequest with the
+            CSR, duration and usages for --certmanager-issuer (of
+            --certmanager-issuer-kind and -group) in --certmanager-namespace,
+            through the API server of --certmanager-kubeconfig (default:
+            in-cluster config); approved by meshproxy with
+            --certmanager-approve, else by cert-manager's approver; deleted
+            once Ready. cert-manager signs the CSR as it is, so sidecars must
+            name their SPIFFE ID in it (run --ca-spiffe-id); other CSRs are
+            InvalidArgument. The trust bundle is --certmanager-root.
 
 With an external signer meshproxy still authenticates every caller and only
 delegates the signature; a certificate that is not an X.509-SVID for exactly
@@ -75,6 +88,9 @@ type signerFlags struct {
 	awsARN, awsRegion, awsEndpoint, awsTemplate, awsRoot string
 
 	casPool, casCA, casTemplate, casEndpoint, casRoot string
+
+	cmKubeconfig, cmNamespace, cmIssuer, cmIssuerKind, cmIssuerGroup, cmRoot string
+	cmApprove                                                                bool
 }
 
 func (sf *signerFlags) register(f *pflag.FlagSet) {
@@ -99,6 +115,13 @@ func (sf *signerFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&sf.casTemplate, "googlecas-template", "", "certificate template for --signer googlecas: projects/PROJECT/locations/LOCATION/certificateTemplates/TEMPLATE")
 	f.StringVar(&sf.casEndpoint, "googlecas-endpoint", "", "CAS endpoint HOST:PORT for --signer googlecas (default: Google's; e.g. a Private Service Connect endpoint)")
 	f.StringVar(&sf.casRoot, "googlecas-root", "", "the pool's root certificate(s), PEM (default: the roots of the pool's CA certificates)")
+	f.StringVar(&sf.cmKubeconfig, "certmanager-kubeconfig", "", "kubeconfig of the API server for --signer certmanager (default: in-cluster config)")
+	f.StringVar(&sf.cmNamespace, "certmanager-namespace", "istio-system", "namespace of the CertificateRequests for --signer certmanager")
+	f.StringVar(&sf.cmIssuer, "certmanager-issuer", "", "name of the cert-manager issuer that signs, for --signer certmanager")
+	f.StringVar(&sf.cmIssuerKind, "certmanager-issuer-kind", certmanager.KindIssuer, "kind of --certmanager-issuer: Issuer, ClusterIssuer or an external issuer's kind")
+	f.StringVar(&sf.cmIssuerGroup, "certmanager-issuer-group", certmanager.Group, "API group of --certmanager-issuer")
+	f.StringVar(&sf.cmRoot, "certmanager-root", "", "the issuer's root certificate(s), PEM: the trust bundle, for --signer certmanager")
+	f.BoolVar(&sf.cmApprove, "certmanager-approve", false, "meshproxy approves its own CertificateRequests (else cert-manager's approver must)")
 }
 
 // signerOnlyFlags lists, for each external signer, its flags that are set
@@ -122,6 +145,10 @@ func (sf *signerFlags) signerOnlyFlags() map[string][]string {
 			"awspca-template-arn", sf.awsTemplate, awspca.DefaultTemplateARN, "awspca-root", sf.awsRoot, ""),
 		ca.SignerGoogleCAS: set("googlecas-pool", sf.casPool, "", "googlecas-ca", sf.casCA, "", "googlecas-template", sf.casTemplate, "",
 			"googlecas-endpoint", sf.casEndpoint, "", "googlecas-root", sf.casRoot, ""),
+		ca.SignerCertManager: set("certmanager-kubeconfig", sf.cmKubeconfig, "", "certmanager-namespace", sf.cmNamespace, "istio-system",
+			"certmanager-issuer", sf.cmIssuer, "", "certmanager-issuer-kind", sf.cmIssuerKind, certmanager.KindIssuer,
+			"certmanager-issuer-group", sf.cmIssuerGroup, certmanager.Group, "certmanager-root", sf.cmRoot, "",
+			"certmanager-approve", strconv.FormatBool(sf.cmApprove), "false"),
 	}
 }
 
@@ -176,6 +203,15 @@ func (sf *signerFlags) validate(dir string) error {
 		}
 		if err := googlecas.CheckPoolName(sf.casPool); err != nil {
 			return usagef("--googlecas-pool: %v", err)
+		}
+	case ca.SignerCertManager:
+		switch {
+		case sf.cmIssuer == "":
+			return usagef("--signer certmanager needs --certmanager-issuer")
+		case sf.cmRoot == "":
+			return usagef("--signer certmanager needs --certmanager-root")
+		case sf.cmNamespace == "":
+			return usagef("--certmanager-namespace must not be empty")
 		}
 	}
 	if dir != "" {
@@ -270,6 +306,31 @@ func (sf *signerFlags) authority(ctx context.Context, dir string, log *slog.Logg
 		if err != nil {
 			s.Close()
 			return nil, nil, fmt.Errorf("--signer googlecas: %w", err)
+		}
+		return a, s.Close, nil
+	case ca.SignerCertManager:
+		roots, err := readRoots("--certmanager-root", sf.cmRoot)
+		if err != nil {
+			return nil, nil, err
+		}
+		var api *authn.KubeAPI
+		if sf.cmKubeconfig != "" {
+			api, err = authn.KubeconfigAPI(sf.cmKubeconfig)
+		} else {
+			api, err = authn.InClusterAPI()
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("--certmanager-kubeconfig: %w", err)
+		}
+		issuer := certmanager.IssuerRef{Name: sf.cmIssuer, Kind: sf.cmIssuerKind, Group: sf.cmIssuerGroup}
+		s, err := certmanager.New(api, sf.cmNamespace, issuer, roots, certmanager.WithLogger(log), certmanager.WithApprove(sf.cmApprove))
+		if err != nil {
+			return nil, nil, usagef("--signer certmanager: %v", err)
+		}
+		a, err := ca.NewFromSigner(s, opts...)
+		if err != nil {
+			s.Close()
+			return nil, nil, fmt.Errorf("--certmanager-root: %w", err)
 		}
 		return a, s.Close, nil
 	}

@@ -76,6 +76,9 @@ func TestCAServeSignerUsageErrorsNameTheFlag(t *testing.T) {
 		{"googlecas flags with awspca", []string{"--signer", "awspca", "--awspca-ca-arn", "arn:aws:acm-pca:eu-west-1:1:certificate-authority/x",
 			"--googlecas-ca", "ca-1"}, "--googlecas-ca"},
 		{"googlecas bad pool", []string{"--signer", "googlecas", "--googlecas-pool", "mesh"}, "--googlecas-pool"},
+		{"certmanager without issuer", []string{"--signer", "certmanager"}, "--certmanager-issuer"},
+		{"certmanager without root", []string{"--signer", "certmanager", "--certmanager-issuer", "mesh-ca"}, "--certmanager-root"},
+		{"certmanager flags with builtin", []string{"--dir", dir, "--certmanager-approve"}, "--certmanager-approve"},
 		{"awspca with dir", []string{"--signer", "awspca", "--awspca-ca-arn", "arn:aws:acm-pca:eu-west-1:1:certificate-authority/x", "--dir", dir}, "--dir"},
 	}
 	for _, tt := range tests {
