@@ -2,13 +2,7 @@ package awspca_test
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
-	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -16,29 +10,21 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/meshproxy/meshproxy/ca"
-	"github.com/meshproxy/meshproxy/ca/authn"
 	"github.com/meshproxy/meshproxy/ca/awspca"
 	"github.com/meshproxy/meshproxy/ca/awspca/awspcatest"
 	"github.com/meshproxy/meshproxy/ca/catest"
 	"github.com/meshproxy/meshproxy/internal/testpki"
-	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/meshproxy/meshproxy/tlsmgr/caclient"
 )
 
 const clientID = "spiffe://cluster.local/ns/demo/sa/client"
-
-func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // fixture is a fake private CA, a Signer for it and a meshproxy CA serving
 // through that Signer on loopback.
@@ -47,15 +33,14 @@ type fixture struct {
 	signer *awspca.Signer
 	auth   *ca.Authority
 	addr   string
-	dir    string
 }
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	f := &fixture{dir: t.TempDir()}
+	f := &fixture{}
 	f.pca = awspcatest.Start(t, testpki.NewWithTTL(t, "cluster.local", 7*24*time.Hour))
 	var err error
-	f.signer, err = awspca.New(context.Background(), f.pca.CAARN, awspca.WithEndpoint(f.pca.URL), awspca.WithLogger(quiet()))
+	f.signer, err = awspca.New(context.Background(), f.pca.CAARN, awspca.WithEndpoint(f.pca.URL), awspca.WithLogger(catest.Quiet()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,68 +53,19 @@ func newFixture(t *testing.T) *fixture {
 // serve starts the meshproxy CA over the fixture's signer.
 func (f *fixture) serve(t *testing.T) {
 	t.Helper()
-	tokens := filepath.Join(f.dir, "tokens")
-	writeFile(t, tokens, "client-token "+clientID+"\n")
-	writeFile(t, filepath.Join(f.dir, "client.token"), "client-token")
-	toks, err := authn.NewTokens(tokens, authn.WithLogger(quiet()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := ca.NewServer(f.auth, []authn.Authenticator{toks}, ca.WithLogger(quiet()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.addr = catest.Serve(t, srv, f.auth.Roots(), 30*time.Second)
+	f.addr = catest.ServeTokens(t, f.auth, "client-token "+clientID)
 }
 
-// create calls CreateCertificate as client-token with a CSR for a fresh key.
 func (f *fixture) create(t *testing.T) (*pb.IstioCertificateResponse, error) {
 	t.Helper()
-	pool := x509.NewCertPool()
-	for _, r := range f.auth.Roots() {
-		pool.AddCert(r)
-	}
-	conf := &tls.Config{RootCAs: pool, ServerName: "localhost", NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS12}
-	cc, err := grpc.NewClient(f.addr, grpc.WithTransportCredentials(credentials.NewTLS(conf)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer client-token")
-	return pb.NewIstioCertificateServiceClient(cc).CreateCertificate(ctx, &pb.IstioCertificateRequest{
-		Csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: newCSR(t)})), ValidityDuration: 3600,
-	})
+	return catest.Create(t, f.addr, f.auth.Roots(), "client-token")
 }
 
-// signWithin signs a CSR for clientID directly through the authority,
-// giving up after d.
 func (f *fixture) signWithin(t *testing.T, d time.Duration) (*tlsmgr.Issued, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
-	return f.auth.SignChain(ctx, newCSR(t), spiffeid.RequireFromString(clientID), time.Hour)
-}
-
-func newCSR(t *testing.T) []byte {
-	t.Helper()
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, testpki.NewKey(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return der
-}
-
-func writeFile(t *testing.T, path, content string) {
-	t.Helper()
-	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func csrErrors(reason string) float64 {
-	return testutil.ToFloat64(metrics.CACSRErrors.WithLabelValues(reason))
+	return f.auth.SignChain(ctx, catest.NewCSR(t), spiffeid.RequireFromString(clientID), time.Hour)
 }
 
 // TestAWSPCAIssuesSVIDsForSidecars: a sidecar's Rotator gets a working SVID
@@ -142,11 +78,11 @@ func TestAWSPCAIssuesSVIDsForSidecars(t *testing.T) {
 	}
 	f.serve(t)
 	client, err := caclient.New(f.addr, caclient.WithRoots(f.auth.Roots()...), caclient.WithServerName("localhost"),
-		caclient.WithTokenFile(filepath.Join(f.dir, "client.token")))
+		caclient.WithTokenFile(tokenFile(t, "client-token")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := tlsmgr.NewRotator(client, tlsmgr.WithLogger(quiet()))
+	r, err := tlsmgr.NewRotator(client, tlsmgr.WithLogger(catest.Quiet()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -238,7 +174,7 @@ func TestAWSPCATemplateWithoutURISANIsRefused(t *testing.T) {
 	f := newFixture(t)
 	f.serve(t)
 	f.pca.StripURISAN(true)
-	before := csrErrors(ca.ReasonBackendInvalid)
+	before := catest.CSRErrors(ca.ReasonBackendInvalid)
 	_, err := f.create(t)
 	if status.Code(err) != codes.Internal {
 		t.Fatalf("code = %v, want Internal: %v", status.Code(err), err)
@@ -246,7 +182,7 @@ func TestAWSPCATemplateWithoutURISANIsRefused(t *testing.T) {
 	if msg := status.Convert(err).Message(); !strings.Contains(msg, "awspca") || !strings.Contains(msg, "X.509-SVID") {
 		t.Errorf("message does not say what the private CA did wrong: %s", msg)
 	}
-	if got := csrErrors(ca.ReasonBackendInvalid) - before; got != 1 {
+	if got := catest.CSRErrors(ca.ReasonBackendInvalid) - before; got != 1 {
 		t.Errorf("backend_invalid counted %v times, want 1", got)
 	}
 	f.pca.StripURISAN(false)
@@ -273,7 +209,7 @@ func TestAWSPCARefusalsAreInternal(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			f.pca.Fail(tt.err)
 			defer f.pca.Fail(nil)
-			before := csrErrors(ca.ReasonBackendError)
+			before := catest.CSRErrors(ca.ReasonBackendError)
 			_, err := f.create(t)
 			if status.Code(err) != codes.Internal {
 				t.Fatalf("code = %v, want Internal: %v", status.Code(err), err)
@@ -281,7 +217,7 @@ func TestAWSPCARefusalsAreInternal(t *testing.T) {
 			if msg := status.Convert(err).Message(); !strings.Contains(msg, tt.err.Code) || !strings.Contains(msg, tt.err.Message) {
 				t.Errorf("message %q does not carry AWS's answer", msg)
 			}
-			if got := csrErrors(ca.ReasonBackendError) - before; got != 1 {
+			if got := catest.CSRErrors(ca.ReasonBackendError) - before; got != 1 {
 				t.Errorf("backend_error counted %v times, want 1", got)
 			}
 		})
@@ -322,7 +258,7 @@ func TestAWSPCAUnavailableWithinDeadline(t *testing.T) {
 func TestAWSPCASigV4IsVerified(t *testing.T) {
 	pca := awspcatest.Start(t, testpki.New(t, "cluster.local"))
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-	_, err := awspca.New(context.Background(), pca.CAARN, awspca.WithEndpoint(pca.URL), awspca.WithLogger(quiet()))
+	_, err := awspca.New(context.Background(), pca.CAARN, awspca.WithEndpoint(pca.URL), awspca.WithLogger(catest.Quiet()))
 	if !errors.Is(err, ca.ErrBackendRefused) || !strings.Contains(err.Error(), "signature we calculated does not match") {
 		t.Fatalf("err = %v, want a refused signature", err)
 	}
@@ -344,7 +280,7 @@ func TestNewValidatesSettings(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			opts := append([]awspca.Option{awspca.WithEndpoint(pca.URL), awspca.WithLogger(quiet())}, tt.opts...)
+			opts := append([]awspca.Option{awspca.WithEndpoint(pca.URL), awspca.WithLogger(catest.Quiet())}, tt.opts...)
 			_, err := awspca.New(ctx, tt.arn, opts...)
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("err = %v, want one mentioning %q", err, tt.want)
@@ -352,15 +288,25 @@ func TestNewValidatesSettings(t *testing.T) {
 		})
 	}
 	pca.ChainIncludesRoot(false)
-	if _, err := awspca.New(ctx, pca.CAARN, awspca.WithEndpoint(pca.URL), awspca.WithLogger(quiet())); err == nil || !strings.Contains(err.Error(), "no root") {
+	if _, err := awspca.New(ctx, pca.CAARN, awspca.WithEndpoint(pca.URL), awspca.WithLogger(catest.Quiet())); err == nil || !strings.Contains(err.Error(), "no root") {
 		t.Fatalf("chain without root: %v", err)
 	}
 	other := testpki.New(t, "cluster.local")
-	s, err := awspca.New(ctx, pca.CAARN, awspca.WithEndpoint(pca.URL), awspca.WithRoots(other.Root), awspca.WithLogger(quiet()))
+	s, err := awspca.New(ctx, pca.CAARN, awspca.WithEndpoint(pca.URL), awspca.WithRoots(other.Root), awspca.WithLogger(catest.Quiet()))
 	if err != nil {
 		t.Fatalf("pinned root: %v", err)
 	}
 	if r := s.Roots(); len(r) != 1 || !r[0].Equal(other.Root) {
 		t.Fatal("WithRoots not used")
 	}
+}
+
+// tokenFile writes token to a file for a CA client.
+func tokenFile(t *testing.T, token string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(p, []byte(token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

@@ -2,42 +2,28 @@ package googlecas_test
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/pem"
 	"errors"
-	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/meshproxy/meshproxy/ca"
-	"github.com/meshproxy/meshproxy/ca/authn"
 	"github.com/meshproxy/meshproxy/ca/catest"
 	"github.com/meshproxy/meshproxy/ca/googlecas"
 	"github.com/meshproxy/meshproxy/ca/googlecas/googlecastest"
 	"github.com/meshproxy/meshproxy/internal/testpki"
-	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/meshproxy/meshproxy/tlsmgr/caclient"
 )
 
 const clientID = "spiffe://cluster.local/ns/demo/sa/client"
-
-func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // fixture is a fake CAS, a Signer for it and a meshproxy CA serving through
 // that Signer on loopback.
@@ -46,13 +32,12 @@ type fixture struct {
 	signer *googlecas.Signer
 	auth   *ca.Authority
 	addr   string
-	dir    string
 }
 
 func newSigner(t *testing.T, cas *googlecastest.Server, opts ...googlecas.Option) (*googlecas.Signer, error) {
 	t.Helper()
 	opts = append([]googlecas.Option{googlecas.WithEndpoint(cas.Addr), googlecas.WithClientOptions(cas.ClientOptions()...),
-		googlecas.WithLogger(quiet())}, opts...)
+		googlecas.WithLogger(catest.Quiet())}, opts...)
 	s, err := googlecas.New(context.Background(), cas.Pool, opts...)
 	if err == nil {
 		t.Cleanup(s.Close)
@@ -62,7 +47,7 @@ func newSigner(t *testing.T, cas *googlecastest.Server, opts ...googlecas.Option
 
 func newFixture(t *testing.T, opts ...googlecas.Option) *fixture {
 	t.Helper()
-	f := &fixture{dir: t.TempDir()}
+	f := &fixture{}
 	f.cas = googlecastest.Start(t, testpki.NewWithTTL(t, "cluster.local", 7*24*time.Hour))
 	var err error
 	if f.signer, err = newSigner(t, f.cas, opts...); err != nil {
@@ -77,66 +62,19 @@ func newFixture(t *testing.T, opts ...googlecas.Option) *fixture {
 // serve starts the meshproxy CA over the fixture's signer.
 func (f *fixture) serve(t *testing.T) {
 	t.Helper()
-	tokens := filepath.Join(f.dir, "tokens")
-	writeFile(t, tokens, "client-token "+clientID+"\n")
-	writeFile(t, filepath.Join(f.dir, "client.token"), "client-token")
-	toks, err := authn.NewTokens(tokens, authn.WithLogger(quiet()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := ca.NewServer(f.auth, []authn.Authenticator{toks}, ca.WithLogger(quiet()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.addr = catest.Serve(t, srv, f.auth.Roots(), 30*time.Second)
+	f.addr = catest.ServeTokens(t, f.auth, "client-token "+clientID)
 }
 
-// create calls CreateCertificate as client-token with a CSR for a fresh key.
 func (f *fixture) create(t *testing.T) (*pb.IstioCertificateResponse, error) {
 	t.Helper()
-	pool := x509.NewCertPool()
-	for _, r := range f.auth.Roots() {
-		pool.AddCert(r)
-	}
-	conf := &tls.Config{RootCAs: pool, ServerName: "localhost", NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS12}
-	cc, err := grpc.NewClient(f.addr, grpc.WithTransportCredentials(credentials.NewTLS(conf)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer client-token")
-	return pb.NewIstioCertificateServiceClient(cc).CreateCertificate(ctx, &pb.IstioCertificateRequest{
-		Csr: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: newCSR(t)})), ValidityDuration: 3600,
-	})
+	return catest.Create(t, f.addr, f.auth.Roots(), "client-token")
 }
 
 func (f *fixture) signWithin(t *testing.T, d time.Duration) (*tlsmgr.Issued, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
-	return f.auth.SignChain(ctx, newCSR(t), spiffeid.RequireFromString(clientID), time.Hour)
-}
-
-func newCSR(t *testing.T) []byte {
-	t.Helper()
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, testpki.NewKey(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return der
-}
-
-func writeFile(t *testing.T, path, content string) {
-	t.Helper()
-	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func csrErrors(reason string) float64 {
-	return testutil.ToFloat64(metrics.CACSRErrors.WithLabelValues(reason))
+	return f.auth.SignChain(ctx, catest.NewCSR(t), spiffeid.RequireFromString(clientID), time.Hour)
 }
 
 // TestGoogleCASIssuesSVIDsForSidecars: a sidecar's Rotator gets a working
@@ -151,11 +89,11 @@ func TestGoogleCASIssuesSVIDsForSidecars(t *testing.T) {
 	}
 	f.serve(t)
 	client, err := caclient.New(f.addr, caclient.WithRoots(f.auth.Roots()...), caclient.WithServerName("localhost"),
-		caclient.WithTokenFile(filepath.Join(f.dir, "client.token")))
+		caclient.WithTokenFile(tokenFile(t, "client-token")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := tlsmgr.NewRotator(client, tlsmgr.WithLogger(quiet()))
+	r, err := tlsmgr.NewRotator(client, tlsmgr.WithLogger(catest.Quiet()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -223,7 +161,7 @@ func TestGoogleCASTemplateWithoutURISANIsRefused(t *testing.T) {
 	f := newFixture(t)
 	f.serve(t)
 	f.cas.StripURISAN(true)
-	before := csrErrors(ca.ReasonBackendInvalid)
+	before := catest.CSRErrors(ca.ReasonBackendInvalid)
 	_, err := f.create(t)
 	if status.Code(err) != codes.Internal {
 		t.Fatalf("code = %v, want Internal: %v", status.Code(err), err)
@@ -231,7 +169,7 @@ func TestGoogleCASTemplateWithoutURISANIsRefused(t *testing.T) {
 	if msg := status.Convert(err).Message(); !strings.Contains(msg, "googlecas") || !strings.Contains(msg, "X.509-SVID") {
 		t.Errorf("message does not say what CAS did wrong: %s", msg)
 	}
-	if got := csrErrors(ca.ReasonBackendInvalid) - before; got != 1 {
+	if got := catest.CSRErrors(ca.ReasonBackendInvalid) - before; got != 1 {
 		t.Errorf("backend_invalid counted %v times, want 1", got)
 	}
 }
@@ -248,12 +186,12 @@ func TestGoogleCASErrorsAreClearStatuses(t *testing.T) {
 	}
 	for _, e := range refusals {
 		f.cas.Fail(e)
-		before := csrErrors(ca.ReasonBackendError)
+		before := catest.CSRErrors(ca.ReasonBackendError)
 		_, err := f.create(t)
 		if status.Code(err) != codes.Internal || !strings.Contains(status.Convert(err).Message(), status.Convert(e).Message()) {
 			t.Errorf("%v: got %v, want Internal with CAS's message", e, err)
 		}
-		if got := csrErrors(ca.ReasonBackendError) - before; got != 1 {
+		if got := catest.CSRErrors(ca.ReasonBackendError) - before; got != 1 {
 			t.Errorf("backend_error counted %v times, want 1", got)
 		}
 	}
@@ -303,7 +241,7 @@ func TestNewValidatesSettings(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			opts := append([]googlecas.Option{googlecas.WithEndpoint(cas.Addr), googlecas.WithClientOptions(cas.ClientOptions()...),
-				googlecas.WithLogger(quiet())}, tt.opts...)
+				googlecas.WithLogger(catest.Quiet())}, tt.opts...)
 			s, err := googlecas.New(context.Background(), tt.pool, opts...)
 			if err == nil {
 				s.Close()
@@ -313,4 +251,14 @@ func TestNewValidatesSettings(t *testing.T) {
 			}
 		})
 	}
+}
+
+// tokenFile writes token to a file for a CA client.
+func tokenFile(t *testing.T, token string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(p, []byte(token), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
