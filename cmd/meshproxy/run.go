@@ -371,6 +371,9 @@ func (f *identityFlags) identitySource(ctx context.Context, td spiffeid.TrustDom
 	if count != 1 {
 		return nil, usagef("give exactly one identity source: --ca-addr/--ca-root/--token-file, --workload-api, or --cert-file/--key-file/--bundle-file")
 	}
+	if f.caSPIFFEID != "" && !caSet {
+		return nil, usagef("--ca-spiffe-id is for the CA identity source (--ca-addr)")
+	}
 	var topts []tlsmgr.Option
 	topts = append(topts, tlsmgr.WithLogger(log))
 	if !td.IsZero() {
