@@ -93,6 +93,7 @@ func startCluster(t *testing.T) *cluster {
 		"--service-account-signing-key-file", filepath.Join(dir, "sa.key"),
 		"--service-cluster-ip-range", "10.96.0.0/24",
 		"--authorization-mode", "RBAC",
+		"--endpoint-reconciler-type", "none", // no kubelet, no Service endpoints to keep
 		"--disable-admission-plugins", "ServiceAccount")
 
 	pool := x509.NewCertPool()
