@@ -33,23 +33,25 @@ import (
 	_ "github.com/cert-manager/cert-manager/pkg/issuer/ca"
 )
 
-// controllers are those started, by their registered names.
-var controllers = []string{"issuers", "clusterissuers", "certificaterequests-issuer-ca", "certificaterequests-approver"}
+// defaultControllers are those started unless -controllers says otherwise,
+// by their registered names.
+const defaultControllers = "issuers,clusterissuers,certificaterequests-issuer-ca,certificaterequests-approver"
 
 func main() {
 	kubeconfig := flag.String("kubeconfig", "", "kubeconfig of the API server")
 	namespace := flag.String("namespace", "", "namespace to watch (default: all)")
 	clusterNS := flag.String("cluster-resource-namespace", "cert-manager", "namespace of ClusterIssuer secrets")
+	list := flag.String("controllers", defaultControllers, "controllers to run, comma-separated")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *kubeconfig, *namespace, *clusterNS); err != nil {
+	if err := run(ctx, *kubeconfig, *namespace, *clusterNS, strings.Split(*list, ",")); err != nil {
 		fmt.Fprintln(os.Stderr, "cert-manager-controller:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, kubeconfig, namespace, clusterNS string) error {
+func run(ctx context.Context, kubeconfig, namespace, clusterNS string, controllers []string) error {
 	ctx = logf.NewContext(ctx, logf.Log, "cert-manager-controller")
 	factory, err := controllerpkg.NewContextFactory(ctx, controllerpkg.ContextOptions{
 		Kubeconfig:         kubeconfig,

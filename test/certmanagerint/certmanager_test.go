@@ -14,6 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/meshproxy/meshproxy/ca/catest"
 	"github.com/meshproxy/meshproxy/internal/e2eutil"
 	"github.com/meshproxy/meshproxy/internal/testpki"
 )
@@ -71,7 +75,7 @@ func TestCertManagerSignsSidecarSVIDs(t *testing.T) {
 		"metadata": map[string]any{"name": "mesh-ca"},
 		"spec":     map[string]any{"ca": map[string]any{"secretName": "mesh-ca"}},
 	})
-	e2eutil.Start(t, bins.certManager, nil, "--kubeconfig", c.kubeconfig, "--cluster-resource-namespace", namespace)
+	certManager := e2eutil.Start(t, bins.certManager, nil, "--kubeconfig", c.kubeconfig, "--cluster-resource-namespace", namespace)
 	e2eutil.Eventually(t, "CA issuer ready", 120*time.Second, func() error {
 		return c.ready("/apis/cert-manager.io/v1/namespaces/" + namespace + "/issuers/mesh-ca")
 	})
@@ -83,27 +87,7 @@ func TestCertManagerSignsSidecarSVIDs(t *testing.T) {
 	testpki.WriteFile(t, tokens, []byte("client-token "+clientID+"\nserver-token "+serverID+"\n"))
 	testpki.WriteFile(t, filepath.Join(dir, "client.token"), []byte("client-token"))
 	testpki.WriteFile(t, filepath.Join(dir, "server.token"), []byte("server-token"))
-	caAddr := e2eutil.FreeAddr(t)
-	caProc := e2eutil.Start(t, bins.meshproxy, nil, "ca", "serve", "--listen", caAddr, "--metrics", "",
-		"--auth", "token", "--tokens", tokens,
-		"--signer", "certmanager", "--certmanager-kubeconfig", c.kubeconfig, "--certmanager-namespace", namespace,
-		"--certmanager-issuer", "mesh-ca", "--certmanager-root", root)
-	servingRe := regexp.MustCompile(`ca serving`)
-	e2eutil.Eventually(t, "meshproxy CA serving with a certificate from cert-manager", 120*time.Second, func() error {
-		select {
-		case <-caProc.Done():
-			t.Fatalf("ca serve exited: %v\n%s", caProc.Err(), caProc.Output.String())
-		default:
-		}
-		if !servingRe.MatchString(caProc.Output.String()) {
-			return fmt.Errorf("not serving yet")
-		}
-		conn, err := net.DialTimeout("tcp", caAddr, 5*time.Second)
-		if err != nil {
-			return err
-		}
-		return conn.Close()
-	})
+	caAddr := serveCA(t, c, tokens, root)
 
 	app := e2eutil.EchoApp(t)
 	in, out := e2eutil.FreeAddr(t), e2eutil.FreeAddr(t)
@@ -139,7 +123,59 @@ func TestCertManagerSignsSidecarSVIDs(t *testing.T) {
 		t.Fatalf("STRICT inbound answered plaintext with %q", got)
 	}
 
-	// The CA deletes its CertificateRequests once they served.
+	c.noRequestsLeft(t)
+
+	// Without cert-manager's approver, meshproxy approves its requests with
+	// --certmanager-approve.
+	certManager.Stop(t, 30*time.Second)
+	e2eutil.Start(t, bins.certManager, nil, "--kubeconfig", c.kubeconfig, "--cluster-resource-namespace", namespace,
+		"--controllers", "issuers,certificaterequests-issuer-ca")
+	approving := serveCA(t, c, tokens, root, "--certmanager-approve")
+	// A CSR that does not name the caller never reaches cert-manager.
+	if _, err := catest.Create(t, approving, []*x509.Certificate{pki.Root}, "client-token"); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("CSR without the caller's SPIFFE ID: %v, want InvalidArgument", err)
+	}
+	third := e2eutil.NewSidecar(t)
+	e2eutil.Start(t, bins.meshproxy, nil, append(append([]string{"run", "--inbound-explicit", e2eutil.FreeAddr(t) + "=" + app},
+		"--ca-addr", approving, "--ca-root", root, "--token-file", filepath.Join(dir, "client.token"), "--ca-spiffe-id", clientID), third.Flags()...)...)
+	third.WaitReady(t)
+	if id, err := third.Identity(); err != nil || id.SPIFFEID != clientID {
+		t.Fatalf("sidecar of the approving CA: %+v, %v", id, err)
+	}
+	c.noRequestsLeft(t)
+}
+
+// serveCA runs `meshproxy ca serve --signer certmanager` with extra flags
+// and returns its address once it serves a certificate from cert-manager.
+func serveCA(t *testing.T, c *cluster, tokens, root string, extra ...string) string {
+	t.Helper()
+	addr := e2eutil.FreeAddr(t)
+	proc := e2eutil.Start(t, bins.meshproxy, nil, append([]string{"ca", "serve", "--listen", addr, "--metrics", "",
+		"--auth", "token", "--tokens", tokens,
+		"--signer", "certmanager", "--certmanager-kubeconfig", c.kubeconfig, "--certmanager-namespace", namespace,
+		"--certmanager-issuer", "mesh-ca", "--certmanager-root", root}, extra...)...)
+	serving := regexp.MustCompile(`ca serving`)
+	e2eutil.Eventually(t, "meshproxy CA serving with a certificate from cert-manager", 120*time.Second, func() error {
+		select {
+		case <-proc.Done():
+			t.Fatalf("ca serve exited: %v\n%s", proc.Err(), proc.Output.String())
+		default:
+		}
+		if !serving.MatchString(proc.Output.String()) {
+			return fmt.Errorf("not serving yet")
+		}
+		conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		return conn.Close()
+	})
+	return addr
+}
+
+// noRequestsLeft waits until the CA has deleted its CertificateRequests.
+func (c *cluster) noRequestsLeft(t *testing.T) {
+	t.Helper()
 	e2eutil.Eventually(t, "CertificateRequests deleted", 30*time.Second, func() error {
 		_, body, err := c.do(http.MethodGet, "/apis/cert-manager.io/v1/namespaces/"+namespace+"/certificaterequests", nil)
 		if err != nil {

@@ -60,7 +60,7 @@ func findBinaries() error {
 	dir := filepath.Join(cache, "cert-manager-"+certManagerVersion)
 	bins.certManager = filepath.Join(dir, "cert-manager-controller")
 	bins.crds = filepath.Join(dir, "crds")
-	if _, err := os.Stat(bins.certManager); err != nil {
+	if stale(bins.certManager, filepath.Join(certManagerModuleDir, "main.go"), filepath.Join(certManagerModuleDir, "go.sum")) {
 		fmt.Fprintf(os.Stderr, "certmanagerint: building cert-manager %s's controller into %s\n", certManagerVersion, dir)
 		cmd := exec.Command("go", "build", "-trimpath", "-o", bins.certManager, ".")
 		cmd.Dir, cmd.Env = certManagerModuleDir, append(os.Environ(), "CGO_ENABLED=0")
@@ -94,4 +94,18 @@ func findBinaries() error {
 		}
 	}
 	return nil
+}
+
+// stale reports whether bin is missing or older than one of its sources.
+func stale(bin string, sources ...string) bool {
+	b, err := os.Stat(bin)
+	if err != nil {
+		return true
+	}
+	for _, src := range sources {
+		if s, err := os.Stat(src); err != nil || s.ModTime().After(b.ModTime()) {
+			return true
+		}
+	}
+	return false
 }
