@@ -30,6 +30,7 @@ import (
 // identityFlags choose the identity source; run and gateway share them.
 type identityFlags struct {
 	caAddr, caRoot, tokenFile, caServerName string
+	caSPIFFEID                              string
 	workloadAPI                             string
 	certFile, keyFile, bundleFile           string
 	certTTL                                 time.Duration
@@ -41,6 +42,7 @@ func (f *identityFlags) register(fl *pflag.FlagSet) {
 	fl.StringVar(&f.caRoot, "ca-root", "", "PEM root(s) that sign the CA's serving certificate")
 	fl.StringVar(&f.tokenFile, "token-file", "", "bearer token file sent to the CA (re-read on every request)")
 	fl.StringVar(&f.caServerName, "ca-server-name", "", "name expected in the CA's certificate (default: the host of --ca-addr)")
+	fl.StringVar(&f.caSPIFFEID, "ca-spiffe-id", "", "SPIFFE ID to name in every CSR to --ca-addr (needed by a CA with --signer certmanager, which signs the CSR as it is); the CA still decides the identity")
 	fl.DurationVar(&f.certTTL, "cert-ttl", 0, "certificate lifetime to request from the CA (0: the CA's default)")
 	fl.StringVar(&f.workloadAPI, "workload-api", "", "SPIFFE Workload API address, e.g. unix:///run/spire/agent.sock")
 	fl.StringVar(&f.certFile, "cert-file", "", "PEM certificate chain (leaf first) of a mounted SVID")
@@ -377,6 +379,9 @@ func (f *identityFlags) identitySource(ctx context.Context, td spiffeid.TrustDom
 	if count != 1 {
 		return nil, usagef("give exactly one identity source: --ca-addr/--ca-root/--token-file, --workload-api, or --cert-file/--key-file/--bundle-file")
 	}
+	if f.caSPIFFEID != "" && !caSet {
+		return nil, usagef("--ca-spiffe-id is for the CA identity source (--ca-addr)")
+	}
 	var topts []tlsmgr.Option
 	topts = append(topts, tlsmgr.WithLogger(log))
 	if !td.IsZero() {
@@ -408,6 +413,13 @@ func (f *identityFlags) identitySource(ctx context.Context, td spiffeid.TrustDom
 		}
 		if f.certTTL > 0 {
 			topts = append(topts, tlsmgr.WithTTL(f.certTTL))
+		}
+		if f.caSPIFFEID != "" {
+			id, err := spiffeid.FromString(f.caSPIFFEID)
+			if err != nil {
+				return nil, usagef("--ca-spiffe-id %q: %v", f.caSPIFFEID, err)
+			}
+			topts = append(topts, tlsmgr.WithID(id))
 		}
 		if f.bundleFile != "" {
 			topts = append(topts, tlsmgr.WithBundleFile(f.bundleFile))
