@@ -143,7 +143,7 @@ func (f *caServeFlags) register(fl *pflag.FlagSet) {
 	fl.DurationVar(&f.maxTTL, "max-ttl", ca.MaxTTL, "longest validity a caller may request (longer is InvalidArgument)")
 	fl.StringVar(&f.metrics, "metrics", ports.Any(ports.CAMetrics), "address of the Prometheus endpoint (/metrics, /stats/prometheus); 'off' (or empty) disables it")
 	fl.StringSliceVar(&f.servingDNS, "serving-dns", nil, "extra DNS names (or IPs) for the CA's TLS serving certificate")
-	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of a CA whose certificates carry no spiffe:// URI SAN (must match it otherwise)")
+	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of a CA whose certificates carry no spiffe:// URI SAN (default cluster.local, as istiod; must match the SAN otherwise)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	f.signer.register(fl)
@@ -268,6 +268,7 @@ func runCA(ctx context.Context, f *caServeFlags, logTo io.Writer) error {
 		return err
 	}
 	defer closeSigner()
+	logTrustDomain(log, authority)
 	authenticators, err := buildAuthenticators(f.auth, authority.TrustDomain(), log, f.tokens, f.kubeconfig, f.jwks, f.jwtIssuer)
 	if err != nil {
 		return err
@@ -277,6 +278,20 @@ func runCA(ctx context.Context, f *caServeFlags, logTo io.Writer) error {
 		return usagef("--serving-dns: %v", err)
 	}
 	return serveCA(ctx, srv, f.listen, f.metrics, log)
+}
+
+// logTrustDomain says which trust domain the CA serves and why.
+func logTrustDomain(log *slog.Logger, a *ca.Authority) {
+	td := a.TrustDomain().Name()
+	switch a.TrustDomainFrom() {
+	case ca.TrustDomainFromDefault:
+		log.Info("trust domain "+td+": the CA certificates carry no SPIFFE URI SAN and --trust-domain is not set, so istiod's default applies",
+			"trust_domain", td, "from", string(a.TrustDomainFrom()))
+	case ca.TrustDomainFromOption:
+		log.Info("trust domain "+td+" from --trust-domain (the CA certificates carry no SPIFFE URI SAN)", "trust_domain", td, "from", string(a.TrustDomainFrom()))
+	default:
+		log.Info("trust domain "+td+" from the CA certificates' SPIFFE URI SAN", "trust_domain", td, "from", string(a.TrustDomainFrom()))
+	}
 }
 
 func buildAuthenticators(methods []string, td spiffeid.TrustDomain, log *slog.Logger, tokens, kubeconfig, jwks, issuer string) ([]authn.Authenticator, error) {
