@@ -46,6 +46,8 @@ var (
 		"Connections refused by policy, by reason.", "reason")
 	ConfigReloads = newCounterVec("config_reloads_total",
 		"Policy and certificate file reloads by kind and result (success, failure).", "kind", "result")
+	AdminRefused = newCounterVec("admin_requests_refused_total",
+		"Admin API requests refused, by reason (foreign_host, cross_origin, rotate_throttled).", "reason")
 )
 
 // Trust-domain federation (meshproxy run --federate-with). The trust domain
