@@ -70,6 +70,14 @@ var (
 	}))
 	CACSRErrors = newCounterVec("ca_csr_errors_total",
 		"CSR requests the CA refused, by reason.", "reason")
+	CAAuthThrottled = register(prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Name: "ca_auth_throttled_total",
+		Help: "CA requests refused with ResourceExhausted because their source failed authentication too often.",
+	}))
+	CAConnectionsRefused = register(prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Name: "ca_connections_refused_total",
+		Help: "Connections the CA closed at once because --max-connections were open.",
+	}))
 	CARootExpiry = newGauge("ca_root_expiry_timestamp_seconds",
 		"Unix time at which the earliest-expiring root in the trust bundle expires.")
 	CAChainExpiry = newGauge("ca_chain_expiry_timestamp_seconds",

@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshproxy/meshproxy/internal/fdlimit"
 	"github.com/meshproxy/meshproxy/internal/ports"
 	"github.com/meshproxy/meshproxy/internal/serve"
 	"github.com/meshproxy/meshproxy/policy"
@@ -466,6 +467,9 @@ type serveFlags struct {
 	drainTimeout           time.Duration
 	maxConnections         int
 	logLevel, logFormat    string
+
+	nofile    uint64 // soft RLIMIT_NOFILE after raising it, set by validate
+	nofileErr error  // why it could not be raised
 }
 
 // register adds the shared flags to fl; detectUsage says what
@@ -477,10 +481,14 @@ func (f *serveFlags) register(fl *pflag.FlagSet, detectUsage string) {
 	fl.DurationVar(&f.detectTimeout, "detect-timeout", mesh.DefaultDetectTimeout, detectUsage)
 	fl.DurationVar(&f.idleTimeout, "idle-timeout", mesh.DefaultIdleTimeout, "close a connection with no traffic either way for this long")
 	fl.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long open connections may finish")
-	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: no limit)")
+	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: sized from RLIMIT_NOFILE, two descriptors a connection, keeping headroom for the admin, health and metrics ports)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 }
+
+// proxiedConnFDs is the file descriptors a proxied connection holds: the
+// client's and the upstream one.
+const proxiedConnFDs = 2
 
 // validate checks the timeouts and the connection limit.
 func (f *serveFlags) validate() error {
@@ -494,6 +502,10 @@ func (f *serveFlags) validate() error {
 	case f.maxConnections < 0:
 		return usagef("--max-connections must not be negative")
 	}
+	f.nofile, f.nofileErr = fdlimit.Raise()
+	if f.maxConnections == 0 {
+		f.maxConnections = fdlimit.MaxConnections(f.nofile, proxiedConnFDs)
+	}
 	return nil
 }
 
@@ -506,6 +518,7 @@ func (f *serveFlags) start(ctx context.Context, idf *identityFlags, td spiffeid.
 	started string, build func(ctx context.Context, src tlsmgr.Source) (serve.Built, error)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	logConnectionLimit(log, f.maxConnections, f.nofile, f.nofileErr)
 	src, err := idf.identitySource(ctx, td, log)
 	if err != nil {
 		return err
@@ -518,6 +531,14 @@ func (f *serveFlags) start(ctx context.Context, idf *identityFlags, td spiffeid.
 		DrainTimeout: f.drainTimeout, Logger: log, Started: started,
 	}
 	return serve.Run(ctx, cfg, src, func(ctx context.Context) (serve.Built, error) { return build(ctx, src) })
+}
+
+// logConnectionLimit says what bounds the connections and why.
+func logConnectionLimit(log *slog.Logger, maxConns int, nofile uint64, err error) {
+	if err != nil {
+		log.Warn("could not raise the file descriptor limit", "err", err)
+	}
+	log.Info("connection limit", "max_connections", maxConns, "rlimit_nofile", nofile)
 }
 
 // workload is the workload policy selects by: namespace and the labels of
