@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 
 	"github.com/meshproxy/meshproxy/internal/manifest"
+	"github.com/meshproxy/meshproxy/internal/ratelog"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
@@ -33,6 +34,7 @@ type Gateway struct {
 	creds     *credStore
 	opts      options
 	log       *slog.Logger
+	refusals  *ratelog.Limiter // refusal lines, sampled per reason
 	cfg       atomic.Pointer[config]
 	meshTLS   *mesh.ClientConfigs
 
@@ -91,6 +93,7 @@ func New(src tlsmgr.Source, pol mesh.PolicySource, configDir, credentialsDir str
 		creds:     newCredStore(credentialsDir, log),
 		opts:      o,
 		log:       log,
+		refusals:  ratelog.New(log, 0),
 		meshTLS:   mesh.NewClientConfigs(src),
 		listeners: map[uint16]*listener{},
 		bindErrs:  map[uint16]error{},
@@ -255,7 +258,7 @@ func (g *Gateway) admit(l *listener, c net.Conn) {
 	})
 	if errors.Is(err, conntrack.ErrOverLimit) {
 		metrics.GatewayConnections.WithLabelValues(l.label, routeNone, ResultOverLimit).Inc()
-		g.log.Warn("connection refused", "listener", l.label, "source", c.RemoteAddr().String(),
+		g.refusals.Warn(ResultOverLimit, "connection refused", "listener", l.label, "source", c.RemoteAddr().String(),
 			"reason", ResultOverLimit, "max_connections", g.opts.MaxConns)
 	}
 	if err != nil {

@@ -157,7 +157,7 @@ subjectAltNames).`,
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
 	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
-	fl.StringVar(&f.namespace, "namespace", "default", "the workload's namespace (for policy selection)")
+	fl.StringVar(&f.namespace, "namespace", "", "the workload's namespace, for policy selection (default: NS of an SVID spiffe://TD/ns/NS/sa/SA, else \"default\")")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the workload's labels, Kubernetes downward-API format (key=\"value\" lines)")
 	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
 	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the workload's SVID)")
@@ -206,7 +206,11 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 	if !td.IsZero() {
 		popts = append(popts, proxy.WithTrustDomain(td))
 	}
-	wl, err := workload(f.namespace, f.labelsFile)
+	ns := f.namespace
+	if ns == "" {
+		ns = defaultNamespace // until the SVID says otherwise
+	}
+	wl, err := workload(ns, f.labelsFile)
 	if err != nil {
 		return err
 	}
@@ -218,10 +222,17 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 
 	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode))
 	return f.start(ctx, &f.identityFlags, td, feds, log, "sidecar started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
-		var store *policy.Store
-		if f.configDir == "" {
+		var store mesh.PolicySource
+		switch {
+		case f.configDir == "":
 			store = policy.Static(wl, polOpts...)
-		} else {
+		case f.namespace == "":
+			var err error
+			if store, err = watchPolicyForSVID(ctx, src, f.configDir, wl, f.rootNamespace, polOpts, log); err != nil {
+				return serve.Built{}, err
+			}
+		default:
+			warnForeignPolicies(log, f.configDir, f.namespace, f.rootNamespace)
 			var err error
 			if store, err = watchPolicy(ctx, f.configDir, wl, polOpts, log); err != nil {
 				return serve.Built{}, err
@@ -485,6 +496,10 @@ func (f *serveFlags) register(fl *pflag.FlagSet, detectUsage string) {
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 }
+
+// defaultNamespace is the workload's namespace when neither --namespace nor
+// the SVID names one.
+const defaultNamespace = "default"
 
 // proxiedConnFDs is the file descriptors a proxied connection holds: the
 // client's and the upstream one.
