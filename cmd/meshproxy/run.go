@@ -248,15 +248,15 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 
 // proxyOptions validates the listener flags and turns them into options.
 func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
+	if err := f.serveFlags.validate(); err != nil { // sizes --max-connections
+		return nil, err
+	}
 	opts := []proxy.Option{
 		proxy.WithLogger(log),
 		proxy.WithDetectTimeout(f.detectTimeout),
 		proxy.WithIdleTimeout(f.idleTimeout),
 		proxy.WithMaxConnections(f.maxConnections),
 		proxy.WithOriginalDst(redirect.OriginalDst),
-	}
-	if err := f.serveFlags.validate(); err != nil {
-		return nil, err
 	}
 	n := 0
 	if f.inbound != "" {
