@@ -69,6 +69,11 @@ func TestDefaultConnectionCapKeepsAdminAndHealthUp(t *testing.T) {
 		}
 		return nil
 	})
+	// Refusals are counted exactly but logged sampled.
+	refused, _ := side.Metric("meshproxy_connections_total", "direction", "inbound", "mode", "unknown", "decision", "over_limit")
+	if lines := len(logEntries(proc, "connection refused")); float64(lines) >= refused/4 {
+		t.Errorf("%d refusal log lines for %v refused connections: not sampled", lines, refused)
+	}
 	for _, url := range []string{"http://" + side.Admin + "/identity", "http://" + side.Health + "/healthz/ready", "http://" + side.Metrics + "/metrics"} {
 		if code, body, err := e2eutil.HTTPGet(url); err != nil || code != http.StatusOK {
 			t.Fatalf("at the connection cap, GET %s: %d %v %.200s", url, code, err, body)
