@@ -148,6 +148,9 @@ func TestCAUsageErrorsNameTheFlag(t *testing.T) {
 		{"serve stray argument", []string{"ca", "serve", "extra"}, "extra"},
 		{"serve bad log level", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--log-level", "loud"}, "--log-level"},
 		{"serve bad log format", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--log-format", "xml"}, "--log-format"},
+		{"serve negative max connections", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--max-connections", "-1"}, "--max-connections"},
+		{"token with a bad id", []string{"ca", "token", "--id", "http://x"}, "--id"},
+		{"unknown ca subcommand", []string{"ca", "tokens"}, `unknown command "tokens"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
