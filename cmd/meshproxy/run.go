@@ -21,6 +21,7 @@ import (
 	"github.com/meshproxy/meshproxy/internal/serve"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/admin"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -476,6 +477,7 @@ type serveFlags struct {
 	detectTimeout          time.Duration
 	idleTimeout            time.Duration
 	drainTimeout           time.Duration
+	rotateInterval         time.Duration
 	maxConnections         int
 	logLevel, logFormat    string
 
@@ -492,6 +494,7 @@ func (f *serveFlags) register(fl *pflag.FlagSet, detectUsage string) {
 	fl.DurationVar(&f.detectTimeout, "detect-timeout", mesh.DefaultDetectTimeout, detectUsage)
 	fl.DurationVar(&f.idleTimeout, "idle-timeout", mesh.DefaultIdleTimeout, "close a connection with no traffic either way for this long")
 	fl.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long open connections may finish")
+	fl.DurationVar(&f.rotateInterval, "rotate-interval", admin.DefaultRotateInterval, "least time between two forced renewals by the admin API's POST /rotate (calls in between share the one in flight or get 429)")
 	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: sized from RLIMIT_NOFILE, two descriptors a connection, keeping headroom for the admin, health and metrics ports)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
@@ -514,6 +517,8 @@ func (f *serveFlags) validate() error {
 		return usagef("--idle-timeout must be positive")
 	case f.drainTimeout < 0:
 		return usagef("--drain-timeout must not be negative")
+	case f.rotateInterval <= 0:
+		return usagef("--rotate-interval must be positive")
 	case f.maxConnections < 0:
 		return usagef("--max-connections must not be negative")
 	}
@@ -543,7 +548,7 @@ func (f *serveFlags) start(ctx context.Context, idf *identityFlags, td spiffeid.
 	}
 	cfg := serve.Config{
 		Admin: f.admin, Metrics: f.metrics, Health: f.health,
-		DrainTimeout: f.drainTimeout, Logger: log, Started: started,
+		DrainTimeout: f.drainTimeout, RotateInterval: f.rotateInterval, Logger: log, Started: started,
 	}
 	return serve.Run(ctx, cfg, src, func(ctx context.Context) (serve.Built, error) { return build(ctx, src) })
 }
