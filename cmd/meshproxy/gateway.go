@@ -11,6 +11,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/gateway"
 	"github.com/meshproxy/meshproxy/internal/serve"
+	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
@@ -20,6 +21,7 @@ type gatewayFlags struct {
 	serveFlags
 
 	configDir, credentialsDir string
+	strictConfig              bool
 	listenHost                string
 	namespace, labelsFile     string
 	rootNamespace             string
@@ -67,6 +69,7 @@ SIGTERM stops accepting and lets open connections finish for up to --drain-timeo
 	f.identityFlags.register(fl)
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio YAML: Gateway, VirtualService, DestinationRule, AuthorizationPolicy (watched; required)")
 	fl.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of credentialName files NAME.crt, NAME.key, NAME-ca.crt (watched; required)")
+	fl.BoolVar(&f.strictConfig, "strict-config", false, "refuse to start (and keep the last good config on reload) when any --config-dir document is rejected; by default a rejected document is reported and left out, failing closed, and the others apply")
 	fl.StringVar(&f.listenHost, "listen-host", "", "address every Gateway port binds to (default: all addresses)")
 	fl.StringVar(&f.namespace, "namespace", gateway.DefaultNamespace, "the gateway's namespace: default for manifests without one, and for exportTo and policy selection")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the gateway's labels (downward-API format); when given, Gateway selectors must match them")
@@ -134,11 +137,11 @@ func runGateway(ctx context.Context, f *gatewayFlags, logTo io.Writer) error {
 	}
 
 	return f.start(ctx, &f.identityFlags, td, nil, log, "gateway started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
-		store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log), log)
+		store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log, policy.WithStrictConfig(f.strictConfig)), log)
 		if err != nil {
 			return serve.Built{}, err
 		}
-		gw, err := gateway.New(src, store, f.configDir, f.credentialsDir, gopts...)
+		gw, err := gateway.New(src, store, f.configDir, f.credentialsDir, append(gopts, gateway.WithStrictConfig(f.strictConfig))...)
 		if err != nil {
 			return serve.Built{}, fmt.Errorf("--config-dir / --credentials-dir: %w", err)
 		}

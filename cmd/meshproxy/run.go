@@ -22,6 +22,7 @@ import (
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/proxy/admin"
+	"github.com/meshproxy/meshproxy/proxy/apphealth"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -59,6 +60,8 @@ type runFlags struct {
 	outboundExplicit  []string
 	meshCIDRs         []string
 	configDir, mode   string
+	strictConfig      bool
+	credentialsDir    string
 	namespace         string
 	labelsFile        string
 	rootNamespace     string
@@ -68,6 +71,7 @@ type runFlags struct {
 	hbone             bool
 	hboneListen       string
 	hbonePeers        []string
+	appProbers        string
 }
 
 func newRunCmd() *cobra.Command {
@@ -157,12 +161,15 @@ subjectAltNames).`,
 	fl.BoolVar(&f.tproxy, "tproxy", false, "inbound capture is TPROXY: listen transparently and reach the app from the client's address (must match 'redirect install --tproxy'; needs CAP_NET_ADMIN)")
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
+	fl.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of DestinationRule tls.credentialName files for TLS origination: NAME.crt, NAME.key, NAME-ca.crt")
+	fl.BoolVar(&f.strictConfig, "strict-config", false, "refuse to start (and keep the last good policy on reload) when any --config-dir document is rejected; by default a rejected document is reported and fails closed alone")
 	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
 	fl.StringVar(&f.namespace, "namespace", "", "the workload's namespace, for policy selection (default: NS of an SVID spiffe://TD/ns/NS/sa/SA, else \"default\")")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the workload's labels, Kubernetes downward-API format (key=\"value\" lines)")
 	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
 	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the workload's SVID)")
 	f.serveFlags.register(fl, "how long inbound waits for a client's first bytes before treating it as plaintext")
+	fl.StringVar(&f.appProbers, "app-probers", "", "JSON of the application's original probes, served on the health port at /app-health/CONTAINER/livez|readyz|startupz (written by 'meshproxy inject')")
 	fl.StringSliceVar(&f.federateWith, "federate-with", nil, "TD=URL[#ENDPOINT-SPIFFE-ID][@BUNDLE-FILE]: trust the foreign trust domain TD, its bundle fetched from its bundle endpoint URL (repeatable; see above)")
 	return cmd
 }
@@ -220,8 +227,13 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 	if err != nil {
 		return err
 	}
+	probers, err := apphealth.Parse([]byte(f.appProbers))
+	if err != nil {
+		return usagef("--app-probers (env MESHPROXY_APP_PROBERS): %v", err)
+	}
+	f.appHealth = apphealth.New(probers, apphealth.WithLogger(log))
 
-	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode))
+	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode), policy.WithStrictConfig(f.strictConfig))
 	return f.start(ctx, &f.identityFlags, td, feds, log, "sidecar started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
 		var store mesh.PolicySource
 		switch {
@@ -258,6 +270,7 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 		proxy.WithIdleTimeout(f.idleTimeout),
 		proxy.WithMaxConnections(f.maxConnections),
 		proxy.WithOriginalDst(redirect.OriginalDst),
+		proxy.WithCredentialsDir(f.credentialsDir),
 	}
 	n := 0
 	if f.inbound != "" {
@@ -481,8 +494,9 @@ type serveFlags struct {
 	maxConnections         int
 	logLevel, logFormat    string
 
-	nofile    uint64 // soft RLIMIT_NOFILE after raising it, set by validate
-	nofileErr error  // why it could not be raised
+	nofile    uint64             // soft RLIMIT_NOFILE after raising it, set by validate
+	nofileErr error              // why it could not be raised
+	appHealth *apphealth.Handler // run only: the app's probes on the health port
 }
 
 // register adds the shared flags to fl; detectUsage says what
@@ -549,6 +563,7 @@ func (f *serveFlags) start(ctx context.Context, idf *identityFlags, td spiffeid.
 	cfg := serve.Config{
 		Admin: f.admin, Metrics: f.metrics, Health: f.health,
 		DrainTimeout: f.drainTimeout, RotateInterval: f.rotateInterval, Logger: log, Started: started,
+		WrapHealth: f.appHealth.Wrap,
 	}
 	return serve.Run(ctx, cfg, src, func(ctx context.Context) (serve.Built, error) { return build(ctx, src) })
 }
