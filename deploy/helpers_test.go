@@ -395,7 +395,7 @@ func meshproxyBinary(t *testing.T, variant string) string {
 	p := filepath.Join(binDir, "meshproxy-"+variant)
 	args := []string{"build", "-ldflags", "-s -w -X main.version=deploytest", "-o", p}
 	if variant == imageBinary {
-		args = append(args, "-tags", "noinject")
+		args = append(args, "-tags", "noinject,nocloudca") // as deploy/Dockerfile builds it
 	}
 	if o := os.Getenv("MESHPROXY_TEST_OVERLAY"); o != "" {
 		args = append(args, "-overlay", o) // lets a developer check against work in progress

@@ -330,3 +330,18 @@ func TestInjectedContainersNeedNoShell(t *testing.T) {
 		}
 	}
 }
+
+// The image leaves the cloud signers' SDKs out (-tags nocloudca): asking it
+// for one must say so and exit, not start a CA without a signer.
+func TestImageRefusesCloudSignersClearly(t *testing.T) {
+	bin := meshproxyBinary(t, imageBinary)
+	for _, args := range [][]string{
+		{"ca", "serve", "--signer", "awspca", "--awspca-ca-arn", "arn:aws:acm-pca:us-east-1:111122223333:certificate-authority/x", "--auth", "token", "--tokens", "/dev/null"},
+		{"ca", "serve", "--signer", "googlecas", "--googlecas-pool", "projects/p/locations/l/caPools/pool", "--auth", "token", "--tokens", "/dev/null"},
+	} {
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "nocloudca") {
+			t.Errorf("meshproxy %s = %v, %q: want a refusal naming the nocloudca build", strings.Join(args[:4], " "), err, out)
+		}
+	}
+}

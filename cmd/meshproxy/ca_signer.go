@@ -13,14 +13,17 @@ import (
 
 	"github.com/meshproxy/meshproxy/ca"
 	"github.com/meshproxy/meshproxy/ca/authn"
-	"github.com/meshproxy/meshproxy/ca/awspca"
 	"github.com/meshproxy/meshproxy/ca/certmanager"
-	"github.com/meshproxy/meshproxy/ca/googlecas"
 	"github.com/meshproxy/meshproxy/ca/stepca"
 	"github.com/meshproxy/meshproxy/ca/vault"
 	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
+
+// defaultAWSPCATemplateARN is awspca.DefaultTemplateARN, restated so that a
+// build without the cloud SDKs (-tags nocloudca) keeps the same flag default;
+// a test checks the two agree.
+const defaultAWSPCATemplateARN = "arn:aws:acm-pca:::template/EndEntityCertificate_APIPassthrough/V1"
 
 // Signers of --signer.
 var signerNames = []string{ca.SignerBuiltin, ca.SignerStepCA, ca.SignerVault, ca.SignerAWSPCA, ca.SignerGoogleCAS, ca.SignerCertManager}
@@ -108,7 +111,7 @@ func (sf *signerFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&sf.awsARN, "awspca-ca-arn", "", "ARN of the AWS Private CA for --signer awspca (arn:aws:acm-pca:REGION:ACCOUNT:certificate-authority/ID)")
 	f.StringVar(&sf.awsRegion, "awspca-region", "", "AWS region for --signer awspca (default: the CA ARN's)")
 	f.StringVar(&sf.awsEndpoint, "awspca-endpoint", "", "ACM PCA endpoint URL for --signer awspca (default: the region's; e.g. a VPC endpoint)")
-	f.StringVar(&sf.awsTemplate, "awspca-template-arn", awspca.DefaultTemplateARN, "certificate template for --signer awspca; it must pass API-passthrough SANs through")
+	f.StringVar(&sf.awsTemplate, "awspca-template-arn", defaultAWSPCATemplateARN, "certificate template for --signer awspca; it must pass API-passthrough SANs through")
 	f.StringVar(&sf.awsRoot, "awspca-root", "", "the private CA's root certificate(s), PEM (default: the self-signed certificates of its chain)")
 	f.StringVar(&sf.casPool, "googlecas-pool", "", "CA pool for --signer googlecas: projects/PROJECT/locations/LOCATION/caPools/POOL")
 	f.StringVar(&sf.casCA, "googlecas-ca", "", "ID of the CA in the pool that issues, for --signer googlecas (default: CAS chooses)")
@@ -142,7 +145,7 @@ func (sf *signerFlags) signerOnlyFlags() map[string][]string {
 		ca.SignerVault: set("vault-addr", sf.vaultAddr, "", "vault-token-file", sf.vaultTokenFile, "", "vault-role", sf.vaultRole, "",
 			"vault-root", sf.vaultRoot, "", "vault-mount", sf.vaultMount, vault.DefaultMount),
 		ca.SignerAWSPCA: set("awspca-ca-arn", sf.awsARN, "", "awspca-region", sf.awsRegion, "", "awspca-endpoint", sf.awsEndpoint, "",
-			"awspca-template-arn", sf.awsTemplate, awspca.DefaultTemplateARN, "awspca-root", sf.awsRoot, ""),
+			"awspca-template-arn", sf.awsTemplate, defaultAWSPCATemplateARN, "awspca-root", sf.awsRoot, ""),
 		ca.SignerGoogleCAS: set("googlecas-pool", sf.casPool, "", "googlecas-ca", sf.casCA, "", "googlecas-template", sf.casTemplate, "",
 			"googlecas-endpoint", sf.casEndpoint, "", "googlecas-root", sf.casRoot, ""),
 		ca.SignerCertManager: set("certmanager-kubeconfig", sf.cmKubeconfig, "", "certmanager-namespace", sf.cmNamespace, "istio-system",
@@ -201,8 +204,8 @@ func (sf *signerFlags) validate(dir string) error {
 		if sf.casPool == "" {
 			return usagef("--signer googlecas needs --googlecas-pool")
 		}
-		if err := googlecas.CheckPoolName(sf.casPool); err != nil {
-			return usagef("--googlecas-pool: %v", err)
+		if err := checkGoogleCASPool(sf.casPool); err != nil {
+			return err
 		}
 	case ca.SignerCertManager:
 		switch {
@@ -263,51 +266,9 @@ func (sf *signerFlags) authority(ctx context.Context, dir string, log *slog.Logg
 		}
 		return a, s.Close, nil
 	case ca.SignerAWSPCA:
-		aopts := []awspca.Option{awspca.WithLogger(log), awspca.WithTemplateARN(sf.awsTemplate)}
-		if sf.awsRegion != "" {
-			aopts = append(aopts, awspca.WithRegion(sf.awsRegion))
-		}
-		if sf.awsEndpoint != "" {
-			aopts = append(aopts, awspca.WithEndpoint(sf.awsEndpoint))
-		}
-		if sf.awsRoot != "" {
-			roots, err := readRoots("--awspca-root", sf.awsRoot)
-			if err != nil {
-				return nil, nil, err
-			}
-			aopts = append(aopts, awspca.WithRoots(roots...))
-		}
-		s, err := awspca.New(ctx, sf.awsARN, aopts...)
-		if err != nil {
-			return nil, nil, fmt.Errorf("--signer awspca: %w", err)
-		}
-		a, err := ca.NewFromSigner(s, opts...)
-		if err != nil {
-			return nil, nil, fmt.Errorf("--signer awspca: %w", err)
-		}
-		return a, func() {}, nil
+		return sf.awsPCAAuthority(ctx, log, opts...)
 	case ca.SignerGoogleCAS:
-		gopts := []googlecas.Option{googlecas.WithLogger(log), googlecas.WithCertificateAuthority(sf.casCA), googlecas.WithTemplate(sf.casTemplate)}
-		if sf.casEndpoint != "" {
-			gopts = append(gopts, googlecas.WithEndpoint(sf.casEndpoint))
-		}
-		if sf.casRoot != "" {
-			roots, err := readRoots("--googlecas-root", sf.casRoot)
-			if err != nil {
-				return nil, nil, err
-			}
-			gopts = append(gopts, googlecas.WithRoots(roots...))
-		}
-		s, err := googlecas.New(ctx, sf.casPool, gopts...)
-		if err != nil {
-			return nil, nil, fmt.Errorf("--signer googlecas: %w", err)
-		}
-		a, err := ca.NewFromSigner(s, opts...)
-		if err != nil {
-			s.Close()
-			return nil, nil, fmt.Errorf("--signer googlecas: %w", err)
-		}
-		return a, s.Close, nil
+		return sf.googleCASAuthority(ctx, log, opts...)
 	case ca.SignerCertManager:
 		roots, err := readRoots("--certmanager-root", sf.cmRoot)
 		if err != nil {
