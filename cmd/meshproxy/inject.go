@@ -15,13 +15,14 @@ import (
 func newInjectCmd() *cobra.Command {
 	var (
 		file, output, image, caAddr, mode, ebpfCgroup string
+		capture                                       string
 		meshCIDRs, exclPorts, exclCIDRs               []string
 		proxyUID                                      int64
 		native                                        bool
 	)
 	cmd := &cobra.Command{
 		Use:   "inject -f MANIFEST.yaml|- [-o FILE]",
-		Short: "Add the capture init container and the meshproxy sidecar to Kubernetes workloads",
+		Short: "Add the capture step and the meshproxy sidecar to Kubernetes workloads",
 		Long: `inject reads a multi-document Kubernetes manifest and, like istioctl kube-inject,
 adds to every Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob
 (also inside kind: List) the init container meshproxy-init (meshproxy redirect
@@ -34,6 +35,13 @@ flags it updates what was injected.
 Workloads are decoded strictly: an unknown field is an error naming the document
 and the field. Each namespace needs the ConfigMap meshproxy-ca-root (key
 root-cert.pem) and may have meshproxy-policy (Istio policy YAML).
+
+With --capture node, meshproxy's CNI plugin (meshproxy node-agent, a DaemonSet)
+installs the capture from the node before any container starts; the pod gets
+annotations saying what to capture, and instead of meshproxy-init a validation
+init container (meshproxy-validation: no capability, not root) that fails the
+pod when the capture is not in place. Every container meshproxy adds then meets
+the restricted Pod Security Standard.
 
 What happened to each workload is reported on stderr; the manifest goes to
 stdout or to -o FILE.`,
@@ -72,6 +80,13 @@ stdout or to -o FILE.`,
 			if ebpfCgroup != "" && m != inject.ModeEBPF {
 				return usagef("--ebpf-cgroup: only used with --mode ebpf")
 			}
+			capt, err := inject.ParseCapture(capture)
+			if err != nil {
+				return usagef("--capture: %v", err)
+			}
+			if capt == inject.CaptureNode && ebpfCgroup != "" {
+				return usagef("--ebpf-cgroup: not used with --capture node (the node finds the pod's cgroup)")
+			}
 			for _, e := range []error{
 				add("image", inject.WithImage(image)),
 				add("mode", inject.WithMode(m)),
@@ -80,6 +95,7 @@ stdout or to -o FILE.`,
 				add("exclude-outbound-cidrs", inject.WithExcludeOutboundCIDRs(exclPrefixes...)),
 				add("exclude-inbound-ports", inject.WithExcludeInboundPorts(ports...)),
 				add("proxy-uid", inject.WithProxyUID(proxyUID)),
+				add("capture", inject.WithCapture(capt), inject.WithExcludeOutboundCIDRs(exclPrefixes...)),
 			} {
 				if e != nil {
 					return e
@@ -131,6 +147,7 @@ stdout or to -o FILE.`,
 	f.StringVar(&mode, "mode", string(inject.DefaultMode), "capture mode of the init container: nftables, iptables or ebpf")
 	f.Int64Var(&proxyUID, "proxy-uid", inject.DefaultProxyUID, "uid and gid the sidecar runs as; capture exempts its traffic")
 	f.BoolVar(&native, "native-sidecar", true, "inject the sidecar as a native sidecar (init container with restartPolicy Always, Kubernetes 1.29+); false: a regular container")
+	f.StringVar(&capture, "capture", string(inject.CaptureInit), "who installs capture: init (an init container with NET_ADMIN) or node (meshproxy's CNI plugin; no capability in the pod, restricted Pod Security)")
 	f.StringVar(&ebpfCgroup, "ebpf-cgroup", "", "ebpf mode: the pod's cgroup v2 path below the host cgroup mount; $(POD_UID) is expanded (default "+inject.DefaultEBPFCgroup+")")
 	return cmd
 }
