@@ -327,11 +327,24 @@ func (c *config) podTemplate(tmpl object, field string) error {
 		return &fieldError{field: field + "spec.containers", err: fmt.Errorf("no containers")}
 	}
 
+	// Probes of the application that the capture would refuse go through us.
+	probers, err := probes(annotations, [][]any{initCtrs, ctrs}, []string{"initContainers", "containers"}, field)
+	if err != nil {
+		return err
+	}
 	initCtr, err := toGeneric(c.captureStep())
 	if err != nil {
 		return err
 	}
-	sidecar, err := toGeneric(c.sidecar())
+	sc := c.sidecar()
+	if len(probers) > 0 {
+		js, err := probers.JSON()
+		if err != nil {
+			return err
+		}
+		sc.Env = append(sc.Env, corev1.EnvVar{Name: AppProbersEnv, Value: js})
+	}
+	sidecar, err := toGeneric(sc)
 	if err != nil {
 		return err
 	}

@@ -46,6 +46,11 @@ var (
 		"Connections refused by policy, by reason.", "reason")
 	ConfigReloads = newCounterVec("config_reloads_total",
 		"Policy and certificate file reloads by kind and result (success, failure).", "kind", "result")
+	// AppProbes counts the application probes the health port ran for the
+	// kubelet (rewritten by inject); probe is livez, readyz or startupz.
+	AppProbes = newCounterVec("app_probes_total",
+		"Application probes run on the health port for the kubelet, by probe (livez, readyz, startupz) and result (success, failure, timeout).",
+		"probe", "result")
 )
 
 // Trust-domain federation (meshproxy run --federate-with). The trust domain

@@ -27,7 +27,11 @@ func newInjectCmd() *cobra.Command {
 adds to every Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob
 (also inside kind: List) the init container meshproxy-init (meshproxy redirect
 install) and the meshproxy sidecar (meshproxy run), with their volumes and
-annotations. Workloads annotated or labelled sidecar.meshproxy.io/inject: "false"
+annotations. The application's httpGet, tcpSocket and grpc probes are rewritten,
+as Istio does, to the sidecar's health port 15021 at
+/app-health/CONTAINER/livez|readyz|startupz, where the sidecar runs the original
+probes against the app (under STRICT the kubelet's plaintext probes would be
+refused). Workloads annotated or labelled sidecar.meshproxy.io/inject: "false"
 or sidecar.istio.io/inject: "false" are left alone, as is every other document,
 byte for byte. Injecting an injected manifest again changes nothing; with new
 flags it updates what was injected.

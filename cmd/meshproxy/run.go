@@ -20,6 +20,7 @@ import (
 	"github.com/meshproxy/meshproxy/internal/serve"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/apphealth"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -66,6 +67,7 @@ type runFlags struct {
 	hbone             bool
 	hboneListen       string
 	hbonePeers        []string
+	appProbers        string
 }
 
 func newRunCmd() *cobra.Command {
@@ -161,6 +163,7 @@ subjectAltNames).`,
 	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
 	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the workload's SVID)")
 	f.serveFlags.register(fl, "how long inbound waits for a client's first bytes before treating it as plaintext")
+	fl.StringVar(&f.appProbers, "app-probers", "", "JSON of the application's original probes, served on the health port at /app-health/CONTAINER/livez|readyz|startupz (written by 'meshproxy inject')")
 	fl.StringSliceVar(&f.federateWith, "federate-with", nil, "TD=URL[#ENDPOINT-SPIFFE-ID][@BUNDLE-FILE]: trust the foreign trust domain TD, its bundle fetched from its bundle endpoint URL (repeatable; see above)")
 	return cmd
 }
@@ -214,6 +217,11 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 	if err != nil {
 		return err
 	}
+	probers, err := apphealth.Parse([]byte(f.appProbers))
+	if err != nil {
+		return usagef("--app-probers (env MESHPROXY_APP_PROBERS): %v", err)
+	}
+	f.appHealth = apphealth.New(probers, apphealth.WithLogger(log))
 
 	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode))
 	return f.start(ctx, &f.identityFlags, td, feds, log, "sidecar started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
@@ -466,6 +474,7 @@ type serveFlags struct {
 	drainTimeout           time.Duration
 	maxConnections         int
 	logLevel, logFormat    string
+	appHealth              *apphealth.Handler // run only: the app's probes on the health port
 }
 
 // register adds the shared flags to fl; detectUsage says what
@@ -516,6 +525,7 @@ func (f *serveFlags) start(ctx context.Context, idf *identityFlags, td spiffeid.
 	cfg := serve.Config{
 		Admin: f.admin, Metrics: f.metrics, Health: f.health,
 		DrainTimeout: f.drainTimeout, Logger: log, Started: started,
+		WrapHealth: f.appHealth.Wrap,
 	}
 	return serve.Run(ctx, cfg, src, func(ctx context.Context) (serve.Built, error) { return build(ctx, src) })
 }
