@@ -2,8 +2,10 @@ package nodeagent
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -174,19 +176,47 @@ func refresh(cfg Config, installed bool) error {
 // an identical one is there. The rename keeps running plugin processes on
 // the old file.
 func installBinary(cfg Config) error {
-	data, err := fileread.Read(cfg.Binary, maxBinary)
+	dst := filepath.Join(cfg.BinDir, cni.PluginType)
+	want, err := fileDigest(cfg.Binary)
 	if err != nil {
 		return fmt.Errorf("read plugin binary: %w", err)
 	}
-	dst := filepath.Join(cfg.BinDir, cni.PluginType)
-	if sameContent(dst, data, maxBinary) {
+	if have, err := fileDigest(dst); err == nil && have == want {
 		return nil
 	}
-	if err := atomicfile.Write(dst, data, 0o755); err != nil {
+	src, err := os.Open(cfg.Binary)
+	if err != nil {
+		return fmt.Errorf("read plugin binary: %w", err)
+	}
+	defer src.Close()
+	if err := atomicfile.WriteFrom(dst, io.LimitReader(src, maxBinary), 0o755); err != nil {
 		return fmt.Errorf("install plugin binary: %w", err)
 	}
 	cfg.log().Info("installed the plugin binary", "path", dst)
 	return nil
+}
+
+// fileDigest is the SHA-256 of a regular file of at most maxBinary bytes.
+func fileDigest(path string) ([sha256.Size]byte, error) {
+	var sum [sha256.Size]byte
+	f, err := os.Open(path)
+	if err != nil {
+		return sum, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return sum, err
+	}
+	if !fi.Mode().IsRegular() || fi.Size() > maxBinary {
+		return sum, fmt.Errorf("%s: not a regular file of at most %d bytes", path, maxBinary)
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return sum, fmt.Errorf("%s: %w", path, err)
+	}
+	copy(sum[:], h.Sum(nil))
+	return sum, nil
 }
 
 // writeCredentials copies the token and cluster CA next to a kubeconfig

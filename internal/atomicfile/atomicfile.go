@@ -4,7 +4,9 @@
 package atomicfile
 
 import (
+	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 )
@@ -14,6 +16,12 @@ import (
 // directory watchers such as container runtimes ignore it) and is removed
 // on failure.
 func Write(path string, data []byte, mode os.FileMode) error {
+	return WriteFrom(path, bytes.NewReader(data), mode)
+}
+
+// WriteFrom is Write with the content streamed from r (a binary, say,
+// that should not be held in memory).
+func WriteFrom(path string, r io.Reader, mode os.FileMode) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
@@ -21,7 +29,7 @@ func Write(path string, data []byte, mode os.FileMode) error {
 	defer os.Remove(tmp.Name()) // after the rename there is nothing to remove
 	err = tmp.Chmod(mode)
 	if err == nil {
-		_, err = tmp.Write(data)
+		_, err = io.Copy(tmp, r)
 	}
 	if err == nil {
 		err = tmp.Sync()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,6 +18,7 @@ import (
 	"github.com/meshproxy/meshproxy/cni"
 	"github.com/meshproxy/meshproxy/internal/podcapture"
 	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/nodeagent"
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/test/netns"
 )
@@ -101,6 +103,25 @@ func testNodeCapture(t *testing.T, mode redirect.Mode) {
 			t.Errorf("STRICT served plaintext from a pod without sidecar: %q", line)
 		}
 	}
+
+	// The agent leaving the node (--uninstall) does not touch running pods:
+	// a held connection and new ones keep going through their capture.
+	_, release := a.DialHold(t, hp(netns.BV4, appPort), app, netns.DialOpts{Send: "held"})
+	agent := nodeagent.Config{BinDir: t.TempDir(), ConfDir: t.TempDir(), Binary: bin, Mode: mode,
+		APIServer: api.URL, TokenFile: filepath.Join(filepath.Dir(kubeconfig), "reviewer-token"),
+		CAFile: filepath.Join(filepath.Dir(kubeconfig), "ca.crt")}
+	list := `{"cniVersion":"1.0.0","name":"pair","plugins":[{"type":"ptp"}]}`
+	if err := os.WriteFile(filepath.Join(agent.ConfDir, "10-pair.conflist"), []byte(list), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := nodeagent.Install(agent); err != nil {
+		t.Fatalf("node agent install: %v", err)
+	}
+	if out, err := exec.Command(bin, "node-agent", "--uninstall", "--bin-dir", agent.BinDir, "--conf-dir", agent.ConfDir).CombinedOutput(); err != nil {
+		t.Fatalf("node-agent --uninstall: %v\n%s", err, out)
+	}
+	assertMeshed(t, a, b, netns.BV6, app)
+	release()
 
 	for _, p := range pods {
 		for i := range 2 {
