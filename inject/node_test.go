@@ -16,34 +16,6 @@ import (
 	"github.com/meshproxy/meshproxy/redirect"
 )
 
-// restrictedApp is a workload that already meets the restricted Pod
-// Security Standard on its own, as applications in such namespaces must.
-const restrictedApp = `apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: echo
-  namespace: shop
-spec:
-  selector:
-    matchLabels: {app: echo}
-  template:
-    metadata:
-      labels: {app: echo}
-    spec:
-      securityContext:
-        runAsNonRoot: true
-        seccompProfile: {type: RuntimeDefault}
-      containers:
-      - name: echo
-        image: echo:1
-        ports: [{containerPort: 8080}]
-        readinessProbe:
-          httpGet: {path: /ready, port: 8080}
-        securityContext:
-          allowPrivilegeEscalation: false
-          capabilities: {drop: [ALL]}
-`
-
 // podSecurityViolations checks a pod spec against the Kubernetes Pod
 // Security Standards (the checks of the "latest" version of
 // k8s.io/pod-security-admission): level "baseline" or "restricted". It
@@ -143,9 +115,9 @@ func podSecurityViolations(spec *corev1.PodSpec, level string) []string {
 
 func injectedSpec(t *testing.T, opts ...Option) (*corev1.PodSpec, map[string]string) {
 	t.Helper()
-	out, _ := mustInject(t, newInjector(t, opts...), []byte(restrictedApp))
+	out, _ := mustInject(t, newInjector(t, opts...), readTestdata(t, "restricted.yaml"))
 	docs := docsOf(t, out)
-	if len(docs) != 1 {
+	if len(docs) != 2 {
 		t.Fatalf("%d documents", len(docs))
 	}
 	meta, spec := template(t, docs[0].obj)
@@ -239,9 +211,9 @@ func TestNodeCaptureAnnotationsTellTheNodeWhatToInstall(t *testing.T) {
 func TestReinjectionSwitchesCapture(t *testing.T) {
 	node := newInjector(t, WithCapture(CaptureNode), WithMode(ModeIPTables))
 	initInj := newInjector(t, WithMode(ModeIPTables))
-	first, _ := mustInject(t, node, []byte(restrictedApp))
+	first, _ := mustInject(t, node, readTestdata(t, "restricted.yaml"))
 	back, _ := mustInject(t, initInj, first)
-	direct, _ := mustInject(t, initInj, []byte(restrictedApp))
+	direct, _ := mustInject(t, initInj, readTestdata(t, "restricted.yaml"))
 	if string(back) != string(direct) {
 		t.Fatalf("node then init differs from init alone: %s", firstDiff(back, direct))
 	}

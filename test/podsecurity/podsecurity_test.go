@@ -163,49 +163,15 @@ metadata:
 	}
 }
 
-// app is a workload that meets restricted on its own.
-func app(namespace string) []byte {
-	return []byte(fmt.Sprintf(`apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: echo
-  namespace: %s
-spec:
-  selector:
-    matchLabels: {app: echo}
-  template:
-    metadata:
-      labels: {app: echo}
-    spec:
-      securityContext:
-        runAsNonRoot: true
-        seccompProfile: {type: RuntimeDefault}
-      containers:
-      - name: echo
-        image: echo:1
-        ports: [{containerPort: 8080}]
-        readinessProbe:
-          httpGet: {path: /ready, port: 8080}
-        securityContext:
-          allowPrivilegeEscalation: false
-          capabilities: {drop: [ALL]}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: echo-pod
-  namespace: %s
-spec:
-  securityContext:
-    runAsNonRoot: true
-    seccompProfile: {type: RuntimeDefault}
-  containers:
-  - name: echo
-    image: echo:1
-    securityContext:
-      allowPrivilegeEscalation: false
-      capabilities: {drop: [ALL]}
-`, namespace, namespace))
+// app is inject/testdata/restricted.yaml (workloads that meet restricted on
+// their own) in namespace.
+func app(t *testing.T, namespace string) []byte {
+	t.Helper()
+	b, err := os.ReadFile("../../inject/testdata/restricted.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bytes.ReplaceAll(b, []byte("namespace: shop"), []byte("namespace: "+namespace))
 }
 
 func injected(t *testing.T, src []byte, opts ...inject.Option) []byte {
@@ -230,21 +196,21 @@ func TestInjectedPodsUnderPodSecurityAdmission(t *testing.T) {
 	s := newAPIServer(t)
 	s.namespace(t, "restricted-ns", "restricted")
 	s.namespace(t, "baseline-ns", "baseline")
-	if out, err := s.kubectl(app("restricted-ns"), "apply", "--dry-run=server", "-f", "-"); err != nil {
+	if out, err := s.kubectl(app(t, "restricted-ns"), "apply", "--dry-run=server", "-f", "-"); err != nil {
 		t.Fatalf("the application alone is refused by restricted (fix the fixture): %v\n%s", err, out)
 	}
 	for _, mode := range []inject.Mode{inject.ModeNFTables, inject.ModeIPTables, inject.ModeEBPF} {
 		for _, native := range []bool{true, false} {
 			name := fmt.Sprintf("%s/native=%v", mode, native)
 			t.Run("node/"+name, func(t *testing.T) {
-				m := injected(t, app("restricted-ns"), inject.WithCapture(inject.CaptureNode), inject.WithMode(mode), inject.WithNativeSidecar(native))
+				m := injected(t, app(t, "restricted-ns"), inject.WithCapture(inject.CaptureNode), inject.WithMode(mode), inject.WithNativeSidecar(native))
 				if out, err := s.kubectl(m, "apply", "--dry-run=server", "-f", "-"); err != nil {
 					t.Fatalf("restricted namespace refuses node capture: %v\n%s", err, out)
 				}
 			})
 			t.Run("init/"+name, func(t *testing.T) {
 				for _, ns := range []string{"restricted-ns", "baseline-ns"} {
-					m := injected(t, app(ns), inject.WithMode(mode), inject.WithNativeSidecar(native))
+					m := injected(t, app(t, ns), inject.WithMode(mode), inject.WithNativeSidecar(native))
 					out, err := s.kubectl(m, "apply", "--dry-run=server", "-f", "-")
 					if err == nil || !strings.Contains(out, "violates PodSecurity") || !strings.Contains(out, "NET_ADMIN") {
 						t.Fatalf("%s admits the capture init container: %v\n%s", ns, err, out)
