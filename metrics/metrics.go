@@ -98,6 +98,18 @@ var (
 	}, []string{"credential"}))
 )
 
+// Istio configuration documents (policy and gateway loaders). The policy
+// label is a configured AuthorizationPolicy's namespace/name, never a peer.
+var (
+	ConfigDocuments = register(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "config_documents",
+		Help: "Istio documents of the last load, by kind and result (applied, warned, dry_run, rejected).",
+	}, []string{"kind", "result"}))
+	AuthzDryRun = newCounterVec("authz_dry_run_total",
+		"Connections evaluated by istio.io/dry-run AuthorizationPolicies (never enforced), by policy and the result it would have had (allow, deny).",
+		"policy", "result")
+)
+
 func init() {
 	Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 }

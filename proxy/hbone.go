@@ -281,7 +281,7 @@ func (p *Proxy) handleHBONEStream(l *listener, t *conntrack.Conn, sc *hboneServe
 		return
 	}
 	sc.setFailStatus(http.StatusForbidden)
-	if !p.authorize(t, p.pol.Current(), dest, port, ModeHBONE, peer) {
+	if !p.authorize(t, p.pol.Current(), dest, port, ModeHBONE, peer, "") {
 		return
 	}
 	sc.setFailStatus(http.StatusServiceUnavailable)

@@ -41,6 +41,8 @@ type options struct {
 	inboundListen ListenFunc
 	inboundDialer InboundDialFunc
 	hbone         hboneOptions // see hbone.go
+	// credentialsDir holds the files of DestinationRule credentialNames.
+	credentialsDir string
 }
 
 func defaultOptions() options {

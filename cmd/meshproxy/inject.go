@@ -15,7 +15,7 @@ import (
 func newInjectCmd() *cobra.Command {
 	var (
 		file, output, image, caAddr, mode, ebpfCgroup string
-		capture                                       string
+		capture, configServer                         string
 		meshCIDRs, exclPorts, exclCIDRs               []string
 		proxyUID                                      int64
 		native                                        bool
@@ -38,7 +38,9 @@ flags it updates what was injected.
 
 Workloads are decoded strictly: an unknown field is an error naming the document
 and the field. Each namespace needs the ConfigMap meshproxy-ca-root (key
-root-cert.pem) and may have meshproxy-policy (Istio policy YAML).
+root-cert.pem) and may have meshproxy-policy (Istio policy YAML); with
+--config-server the sidecars follow the cluster's Istio custom resources
+through the CA instead (ca serve --mirror-istio-config).
 
 With --capture node, meshproxy's CNI plugin (meshproxy node-agent, a DaemonSet)
 installs the capture from the node before any container starts; the pod gets
@@ -105,6 +107,11 @@ stdout or to -o FILE.`,
 					return e
 				}
 			}
+			if configServer != "" {
+				if err := add("config-server", inject.WithConfigServer(configServer)); err != nil {
+					return err
+				}
+			}
 			if ebpfCgroup != "" {
 				if err := add("ebpf-cgroup", inject.WithEBPFCgroup(ebpfCgroup), inject.WithMode(m)); err != nil {
 					return err
@@ -145,6 +152,7 @@ stdout or to -o FILE.`,
 	f.StringVarP(&output, "output", "o", "", "write the injected manifest to FILE instead of stdout")
 	f.StringVar(&image, "image", inject.DefaultImage(version), "meshproxy image for the init and sidecar containers")
 	f.StringVar(&caAddr, "ca-addr", inject.DefaultCAAddr(), "CA address the sidecar requests certificates from")
+	f.StringVar(&configServer, "config-server", "", "HOST:PORT of the CA's Istio config mirror, e.g. meshproxy-ca.istio-system.svc:15011: sidecars follow the cluster's Istio CRs (run --config-server) instead of the meshproxy-policy ConfigMap")
 	f.StringSliceVar(&meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS (CIDR,...), e.g. the pod and service ranges")
 	f.StringSliceVar(&exclPorts, "exclude-inbound-ports", nil, "inbound ports left uncaptured (PORT,...)")
 	f.StringSliceVar(&exclCIDRs, "exclude-outbound-cidrs", nil, "outbound destinations left uncaptured (CIDR,...)")
