@@ -40,6 +40,7 @@ const maxCSRSize = 64 << 10
 // for concurrent use.
 type Authority struct {
 	td     spiffeid.TrustDomain
+	tdFrom TrustDomainOrigin
 	signer Signer
 	roots  []*x509.Certificate // trust bundle; the built-in chain's own root first
 	// limit is the earliest expiry along the built-in signing chain and its
@@ -68,8 +69,24 @@ type options struct {
 	now        func() time.Time
 }
 
+// DefaultTrustDomain is the trust domain of a CA whose certificates carry no
+// SPIFFE URI SAN when none is given, as istiod defaults to it (Istio's own
+// tools/certs intermediates carry only a DNS SAN).
+var DefaultTrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+
+// TrustDomainOrigin says where an Authority's trust domain came from.
+type TrustDomainOrigin string
+
+// Where a trust domain came from.
+const (
+	TrustDomainFromCertificate TrustDomainOrigin = "certificate" // a SPIFFE URI SAN of the CA certificates
+	TrustDomainFromOption      TrustDomainOrigin = "configured"  // WithTrustDomain (--trust-domain)
+	TrustDomainFromDefault     TrustDomainOrigin = "default"     // DefaultTrustDomain, as istiod
+)
+
 // WithTrustDomain sets the trust domain for a CA whose certificates carry no
-// SPIFFE URI SAN. If they do carry one, it must be this trust domain.
+// SPIFFE URI SAN (default DefaultTrustDomain). If they do carry one, it must
+// be this trust domain.
 func WithTrustDomain(td spiffeid.TrustDomain) Option {
 	return func(o *options) { o.td = td }
 }
@@ -123,13 +140,14 @@ func New(key crypto.Signer, chain, roots []*x509.Certificate, opts ...Option) (*
 	if err != nil {
 		return nil, err
 	}
-	td, err := trustDomainOf(path, o.td)
+	td, tdFrom, err := trustDomainOf(path, o.td)
 	if err != nil {
 		return nil, err
 	}
 	root := path[len(path)-1]
 	a := &Authority{
 		td:         td,
+		tdFrom:     tdFrom,
 		signer:     &builtinSigner{key: key, chain: path[:len(path)-1]},
 		roots:      append([]*x509.Certificate{root}, slices.DeleteFunc(slices.Clone(roots), root.Equal)...),
 		limit:      pathNotAfter(path),
@@ -212,8 +230,9 @@ func verifyChain(cert *x509.Certificate, intermediates, roots []*x509.Certificat
 }
 
 // trustDomainOf takes the trust domain from the first SPIFFE URI SAN along
-// path (signing cert first) or from want; both present must agree.
-func trustDomainOf(path []*x509.Certificate, want spiffeid.TrustDomain) (spiffeid.TrustDomain, error) {
+// path (signing cert first), else from want, else DefaultTrustDomain; a SAN
+// and want both present must agree.
+func trustDomainOf(path []*x509.Certificate, want spiffeid.TrustDomain) (spiffeid.TrustDomain, TrustDomainOrigin, error) {
 	var found spiffeid.TrustDomain
 	for _, c := range path {
 		for _, u := range c.URIs {
@@ -222,7 +241,7 @@ func trustDomainOf(path []*x509.Certificate, want spiffeid.TrustDomain) (spiffei
 			}
 			td, err := spiffeid.TrustDomainFromURI(u)
 			if err != nil {
-				return spiffeid.TrustDomain{}, fmt.Errorf("%w: certificate %q has a malformed SPIFFE URI SAN %q: %w", ErrInvalidCA, c.Subject, u, err)
+				return spiffeid.TrustDomain{}, "", fmt.Errorf("%w: certificate %q has a malformed SPIFFE URI SAN %q: %w", ErrInvalidCA, c.Subject, u, err)
 			}
 			found = td
 			break
@@ -233,13 +252,13 @@ func trustDomainOf(path []*x509.Certificate, want spiffeid.TrustDomain) (spiffei
 	}
 	switch {
 	case found.IsZero() && want.IsZero():
-		return spiffeid.TrustDomain{}, fmt.Errorf("%w: no SPIFFE URI SAN in the CA certificates; give the trust domain explicitly", ErrInvalidCA)
+		return DefaultTrustDomain, TrustDomainFromDefault, nil
 	case found.IsZero():
-		return want, nil
+		return want, TrustDomainFromOption, nil
 	case !want.IsZero() && want != found:
-		return spiffeid.TrustDomain{}, fmt.Errorf("%w: CA certificates are for trust domain %q, not %q", ErrInvalidCA, found, want)
+		return spiffeid.TrustDomain{}, "", fmt.Errorf("%w: CA certificates are for trust domain %q, not %q", ErrInvalidCA, found, want)
 	}
-	return found, nil
+	return found, TrustDomainFromCertificate, nil
 }
 
 func publicKeysEqual(a, b crypto.PublicKey) bool {
@@ -249,6 +268,10 @@ func publicKeysEqual(a, b crypto.PublicKey) bool {
 
 // TrustDomain is the trust domain the authority issues identities in.
 func (a *Authority) TrustDomain() spiffeid.TrustDomain { return a.td }
+
+// TrustDomainFrom says where TrustDomain came from: the CA certificates, the
+// WithTrustDomain option, or the default.
+func (a *Authority) TrustDomainFrom() TrustDomainOrigin { return a.tdFrom }
 
 // Chain returns the signing certificate followed by its intermediates,
 // without the root. For an external signer it is the chain of the latest

@@ -221,6 +221,7 @@ func TestLoadDirectoriesMadeByOtherTooling(t *testing.T) {
 		opts      []Option
 		chain     func(ca *foreignCA) []byte // cert-chain.pem; nil: no file
 		wantTD    string
+		wantFrom  TrustDomainOrigin // checked if set
 		wantError string
 	}{
 		{
@@ -239,12 +240,14 @@ func TestLoadDirectoriesMadeByOtherTooling(t *testing.T) {
 		},
 		{
 			name: "certs without SPIFFE SAN take the given trust domain", rootKey: ecKey(), interKey: ecKey(), encoding: "pkcs8",
-			opts: []Option{WithTrustDomain(spiffeid.RequireTrustDomainFromString("mesh.example"))}, wantTD: "mesh.example",
+			opts: []Option{WithTrustDomain(spiffeid.RequireTrustDomainFromString("mesh.example"))}, wantTD: "mesh.example", wantFrom: TrustDomainFromOption,
 			chain: func(ca *foreignCA) []byte { return append([]byte(opensslText), certsPEM(ca.inter, ca.root)...) },
 		},
 		{
-			name: "certs without SPIFFE SAN and no trust domain", rootKey: ecKey(), interKey: ecKey(), encoding: "pkcs8",
-			wantError: "no SPIFFE URI SAN",
+			// Istio's tools/certs: the intermediate has only a DNS SAN; istiod
+			// then uses cluster.local, and so does the CA.
+			name: "certs without SPIFFE SAN and no trust domain take cluster.local", rootKey: ecKey(), interKey: ecKey(), encoding: "pkcs8",
+			wantTD: "cluster.local", wantFrom: TrustDomainFromDefault,
 		},
 		{
 			name: "trust domain disagreeing with the SAN", rootKey: ecKey(), interKey: ecKey(), encoding: "pkcs8",
@@ -274,6 +277,9 @@ func TestLoadDirectoriesMadeByOtherTooling(t *testing.T) {
 			}
 			if a.TrustDomain().Name() != tt.wantTD {
 				t.Fatalf("trust domain = %s, want %s", a.TrustDomain(), tt.wantTD)
+			}
+			if tt.wantFrom != "" && a.TrustDomainFrom() != tt.wantFrom {
+				t.Fatalf("trust domain from %q, want %q", a.TrustDomainFrom(), tt.wantFrom)
 			}
 			if c := a.Chain(); len(c) != 1 || !c[0].Equal(ca.inter) {
 				t.Fatalf("chain = %d certs, want just the intermediate", len(c))

@@ -9,12 +9,14 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -22,9 +24,11 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 	pb "istio.io/api/security/v1alpha1"
 
 	"github.com/meshproxy/meshproxy/ca/authn"
+	"github.com/meshproxy/meshproxy/internal/ratelog"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
@@ -65,6 +69,10 @@ type Server struct {
 	grace   time.Duration
 	conn    keepalive.ServerParameters
 	rot     *rotation // reload, issuance record, bundle endpoint
+
+	maxConns int              // open connections at most; 0: no limit
+	throttle *authThrottle    // failed authentications per source
+	refusals *ratelog.Limiter // refusal log lines, per reason
 }
 
 // ServerOption configures a Server.
@@ -77,6 +85,10 @@ type serverOptions struct {
 	grace      time.Duration
 	rot        rotationOptions
 	conn       keepalive.ServerParameters // bounds on a client connection's life
+	maxConns   int
+	failRate   float64
+	failBurst  int
+	now        func() time.Time // the throttle's clock
 }
 
 // Bounds on a client connection, so idle or stalled connections cannot
@@ -87,6 +99,28 @@ const (
 	maxConnAge      = 30 * time.Minute
 	maxConnAgeGrace = time.Minute
 )
+
+// Bounds on what one connection may ask of the CA: a request's metadata
+// (headers) and the streams open at once. A CSR request needs one stream and
+// well under a kilobyte of metadata (a bearer token is at most 16 KiB).
+const (
+	MaxHeaderListSize = 16 << 10
+	MaxStreamsPerConn = 16
+)
+
+// WithMaxConnections bounds the connections open at once (0: no limit, the
+// default); one past it is closed at once and counted in
+// meshproxy_ca_connections_refused_total.
+func WithMaxConnections(n int) ServerOption { return func(o *serverOptions) { o.maxConns = n } }
+
+// WithAuthThrottle sets how many failed authentications a source address
+// may make per second, sustained, and in a burst (default
+// DefaultAuthFailRate and DefaultAuthFailBurst); past them it is refused
+// with ResourceExhausted until its bucket refills. A rate of zero or less
+// turns the throttle off.
+func WithAuthThrottle(perSecond float64, burst int) ServerOption {
+	return func(o *serverOptions) { o.failRate, o.failBurst = perSecond, burst }
+}
 
 // WithLogger sets the server's logger (default slog.Default()).
 func WithLogger(l *slog.Logger) ServerOption { return func(o *serverOptions) { o.log = l } }
@@ -113,7 +147,8 @@ const ServingID = "/ns/istio-system/sa/meshproxy-ca"
 // with auth, tried in order after SVID renewal (a valid client SVID).
 func NewServer(a *Authority, auth []authn.Authenticator, opts ...ServerOption) (*Server, error) {
 	o := serverOptions{log: slog.Default(), servingTTL: DefaultTTL, grace: 10 * time.Second,
-		conn: keepalive.ServerParameters{MaxConnectionIdle: maxConnIdle, MaxConnectionAge: maxConnAge, MaxConnectionAgeGrace: maxConnAgeGrace}}
+		conn:     keepalive.ServerParameters{MaxConnectionIdle: maxConnIdle, MaxConnectionAge: maxConnAge, MaxConnectionAgeGrace: maxConnAgeGrace},
+		failRate: DefaultAuthFailRate, failBurst: DefaultAuthFailBurst, now: time.Now}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -133,7 +168,10 @@ func NewServer(a *Authority, auth []authn.Authenticator, opts ...ServerOption) (
 	if err != nil {
 		return nil, fmt.Errorf("serving identity: %w", err)
 	}
-	s := &Server{log: o.log, grace: o.grace, conn: o.conn}
+	s := &Server{log: o.log, grace: o.grace, conn: o.conn, maxConns: o.maxConns, refusals: ratelog.New(o.log, 0)}
+	if o.failRate > 0 {
+		s.throttle = newAuthThrottle(o.failRate, max(o.failBurst, 1), o.now)
+	}
 	s.cur.Store(a)
 	// The bundle and the serving certificate's issuer follow reloads.
 	s.authn = append(authn.Chain{authn.NewSVID(currentBundle{s})}, auth...)
@@ -201,7 +239,8 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	gs := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(s.tlsConfig())),
 		grpc.MaxRecvMsgSize(1<<20),
-		grpc.MaxConcurrentStreams(256),
+		grpc.MaxHeaderListSize(MaxHeaderListSize),
+		grpc.MaxConcurrentStreams(MaxStreamsPerConn),
 		grpc.ConnectionTimeout(20*time.Second),
 		grpc.KeepaliveParams(s.conn),
 	)
@@ -219,8 +258,8 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	}
 
 	errc := make(chan error, 1)
-	go func() { errc <- gs.Serve(lis) }()
-	s.log.Info("ca serving", "addr", lis.Addr().String(), "trust_domain", s.authority().TrustDomain().Name(),
+	go func() { errc <- gs.Serve(newLimitListener(lis, s.maxConns, s.log)) }()
+	s.log.Info("ca serving", "addr", lis.Addr().String(), "max_connections", s.maxConns, "trust_domain", s.authority().TrustDomain().Name(),
 		"auth", s.authn.Name(), "signer", s.authority().SignerName(), "chain_not_after", s.authority().NotAfter().UTC().Format(time.RFC3339))
 
 	select {
@@ -248,8 +287,14 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 // CreateCertificate implements IstioCertificateService.
 func (s *Server) CreateCertificate(ctx context.Context, req *pb.IstioCertificateRequest) (*pb.IstioCertificateResponse, error) {
 	caller, addr := callerFrom(ctx)
+	if wait := s.throttle.wait(addr); wait > 0 {
+		return nil, s.throttled(ctx, addr, wait)
+	}
 	who, err := s.authn.AuthenticateResult(ctx, caller)
 	if err != nil {
+		if !errors.Is(err, authn.ErrUnavailable) {
+			s.throttle.fail(addr)
+		}
 		switch {
 		case errors.Is(err, authn.ErrPermissionDenied):
 			return nil, s.refuse(addr, codes.PermissionDenied, ReasonPermissionDenied, err, spiffeid.ID{})
@@ -320,8 +365,24 @@ func (s *Server) refuse(addr string, code codes.Code, reason string, err error, 
 	if !id.IsZero() {
 		attrs = append(attrs, "spiffe_id", id.String())
 	}
-	s.log.Warn("csr refused", attrs...)
+	s.refusals.Warn(reason, "csr refused", attrs...)
 	return status.Error(code, err.Error())
+}
+
+// throttled refuses a request from a source that failed authentication too
+// often: ResourceExhausted with a RetryInfo detail and a retry-after header
+// (whole seconds), counted and logged (sampled).
+func (s *Server) throttled(ctx context.Context, addr string, wait time.Duration) error {
+	metrics.CAAuthThrottled.Inc()
+	secs := max(int64((wait+time.Second-1)/time.Second), 1)
+	_ = grpc.SetHeader(ctx, metadata.Pairs("retry-after", strconv.FormatInt(secs, 10)))
+	s.refusals.Warn("throttled", "csr refused: too many failed authentications from this address", "reason", "throttled",
+		"code", codes.ResourceExhausted.String(), "peer", addr, "retry_in", wait.Round(time.Millisecond).String())
+	st := status.New(codes.ResourceExhausted, fmt.Sprintf("too many failed authentications from this address; retry in %ds", secs))
+	if d, err := st.WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(wait)}); err == nil {
+		st = d
+	}
+	return st.Err()
 }
 
 // callerFrom collects the caller's credentials from the request context:

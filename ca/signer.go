@@ -88,7 +88,8 @@ const backendClockSkew = 5 * time.Minute
 
 // NewFromSigner builds an Authority that delegates signing to s, an external
 // CA. The trust bundle is s.Roots(); the trust domain comes from a SPIFFE
-// URI SAN in the roots or from WithTrustDomain (both present must agree).
+// URI SAN in the roots, from WithTrustDomain (both present must agree), or
+// is DefaultTrustDomain.
 // Every certificate s returns is checked (see SignChain) before use.
 func NewFromSigner(s Signer, opts ...Option) (*Authority, error) {
 	o, err := newOptions(opts)
@@ -102,12 +103,13 @@ func NewFromSigner(s Signer, opts ...Option) (*Authority, error) {
 	if err := checkRoots(roots); err != nil {
 		return nil, fmt.Errorf("signer %s: %w", s.Name(), err)
 	}
-	td, err := trustDomainOf(roots, o.td)
+	td, tdFrom, err := trustDomainOf(roots, o.td)
 	if err != nil {
 		return nil, fmt.Errorf("signer %s: %w", s.Name(), err)
 	}
 	return &Authority{
 		td:         td,
+		tdFrom:     tdFrom,
 		signer:     s,
 		roots:      slices.Clone(roots),
 		defaultTTL: o.defaultTTL,

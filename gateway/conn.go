@@ -76,7 +76,7 @@ func (g *Gateway) refuse(t *conn, r refusal) {
 	if r.err != nil {
 		attrs = append(attrs, "err", r.err.Error())
 	}
-	g.log.Warn("connection refused", append(attrs, r.attrs...)...)
+	g.refusals.Warn(r.result, "connection refused", append(attrs, r.attrs...)...)
 	t.Abort()
 }
 

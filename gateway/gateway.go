@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 
 	"github.com/meshproxy/meshproxy/internal/manifest"
+	"github.com/meshproxy/meshproxy/internal/ratelog"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
@@ -34,6 +35,7 @@ type Gateway struct {
 	creds     *credStore
 	opts      options
 	log       *slog.Logger
+	refusals  *ratelog.Limiter // refusal lines, sampled per reason
 	cfg       atomic.Pointer[config]
 	meshTLS   *mesh.ClientConfigs
 
@@ -92,6 +94,7 @@ func New(src tlsmgr.Source, pol mesh.PolicySource, configDir, credentialsDir str
 		creds:     newCredStore(credentialsDir, log),
 		opts:      o,
 		log:       log,
+		refusals:  ratelog.New(log, 0),
 		meshTLS:   mesh.NewClientConfigs(src),
 		listeners: map[uint16]*listener{},
 		bindErrs:  map[uint16]error{},
@@ -276,7 +279,7 @@ func (g *Gateway) admit(l *listener, c net.Conn) {
 	})
 	if errors.Is(err, conntrack.ErrOverLimit) {
 		metrics.GatewayConnections.WithLabelValues(l.label, routeNone, ResultOverLimit).Inc()
-		g.log.Warn("connection refused", "listener", l.label, "source", c.RemoteAddr().String(),
+		g.refusals.Warn(ResultOverLimit, "connection refused", "listener", l.label, "source", c.RemoteAddr().String(),
 			"reason", ResultOverLimit, "max_connections", g.opts.MaxConns)
 	}
 	if err != nil {

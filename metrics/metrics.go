@@ -46,6 +46,8 @@ var (
 		"Connections refused by policy, by reason.", "reason")
 	ConfigReloads = newCounterVec("config_reloads_total",
 		"Policy and certificate file reloads by kind and result (success, failure).", "kind", "result")
+	AdminRefused = newCounterVec("admin_requests_refused_total",
+		"Admin API requests refused, by reason (foreign_host, cross_origin, rotate_throttled).", "reason")
 	// AppProbes counts the application probes the health port ran for the
 	// kubelet (rewritten by inject); probe is livez, readyz or startupz.
 	AppProbes = newCounterVec("app_probes_total",
@@ -73,6 +75,14 @@ var (
 	}))
 	CACSRErrors = newCounterVec("ca_csr_errors_total",
 		"CSR requests the CA refused, by reason.", "reason")
+	CAAuthThrottled = register(prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Name: "ca_auth_throttled_total",
+		Help: "CA requests refused with ResourceExhausted because their source failed authentication too often.",
+	}))
+	CAConnectionsRefused = register(prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: ns, Name: "ca_connections_refused_total",
+		Help: "Connections the CA closed at once because --max-connections were open.",
+	}))
 	CARootExpiry = newGauge("ca_root_expiry_timestamp_seconds",
 		"Unix time at which the earliest-expiring root in the trust bundle expires.")
 	CAChainExpiry = newGauge("ca_chain_expiry_timestamp_seconds",

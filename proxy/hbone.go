@@ -246,7 +246,7 @@ func (p *Proxy) serveHBONEStream(l *listener, tc *tls.Conn, local netip.Addr, pe
 	if err != nil {
 		if errors.Is(err, conntrack.ErrOverLimit) {
 			metrics.Connections.WithLabelValues(mesh.DirInbound, ModeHBONE, DecisionOverLimit).Inc()
-			p.log.Warn("connection refused", "direction", mesh.DirInbound, "listener", l.name, "source", sc.RemoteAddr().String(),
+			p.refusals.Warn(DecisionOverLimit, "connection refused", "direction", mesh.DirInbound, "listener", l.name, "source", sc.RemoteAddr().String(),
 				"mode", ModeHBONE, "peer", peer.String(), "reason", DecisionOverLimit, "max_connections", p.opts.MaxConns)
 		}
 		sc.finish(http.StatusServiceUnavailable)

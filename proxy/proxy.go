@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/ratelog"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	fwd "github.com/meshproxy/meshproxy/proxy/forward"
@@ -77,6 +78,7 @@ type Proxy struct {
 	pol       mesh.PolicySource
 	opts      options
 	log       *slog.Logger
+	refusals  *ratelog.Limiter // refusal lines, sampled per reason
 	serverTLS *tls.Config
 	clientTLS *mesh.ClientConfigs
 	hbone     *hbone
@@ -106,6 +108,7 @@ func New(src tlsmgr.Source, pol mesh.PolicySource, opts ...Option) *Proxy {
 		pol:       pol,
 		opts:      o,
 		log:       log,
+		refusals:  ratelog.New(log, 0),
 		serverTLS: mesh.ServerConfig(src, pol),
 		clientTLS: mesh.NewClientConfigs(src),
 		hbone:     newHBONE(src, pol, o),
@@ -218,7 +221,7 @@ func (p *Proxy) admit(l *listener, c net.Conn) {
 	})
 	if errors.Is(err, conntrack.ErrOverLimit) {
 		metrics.Connections.WithLabelValues(dir, mesh.ModeUnknown, DecisionOverLimit).Inc()
-		p.log.Warn("connection refused", "direction", dir, "listener", l.name,
+		p.refusals.Warn(DecisionOverLimit, "connection refused", "direction", dir, "listener", l.name,
 			"source", c.RemoteAddr().String(), "reason", DecisionOverLimit, "max_connections", p.opts.MaxConns)
 	}
 	if err != nil {
@@ -352,7 +355,7 @@ func (p *Proxy) refuse(t *conntrack.Conn, r refusal) {
 	if r.err != nil {
 		attrs = append(attrs, "err", r.err.Error())
 	}
-	p.log.Warn("connection refused", attrs...)
+	p.refusals.Warn(r.decision, "connection refused", attrs...)
 	t.Abort()
 }
 

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/ca"
 	"github.com/meshproxy/meshproxy/ca/authn"
+	"github.com/meshproxy/meshproxy/internal/fdlimit"
 	"github.com/meshproxy/meshproxy/internal/ports"
 	"github.com/meshproxy/meshproxy/internal/serve"
 )
@@ -31,7 +34,43 @@ signs workload CSRs into short-lived X.509-SVIDs over Istio's CA gRPC API
 (istio.v1.auth.IstioCertificateService/CreateCertificate).`,
 		Args: cobra.NoArgs,
 	}
-	cmd.AddCommand(newCAInitCmd(), newCAServeCmd(), newCARotateRootCmd(), newCAStatusCmd())
+	cmd.AddCommand(newCAInitCmd(), newCAServeCmd(), newCATokenCmd(), newCARotateRootCmd(), newCAStatusCmd())
+	return cmd
+}
+
+// caTokenBytes is the entropy of a token made by `ca token`.
+const caTokenBytes = 32
+
+func newCATokenCmd() *cobra.Command {
+	var id string
+	cmd := &cobra.Command{
+		Use:   "token --id spiffe://TD/ns/NS/sa/SA",
+		Short: "Print a new random bootstrap token line for a --tokens file",
+		Long: `token prints one line "TOKEN SPIFFE-ID" for the --tokens file of "ca serve --auth
+token": TOKEN is 32 random bytes (base64url, 43 characters), so it cannot be
+guessed. Append it to the tokens file (the CA re-reads it) and give the token
+alone to the workload's --token-file:
+
+  meshproxy ca token --id spiffe://cluster.local/ns/demo/sa/web >> tokens
+  tail -n1 tokens | cut -d' ' -f1 > web.token`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if id == "" {
+				return usagef("--id is required: the SPIFFE ID the token authenticates")
+			}
+			sid, err := spiffeid.FromString(id)
+			if err != nil {
+				return usagef("--id %q: %v", id, err)
+			}
+			buf := make([]byte, caTokenBytes)
+			if _, err := rand.Read(buf); err != nil {
+				return fmt.Errorf("random token: %w", err)
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s %s\n", base64.RawURLEncoding.EncodeToString(buf), sid)
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&id, "id", "", "the SPIFFE ID the token authenticates, e.g. spiffe://cluster.local/ns/demo/sa/web")
 	return cmd
 }
 
@@ -125,6 +164,7 @@ type caServeFlags struct {
 	auth, servingDNS                    []string
 	defaultTTL, maxTTL                  time.Duration
 	logLevel, logFormat                 string
+	maxConnections                      int
 	signer                              signerFlags
 	rotation                            caRotationFlags
 	mirror                              caMirrorFlags
@@ -144,9 +184,10 @@ func (f *caServeFlags) register(fl *pflag.FlagSet) {
 	fl.DurationVar(&f.maxTTL, "max-ttl", ca.MaxTTL, "longest validity a caller may request (longer is InvalidArgument)")
 	fl.StringVar(&f.metrics, "metrics", ports.Any(ports.CAMetrics), "address of the Prometheus endpoint (/metrics, /stats/prometheus); 'off' (or empty) disables it")
 	fl.StringSliceVar(&f.servingDNS, "serving-dns", nil, "extra DNS names (or IPs) for the CA's TLS serving certificate")
-	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of a CA whose certificates carry no spiffe:// URI SAN (must match it otherwise)")
+	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of a CA whose certificates carry no spiffe:// URI SAN (default cluster.local, as istiod; must match the SAN otherwise)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	fl.IntVar(&f.maxConnections, "max-connections", 0, "close new connections past this many open ones (0: sized from RLIMIT_NOFILE, keeping headroom for the metrics port, the API server and files)")
 	f.signer.register(fl)
 	f.rotation.register(fl)
 	f.mirror.register(fl)
@@ -162,6 +203,9 @@ func (f *caServeFlags) validate() error {
 	}
 	if f.metrics == serve.Off {
 		f.metrics = ""
+	}
+	if f.maxConnections < 0 {
+		return usagef("--max-connections must not be negative")
 	}
 	if f.defaultTTL <= 0 {
 		return usagef("--default-ttl must be positive, got %s", f.defaultTTL)
@@ -270,11 +314,18 @@ func runCA(ctx context.Context, f *caServeFlags, logTo io.Writer) error {
 		return err
 	}
 	defer closeSigner()
+	logTrustDomain(log, authority)
 	authenticators, err := buildAuthenticators(f.auth, authority.TrustDomain(), log, f.tokens, f.kubeconfig, f.jwks, f.jwtIssuer)
 	if err != nil {
 		return err
 	}
-	srv, err := ca.NewServer(authority, authenticators, append([]ca.ServerOption{ca.WithLogger(log), ca.WithServingDNS(f.servingDNS...)}, rotOpts...)...)
+	nofile, nofileErr := fdlimit.Raise()
+	if f.maxConnections == 0 {
+		f.maxConnections = fdlimit.MaxConnections(nofile, 1)
+	}
+	logConnectionLimit(log, f.maxConnections, nofile, nofileErr)
+	srv, err := ca.NewServer(authority, authenticators, append([]ca.ServerOption{ca.WithLogger(log), ca.WithServingDNS(f.servingDNS...),
+		ca.WithMaxConnections(f.maxConnections)}, rotOpts...)...)
 	if err != nil {
 		return usagef("--serving-dns: %v", err)
 	}
@@ -284,6 +335,20 @@ func runCA(ctx context.Context, f *caServeFlags, logTo io.Writer) error {
 	}
 	defer stopMirror()
 	return serveCA(ctx, srv, f.listen, f.metrics, log)
+}
+
+// logTrustDomain says which trust domain the CA serves and why.
+func logTrustDomain(log *slog.Logger, a *ca.Authority) {
+	td := a.TrustDomain().Name()
+	switch a.TrustDomainFrom() {
+	case ca.TrustDomainFromDefault:
+		log.Info("trust domain "+td+": the CA certificates carry no SPIFFE URI SAN and --trust-domain is not set, so istiod's default applies",
+			"trust_domain", td, "from", string(a.TrustDomainFrom()))
+	case ca.TrustDomainFromOption:
+		log.Info("trust domain "+td+" from --trust-domain (the CA certificates carry no SPIFFE URI SAN)", "trust_domain", td, "from", string(a.TrustDomainFrom()))
+	default:
+		log.Info("trust domain "+td+" from the CA certificates' SPIFFE URI SAN", "trust_domain", td, "from", string(a.TrustDomainFrom()))
+	}
 }
 
 func buildAuthenticators(methods []string, td spiffeid.TrustDomain, log *slog.Logger, tokens, kubeconfig, jwks, issuer string) ([]authn.Authenticator, error) {
@@ -314,7 +379,7 @@ func buildAuthenticators(methods []string, td spiffeid.TrustDomain, log *slog.Lo
 			if err != nil {
 				return nil, err
 			}
-			out = append(out, authn.NewKubernetes(a, td, authn.WithLogger(log)))
+			out = append(out, authn.NewCached(authn.NewKubernetes(a, td, authn.WithLogger(log)), 0, 0))
 		case "jwks":
 			opts := []authn.Option{authn.WithLogger(log)}
 			if kubeconfig != "" {
@@ -328,7 +393,7 @@ func buildAuthenticators(methods []string, td spiffeid.TrustDomain, log *slog.Lo
 			if err != nil {
 				return nil, err
 			}
-			out = append(out, j)
+			out = append(out, authn.NewCached(j, 0, 0))
 		}
 	}
 	return out, nil

@@ -27,6 +27,8 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	pb "istio.io/api/security/v1alpha1"
+
+	"github.com/meshproxy/meshproxy/ca/authn"
 )
 
 // caSyncBuffer collects a command's output while the test reads it.
@@ -146,6 +148,9 @@ func TestCAUsageErrorsNameTheFlag(t *testing.T) {
 		{"serve stray argument", []string{"ca", "serve", "extra"}, "extra"},
 		{"serve bad log level", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--log-level", "loud"}, "--log-level"},
 		{"serve bad log format", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--log-format", "xml"}, "--log-format"},
+		{"serve negative max connections", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--max-connections", "-1"}, "--max-connections"},
+		{"token with a bad id", []string{"ca", "token", "--id", "http://x"}, "--id"},
+		{"unknown ca subcommand", []string{"ca", "tokens"}, `unknown command "tokens"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -323,5 +328,31 @@ func caWriteFile(t *testing.T, path, data string) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(data), 0o600); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestCATokenPrintsARandomTokensFileLine(t *testing.T) {
+	const id = "spiffe://cluster.local/ns/demo/sa/web"
+	code, first := caExec(t, "ca", "token", "--id", id)
+	_, second := caExec(t, "ca", "token", "--id", id)
+	if code != 0 {
+		t.Fatalf("ca token: exit %d: %s", code, first)
+	}
+	fields := strings.Fields(first)
+	if len(fields) != 2 || fields[1] != id || len(fields[0]) != 43 || first == second {
+		t.Fatalf("ca token printed %q then %q; want two different \"TOKEN %s\" lines with 43-character tokens", first, second, id)
+	}
+	path := filepath.Join(t.TempDir(), "tokens")
+	caWriteFile(t, path, first+second)
+	toks, err := authn.NewTokens(path)
+	if err != nil {
+		t.Fatalf("the printed lines are not a valid tokens file: %v", err)
+	}
+	got, err := toks.Authenticate(context.Background(), authn.Caller{Token: fields[0]})
+	if err != nil || got.String() != id {
+		t.Fatalf("token authenticates as %v (%v), want %s", got, err, id)
+	}
+	if code, out := caExec(t, "ca", "token"); code != 2 || !strings.Contains(out, "--id") {
+		t.Fatalf("ca token without --id: exit %d %s", code, out)
 	}
 }

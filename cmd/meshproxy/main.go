@@ -89,14 +89,23 @@ Exit status: 0 ok, 1 runtime failure, 2 usage error.`,
 		newCNICmd(),
 		newNodeAgentCmd(),
 	)
-	for _, c := range root.Commands() {
-		wrapArgs(c)
-	}
+	wrapArgs(root)
 	return root
 }
 
-// wrapArgs makes positional-argument errors usage errors, recursively.
+// wrapArgs makes positional-argument errors usage errors, recursively; a
+// command group (subcommands, nothing to run itself) given an unknown
+// subcommand is a usage error too, and alone prints its help.
 func wrapArgs(c *cobra.Command) {
+	if c.HasSubCommands() && !c.Runnable() {
+		c.Args = cobra.ArbitraryArgs
+		c.RunE = func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usagef("unknown command %q for %q (see %s --help)", args[0], cmd.CommandPath(), cmd.CommandPath())
+			}
+			return cmd.Help()
+		}
+	}
 	if c.Args != nil {
 		check := c.Args
 		c.Args = func(cmd *cobra.Command, args []string) error {

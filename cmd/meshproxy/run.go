@@ -16,10 +16,12 @@ import (
 	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshproxy/meshproxy/internal/fdlimit"
 	"github.com/meshproxy/meshproxy/internal/ports"
 	"github.com/meshproxy/meshproxy/internal/serve"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/admin"
 	"github.com/meshproxy/meshproxy/proxy/apphealth"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/redirect"
@@ -166,7 +168,7 @@ subjectAltNames).` + runConfigServerHelp,
 	fl.BoolVar(&f.strictConfig, "strict-config", false, "refuse to start (and keep the last good policy on reload) when any --config-dir document is rejected; by default a rejected document is reported and fails closed alone")
 	f.configServer.register(fl)
 	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
-	fl.StringVar(&f.namespace, "namespace", "default", "the workload's namespace (for policy selection)")
+	fl.StringVar(&f.namespace, "namespace", "", "the workload's namespace, for policy selection (default: NS of an SVID spiffe://TD/ns/NS/sa/SA, else \"default\")")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the workload's labels, Kubernetes downward-API format (key=\"value\" lines)")
 	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
 	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the workload's SVID)")
@@ -216,7 +218,11 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 	if !td.IsZero() {
 		popts = append(popts, proxy.WithTrustDomain(td))
 	}
-	wl, err := workload(f.namespace, f.labelsFile)
+	ns := f.namespace
+	if ns == "" {
+		ns = defaultNamespace // until the SVID says otherwise
+	}
+	wl, err := workload(ns, f.labelsFile)
 	if err != nil {
 		return err
 	}
@@ -239,10 +245,17 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 		if err := f.configServer.follow(ctx, src, td, f.configDir, log); err != nil {
 			return serve.Built{}, err
 		}
-		var store *policy.Store
-		if f.configDir == "" {
+		var store mesh.PolicySource
+		switch {
+		case f.configDir == "":
 			store = policy.Static(wl, polOpts...)
-		} else {
+		case f.namespace == "":
+			var err error
+			if store, err = watchPolicyForSVID(ctx, src, f.configDir, wl, f.rootNamespace, polOpts, log); err != nil {
+				return serve.Built{}, err
+			}
+		default:
+			warnForeignPolicies(log, f.configDir, f.namespace, f.rootNamespace)
 			var err error
 			if store, err = watchPolicy(ctx, f.configDir, wl, polOpts, log); err != nil {
 				return serve.Built{}, err
@@ -258,6 +271,9 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 
 // proxyOptions validates the listener flags and turns them into options.
 func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
+	if err := f.serveFlags.validate(); err != nil { // sizes --max-connections
+		return nil, err
+	}
 	opts := []proxy.Option{
 		proxy.WithLogger(log),
 		proxy.WithDetectTimeout(f.detectTimeout),
@@ -265,9 +281,6 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 		proxy.WithMaxConnections(f.maxConnections),
 		proxy.WithOriginalDst(redirect.OriginalDst),
 		proxy.WithCredentialsDir(f.credentialsDir),
-	}
-	if err := f.serveFlags.validate(); err != nil {
-		return nil, err
 	}
 	n := 0
 	if f.inbound != "" {
@@ -497,9 +510,13 @@ type serveFlags struct {
 	detectTimeout          time.Duration
 	idleTimeout            time.Duration
 	drainTimeout           time.Duration
+	rotateInterval         time.Duration
 	maxConnections         int
 	logLevel, logFormat    string
-	appHealth              *apphealth.Handler // run only: the app's probes on the health port
+
+	nofile    uint64             // soft RLIMIT_NOFILE after raising it, set by validate
+	nofileErr error              // why it could not be raised
+	appHealth *apphealth.Handler // run only: the app's probes on the health port
 }
 
 // register adds the shared flags to fl; detectUsage says what
@@ -511,10 +528,19 @@ func (f *serveFlags) register(fl *pflag.FlagSet, detectUsage string) {
 	fl.DurationVar(&f.detectTimeout, "detect-timeout", mesh.DefaultDetectTimeout, detectUsage)
 	fl.DurationVar(&f.idleTimeout, "idle-timeout", mesh.DefaultIdleTimeout, "close a connection with no traffic either way for this long")
 	fl.DurationVar(&f.drainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long open connections may finish")
-	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: no limit)")
+	fl.DurationVar(&f.rotateInterval, "rotate-interval", admin.DefaultRotateInterval, "least time between two forced renewals by the admin API's POST /rotate (calls in between share the one in flight or get 429)")
+	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: sized from RLIMIT_NOFILE, two descriptors a connection, keeping headroom for the admin, health and metrics ports)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 }
+
+// defaultNamespace is the workload's namespace when neither --namespace nor
+// the SVID names one.
+const defaultNamespace = "default"
+
+// proxiedConnFDs is the file descriptors a proxied connection holds: the
+// client's and the upstream one.
+const proxiedConnFDs = 2
 
 // validate checks the timeouts and the connection limit.
 func (f *serveFlags) validate() error {
@@ -525,8 +551,14 @@ func (f *serveFlags) validate() error {
 		return usagef("--idle-timeout must be positive")
 	case f.drainTimeout < 0:
 		return usagef("--drain-timeout must not be negative")
+	case f.rotateInterval <= 0:
+		return usagef("--rotate-interval must be positive")
 	case f.maxConnections < 0:
 		return usagef("--max-connections must not be negative")
+	}
+	f.nofile, f.nofileErr = fdlimit.Raise()
+	if f.maxConnections == 0 {
+		f.maxConnections = fdlimit.MaxConnections(f.nofile, proxiedConnFDs)
 	}
 	return nil
 }
@@ -540,6 +572,7 @@ func (f *serveFlags) start(ctx context.Context, idf *identityFlags, td spiffeid.
 	started string, build func(ctx context.Context, src tlsmgr.Source) (serve.Built, error)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	logConnectionLimit(log, f.maxConnections, f.nofile, f.nofileErr)
 	src, err := idf.identitySource(ctx, td, log)
 	if err != nil {
 		return err
@@ -549,10 +582,18 @@ func (f *serveFlags) start(ctx context.Context, idf *identityFlags, td spiffeid.
 	}
 	cfg := serve.Config{
 		Admin: f.admin, Metrics: f.metrics, Health: f.health,
-		DrainTimeout: f.drainTimeout, Logger: log, Started: started,
+		DrainTimeout: f.drainTimeout, RotateInterval: f.rotateInterval, Logger: log, Started: started,
 		WrapHealth: f.appHealth.Wrap,
 	}
 	return serve.Run(ctx, cfg, src, func(ctx context.Context) (serve.Built, error) { return build(ctx, src) })
+}
+
+// logConnectionLimit says what bounds the connections and why.
+func logConnectionLimit(log *slog.Logger, maxConns int, nofile uint64, err error) {
+	if err != nil {
+		log.Warn("could not raise the file descriptor limit", "err", err)
+	}
+	log.Info("connection limit", "max_connections", maxConns, "rlimit_nofile", nofile)
 }
 
 // workload is the workload policy selects by: namespace and the labels of

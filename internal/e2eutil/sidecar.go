@@ -157,6 +157,15 @@ func (s Sidecar) Identity() (Identity, error) {
 // Rotate forces a renewal with POST /rotate and returns the new identity.
 func (s Sidecar) Rotate() (Identity, error) {
 	code, body, err := HTTPPost("http://" + s.Admin + "/rotate")
+	// The admin API starts at most one renewal a second and answers 429
+	// (Retry-After: 1) within it: wait and ask again, a few times.
+	for range 5 {
+		if err != nil || code != http.StatusTooManyRequests {
+			break
+		}
+		time.Sleep(time.Second)
+		code, body, err = HTTPPost("http://" + s.Admin + "/rotate")
+	}
 	if err != nil {
 		return Identity{}, err
 	}

@@ -51,6 +51,7 @@ type Built struct {
 type Config struct {
 	Admin, Metrics, Health string        // addresses; Off disables one
 	DrainTimeout           time.Duration // how long open connections may finish
+	RotateInterval         time.Duration // least time between forced renewals (POST /rotate); 0: admin's default
 	Logger                 *slog.Logger
 	Started                string // the log message once everything listens
 	// WrapHealth, if set, wraps the health handler (the sidecar adds the
@@ -79,7 +80,7 @@ func Run(ctx context.Context, cfg Config, src Source, build func(ctx context.Con
 		health = cfg.WrapHealth(health)
 	}
 	servers, err := startHTTP(log, []endpoint{
-		{"admin", cfg.Admin, admin.Handler(src, dp)},
+		{"admin", cfg.Admin, admin.Handler(src, dp, admin.WithLogger(log), admin.WithRotateInterval(cfg.RotateInterval))},
 		{"metrics", cfg.Metrics, metrics.Handler()},
 		{"health", cfg.Health, health},
 	})

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -49,8 +50,10 @@ type Error struct {
 type Option func(*options)
 
 type options struct {
-	log           *slog.Logger
-	rotateTimeout time.Duration
+	log            *slog.Logger
+	rotateTimeout  time.Duration
+	rotateInterval time.Duration
+	now            func() time.Time
 }
 
 // WithLogger sets the logger (default slog.Default()).
@@ -71,13 +74,30 @@ func WithRotateTimeout(d time.Duration) Option {
 	}
 }
 
+// WithRotateInterval sets the least time between the starts of two forced
+// renewals (default DefaultRotateInterval).
+func WithRotateInterval(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.rotateInterval = d
+		}
+	}
+}
+
+// WithClock replaces time.Now, for tests.
+func WithClock(now func() time.Time) Option { return func(o *options) { o.now = now } }
+
 // Handler returns the admin API for src's identity and dp's connections.
+// It answers only requests to a loopback Host, takes mutating requests only
+// without a foreign Origin, and coalesces forced renewals (see guard and
+// rotateGate).
 func Handler(src tlsmgr.Source, dp Dataplane, opts ...Option) http.Handler {
-	o := options{log: slog.Default(), rotateTimeout: DefaultRotateTimeout}
+	o := options{log: slog.Default(), rotateTimeout: DefaultRotateTimeout, rotateInterval: DefaultRotateInterval, now: time.Now}
 	for _, opt := range opts {
 		opt(&o)
 	}
-	a := &api{src: src, dp: dp, opts: o, log: o.log.With("component", "admin")}
+	a := &api{src: src, dp: dp, opts: o, log: o.log.With("component", "admin"),
+		gate: &rotateGate{every: o.rotateInterval, now: o.now}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/identity", a.identity)
 	mux.HandleFunc("/peers", a.peers)
@@ -91,7 +111,7 @@ func Handler(src tlsmgr.Source, dp Dataplane, opts ...Option) http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s (have /identity, /peers, /config, /rotate, /debug/pprof/)", r.URL.Path))
 	})
-	return mux
+	return guard(a.log, mux)
 }
 
 type api struct {
@@ -99,6 +119,7 @@ type api struct {
 	dp   Dataplane
 	opts options
 	log  *slog.Logger
+	gate *rotateGate
 }
 
 func (a *api) identity(w http.ResponseWriter, r *http.Request) {
@@ -183,8 +204,17 @@ func (a *api) rotate(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), a.opts.rotateTimeout)
 	defer cancel()
-	a.log.Info("rotation requested", "remote", r.RemoteAddr)
-	if err := a.src.Rotate(ctx); err != nil {
+	retry, err := a.gate.do(ctx, a.opts.rotateTimeout, func(ctx context.Context) error {
+		a.log.Info("rotation requested", "remote", r.RemoteAddr)
+		return a.src.Rotate(ctx)
+	})
+	if retry > 0 {
+		metrics.AdminRefused.WithLabelValues(RefusedRotateThrottled).Inc()
+		w.Header().Set("Retry-After", retryAfterSeconds(retry))
+		writeError(w, http.StatusTooManyRequests, fmt.Sprintf("a renewal started less than %s ago; retry in %s", a.opts.rotateInterval, retry.Round(time.Millisecond)))
+		return
+	}
+	if err != nil {
 		a.log.Warn("rotation failed", "err", err)
 		writeError(w, http.StatusBadGateway, fmt.Sprintf("rotate: %v", err))
 		return

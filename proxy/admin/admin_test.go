@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -294,5 +295,152 @@ func TestHealthReflectsReadiness(t *testing.T) {
 	ready.Store(true)
 	if code, _ := call(t, http.MethodGet, srv.URL+"/healthz/ready", nil); code != http.StatusOK {
 		t.Fatalf("ready = %d", code)
+	}
+}
+
+// countingRotation counts forced renewals; each takes until release is
+// closed (nil: returns at once).
+type countingRotation struct {
+	*tlsmgr.Static
+	calls   atomic.Int32
+	entered chan struct{} // gets a value per call, if not nil
+	release chan struct{}
+}
+
+func (c *countingRotation) Rotate(ctx context.Context) error {
+	c.calls.Add(1)
+	if c.entered != nil {
+		select {
+		case c.entered <- struct{}{}:
+		default:
+		}
+	}
+	if c.release != nil {
+		select {
+		case <-c.release:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+func TestAdminRefusesBrowserRequests(t *testing.T) {
+	ca := testpki.New(t, "cluster.local")
+	src := &countingRotation{Static: tlsmgr.NewStatic(ca.Issue(t, echoID, time.Hour), ca.Bundle())}
+	f := newFixture(t, src)
+	self := strings.TrimPrefix(f.admin.URL, "http://")
+	for _, tc := range []struct {
+		name, method, path string
+		host               string
+		hdr                map[string]string
+		want               int
+	}{
+		{"foreign host rotate", http.MethodPost, "/rotate", "evil.example", nil, http.StatusForbidden},
+		{"foreign host with port", http.MethodPost, "/rotate", "evil.example:15000", nil, http.StatusForbidden},
+		{"rebound name reads identity", http.MethodGet, "/identity", "evil.example:15000", nil, http.StatusForbidden},
+		{"rebound name reads pprof", http.MethodGet, "/debug/pprof/", "evil.example", nil, http.StatusForbidden},
+		{"foreign origin", http.MethodPost, "/rotate", "", map[string]string{"Origin": "http://evil.example"}, http.StatusForbidden},
+		{"null origin", http.MethodPost, "/rotate", "", map[string]string{"Origin": "null"}, http.StatusForbidden},
+		{"other loopback origin", http.MethodPost, "/rotate", "", map[string]string{"Origin": "http://localhost:3000"}, http.StatusForbidden},
+		{"cross-site fetch", http.MethodPost, "/rotate", "", map[string]string{"Sec-Fetch-Site": "cross-site"}, http.StatusForbidden},
+		{"pprof symbol post cross-site", http.MethodPost, "/debug/pprof/symbol", "", map[string]string{"Origin": "http://evil.example"}, http.StatusForbidden},
+		{"foreign origin may read", http.MethodGet, "/identity", "", map[string]string{"Origin": "http://evil.example"}, http.StatusOK},
+		{"localhost host", http.MethodGet, "/identity", "localhost:15000", nil, http.StatusOK},
+		{"ipv6 loopback host", http.MethodGet, "/identity", "[::1]:15000", nil, http.StatusOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, err := http.NewRequest(tc.method, f.admin.URL+tc.path, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.host != "" {
+				req.Host = tc.host
+			}
+			for k, v := range tc.hdr {
+				req.Header.Set(k, v)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.want {
+				t.Fatalf("%s %s (Host %q, %v) = %d %s, want %d", tc.method, tc.path, tc.host, tc.hdr, resp.StatusCode, body, tc.want)
+			}
+		})
+	}
+	if n := src.calls.Load(); n != 0 {
+		t.Fatalf("refused requests rotated %d times", n)
+	}
+	// The CLI's own request, and a same-origin one, still rotate.
+	req, _ := http.NewRequest(http.MethodPost, f.admin.URL+"/rotate", nil)
+	req.Header.Set("Origin", "http://"+self)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || src.calls.Load() != 1 {
+		t.Fatalf("same-origin POST /rotate = %d, %d renewals", resp.StatusCode, src.calls.Load())
+	}
+}
+
+func TestRotateCoalescesForcedRenewals(t *testing.T) {
+	ca := testpki.New(t, "cluster.local")
+	src := &countingRotation{Static: tlsmgr.NewStatic(ca.Issue(t, echoID, time.Hour), ca.Bundle()), entered: make(chan struct{}, 1), release: make(chan struct{})}
+	var mu sync.Mutex
+	now := time.Unix(1_700_000_000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	srv := httptest.NewServer(admin.Handler(src, nil, admin.WithLogger(quiet), admin.WithClock(clock)))
+	t.Cleanup(srv.Close)
+
+	// 200 calls at once: one renewal in flight, the rest wait for it or are
+	// told to retry; never a second renewal within the interval.
+	const n = 200
+	codes := make(chan int, n)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			resp, err := http.Post(srv.URL+"/rotate", "", nil)
+			if err != nil {
+				codes <- 0
+				return
+			}
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusTooManyRequests && resp.Header.Get("Retry-After") != "1" {
+				codes <- -1
+				return
+			}
+			codes <- resp.StatusCode
+		})
+	}
+	select {
+	case <-src.entered:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no renewal started")
+	}
+	close(src.release)
+	wg.Wait()
+	close(codes)
+	got := map[int]int{}
+	for c := range codes {
+		got[c]++
+	}
+	if src.calls.Load() != 1 || got[http.StatusOK] == 0 || got[http.StatusOK]+got[http.StatusTooManyRequests] != n {
+		t.Fatalf("200 concurrent POST /rotate: %d renewals, answers %v; want 1 renewal, every answer 200 or 429 with Retry-After: 1", src.calls.Load(), got)
+	}
+	// A second later, a new renewal may start.
+	mu.Lock()
+	now = now.Add(time.Second)
+	mu.Unlock()
+	resp, err := http.Post(srv.URL+"/rotate", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || src.calls.Load() != 2 {
+		t.Fatalf("POST /rotate a second later = %d, %d renewals; want 200 and 2", resp.StatusCode, src.calls.Load())
 	}
 }

@@ -63,6 +63,10 @@ func TestUsageErrorsExit2AndNameTheFlag(t *testing.T) {
 		{"identity output", nil, []string{"identity", "-o", "yaml"}, "--output"},
 		{"inspect without bundle", nil, []string{"inspect", "127.0.0.1:1"}, "--bundle"},
 		{"inspect extra args", nil, []string{"inspect", "a:1", "b:2", "--bundle", "x"}, "accepts 1 arg"},
+		{"bad rotate interval", nil, append([]string{"run", "--rotate-interval", "0s", "--inbound-explicit", "127.0.0.1:0=127.0.0.1:1"}, ident...), "--rotate-interval"},
+		{"negative max connections", nil, append([]string{"run", "--max-connections", "-1", "--inbound-explicit", "127.0.0.1:0=127.0.0.1:1"}, ident...), "--max-connections"},
+		{"unknown command", nil, []string{"nosuchcommand"}, `unknown command "nosuchcommand"`},
+		{"unknown ca subcommand", nil, []string{"ca", "nosuchcommand"}, `unknown command "nosuchcommand" for "meshproxy ca"`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
