@@ -7,132 +7,30 @@ package podsecurity
 
 import (
 	"bytes"
-	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/meshproxy/meshproxy/inject"
+	"github.com/meshproxy/meshproxy/internal/kubetest"
 )
 
-const k8sVersion = "v1.37.2"
-
-// apiServer is etcd and kube-apiserver on loopback, for one test.
-type apiServer struct {
-	url, token string
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// start runs a server for the rest of the test; the channel closes when
-// it exits.
-func start(t *testing.T, name string, args ...string) <-chan struct{} {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, name, args...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		cancel()
-		t.Fatalf("start %s: %v", name, err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		cancel()
-		<-exited
-		if t.Failed() {
-			t.Logf("%s said:\n%s", filepath.Base(name), tail(out.String(), 3000))
-		}
-	})
-	return exited
-}
-
-func tail(s string, n int) string {
-	if len(s) > n {
-		return s[len(s)-n:]
-	}
-	return s
-}
+// apiServer is etcd and kube-apiserver on loopback (internal/kubetest),
+// driven with kubectl as an operator would.
+type apiServer struct{ *kubetest.Cluster }
 
 func newAPIServer(t *testing.T) *apiServer {
 	t.Helper()
-	cache := os.Getenv("MESHPROXY_CACHE")
-	if cache == "" {
-		home, _ := os.UserHomeDir()
-		cache = filepath.Join(home, ".cache", "meshproxy")
+	if _, err := exec.LookPath("kubectl"); err != nil {
+		t.Skipf("kubectl not installed: %v", err)
 	}
-	apiserver := filepath.Join(cache, "k8s-"+k8sVersion, "bin", "kube-apiserver")
-	if _, err := os.Stat(apiserver); err != nil {
-		t.Skipf("kube-apiserver %s not built (%v): the restricted rules are checked by inject's own tests instead", k8sVersion, err)
-	}
-	for _, tool := range []string{"etcd", "kubectl", "openssl"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed: %v", tool, err)
-		}
-	}
-	dir := t.TempDir()
-	etcdPort, peerPort, apiPort := freePort(t), freePort(t), freePort(t)
-	_ = start(t, "etcd", "--data-dir", filepath.Join(dir, "etcd"), "--name", "podsecurity",
-		"--listen-client-urls", fmt.Sprintf("http://127.0.0.1:%d", etcdPort),
-		"--advertise-client-urls", fmt.Sprintf("http://127.0.0.1:%d", etcdPort),
-		"--listen-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", peerPort),
-		"--initial-advertise-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", peerPort),
-		"--initial-cluster", fmt.Sprintf("podsecurity=http://127.0.0.1:%d", peerPort))
-	key := filepath.Join(dir, "sa.key")
-	if out, err := exec.Command("openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", key).CombinedOutput(); err != nil {
-		t.Fatalf("openssl: %v\n%s", err, out)
-	}
-	pub := filepath.Join(dir, "sa.pub")
-	if out, err := exec.Command("openssl", "pkey", "-in", key, "-pubout", "-out", pub).CombinedOutput(); err != nil {
-		t.Fatalf("openssl: %v\n%s", err, out)
-	}
-	s := &apiServer{url: fmt.Sprintf("https://127.0.0.1:%d", apiPort), token: "podsecurity-admin"}
-	tokens := filepath.Join(dir, "tokens.csv")
-	if err := os.WriteFile(tokens, []byte(s.token+",admin,admin,system:masters\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	exited := start(t, apiserver,
-		"--etcd-servers", fmt.Sprintf("http://127.0.0.1:%d", etcdPort),
-		"--bind-address", "127.0.0.1", "--secure-port", fmt.Sprint(apiPort),
-		"--cert-dir", filepath.Join(dir, "certs"), "--token-auth-file", tokens,
-		"--authorization-mode", "RBAC", "--anonymous-auth=false",
-		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-		"--service-account-key-file", pub, "--service-account-signing-key-file", key,
-		"--service-cluster-ip-range", "10.96.0.0/16")
-	deadline := time.Now().Add(3 * time.Minute)
-	for {
-		out, err := s.kubectl(nil, "get", "--raw", "/readyz")
-		if err == nil && strings.TrimSpace(out) == "ok" {
-			return s
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("kube-apiserver not ready after 3 minutes: %v %s", err, out)
-		}
-		select {
-		case <-exited:
-			t.Fatal("kube-apiserver exited")
-		case <-time.After(time.Second):
-		}
-	}
+	return &apiServer{kubetest.Start(t)}
 }
 
 func (s *apiServer) kubectl(stdin []byte, args ...string) (string, error) {
-	cmd := exec.Command("kubectl", append([]string{"--server", s.url, "--token", s.token,
-		"--insecure-skip-tls-verify", "--request-timeout", "60s"}, args...)...)
+	cmd := exec.Command("kubectl", append([]string{"--kubeconfig", s.AdminKubeconfig, "--request-timeout", "60s"}, args...)...)
 	if stdin != nil {
 		cmd.Stdin = bytes.NewReader(stdin)
 	}
