@@ -17,7 +17,10 @@ var ErrNotBuilt = errors.New("inject is not part of this build (the container im
 // deploy/ and with `meshproxy run` / `meshproxy redirect`.
 const (
 	InitContainerName = "meshproxy-init"
-	SidecarName       = "meshproxy"
+	// ValidationContainerName replaces InitContainerName with --capture
+	// node: it only checks that the node installed the capture.
+	ValidationContainerName = "meshproxy-validation"
+	SidecarName             = "meshproxy"
 
 	StatusAnnotation      = "sidecar.meshproxy.io/status"
 	InjectAnnotation      = "sidecar.meshproxy.io/inject"
@@ -84,6 +87,9 @@ func New(opts ...Option) (*Injector, error) {
 		c.ebpfCgroup = DefaultEBPFCgroup
 	case c.mode != ModeEBPF && c.ebpfCgroup != "":
 		return nil, fmt.Errorf("ebpf cgroup %q given for mode %s (only ebpf uses it)", c.ebpfCgroup, c.mode)
+	}
+	if err := c.checkCapture(); err != nil {
+		return nil, err
 	}
 	return &Injector{cfg: c}, nil
 }

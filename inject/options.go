@@ -75,6 +75,8 @@ type config struct {
 	native               bool
 	ebpfCgroup           string
 	imageSet             bool
+	capture              Capture
+	ebpfCgroupSet        bool
 }
 
 // WithImage sets the image of both injected containers.
@@ -199,7 +201,7 @@ func WithEBPFCgroup(path string) Option {
 		if !strings.HasPrefix(path, hostCgroupMount+"/") || strings.Contains(path, "..") {
 			return fmt.Errorf("ebpf cgroup %q: want a directory below %s (the host cgroup mount)", path, hostCgroupMount)
 		}
-		c.ebpfCgroup = path
+		c.ebpfCgroup, c.ebpfCgroupSet = path, true
 		return nil
 	}
 }

@@ -51,17 +51,17 @@ type status struct {
 // ownedVolumes lists the volumes injection adds.
 func (c *config) ownedVolumes() []string {
 	v := []string{tokenVolume, caRootVolume, podinfoVolume, policyVolume}
-	if c.mode == ModeEBPF {
+	if c.initCaptures(ModeEBPF) {
 		v = append(v, cgroupVolume, bpffsVolume)
 	}
-	if c.mode == ModeIPTables {
+	if c.initCaptures(ModeIPTables) {
 		v = append(v, xtablesVolume)
 	}
 	return v
 }
 
 func (c *config) status() status {
-	s := status{Version: c.version, InitContainers: []string{InitContainerName}, Volumes: c.ownedVolumes()}
+	s := status{Version: c.version, InitContainers: []string{c.captureStepName()}, Volumes: c.ownedVolumes()}
 	if c.native {
 		s.InitContainers = append(s.InitContainers, SidecarName)
 	} else {
@@ -245,12 +245,12 @@ func (c *config) volumes() []corev1.Volume {
 		}}},
 		c.policyVolume(),
 	}
-	if c.mode == ModeIPTables {
+	if c.initCaptures(ModeIPTables) {
 		vols = append(vols, corev1.Volume{Name: xtablesVolume, VolumeSource: corev1.VolumeSource{
 			EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory, SizeLimit: ptr(resource.MustParse("1Mi"))},
 		}})
 	}
-	if c.mode == ModeEBPF {
+	if c.initCaptures(ModeEBPF) {
 		vols = append(vols,
 			corev1.Volume{Name: cgroupVolume, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{
 				Path: "/sys/fs/cgroup", Type: ptr(corev1.HostPathDirectory),
@@ -327,8 +327,8 @@ func (c *config) podTemplate(tmpl object, field string) error {
 		items []any
 		taken []string
 	}{
-		{"initContainers", initCtrs, []string{InitContainerName, SidecarName}},
-		{"containers", ctrs, []string{InitContainerName, SidecarName}},
+		{"initContainers", initCtrs, []string{InitContainerName, ValidationContainerName, SidecarName}},
+		{"containers", ctrs, []string{InitContainerName, ValidationContainerName, SidecarName}},
 		{"volumes", vols, c.ownedVolumes()},
 	} {
 		for i, item := range list.items {
@@ -347,7 +347,7 @@ func (c *config) podTemplate(tmpl object, field string) error {
 	if err != nil {
 		return err
 	}
-	initCtr, err := toGeneric(c.initContainer())
+	initCtr, err := toGeneric(c.captureStep())
 	if err != nil {
 		return err
 	}
@@ -383,6 +383,7 @@ func (c *config) podTemplate(tmpl object, field string) error {
 		return fmt.Errorf("status annotation: %w", err)
 	}
 	annotations[StatusAnnotation] = string(st)
+	c.setCaptureAnnotations(annotations, len(ours) > 0)
 	// The application's own scrape settings win; the PodMonitor reaches us anyway.
 	setDefault(annotations, "prometheus.io/scrape", "true")
 	setDefault(annotations, "prometheus.io/port", strconv.Itoa(MetricsPort))

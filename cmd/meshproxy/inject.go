@@ -5,24 +5,24 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 
 	"github.com/spf13/cobra"
 
 	"github.com/meshproxy/meshproxy/inject"
+	"github.com/meshproxy/meshproxy/internal/atomicfile"
 )
 
 func newInjectCmd() *cobra.Command {
 	var (
 		file, output, image, caAddr, mode, ebpfCgroup string
-		configServer                                  string
+		capture, configServer                         string
 		meshCIDRs, exclPorts, exclCIDRs               []string
 		proxyUID                                      int64
 		native                                        bool
 	)
 	cmd := &cobra.Command{
 		Use:   "inject -f MANIFEST.yaml|- [-o FILE]",
-		Short: "Add the capture init container and the meshproxy sidecar to Kubernetes workloads",
+		Short: "Add the capture step and the meshproxy sidecar to Kubernetes workloads",
 		Long: `inject reads a multi-document Kubernetes manifest and, like istioctl kube-inject,
 adds to every Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob
 (also inside kind: List) the init container meshproxy-init (meshproxy redirect
@@ -41,6 +41,13 @@ and the field. Each namespace needs the ConfigMap meshproxy-ca-root (key
 root-cert.pem) and may have meshproxy-policy (Istio policy YAML); with
 --config-server the sidecars follow the cluster's Istio custom resources
 through the CA instead (ca serve --mirror-istio-config).
+
+With --capture node, meshproxy's CNI plugin (meshproxy node-agent, a DaemonSet)
+installs the capture from the node before any container starts; the pod gets
+annotations saying what to capture, and instead of meshproxy-init a validation
+init container (meshproxy-validation: no capability, not root) that fails the
+pod when the capture is not in place. Every container meshproxy adds then meets
+the restricted Pod Security Standard.
 
 What happened to each workload is reported on stderr; the manifest goes to
 stdout or to -o FILE.`,
@@ -79,6 +86,13 @@ stdout or to -o FILE.`,
 			if ebpfCgroup != "" && m != inject.ModeEBPF {
 				return usagef("--ebpf-cgroup: only used with --mode ebpf")
 			}
+			capt, err := inject.ParseCapture(capture)
+			if err != nil {
+				return usagef("--capture: %v", err)
+			}
+			if capt == inject.CaptureNode && ebpfCgroup != "" {
+				return usagef("--ebpf-cgroup: not used with --capture node (the node finds the pod's cgroup)")
+			}
 			for _, e := range []error{
 				add("image", inject.WithImage(image)),
 				add("mode", inject.WithMode(m)),
@@ -87,6 +101,7 @@ stdout or to -o FILE.`,
 				add("exclude-outbound-cidrs", inject.WithExcludeOutboundCIDRs(exclPrefixes...)),
 				add("exclude-inbound-ports", inject.WithExcludeInboundPorts(ports...)),
 				add("proxy-uid", inject.WithProxyUID(proxyUID)),
+				add("capture", inject.WithCapture(capt), inject.WithExcludeOutboundCIDRs(exclPrefixes...)),
 			} {
 				if e != nil {
 					return e
@@ -144,6 +159,7 @@ stdout or to -o FILE.`,
 	f.StringVar(&mode, "mode", string(inject.DefaultMode), "capture mode of the init container: nftables, iptables or ebpf")
 	f.Int64Var(&proxyUID, "proxy-uid", inject.DefaultProxyUID, "uid and gid the sidecar runs as; capture exempts its traffic")
 	f.BoolVar(&native, "native-sidecar", true, "inject the sidecar as a native sidecar (init container with restartPolicy Always, Kubernetes 1.29+); false: a regular container")
+	f.StringVar(&capture, "capture", string(inject.CaptureInit), "who installs capture: init (an init container with NET_ADMIN) or node (meshproxy's CNI plugin; no capability in the pod, restricted Pod Security)")
 	f.StringVar(&ebpfCgroup, "ebpf-cgroup", "", "ebpf mode: the pod's cgroup v2 path below the host cgroup mount; $(POD_UID) is expanded (default "+inject.DefaultEBPFCgroup+")")
 	return cmd
 }
@@ -178,24 +194,5 @@ func readManifest(cmd *cobra.Command, file string) ([]byte, string, error) {
 // writeFileAtomic writes data to path through a temporary file in the same
 // directory, so a failed write never leaves half a manifest behind.
 func writeFileAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
+	return atomicfile.Write(path, data, 0o644)
 }

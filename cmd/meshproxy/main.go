@@ -33,6 +33,9 @@ func usagef(format string, args ...any) error {
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if isCNIInvocation(os.Args[0]) {
+		os.Exit(run(ctx, []string{"cni"})) // the runtime passes everything in the environment
+	}
 	os.Exit(run(ctx, os.Args[1:]))
 }
 
@@ -83,6 +86,8 @@ Exit status: 0 ok, 1 runtime failure, 2 usage error.`,
 		newCheckCmd(),
 		newInjectCmd(),
 		newDemoCmd(),
+		newCNICmd(),
+		newNodeAgentCmd(),
 	)
 	wrapArgs(root)
 	return root

@@ -190,6 +190,12 @@ func meshproxy(t *testing.T, pod *netns.Pod, args ...string) (string, error) {
 // the server speaks first), excluded ports and CIDRs bypass the proxies,
 // IPv6 works, and uninstall leaves nothing behind.
 func TestSidecarsThroughCapture(t *testing.T) {
+	eachMode(t, testSidecars)
+}
+
+// eachMode runs test as a subtest per capture mode (ebpf where the kernel
+// has a cgroup v2 hierarchy).
+func eachMode(t *testing.T, test func(*testing.T, redirect.Mode)) {
 	netns.RequireRoot(t)
 	for _, mode := range redirect.Modes {
 		t.Run(string(mode), func(t *testing.T) {
@@ -198,7 +204,7 @@ func TestSidecarsThroughCapture(t *testing.T) {
 					t.Skipf("kernel without a cgroup v2 hierarchy: %v", err)
 				}
 			}
-			testSidecars(t, mode)
+			test(t, mode)
 		})
 	}
 }
@@ -248,20 +254,7 @@ func testSidecars(t *testing.T, mode redirect.Mode) {
 	noSidecar := netns.As{UID: proxyUser.UID, GID: proxyUser.GID, Cgroup: cgA}
 
 	for _, dst := range []netip.Addr{netns.BV4, netns.BV6} {
-		t.Run("mtls-"+dst.String(), func(t *testing.T) {
-			marker := "PLAINTEXT-MARKER-" + strings.ReplaceAll(dst.String(), ":", "-")
-			sniff := b.Sniff(t)
-			line, release := a.DialHold(t, hp(dst, appPort), app, netns.DialOpts{Send: marker})
-			if want := "app b local=" + hp(dst, appPort) + " echo=" + marker; line != want {
-				t.Errorf("through both sidecars: got %q, want %q", line, want)
-			}
-			peers, err := meshproxy(t, b, "peers", "--admin", "127.0.0.1:15000", "-o", "json")
-			if err != nil || !strings.Contains(peers, clientID) {
-				t.Errorf("B's peers do not show A's identity %s (err %v):\n%s", clientID, err, peers)
-			}
-			release()
-			assertTLSOnWire(t, sniff.Stop(), appPort, marker)
-		})
+		t.Run("mtls-"+dst.String(), func(t *testing.T) { assertMeshed(t, a, b, dst, app) })
 	}
 
 	t.Run("strict-refuses-pod-without-sidecar", func(t *testing.T) {
@@ -329,6 +322,25 @@ func testSidecars(t *testing.T, mode redirect.Mode) {
 		}
 		netns.AssertNoCapture(t, p.pod, redirect.Config{Mode: mode, CgroupPath: p.cg})
 	}
+}
+
+// assertMeshed holds a connection from a (as app) to b's echo app at dst
+// through both sidecars, and checks the answer, that b's sidecar lists a's
+// identity among its peers, and that only TLS crossed the wire.
+func assertMeshed(t *testing.T, a, b *netns.Pod, dst netip.Addr, app netns.As) {
+	t.Helper()
+	marker := "PLAINTEXT-MARKER-" + strings.ReplaceAll(dst.String(), ":", "-")
+	sniff := b.Sniff(t)
+	line, release := a.DialHold(t, hp(dst, appPort), app, netns.DialOpts{Send: marker})
+	if want := "app b local=" + hp(dst, appPort) + " echo=" + marker; line != want {
+		t.Errorf("through both sidecars: got %q, want %q", line, want)
+	}
+	peers, err := meshproxy(t, b, "peers", "--admin", "127.0.0.1:15000", "-o", "json")
+	if err != nil || !strings.Contains(peers, clientID) {
+		t.Errorf("B's peers do not show A's identity %s (err %v):\n%s", clientID, err, peers)
+	}
+	release()
+	assertTLSOnWire(t, sniff.Stop(), appPort, marker)
 }
 
 // assertTLSOnWire checks that the client's bytes to port went over the

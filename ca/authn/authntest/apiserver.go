@@ -16,6 +16,7 @@ import (
 	"testing"
 
 	authv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -44,6 +45,7 @@ type APIServer struct {
 	mu     sync.Mutex
 	tokens map[string]ServiceAccount
 	jwks   []byte
+	pods   map[string]corev1.Pod // ns/name, see AddPod
 }
 
 // SetJWKS makes the server answer GET /openid/v1/jwks (for authenticated
@@ -80,6 +82,9 @@ func (s *APIServer) DeletePod(token string) {
 }
 
 func (s *APIServer) serve(w http.ResponseWriter, r *http.Request) {
+	if s.servePod(w, r) {
+		return
+	}
 	if r.URL.Path == "/openid/v1/jwks" && r.Method == http.MethodGet {
 		s.mu.Lock()
 		jwks := s.jwks
