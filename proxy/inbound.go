@@ -9,6 +9,7 @@ import (
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	hb "github.com/meshproxy/meshproxy/proxy/hbone"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/proxy/sniff"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -63,6 +64,12 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		peer, err := tlsmgr.PeerID(tc.ConnectionState())
 		if err != nil { // verified already, so this cannot happen; refuse rather than guess
 			p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
+			return
+		}
+		if tc.ConnectionState().NegotiatedProtocol == hb.ALPN {
+			// A meshproxy client pools app connections on this one: each
+			// stream names its destination and is authorized on its own.
+			p.serveHBONEConn(l, t, tc, peer)
 			return
 		}
 		p.authorizeAndForward(l, t, snap, tc, dest, port, mesh.ModeMTLS, peer)

@@ -41,6 +41,7 @@ type options struct {
 	inboundListen ListenFunc
 	inboundDialer InboundDialFunc
 	hbone         hboneOptions // see hbone.go
+	keyExchange   mesh.KeyExchange
 }
 
 func defaultOptions() options {
@@ -93,6 +94,12 @@ func WithMeshCIDRs(cidrs []netip.Prefix) Option {
 // original destination.
 func WithOriginalDst(fn OriginalDstFunc) Option {
 	return func(o *options) { o.originalDst = fn }
+}
+
+// WithKeyExchange sets the TLS key exchange of mesh connections, both
+// ways (default mesh.KeyExchangeHybridPQ).
+func WithKeyExchange(kx mesh.KeyExchange) Option {
+	return func(o *options) { o.keyExchange = kx }
 }
 
 // WithDetectTimeout sets how long inbound sniffing waits for the first

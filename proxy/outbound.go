@@ -1,12 +1,17 @@
 package proxy
 
 import (
+	"context"
+	"crypto/tls"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
 
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	hb "github.com/meshproxy/meshproxy/proxy/hbone"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
+	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -57,12 +62,32 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 // server presenting one of ids, or any member of our trust domain if ids is
 // empty. With ruleSANs, ids come from the DestinationRule covering the
 // address actually reached (an explicit destination may be a host name).
+// In HBONE auto mode it first looks for a pooled connection to dest with
+// room for a stream, and offers the HBONE ALPN on a new connection (see
+// hbone.go).
 func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
-	if p.opts.hbone.outbound {
+	if p.opts.hbone.mode == HBONEAlways {
 		p.originateHBONE(t, down, dest, sni, ids, ruleSANs)
 		return
 	}
-	up, err := p.dial(t, dest)
+	auto := p.opts.hbone.mode == HBONEAuto
+	var key string
+	if auto {
+		td, _ := p.trustDomain()
+		key = p.hboneKey(dest, sni, ids, td, ruleSANs)
+		if p.originatePooled(t, down, key, dest) {
+			return
+		}
+	}
+	var up net.Conn
+	var err error
+	if auto {
+		// Not owned by this app connection until it proves direct: a
+		// pooled connection outlives it.
+		up, err = p.dialShared(t, dest)
+	} else {
+		up, err = p.dial(t, dest)
+	}
 	if err != nil {
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionUnreachable, dest: dest, err: err})
 		return
@@ -74,14 +99,62 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 	}
 	td, err := p.trustDomain()
 	if err != nil && len(ids) == 0 {
+		if auto {
+			up.Close()
+		}
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionNoIdentity, dest: dest, err: err})
 		return
 	}
 
-	tc, peer, err := mesh.Originate(t.Context(), up, p.clientTLS.Get(sni, ids, td), p.opts.HandshakeTimeout)
+	cfg := p.clientTLS.Get(sni, ids, td)
+	if auto {
+		cfg = p.hbone.pool.clientConfig(p.clientTLS, sni, ids, td, hb.ALPN, tlsmgr.ALPNIstio)
+	}
+	tc, peer, err := mesh.Originate(t.Context(), up, cfg, p.opts.HandshakeTimeout)
 	if err != nil {
+		if auto {
+			up.Close()
+		}
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
 		return
 	}
+	if auto && tc.ConnectionState().NegotiatedProtocol == hb.ALPN {
+		p.originateNegotiated(t, down, tc, peer, key, dest)
+		return
+	}
+	if auto && !t.AddSocket(up) {
+		return
+	}
 	p.pipe(t, down, tc, dest, mesh.ModeMTLS, peer)
+}
+
+// dialShared opens a connection to addr for t without registering it for
+// t's abort; the caller closes it on failure.
+func (p *Proxy) dialShared(t *conntrack.Conn, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(t.Context(), mesh.DefaultDialTimeout)
+	defer cancel()
+	c, err := p.opts.Dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	return c, nil
+}
+
+// originateNegotiated turns a mesh connection whose server selected the
+// HBONE ALPN into a pooled connection, with this app connection as its
+// first stream.
+func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Conn, peer spiffeid.ID, key, dest string) {
+	hc := &hboneConn{c: hb.NewClient(tc, p.hbone.pool.opts), peer: peer, local: tc.LocalAddr(), remote: tc.RemoteAddr()}
+	s, authority, err := p.openStream(t, hc, dest)
+	if err != nil {
+		hc.c.Close()
+		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
+		return
+	}
+	if err := p.hbone.pool.add(key, hc); err != nil {
+		s.Close()
+		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
+		return
+	}
+	p.pipeStream(t, down, s, hc, dest, authority)
 }

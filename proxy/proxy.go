@@ -16,6 +16,7 @@ import (
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	fwd "github.com/meshproxy/meshproxy/proxy/forward"
+	hb "github.com/meshproxy/meshproxy/proxy/hbone"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -96,16 +97,29 @@ func New(src tlsmgr.Source, pol mesh.PolicySource, opts ...Option) *Proxy {
 		opt(&o)
 	}
 	log := o.Log.With("component", "proxy")
+	serverTLS := mesh.ServerConfig(src, pol)
+	applyKeyExchange(serverTLS, o.keyExchange)
+	if o.hbone.mode != HBONENever {
+		// Server preference: a client offering it gets a pooled connection.
+		serverTLS.NextProtos = append([]string{hb.ALPN}, serverTLS.NextProtos...)
+	}
+	clientTLS := mesh.NewClientConfigs(src)
+	clientTLS.UseKeyExchange(o.keyExchange)
 	return &Proxy{
 		src:       src,
 		pol:       pol,
 		opts:      o,
 		log:       log,
-		serverTLS: mesh.ServerConfig(src, pol),
-		clientTLS: mesh.NewClientConfigs(src),
+		serverTLS: serverTLS,
+		clientTLS: clientTLS,
 		hbone:     newHBONE(src, pol, o),
 		conns:     conntrack.NewTable(log, o.MaxConns),
 	}
+}
+
+// applyKeyExchange sets cfg's key exchange to kx's (none: the default).
+func applyKeyExchange(cfg *tls.Config, kx mesh.KeyExchange) {
+	cfg.CurvePreferences = kx.Curves()
 }
 
 // Start binds every listener and serves in the background until Shutdown.
@@ -396,6 +410,11 @@ func (p *Proxy) pipe(t *conntrack.Conn, down, up net.Conn, dest, mode string, pe
 		peerID = peer.String()
 	}
 	metrics.Connections.WithLabelValues(t.Direction, mode, DecisionAllow).Inc()
+	if mode == mesh.ModeMTLS {
+		direct := metrics.MeshConnections.WithLabelValues(t.Direction, TransportDirect)
+		direct.Inc()
+		defer direct.Dec()
+	}
 	t.Establish(dest, mode, peerID)
 	p.log.Debug("connection open", "direction", t.Direction, "source", t.Source, "destination", dest, "mode", mode, "peer", peerID)
 	err := fwd.Forward(down, up, &t.Stats, p.opts.IdleTimeout, t.Abort, metrics.Bytes.WithLabelValues(t.Direction))

@@ -17,6 +17,11 @@ import (
 	"golang.org/x/net/http2/hpack"
 )
 
+// ALPN is the protocol a meshproxy client offers first on a mesh mTLS
+// connection; a meshproxy server that selects it speaks HBONE on that
+// connection. Istio's own HBONE listener (15008) uses "h2".
+const ALPN = "meshproxy-hbone"
+
 // Defaults of a Conn.
 const (
 	// DefaultMaxStreams is how many streams a server lets a client open at

@@ -10,8 +10,6 @@ import (
 // Framer would build each in a buffer of its own and copy it again); they
 // are read with http2.Framer.
 
-const frameHeaderLen = 9
-
 func appendFrameHeader(b []byte, length int, typ http2.FrameType, flags http2.Flags, id uint32) []byte {
 	return append(b, byte(length>>16), byte(length>>8), byte(length), byte(typ), byte(flags),
 		byte(id>>24)&0x7f, byte(id>>16), byte(id>>8), byte(id))

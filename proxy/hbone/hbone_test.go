@@ -1,3 +1,5 @@
+//lint:file-ignore SA1019 the interop tests use x/net/http2's own client and server, as Istio's HBONE peers do
+
 package hbone
 
 import (
@@ -184,6 +186,12 @@ func TestServerHalfCloseThenClientKeepsSending(t *testing.T) {
 
 func TestManyConcurrentStreamsRandomSizes(t *testing.T) {
 	c, _ := pair(t, Options{StreamWindow: 64 << 10}, echo) // small windows: many WINDOW_UPDATEs
+	open(t, c, "10.0.0.0:80")                              // the stream that rides with the preface
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if err := c.WaitSettings(ctx); err != nil { // the server's stream limit
+		t.Fatal(err)
+	}
 	const streams = 48
 	var wg sync.WaitGroup
 	errs := make(chan error, streams)
