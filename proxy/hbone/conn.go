@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -193,7 +194,12 @@ func newConn(nc net.Conn, server bool, opts Options) *Conn {
 	}
 	c.wcond = sync.NewCond(&c.wmu)
 	c.henc = hpack.NewEncoder(&c.hbuf)
-	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 32<<10))
+	var r io.Reader = nc
+	if _, ok := nc.(*tls.Conn); !ok {
+		// crypto/tls buffers a record already; a plain socket needs it.
+		r = bufio.NewReaderSize(nc, 32<<10)
+	}
+	c.fr = http2.NewFramer(nil, r)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = maxHeaderList
 	c.fr.SetMaxReadFrameSize(maxFrame)

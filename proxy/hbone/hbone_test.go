@@ -52,7 +52,7 @@ func pair(t *testing.T, opts Options, handle func(*Stream)) (*Conn, *Conn) {
 	return client, server
 }
 
-func tcpPair(t *testing.T) (net.Conn, net.Conn) {
+func tcpPair(t testing.TB) (net.Conn, net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -18,14 +18,15 @@ import (
 // large Write does not hold the write buffer for long.
 const maxWriteChunk = 64 << 10
 
-// recvBufSize is the capacity of a pooled receive buffer; larger ones,
-// grown by a reader that lags, are dropped once empty.
-const recvBufSize = 32 << 10
+// A stream buffers what the peer sent in chunks of one frame's size, taken
+// from a pool: a reader that lags holds a queue of them (bounded by the
+// window) and nothing is copied to grow a buffer.
+type chunk struct {
+	a *[maxFrame]byte
+	n int
+}
 
-var recvBufs = sync.Pool{New: func() any {
-	b := make([]byte, 0, recvBufSize)
-	return &b
-}}
+var chunks = sync.Pool{New: func() any { return new([maxFrame]byte) }}
 
 // Stream is one CONNECT stream: a net.Conn whose Read returns what the peer
 // sends and whose Write sends; CloseWrite ends our direction (END_STREAM)
@@ -44,8 +45,8 @@ type Stream struct {
 	sendWindow   int64
 	recvWindow   int64
 	unacked      int64 // read by the app, not yet returned to the peer
-	buf          []byte
-	off          int
+	recv         []chunk // what the peer sent, not read yet
+	off          int     // read offset in recv[0]
 	recvEnd      bool // the peer ended its direction
 	sendEnd      bool // we ended ours
 	status       int  // client: the answer's status
@@ -193,29 +194,47 @@ func (s *Stream) resetLocal(code http2.ErrCode) {
 
 // deliver buffers data from the peer. Called with c.mu held.
 func (s *Stream) deliver(data []byte) {
-	if len(data) == 0 {
-		return
+	for len(data) > 0 {
+		if k := len(s.recv) - 1; k >= 0 && s.recv[k].n < maxFrame {
+			last := &s.recv[k]
+			n := copy(last.a[last.n:], data)
+			last.n += n
+			data = data[n:]
+			continue
+		}
+		s.recv = append(s.recv, chunk{a: chunks.Get().(*[maxFrame]byte)})
 	}
-	if s.buf == nil {
-		s.buf = (*recvBufs.Get().(*[]byte))[:0]
-	}
-	if s.off > 0 && len(s.buf)+len(data) > cap(s.buf) {
-		n := copy(s.buf, s.buf[s.off:])
-		s.buf, s.off = s.buf[:n], 0
-	}
-	s.buf = append(s.buf, data...)
 }
 
-// dropBuf returns the receive buffer. Called with c.mu held.
+// buffered reports whether data waits to be read. Called with c.mu held.
+func (s *Stream) buffered() bool { return len(s.recv) > 0 }
+
+// readBuffered copies buffered data into p. Called with c.mu held.
+func (s *Stream) readBuffered(p []byte) int {
+	n := 0
+	for n < len(p) && len(s.recv) > 0 {
+		c := &s.recv[0]
+		m := copy(p[n:], c.a[s.off:c.n])
+		n += m
+		s.off += m
+		if s.off == c.n {
+			chunks.Put(c.a)
+			s.recv[0] = chunk{}
+			s.recv, s.off = s.recv[1:], 0
+		}
+	}
+	if len(s.recv) == 0 {
+		s.recv = nil
+	}
+	return n
+}
+
+// dropBuf returns the buffered chunks. Called with c.mu held.
 func (s *Stream) dropBuf() {
-	if s.buf == nil {
-		return
+	for _, c := range s.recv {
+		chunks.Put(c.a)
 	}
-	if cap(s.buf) <= 2*recvBufSize {
-		b := s.buf[:0]
-		recvBufs.Put(&b)
-	}
-	s.buf, s.off = nil, 0
+	s.recv, s.off = nil, 0
 }
 
 // Read reads what the peer sent; io.EOF once it ended its direction.
@@ -228,7 +247,7 @@ func (s *Stream) Read(p []byte) (int, error) {
 			c.mu.Unlock()
 			return 0, err
 		}
-		if s.off < len(s.buf) {
+		if s.buffered() {
 			break
 		}
 		if s.recvEnd {
@@ -242,11 +261,7 @@ func (s *Stream) Read(p []byte) (int, error) {
 		}
 		s.rcond.Wait()
 	}
-	n := copy(p, s.buf[s.off:])
-	s.off += n
-	if s.off == len(s.buf) {
-		s.dropBuf()
-	}
+	n := s.readBuffered(p)
 	s.unacked += int64(n)
 	var inc uint32
 	if !s.recvEnd && s.unacked >= int64(c.opts.StreamWindow)/4 {
