@@ -44,12 +44,12 @@ type Stream struct {
 	rcond, wcond *sync.Cond
 	sendWindow   int64
 	recvWindow   int64
-	unacked      int64 // read by the app, not yet returned to the peer
+	unacked      int64   // read by the app, not yet returned to the peer
 	recv         []chunk // what the peer sent, not read yet
 	off          int     // read offset in recv[0]
-	recvEnd      bool // the peer ended its direction
-	sendEnd      bool // we ended ours
-	status       int  // client: the answer's status
+	recvEnd      bool    // the peer ended its direction
+	sendEnd      bool    // we ended ours
+	status       int     // client: the answer's status
 	respClosed   bool
 	responded    bool // server: answered
 	failStatus   int  // server: the answer if closed unanswered
