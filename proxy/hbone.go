@@ -118,6 +118,9 @@ const (
 	// client, which knows when it stops using a connection, closes first.
 	hboneServerIdle = 10 * time.Minute
 	hboneALPN       = "h2"
+	// hboneKeepAlive finds a peer that vanished without closing (PING
+	// after this long without a frame while streams are open).
+	hboneKeepAlive = 30 * time.Second
 )
 
 // reservedPorts are Istio's own ports (15000-15099), never an HBONE target
@@ -215,8 +218,9 @@ func newHBONE(src tlsmgr.Source, pol mesh.PolicySource, o options) *hbone {
 	applyKeyExchange(cfg, o.keyExchange)
 	return &hbone{
 		serverTLS: cfg,
-		server:    hb.Options{MaxStreams: o.hbone.maxStreams, IdleTimeout: hboneServerIdle, PrefaceTimeout: o.HandshakeTimeout},
-		pool:      newHBONEPool(hb.Options{IdleTimeout: o.hbone.poolIdle}),
+		server: hb.Options{MaxStreams: o.hbone.maxStreams, IdleTimeout: hboneServerIdle,
+			PrefaceTimeout: o.HandshakeTimeout, KeepAlive: hboneKeepAlive},
+		pool: newHBONEPool(hb.Options{IdleTimeout: o.hbone.poolIdle, KeepAlive: hboneKeepAlive}),
 		inbound:   make(map[*hb.Conn]struct{}),
 	}
 }

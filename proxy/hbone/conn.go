@@ -12,6 +12,7 @@ import (
 	"net"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -98,6 +99,11 @@ type Options struct {
 	// PrefaceTimeout bounds the wait for the client preface (server only;
 	// default DefaultPrefaceTimeout).
 	PrefaceTimeout time.Duration
+	// KeepAlive sends a PING when nothing was read for this long while
+	// streams are open, and closes the connection if nothing arrives
+	// within another KeepAlive: a peer that vanished without a FIN is
+	// found before an app connection waits on it for good. Zero: never.
+	KeepAlive time.Duration
 }
 
 func (o Options) withDefaults() Options {
@@ -154,6 +160,10 @@ type Conn struct {
 	recvUnacked    int64  // connection window consumed, not yet returned
 	idle           *time.Timer
 	handler        func(*Stream) // server: runs each new stream
+
+	lastRead  atomic.Int64 // unix nanoseconds of the last frame read
+	keepAlive *time.Timer
+	pinged    bool // a keepalive PING is unanswered; guarded by mu
 }
 
 // NewClient starts the client side of an HBONE connection on nc: the
@@ -167,10 +177,51 @@ func NewClient(nc net.Conn, opts Options) *Conn {
 		http2.Setting{ID: http2.SettingEnablePush, Val: 0},
 		http2.Setting{ID: http2.SettingInitialWindowSize, Val: c.opts.StreamWindow})
 	c.wbuf = appendWindowUpdate(c.wbuf, 0, connWindow-initialWindow)
+	c.armIdle()
+	c.startKeepAlive()
 	go c.writeLoop()
 	go func() { _ = c.readLoop() }()
-	c.armIdle()
 	return c
+}
+
+// startKeepAlive runs the keepalive check every KeepAlive.
+func (c *Conn) startKeepAlive() {
+	if c.opts.KeepAlive <= 0 {
+		return
+	}
+	c.lastRead.Store(time.Now().UnixNano())
+	c.mu.Lock()
+	c.keepAlive = time.AfterFunc(c.opts.KeepAlive, c.checkAlive)
+	c.mu.Unlock()
+}
+
+// checkAlive pings a connection with open streams that went quiet, and
+// closes one whose ping went unanswered.
+func (c *Conn) checkAlive() {
+	quiet := time.Since(time.Unix(0, c.lastRead.Load()))
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	ping, dead := false, false
+	switch {
+	case quiet < c.opts.KeepAlive:
+		c.pinged = false
+	case c.pinged:
+		dead = true
+	case c.active > 0:
+		c.pinged, ping = true, true
+	}
+	c.mu.Unlock()
+	if dead {
+		c.fail(fmt.Errorf("peer silent for %s, keepalive ping unanswered", quiet.Round(time.Second)))
+		return
+	}
+	if ping {
+		c.queue(false, func(b []byte) []byte { return appendPing(b, false, [8]byte{'k', 'e', 'e', 'p'}) })
+	}
+	c.keepAlive.Reset(c.opts.KeepAlive)
 }
 
 // NewServer prepares the server side of an HBONE connection on nc; Serve
@@ -233,6 +284,7 @@ func (c *Conn) Serve(handle func(*Stream)) error {
 	})
 	c.handler = handle
 	c.armIdle()
+	c.startKeepAlive()
 	err := c.readLoop()
 	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
 		return nil
@@ -521,6 +573,9 @@ func (c *Conn) fail(err error) {
 	if c.idle != nil {
 		c.idle.Stop()
 	}
+	if c.keepAlive != nil {
+		c.keepAlive.Stop()
+	}
 	c.mu.Unlock()
 	close(c.done)
 	c.nc.Close()
@@ -580,6 +635,9 @@ func (c *Conn) release() (drained bool) {
 func (c *Conn) readLoop() error {
 	for {
 		f, err := c.fr.ReadFrame()
+		if c.opts.KeepAlive > 0 {
+			c.lastRead.Store(time.Now().UnixNano())
+		}
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {

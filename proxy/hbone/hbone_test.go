@@ -481,3 +481,23 @@ func TestStandardServerInterop(t *testing.T) {
 		t.Fatalf("echo through x/net's server: %d bytes, %v", len(got), err)
 	}
 }
+
+// A peer that stops answering without closing (no FIN, no RST) is found by
+// the keepalive, and streams waiting on it fail instead of hanging.
+func TestKeepAliveClosesSilentPeer(t *testing.T) {
+	cs, ss := tcpPair(t)
+	// The "server" reads the preface and then nothing: it never answers.
+	go func() { _, _ = io.Copy(io.Discard, io.LimitReader(ss, 1<<20)) }()
+	c := NewClient(cs, Options{KeepAlive: 50 * time.Millisecond})
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if _, err := c.Open(ctx, "10.0.0.1:80"); err == nil {
+		t.Fatal("a stream opened on a silent peer")
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(wait):
+		t.Fatal("connection to a silent peer still open")
+	}
+}
