@@ -220,8 +220,8 @@ func newHBONE(src tlsmgr.Source, pol mesh.PolicySource, o options) *hbone {
 		serverTLS: cfg,
 		server: hb.Options{MaxStreams: o.hbone.maxStreams, IdleTimeout: hboneServerIdle,
 			PrefaceTimeout: o.HandshakeTimeout, KeepAlive: hboneKeepAlive},
-		pool: newHBONEPool(hb.Options{IdleTimeout: o.hbone.poolIdle, KeepAlive: hboneKeepAlive}),
-		inbound:   make(map[*hb.Conn]struct{}),
+		pool:    newHBONEPool(hb.Options{IdleTimeout: o.hbone.poolIdle, KeepAlive: hboneKeepAlive}),
+		inbound: make(map[*hb.Conn]struct{}),
 	}
 }
 
