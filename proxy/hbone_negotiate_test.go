@@ -131,46 +131,16 @@ func TestHBONEAutoHalfCloseByAppFirst(t *testing.T) {
 // auto mode stays per-connection mTLS with it.
 func TestHBONEAutoStaysDirectWithIstioOnlyPeer(t *testing.T) {
 	m := newMesh(t)
-	src := m.identity(t, echoID)
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{tlsmgr.ALPNIstio},
-		ClientAuth: tls.RequireAnyClientCert,
-		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-			return src.Certificate()
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	alpn := make(chan string, 4)
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer conn.Close()
-				tc := conn.(*tls.Conn)
-				if tc.Handshake() != nil {
-					return
-				}
-				alpn <- tc.ConnectionState().NegotiatedProtocol
-				echo(tc)
-			}()
-		}
-	}()
+	addr, states := istioOnlyServer(t, m.identity(t, echoID))
 	cst, _ := policyStore(t, "")
 	client := startProxy(t, m.identity(t, webID), cst,
-		WithOutboundExplicit("127.0.0.1:0", ln.Addr().String(), mustID(t, echoID)), WithHBONEMode(HBONEAuto))
+		WithOutboundExplicit("127.0.0.1:0", addr, mustID(t, echoID)), WithHBONEMode(HBONEAuto))
 	direct := connections(mesh.DirOutbound, mesh.ModeMTLS, DecisionAllow)
 	for i := range 2 {
 		if err := roundTrip(dial(t, client.Addrs()[0].String()), fmt.Sprintf("ping %d\n", i)); err != nil {
 			t.Fatalf("connection %d to an istio-only peer: %v", i, err)
 		}
-		if p := <-alpn; p != tlsmgr.ALPNIstio {
+		if p := (<-states).NegotiatedProtocol; p != tlsmgr.ALPNIstio {
 			t.Fatalf("negotiated %q, want istio", p)
 		}
 	}
@@ -249,5 +219,70 @@ func TestHBONEAutoShutdownDrainsStreamsInFlight(t *testing.T) {
 	}
 	if err := <-done; err != nil {
 		t.Fatalf("shutdown: %v", err)
+	}
+}
+
+// istioOnlyServer is a mesh peer as an Envoy/Istio sidecar is one: plain
+// crypto/tls with src's identity, ALPN "istio" only, echoing. Each
+// handshake's state is sent on the channel.
+func istioOnlyServer(t *testing.T, src tlsmgr.Source) (string, <-chan tls.ConnectionState) {
+	t.Helper()
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		NextProtos: []string{tlsmgr.ALPNIstio},
+		ClientAuth: tls.RequireAnyClientCert,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return src.Certificate()
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	states := make(chan tls.ConnectionState, 16)
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				tc := conn.(*tls.Conn)
+				if tc.Handshake() != nil {
+					return
+				}
+				states <- tc.ConnectionState()
+				echo(tc)
+			}()
+		}
+	}()
+	return ln.Addr().String(), states
+}
+
+func TestKeyExchangeFlagPicksTheCurve(t *testing.T) {
+	m := newMesh(t)
+	for _, tt := range []struct {
+		kx   mesh.KeyExchange
+		want tls.CurveID
+	}{
+		{mesh.KeyExchangeHybridPQ, tls.X25519MLKEM768},
+		{mesh.KeyExchangeX25519, tls.X25519},
+	} {
+		t.Run(string(tt.kx), func(t *testing.T) {
+			addr, states := istioOnlyServer(t, m.identity(t, echoID))
+			cst, _ := policyStore(t, "")
+			client := startProxy(t, m.identity(t, webID), cst,
+				WithOutboundExplicit("127.0.0.1:0", addr, mustID(t, echoID)), WithKeyExchange(tt.kx))
+			if err := roundTrip(dial(t, client.Addrs()[0].String()), "ping\n"); err != nil {
+				t.Fatal(err)
+			}
+			if got := (<-states).CurveID; got != tt.want {
+				t.Errorf("key exchange %s negotiated %s, want %s", tt.kx, got, tt.want)
+			}
+		})
+	}
+	if _, err := mesh.ParseKeyExchange("rsa"); err == nil {
+		t.Error("ParseKeyExchange accepted rsa")
 	}
 }
