@@ -117,9 +117,11 @@ func New(src tlsmgr.Source, pol mesh.PolicySource, opts ...Option) *Proxy {
 	}
 }
 
-// applyKeyExchange sets cfg's key exchange to kx's (none: the default).
+// applyKeyExchange sets cfg's key exchange to kx's (none: the default),
+// and full-size records from the first byte (see mesh.ClientConfigs).
 func applyKeyExchange(cfg *tls.Config, kx mesh.KeyExchange) {
 	cfg.CurvePreferences = kx.Curves()
+	cfg.DynamicRecordSizingDisabled = true
 }
 
 // Start binds every listener and serves in the background until Shutdown.

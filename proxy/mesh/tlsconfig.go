@@ -80,6 +80,10 @@ func (c *ClientConfigs) Get(sni string, ids []spiffeid.ID, td spiffeid.TrustDoma
 	cfg.ServerName = sni
 	cfg.ClientSessionCache = c.sessions
 	cfg.CurvePreferences = c.curves
+	// Full-size records from the first byte: the slow-start concern behind
+	// small first records does not apply between sidecars, and each record
+	// costs a write syscall in crypto/tls.
+	cfg.DynamicRecordSizingDisabled = true
 	if len(c.m) >= MaxClientConfigs {
 		clear(c.m)
 	}
