@@ -286,3 +286,28 @@ func TestKeyExchangeFlagPicksTheCurve(t *testing.T) {
 		t.Error("ParseKeyExchange accepted rsa")
 	}
 }
+
+// App connections that arrive together before any pooled connection exists
+// wait for the first one's handshake and ride its pooled connection.
+func TestHBONEAutoColdBurstSharesOneHandshake(t *testing.T) {
+	m := newMesh(t)
+	c := autoChain(t, m, echo, "", HBONEAuto)
+	out := handshakes(mesh.DirOutbound, mesh.ResultOK)
+	const burst = 12
+	conns := make([]net.Conn, burst)
+	for i := range conns {
+		conns[i] = dial(t, c.entry)
+	}
+	var wg sync.WaitGroup
+	for i, conn := range conns {
+		wg.Go(func() {
+			if err := roundTrip(conn, fmt.Sprintf("burst %d\n", i)); err != nil {
+				t.Errorf("connection %d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	if d := handshakes(mesh.DirOutbound, mesh.ResultOK) - out; d != 1 {
+		t.Errorf("%d handshakes for a burst of %d app connections, want 1", int(d), burst)
+	}
+}

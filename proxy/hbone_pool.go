@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
@@ -46,15 +47,57 @@ type hbonePool struct {
 	conns  map[string][]*hboneConn
 	dials  map[string]*hboneDial
 	cfgs   map[string]*tls.Config
+	direct map[string]time.Time // auto mode: keys whose last dial did not pool, and when
 	closed bool
 }
+
+// directMemory is how long auto mode remembers that a destination's last
+// dial did not become a pooled connection (a peer that does not speak
+// HBONE, or a failed dial), so connections to it dial at once instead of
+// queueing behind each other's handshakes.
+const directMemory = 30 * time.Second
 
 func newHBONEPool(opts hb.Options) *hbonePool {
 	return &hbonePool{
 		opts:  opts,
 		conns: make(map[string][]*hboneConn),
-		dials: make(map[string]*hboneDial),
-		cfgs:  make(map[string]*tls.Config),
+		dials:  make(map[string]*hboneDial),
+		cfgs:   make(map[string]*tls.Config),
+		direct: make(map[string]time.Time),
+	}
+}
+
+// joinDial is auto mode's way to a pooled connection for key when none
+// has room: if another app connection is dialing one (and key is not
+// known to stay direct), it returns a channel closed when that dial is
+// done; otherwise it registers the caller's own dial and returns finish,
+// to be called as soon as the handshake is over, with whether it pooled.
+func (pl *hbonePool) joinDial(key string) (wait <-chan struct{}, finish func(pooled bool)) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if at, ok := pl.direct[key]; ok && time.Since(at) < directMemory {
+		return nil, func(bool) {}
+	}
+	if d, ok := pl.dials[key]; ok {
+		return d.done, nil
+	}
+	d := &hboneDial{done: make(chan struct{})}
+	pl.dials[key] = d
+	return nil, func(pooled bool) {
+		pl.mu.Lock()
+		defer pl.mu.Unlock()
+		if pl.dials[key] == d {
+			delete(pl.dials, key)
+		}
+		if pooled {
+			delete(pl.direct, key)
+		} else {
+			if len(pl.direct) >= mesh.MaxClientConfigs {
+				clear(pl.direct)
+			}
+			pl.direct[key] = time.Now()
+		}
+		close(d.done)
 	}
 }
 

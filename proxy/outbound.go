@@ -72,13 +72,31 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 	}
 	auto := p.opts.hbone.mode == HBONEAuto
 	var key string
+	// finish ends this connection's dial for key (auto mode): app
+	// connections that waited for it look at the pool again.
+	finish := func(bool) {}
 	if auto {
 		td, _ := p.trustDomain()
 		key = p.hboneKey(dest, sni, ids, td, ruleSANs)
-		if p.originatePooled(t, down, key, dest) {
-			return
+		for range maxPoolAttempts {
+			if p.originatePooled(t, down, key, dest) {
+				return
+			}
+			wait, f := p.hbone.pool.joinDial(key)
+			if wait == nil {
+				finish = f
+				break
+			}
+			select {
+			case <-wait:
+			case <-t.Context().Done():
+				p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionUnreachable, dest: dest, err: t.Context().Err()})
+				return
+			}
 		}
 	}
+	pooled := false
+	defer func() { finish(pooled) }()
 	var up net.Conn
 	var err error
 	if auto {
@@ -119,9 +137,12 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 		return
 	}
 	if auto && tc.ConnectionState().NegotiatedProtocol == hb.ALPN {
-		p.originateNegotiated(t, down, tc, peer, key, dest)
+		pooled = true
+		p.originateNegotiated(t, down, tc, peer, key, dest, func() { finish(true); finish = func(bool) {} })
 		return
 	}
+	finish(false)
+	finish = func(bool) {}
 	if auto && !t.AddSocket(up) {
 		return
 	}
@@ -142,8 +163,8 @@ func (p *Proxy) dialShared(t *conntrack.Conn, addr string) (net.Conn, error) {
 
 // originateNegotiated turns a mesh connection whose server selected the
 // HBONE ALPN into a pooled connection, with this app connection as its
-// first stream.
-func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Conn, peer spiffeid.ID, key, dest string) {
+// first stream; pooled is called once others may use it.
+func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Conn, peer spiffeid.ID, key, dest string, pooled func()) {
 	hc := &hboneConn{c: hb.NewClient(tc, p.hbone.pool.opts), peer: peer, local: tc.LocalAddr(), remote: tc.RemoteAddr()}
 	s, authority, err := p.openStream(t, hc, dest)
 	if err != nil {
@@ -156,5 +177,6 @@ func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Co
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
 		return
 	}
+	pooled()
 	p.pipeStream(t, down, s, hc, dest, authority)
 }
