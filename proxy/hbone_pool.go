@@ -59,8 +59,8 @@ const directMemory = 30 * time.Second
 
 func newHBONEPool(opts hb.Options) *hbonePool {
 	return &hbonePool{
-		opts:  opts,
-		conns: make(map[string][]*hboneConn),
+		opts:   opts,
+		conns:  make(map[string][]*hboneConn),
 		dials:  make(map[string]*hboneDial),
 		cfgs:   make(map[string]*tls.Config),
 		direct: make(map[string]time.Time),
