@@ -262,7 +262,8 @@ func (h *hbone) shutdown() {
 // connection and serves its CONNECT streams until it closes.
 func (p *Proxy) serveHBONE(l *listener, t *conntrack.Conn, c net.Conn) {
 	start := time.Now()
-	tc := tls.Server(c, p.hbone.serverTLS)
+	cork := hb.NewCorkConn(c)
+	tc := tls.Server(cork, p.hbone.serverTLS)
 	ctx, cancel := context.WithTimeout(t.Context(), p.opts.HandshakeTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()
@@ -281,15 +282,17 @@ func (p *Proxy) serveHBONE(l *listener, t *conntrack.Conn, c net.Conn) {
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionHandshakeFailed, err: err})
 		return
 	}
-	p.serveHBONEConn(l, t, tc, peer)
+	p.serveHBONEConn(l, t, tc, peer, cork)
 }
 
 // serveHBONEConn serves the CONNECT streams of an inbound pooled
 // connection, handshaken already (on the HBONE listener, or negotiated on
-// a mesh listener), until it closes.
-func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, peer spiffeid.ID) {
+// a mesh listener), until it closes. cork is the socket under tc.
+func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, peer spiffeid.ID, cork *hb.CorkConn) {
 	local := mesh.AddrPort(tc.LocalAddr()).Addr()
-	hc := hb.NewServer(tc, p.hbone.server)
+	opts := p.hbone.server
+	opts.Cork = cork
+	hc := hb.NewServer(tc, opts)
 	if !p.hbone.track(hc) {
 		return
 	}

@@ -406,7 +406,8 @@ func (p *Proxy) dialHBONE(addr, sni string, ids []spiffeid.ID, ruleSANs bool, de
 		raw.Close()
 		return nil, tdErr
 	}
-	tc, peer, err := mesh.Originate(ctx, raw, p.hbone.pool.clientConfig(p.clientTLS, sni, ids, td, hboneALPN), p.opts.HandshakeTimeout)
+	cork := hb.NewCorkConn(raw)
+	tc, peer, err := mesh.Originate(ctx, cork, p.hbone.pool.clientConfig(p.clientTLS, sni, ids, td, hboneALPN), p.opts.HandshakeTimeout)
 	var he *mesh.HandshakeError
 	switch {
 	case errors.As(err, &he):
@@ -419,7 +420,9 @@ func (p *Proxy) dialHBONE(addr, sni string, ids []spiffeid.ID, ruleSANs bool, de
 		raw.Close()
 		return nil, &mesh.HandshakeError{Result: mesh.ResultOther, Err: err}
 	}
-	c := hb.NewClient(tc, p.hbone.pool.opts)
+	opts := p.hbone.pool.opts
+	opts.Cork = cork
+	c := hb.NewClient(tc, opts)
 	if err := c.WaitSettings(ctx); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("hbone %s: %w", addr, err)

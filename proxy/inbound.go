@@ -51,7 +51,8 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	switch res.Kind {
 	case sniff.MeshTLS:
 		start := time.Now()
-		tc := tls.Server(sc, p.serverTLS)
+		cork := hb.NewCorkConn(sc)
+		tc := tls.Server(cork, p.serverTLS)
 		ctx, cancel := context.WithTimeout(t.Context(), p.opts.HandshakeTimeout)
 		err := tc.HandshakeContext(ctx)
 		cancel()
@@ -69,10 +70,10 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		if tc.ConnectionState().NegotiatedProtocol == hb.ALPN {
 			// A meshproxy client pools app connections on this one: each
 			// stream names its destination and is authorized on its own.
-			p.serveHBONEConn(l, t, tc, peer)
+			p.serveHBONEConn(l, t, tc, peer, cork)
 			return
 		}
-		p.authorizeAndForward(l, t, snap, tc, dest, port, mesh.ModeMTLS, peer)
+		p.authorizeAndForward(l, t, snap, corkedTLS{tc, cork}, dest, port, mesh.ModeMTLS, peer)
 	default:
 		m := res.Kind.String()
 		if mode == policy.ModeStrict {

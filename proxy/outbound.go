@@ -128,7 +128,8 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 	if auto {
 		cfg = p.hbone.pool.clientConfig(p.clientTLS, sni, ids, td, hb.ALPN, tlsmgr.ALPNIstio)
 	}
-	tc, peer, err := mesh.Originate(t.Context(), up, cfg, p.opts.HandshakeTimeout)
+	cork := hb.NewCorkConn(up)
+	tc, peer, err := mesh.Originate(t.Context(), cork, cfg, p.opts.HandshakeTimeout)
 	if err != nil {
 		if auto {
 			up.Close()
@@ -138,7 +139,7 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 	}
 	if auto && tc.ConnectionState().NegotiatedProtocol == hb.ALPN {
 		pooled = true
-		p.originateNegotiated(t, down, tc, peer, key, dest, func() { finish(true); finish = func(bool) {} })
+		p.originateNegotiated(t, down, tc, cork, peer, key, dest, func() { finish(true); finish = func(bool) {} })
 		return
 	}
 	finish(false)
@@ -146,7 +147,7 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 	if auto && !t.AddSocket(up) {
 		return
 	}
-	p.pipe(t, down, tc, dest, mesh.ModeMTLS, peer)
+	p.pipe(t, down, corkedTLS{tc, cork}, dest, mesh.ModeMTLS, peer)
 }
 
 // dialShared opens a connection to addr for t without registering it for
@@ -164,8 +165,10 @@ func (p *Proxy) dialShared(t *conntrack.Conn, addr string) (net.Conn, error) {
 // originateNegotiated turns a mesh connection whose server selected the
 // HBONE ALPN into a pooled connection, with this app connection as its
 // first stream; pooled is called once others may use it.
-func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Conn, peer spiffeid.ID, key, dest string, pooled func()) {
-	hc := &hboneConn{c: hb.NewClient(tc, p.hbone.pool.opts), peer: peer, local: tc.LocalAddr(), remote: tc.RemoteAddr()}
+func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Conn, cork *hb.CorkConn, peer spiffeid.ID, key, dest string, pooled func()) {
+	opts := p.hbone.pool.opts
+	opts.Cork = cork
+	hc := &hboneConn{c: hb.NewClient(tc, opts), peer: peer, local: tc.LocalAddr(), remote: tc.RemoteAddr()}
 	s, authority, err := p.openStream(t, hc, dest)
 	if err != nil {
 		hc.c.Close()

@@ -439,3 +439,20 @@ func isSelf(l *listener, c net.Conn, dst netip.AddrPort) bool {
 	local := mesh.AddrPort(c.LocalAddr())
 	return dst.Port() == l.port && dst.Addr().Unmap() == local.Addr().Unmap()
 }
+
+// corkedTLS is a mesh TLS connection whose every Write reaches the socket
+// in one write, however many records it takes (crypto/tls writes each
+// record on its own).
+type corkedTLS struct {
+	*tls.Conn
+	cork *hb.CorkConn
+}
+
+func (c corkedTLS) Write(p []byte) (int, error) {
+	c.cork.Cork()
+	n, err := c.Conn.Write(p)
+	if uerr := c.cork.Uncork(); err == nil {
+		err = uerr
+	}
+	return n, err
+}

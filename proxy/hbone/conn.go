@@ -104,6 +104,10 @@ type Options struct {
 	// within another KeepAlive: a peer that vanished without a FIN is
 	// found before an app connection waits on it for good. Zero: never.
 	KeepAlive time.Duration
+	// Cork, if set, is the socket under the connection's TLS: each flush
+	// then reaches the socket in one write, however many TLS records it
+	// takes.
+	Cork *CorkConn
 }
 
 func (o Options) withDefaults() Options {
@@ -479,7 +483,7 @@ func (c *Conn) flushLocked(rounds int) error {
 		buf := c.wbuf
 		c.wbuf, c.spare = c.spare[:0], nil
 		c.wmu.Unlock()
-		_, err := c.nc.Write(buf)
+		err := c.write(buf)
 		c.wmu.Lock()
 		if cap(buf) <= maxKeptWriteBuffer {
 			c.spare = buf[:0]
@@ -519,6 +523,20 @@ func (c *Conn) closeSocket() {
 		return
 	}
 	c.fail(net.ErrClosed)
+}
+
+// write sends buf on the connection, corked if it can be.
+func (c *Conn) write(buf []byte) error {
+	if c.opts.Cork == nil {
+		_, err := c.nc.Write(buf)
+		return err
+	}
+	c.opts.Cork.Cork()
+	_, err := c.nc.Write(buf)
+	if uerr := c.opts.Cork.Uncork(); err == nil {
+		err = uerr
+	}
+	return err
 }
 
 // writeLoop writes what the reader and Close queue, and what a leading
