@@ -389,6 +389,13 @@ func (c *Conn) Open(ctx context.Context, authority string) (*Stream, error) {
 	var s *Stream
 	err := c.queue(true, func(b []byte) []byte {
 		id := c.nextID
+		if id > math.MaxInt32 {
+			// Stream IDs are used up: new streams go to a new connection.
+			c.mu.Lock()
+			c.draining = true
+			c.mu.Unlock()
+			return b
+		}
 		c.nextID += 2
 		s = c.newStream(id)
 		c.mu.Lock()
@@ -407,6 +414,9 @@ func (c *Conn) Open(ctx context.Context, authority string) (*Stream, error) {
 		c.mu.Unlock()
 		if drained {
 			c.closeAfterFlush()
+		}
+		if err == nil {
+			err = ErrUnavailable
 		}
 		return nil, err
 	}
