@@ -19,8 +19,8 @@ import (
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
-// Defaults of SPEC: workload certificates live 24h unless asked otherwise,
-// never more than 90 days.
+// Defaults of docs/CONTRACT.md ("Identity"): workload certificates live
+// 24h unless asked otherwise, never more than 90 days.
 const (
 	DefaultTTL = 24 * time.Hour
 	MaxTTL     = 2160 * time.Hour

@@ -59,7 +59,7 @@ func (s *Server) serveBundleEndpoint(ctx context.Context, lis net.Listener) {
 	o := s.rot.opts
 	h, err := s.BundleHandler(o.bundleHint)
 	if err != nil {
-		s.log.Error("bundle endpoint not started", "error", err)
+		s.log.Error("bundle endpoint not started", "err", err)
 		_ = lis.Close()
 		return
 	}
@@ -84,7 +84,7 @@ func (s *Server) serveBundleEndpoint(ctx context.Context, lis net.Listener) {
 	select {
 	case err := <-errc:
 		if !errors.Is(err, http.ErrServerClosed) {
-			s.log.Error("bundle endpoint stopped", "error", err)
+			s.log.Error("bundle endpoint stopped", "err", err)
 		}
 		return
 	case <-ctx.Done():

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshproxy/meshproxy/internal/fileread"
 )
 
 // File names of Istio's plugged-in CA layout (the cacerts secret).
@@ -216,7 +218,7 @@ func writeTemp(dir, name string, data []byte, mode os.FileMode) (string, error) 
 // checks.
 func Load(dir string, opts ...Option) (*Authority, error) {
 	read := func(name string) ([]byte, error) {
-		data, err := os.ReadFile(filepath.Join(dir, name))
+		data, err := fileread.Read(filepath.Join(dir, name), fileread.MaxPEM)
 		if err != nil {
 			return nil, fmt.Errorf("load ca: %w: %w", ErrInvalidCA, err)
 		}
@@ -237,7 +239,7 @@ func Load(dir string, opts ...Option) (*Authority, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load ca: %w: %s: %w", ErrInvalidCA, filepath.Join(dir, CACertFile), err)
 	}
-	if data, err = os.ReadFile(filepath.Join(dir, CertChainFile)); err == nil {
+	if data, err = fileread.Read(filepath.Join(dir, CertChainFile), fileread.MaxPEM); err == nil {
 		more, err := parseCertsPEM(data)
 		if err != nil {
 			return nil, fmt.Errorf("load ca: %w: %s: %w", ErrInvalidCA, filepath.Join(dir, CertChainFile), err)

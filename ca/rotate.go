@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshproxy/meshproxy/internal/fileread"
 )
 
 // Files of a root rotation, next to Istio's layout in the CA directory.
@@ -150,7 +152,7 @@ func readCAFiles(dir string, now time.Time) (*caFiles, error) {
 
 func readRotationState(dir string) (rotationState, error) {
 	path := filepath.Join(dir, RotationStateFile)
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, fileread.MaxState)
 	if errors.Is(err, fs.ErrNotExist) {
 		return rotationState{Phase: PhaseIdle}, nil
 	}
@@ -335,7 +337,7 @@ func rotateAdd(dir string, f *caFiles, o initOptions, now time.Time) error {
 
 func rotateSwitch(dir string, f *caFiles, now time.Time) error {
 	read := func(name string) ([]byte, error) {
-		data, err := os.ReadFile(filepath.Join(dir, name))
+		data, err := fileread.Read(filepath.Join(dir, name), fileread.MaxPEM)
 		if err != nil {
 			return nil, fmt.Errorf("%w: staged file: %w", ErrRotationState, err)
 		}

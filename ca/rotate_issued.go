@@ -13,6 +13,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/meshproxy/meshproxy/internal/fileread"
 )
 
 // issuedBucket is the granularity of the expiry counts: counts are kept per
@@ -96,40 +98,20 @@ func (r *rootRecord) live(now time.Time) (uint64, time.Time) {
 func readIssuedRecord(dir string) (*issuedRecord, error) {
 	path := filepath.Join(dir, IssuedRecordFile)
 	rec := &issuedRecord{Roots: map[string]*rootRecord{}}
-	f, err := os.Open(path)
+	data, err := fileread.Read(path, maxIssuedRecordSize)
 	if errors.Is(err, fs.ErrNotExist) {
 		return rec, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read issuance record: %w", err)
 	}
-	defer f.Close()
-	dec := json.NewDecoder(&limitedReader{f: f, n: maxIssuedRecordSize})
-	if err := dec.Decode(rec); err != nil {
+	if err := json.Unmarshal(data, rec); err != nil {
 		return nil, fmt.Errorf("%w: %s: %w", ErrRotationState, path, err)
 	}
 	if rec.Roots == nil {
 		rec.Roots = map[string]*rootRecord{}
 	}
 	return rec, nil
-}
-
-// limitedReader fails, rather than truncates, past n bytes.
-type limitedReader struct {
-	f *os.File
-	n int64
-}
-
-func (l *limitedReader) Read(p []byte) (int, error) {
-	if l.n <= 0 {
-		return 0, fmt.Errorf("larger than %d bytes", maxIssuedRecordSize)
-	}
-	if int64(len(p)) > l.n {
-		p = p[:l.n]
-	}
-	n, err := l.f.Read(p)
-	l.n -= int64(n)
-	return n, err
 }
 
 // issuedLog is the CA server's side of IssuedRecordFile: it counts every
@@ -160,7 +142,7 @@ func openIssuedLog(dir string, log *slog.Logger, now func() time.Time) *issuedLo
 	if err != nil {
 		aside := l.path + ".unreadable"
 		rerr := os.Rename(l.path, aside)
-		log.Error("issuance record unreadable; starting a new one", "file", l.path, "error", err, "moved_to", aside, "move_error", errString(rerr))
+		log.Error("issuance record unreadable; starting a new one", "file", l.path, "err", err, "moved_to", aside, "move_error", errString(rerr))
 		rec = &issuedRecord{Roots: map[string]*rootRecord{}}
 	}
 	l.rec = rec
@@ -265,7 +247,7 @@ func (l *issuedLog) flush() {
 		l.dirty = true
 		if msg := err.Error(); msg != l.lastErr {
 			l.lastErr = msg
-			l.log.Warn("cannot write the issuance record (read-only CA directory?); `ca rotate-root` cannot check retirement until it is written", "file", l.path, "error", err)
+			l.log.Warn("cannot write the issuance record (read-only CA directory?); `ca rotate-root` cannot check retirement until it is written", "file", l.path, "err", err)
 		}
 		return
 	}

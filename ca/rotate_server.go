@@ -9,15 +9,15 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
-	"os"
 	"path/filepath"
 	"sync"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
+	"github.com/meshproxy/meshproxy/internal/watch"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
@@ -116,46 +116,10 @@ func (s *Server) startRotation(ctx context.Context, wg *sync.WaitGroup) error {
 // ends.
 func (s *Server) watchDir(ctx context.Context) {
 	o := s.rot.opts
-	var events <-chan fsnotify.Event
-	var errs <-chan error
-	if w, err := fsnotify.NewWatcher(); err != nil {
-		s.log.Warn("ca directory notifications unavailable, polling only", "dir", o.dir, "error", err, "interval", o.poll.String())
-	} else {
-		defer w.Close()
-		if err := w.Add(o.dir); err != nil {
-			s.log.Warn("cannot watch the ca directory, polling it", "dir", o.dir, "error", err, "interval", o.poll.String())
-		}
-		events, errs = w.Events, w.Errors
-	}
 	var r reloader
-	// The authority was loaded before the watch began: look once now.
-	r.check(ctx, s)
-	poll := time.NewTicker(o.poll)
-	defer poll.Stop()
-	var settle <-chan time.Time
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case _, ok := <-events:
-			if !ok {
-				events = nil
-				continue
-			}
-			settle = time.After(reloadDebounce)
-		case err, ok := <-errs:
-			if !ok {
-				errs = nil
-				continue
-			}
-			s.log.Warn("ca directory watch error", "dir", o.dir, "error", err)
-		case <-settle:
-			settle = nil
-			r.check(ctx, s)
-		case <-poll.C:
-			r.check(ctx, s)
-		}
-	}
+	// The authority was loaded before the watch began: Run looks once now.
+	watch.Run(ctx, []string{o.dir}, func() { r.check(ctx, s) },
+		watch.WithPoll(o.poll), watch.WithDebounce(reloadDebounce), watch.WithLogger(s.log.With("dir", o.dir)))
 }
 
 // reloader remembers what the directory looked like at the last reload and
@@ -181,7 +145,7 @@ func (r *reloader) check(ctx context.Context, s *Server) {
 	if err != nil {
 		if d != r.failed {
 			metrics.ConfigReloads.WithLabelValues("ca", "failure").Inc()
-			s.log.Error("ca reload failed; keeping the loaded CA", "dir", o.dir, "error", err)
+			s.log.Error("ca reload failed; keeping the loaded CA", "dir", o.dir, "err", err)
 		}
 		r.failed = d
 		return
@@ -207,7 +171,7 @@ func (r *reloader) check(ctx context.Context, s *Server) {
 	// The serving certificate follows the signing certificate at once, so
 	// clients never need the old root to reach the CA after a switch.
 	if _, err := s.serving.renew(ctx); err != nil && ctx.Err() == nil {
-		s.log.Error("ca serving certificate renewal after reload failed; retrying on schedule", "error", err)
+		s.log.Error("ca serving certificate renewal after reload failed; retrying on schedule", "err", err)
 	}
 }
 
@@ -223,13 +187,13 @@ func sameAuthority(a, b *Authority) bool {
 func layoutDigest(dir string) ([sha256.Size]byte, error) {
 	h := sha256.New()
 	for _, name := range []string{RootCertFile, CACertFile, CertChainFile, CAKeyFile} {
-		data, err := os.ReadFile(filepath.Join(dir, name))
+		data, err := fileread.Read(filepath.Join(dir, name), fileread.MaxPEM)
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
 			fmt.Fprintf(h, "%s:missing;", name)
 			continue
 		case err != nil:
-			return [sha256.Size]byte{}, fmt.Errorf("read %s: %w", name, err)
+			return [sha256.Size]byte{}, err // names the file
 		}
 		fmt.Fprintf(h, "%s:%d:", name, len(data))
 		h.Write(data)

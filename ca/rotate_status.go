@@ -3,9 +3,10 @@ package ca
 import (
 	"crypto/x509"
 	"fmt"
-	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/meshproxy/meshproxy/internal/fileread"
 )
 
 // Root roles in a RotationStatus.
@@ -107,7 +108,7 @@ func RotationStatusOf(dir string, now time.Time) (*RotationStatus, error) {
 		st.Roots = append(st.Roots, rs)
 	}
 	if f.state.Phase == PhaseAdded {
-		if data, err := os.ReadFile(filepath.Join(dir, NextCACertFile)); err == nil {
+		if data, err := fileread.Read(filepath.Join(dir, NextCACertFile), fileread.MaxPEM); err == nil {
 			if certs, err := parseCertsPEM(data); err == nil {
 				if nr := f.root(f.state.NewRoot); nr != nil {
 					cs := certStatus(certs[0], nr)

@@ -313,7 +313,7 @@ func responseChain(issued *tlsmgr.Issued) []string {
 // refuse logs and counts a refused request and returns its gRPC status.
 func (s *Server) refuse(addr string, code codes.Code, reason string, err error, id spiffeid.ID) error {
 	metrics.CACSRErrors.WithLabelValues(reason).Inc()
-	attrs := []any{"reason", reason, "code", code.String(), "peer", addr, "error", err.Error()}
+	attrs := []any{"reason", reason, "code", code.String(), "peer", addr, "err", err.Error()}
 	if !id.IsZero() {
 		attrs = append(attrs, "spiffe_id", id.String())
 	}

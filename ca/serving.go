@@ -90,7 +90,7 @@ func (s *servingCert) run(ctx context.Context, due time.Time) {
 			return
 		}
 		wait := backoff/2 + mrand.N(backoff/2+1)
-		s.log.Error("ca serving certificate renewal failed; retrying", "error", err, "retry_in", wait.String())
+		s.log.Error("ca serving certificate renewal failed; retrying", "err", err, "retry_in", wait.String())
 		due = s.now().Add(wait)
 		backoff = min(2*backoff, maxRetryBackoff)
 	}

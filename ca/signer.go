@@ -112,9 +112,9 @@ func NewFromSigner(s Signer, opts ...Option) (*Authority, error) {
 	}, nil
 }
 
-// checkIssued enforces SPEC's rules on what a signer returned, whatever the
-// backend: the leaf is an X.509-SVID for exactly req.ID (its only URI SAN),
-// chains to the authority's roots, certifies the CSR's key, is not a CA,
+// checkIssued enforces the rules of docs/CONTRACT.md ("Identity") on what
+// a signer returned, whatever the backend: the leaf is an X.509-SVID for
+// exactly req.ID (its only URI SAN), chains to the authority's roots, certifies the CSR's key, is not a CA,
 // carries no SAN that was not asked for, is usable for both ends of mutual
 // TLS, and is valid now for at most the maximum TTL and no longer than its
 // chain. It returns the leaf with the intermediates it verified along and

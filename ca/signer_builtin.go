@@ -26,7 +26,8 @@ func (b *builtinSigner) Name() string { return SignerBuiltin }
 func (b *builtinSigner) Roots() []*x509.Certificate { return nil }
 
 // Sign implements Signer: a leaf with the request's validity, the SPIFFE ID
-// as only URI SAN, a random 128-bit serial and SPEC's key usages.
+// as only URI SAN, a random 128-bit serial and the key usages of
+// docs/CONTRACT.md ("Identity").
 func (b *builtinSigner) Sign(ctx context.Context, req *SignRequest) ([]*x509.Certificate, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err

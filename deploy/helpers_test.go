@@ -136,7 +136,7 @@ var kubeTypes = map[string]func() any{
 	"rbac.authorization.k8s.io/v1/RoleBinding":        func() any { return &rbacv1.RoleBinding{} },
 }
 
-// Minimal strict forms of the Istio resources we ship (the subset SPEC
+// Minimal strict forms of the Istio resources we ship (the subset docs/CONTRACT.md
 // supports); the policy test also loads them with the sidecar's policy package.
 type istioMeta struct {
 	Name      string            `json:"name"`

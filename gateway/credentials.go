@@ -7,23 +7,22 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
 // maxCredentialFile bounds one certificate or key file.
-const maxCredentialFile = 1 << 20
+const maxCredentialFile = fileread.MaxPEM
 
 // Credential file names in --credentials-dir for a credentialName NAME.
 const (
@@ -185,33 +184,10 @@ func (s *credStore) load(name string, prev *credential) (*credential, error) {
 	return c, nil
 }
 
-// readBounded reads a regular file of at most maxCredentialFile bytes. The
-// bound holds while reading too (a file may grow after it was looked at),
-// and anything but a regular file (a FIFO would block reloads) is refused.
+// readBounded reads a regular file of at most maxCredentialFile bytes;
+// anything but a regular file (a FIFO would block reloads) is refused.
 func readBounded(path string) ([]byte, error) {
-	st, err := os.Stat(path)
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file", path)
-	}
-	if st.Size() > maxCredentialFile {
-		return nil, fmt.Errorf("%s: file is %d bytes, more than the %d allowed", path, st.Size(), maxCredentialFile)
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxCredentialFile+1))
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
-	}
-	if len(data) > maxCredentialFile {
-		return nil, fmt.Errorf("%s: file grew past the %d bytes allowed while being read", path, maxCredentialFile)
-	}
-	return data, nil
+	return fileread.Read(path, maxCredentialFile)
 }
 
 // parseCredential checks a certificate chain, its key and the optional

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/meshproxy/meshproxy/internal/ports"
 )
 
 // ErrNotBuilt is returned by Manifest in binaries built with the noinject
@@ -39,8 +41,8 @@ const (
 	hostCgroupMount = "/host/sys/fs/cgroup"
 
 	// MetricsPort and HealthPort are the sidecar's Prometheus and readiness ports.
-	MetricsPort = 15020
-	HealthPort  = 15021
+	MetricsPort = ports.Metrics
+	HealthPort  = ports.Health
 	// MetricsPortName and HealthPortName name them in the pod spec
 	// (at most 15 characters, unique in the pod).
 	MetricsPortName = "http-mp-stats"
@@ -55,7 +57,7 @@ type Injector struct{ cfg config }
 // DefaultCAAddr, mode nftables, proxy uid 1337, native sidecar, no mesh
 // CIDRs and no exclusions.
 func New(opts ...Option) (*Injector, error) {
-	c := config{caAddr: DefaultCAAddr, mode: DefaultMode, proxyUID: DefaultProxyUID, version: "dev", native: true}
+	c := config{caAddr: DefaultCAAddr(), mode: DefaultMode, proxyUID: DefaultProxyUID, version: "dev", native: true}
 	for _, o := range opts {
 		if err := o(&c); err != nil {
 			return nil, err

@@ -241,7 +241,7 @@ func checkInjected(t *testing.T, meta *metav1.ObjectMeta, spec *corev1.PodSpec, 
 		t.Errorf("sidecar args %v", a)
 	}
 	for flag, want := range map[string]string{
-		"--ca-addr":     DefaultCAAddr,
+		"--ca-addr":     DefaultCAAddr(),
 		"--inbound":     ":15006",
 		"--outbound":    ":15001",
 		"--namespace":   "$(POD_NAMESPACE)",

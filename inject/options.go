@@ -8,7 +8,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/meshproxy/meshproxy/internal/ports"
 )
+
+// DefaultCAAddr is DefaultCAHost on Istio's CA port (15012).
+func DefaultCAAddr() string { return ports.HostPort(DefaultCAHost, ports.CA) }
 
 // Mode is the traffic capture mechanism the init container installs.
 type Mode string
@@ -31,8 +36,9 @@ func ParseMode(s string) (Mode, error) {
 
 // Defaults.
 const (
-	DefaultCAAddr   = "meshproxy-ca.istio-system.svc:15012"
-	DefaultProxyUID = 1337
+	// DefaultCAHost is the CA's Service; DefaultCAAddr adds Istio's CA port.
+	DefaultCAHost   = "meshproxy-ca.istio-system.svc"
+	DefaultProxyUID = ports.ProxyUID
 	DefaultMode     = ModeNFTables
 	// DefaultEBPFCgroup is the pod's cgroup v2 directory as seen through the
 	// host cgroup mount, for kubelet's cgroupfs driver. Every injected pod is

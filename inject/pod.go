@@ -13,6 +13,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/meshproxy/meshproxy/internal/ports"
 )
 
 const (
@@ -31,8 +33,8 @@ const (
 	labelsFile    = "labels"
 	policyDir     = "/etc/meshproxy/config"
 	bpffsPath     = "/sys/fs/bpf"
-	inboundPort   = 15006
-	outboundPort  = 15001
+	inboundPort   = ports.Inbound
+	outboundPort  = ports.Outbound
 	metricsPath   = "/stats/prometheus"
 	readyPath     = "/healthz/ready"
 )

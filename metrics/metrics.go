@@ -1,5 +1,5 @@
 // Package metrics defines every Prometheus metric meshproxy exports (names in
-// SPEC.md, prefix meshproxy_) on one registry. Label values are bounded:
+// docs/CONTRACT.md, prefix meshproxy_) on one registry. Label values are bounded:
 // never a peer identity or an address.
 package metrics
 

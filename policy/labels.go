@@ -4,28 +4,26 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/meshproxy/meshproxy/internal/fileread"
 )
 
 // maxLabelsFile bounds the labels file; Kubernetes caps all labels of an
 // object far below this.
-const maxLabelsFile = 1 << 20
+const maxLabelsFile = fileread.MaxLabels
 
 // ReadLabelsFile reads a Kubernetes downward API labels file: one
 // key="value" a line, the value Go-quoted as the kubelet writes it (an
 // unquoted value is accepted too). Keys and values are checked against
 // Kubernetes' label syntax; errors name the file and line.
 func ReadLabelsFile(path string) (map[string]string, error) {
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, maxLabelsFile)
 	if err != nil {
 		return nil, fmt.Errorf("labels file: %w", err)
-	}
-	if len(data) > maxLabelsFile {
-		return nil, fmt.Errorf("labels file %s: %d bytes, more than the %d allowed", path, len(data), maxLabelsFile)
 	}
 	labels := map[string]string{}
 	sc := bufio.NewScanner(bytes.NewReader(data))

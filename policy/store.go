@@ -13,9 +13,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/fsnotify/fsnotify"
 	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/meshproxy/meshproxy/internal/watch"
 	"github.com/meshproxy/meshproxy/metrics"
 )
 
@@ -183,45 +183,19 @@ func (s *Store) run(ctx context.Context) error {
 		<-ctx.Done()
 		return nil
 	}
-	var events <-chan fsnotify.Event
-	var watchErrs <-chan error
-	if w, err := fsnotify.NewWatcher(); err != nil {
-		s.opts.log.Warn("policy: cannot watch dir; polling only", "dir", s.dir, "err", err)
-	} else {
-		defer w.Close()
-		if err := w.Add(s.dir); err != nil {
-			s.opts.log.Warn("policy: cannot watch dir; polling only", "dir", s.dir, "err", err)
-		} else {
-			events, watchErrs = w.Events, w.Errors
-		}
-	}
-	poll := time.NewTicker(s.opts.pollEvery)
-	defer poll.Stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() {
+		watch.Run(ctx, []string{s.dir}, func() { _ = s.reload(ctx) }, // reported inside
+			watch.WithPoll(s.opts.pollEvery), watch.WithDebounce(settleDelay), watch.WithLogger(s.opts.log),
+			watch.WithoutFirstCheck()) // NewStore has just loaded
+	})
 	dns := time.NewTicker(s.opts.resolveEvery)
 	defer dns.Stop()
-	settle := time.NewTimer(settleDelay)
-	settle.Stop()
-	defer settle.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case _, ok := <-events:
-			if !ok {
-				events = nil
-				continue
-			}
-			settle.Reset(settleDelay)
-		case err, ok := <-watchErrs:
-			if !ok {
-				watchErrs = nil
-				continue
-			}
-			s.opts.log.Warn("policy: watch error; polling continues", "dir", s.dir, "err", err)
-		case <-settle.C:
-			_ = s.reload(ctx) // reported inside
-		case <-poll.C:
-			_ = s.reload(ctx)
 		case <-dns.C:
 			s.refresh(ctx)
 		}

@@ -9,7 +9,7 @@
 // destinations of redirected connections come from an injected function
 // (WithOriginalDst), so the package knows nothing of nftables or eBPF.
 //
-// Flows (ports as in SPEC.md):
+// Flows (ports as in docs/CONTRACT.md, "Ports"):
 //
 //	inbound  :15006 or LISTEN=APP  sniff → mesh mTLS: terminate, authorize peer, plaintext to app
 //	                               → app TLS / plaintext: authorize (no peer), pass through untouched

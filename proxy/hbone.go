@@ -62,6 +62,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/ports"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	hb "github.com/meshproxy/meshproxy/proxy/hbone"
@@ -70,8 +71,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// HBONEPort is the port of a peer's HBONE listener (SPEC: 15008).
-const HBONEPort = 15008
+// HBONEPort is the port of a peer's HBONE listener (docs/CONTRACT.md: 15008).
+const HBONEPort = ports.HBONE
 
 // ModeHBONE is the mode label and PeerInfo.Mode of app connections carried
 // over HBONE (HTTP/2 CONNECT streams on a pooled mesh mTLS connection).

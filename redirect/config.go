@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/meshproxy/meshproxy/internal/ports"
 )
 
 // Mode selects the capture mechanism.
@@ -30,12 +32,12 @@ const (
 	BackendLegacy = "legacy"
 )
 
-// Defaults of SPEC (Istio's numbers).
+// Defaults: Istio's numbers (internal/ports; docs/CONTRACT.md, "Ports").
 const (
-	DefaultProxyUID     = 1337
-	DefaultProxyGID     = 1337
-	DefaultInboundPort  = 15006
-	DefaultOutboundPort = 15001
+	DefaultProxyUID     = ports.ProxyUID
+	DefaultProxyGID     = ports.ProxyGID
+	DefaultInboundPort  = ports.Inbound
+	DefaultOutboundPort = ports.Outbound
 	DefaultTProxyMark   = 0x539 // 1337, as Istio
 	DefaultRouteTable   = 133   // as Istio
 	DefaultBPFFS        = "/sys/fs/bpf"
@@ -44,7 +46,7 @@ const (
 // ProxyPorts are the sidecar's own ports; inbound traffic to them is never
 // captured (HBONE, admin, metrics, health, Envoy-compatible stats, and the
 // capture ports themselves).
-var ProxyPorts = []uint16{15000, 15001, 15006, 15008, 15020, 15021, 15090}
+var ProxyPorts = ports.Proxy()
 
 // ErrInvalidConfig is wrapped by every Config validation error.
 var ErrInvalidConfig = errors.New("invalid redirect config")

@@ -9,9 +9,19 @@
 //     CA in-process), fresh in-memory P-256 key per renewal, renewal at half
 //     life ± jitter, backoff while the CA is down, roots from the CA merged
 //     with an optional bundle file.
+//   - RootWatch (WatchRoots): wraps a Rotator and renews promptly when the
+//     CA's published roots file changes (a root rotation).
 //   - FileSource: mounted PEM files, reloaded on change (Kubernetes secret
 //     volumes included); a bad reload keeps the last good identity.
-//   - Static: a fixed identity for tests and tools.
+//   - WorkloadAPISource: SVIDs and bundles streamed from a SPIFFE Workload
+//     API (a SPIRE agent); a bad update keeps the current identity.
+//   - Federated (NewFederated): wraps any Source and adds the trust bundles
+//     of foreign trust domains, fetched from their SPIFFE bundle endpoints
+//     (FederationEndpoint) and refreshed at their refresh hint.
+//   - Static: a fixed identity for tests, tools and the demo.
+//
+// Inspect is the client side of `meshproxy inspect`: a handshake with a peer
+// whose chain is verified by SPIFFE rules against given roots.
 //
 // Every source swaps immutable snapshots through an atomic pointer, so
 // Certificate costs a pointer load, and announces changes through Notifier.

@@ -12,7 +12,6 @@ import (
 	mrand "math/rand/v2"
 	"net/http"
 	"net/url"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -25,6 +24,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/metrics"
 )
 
@@ -162,17 +162,9 @@ func (e *FederationEndpoint) LoadBootstrap() error {
 // LoadBundleFile reads td's roots from path: PEM certificates, or a SPIFFE
 // bundle document (JWKS). Every root must be a CA certificate.
 func LoadBundleFile(td spiffeid.TrustDomain, path string) (*x509bundle.Bundle, error) {
-	f, err := os.Open(path)
+	data, err := fileread.Read(path, maxBundleFileSize)
 	if err != nil {
 		return nil, fmt.Errorf("bundle file: %w", err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxBundleFileSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("bundle file %s: %w", path, err)
-	}
-	if len(data) > maxBundleFileSize {
-		return nil, fmt.Errorf("bundle file %s: larger than %d bytes", path, maxBundleFileSize)
 	}
 	var roots []*x509.Certificate
 	if trimmed := bytes.TrimSpace(data); bytes.HasPrefix(trimmed, []byte("{")) {
@@ -414,7 +406,7 @@ func (f *Federated) watch(ctx context.Context, e FederationEndpoint) {
 			}
 			metrics.FederationFetches.WithLabelValues(e.TrustDomain.Name(), "failure").Inc()
 			f.opts.log.Warn("federated bundle fetch failed", "trust_domain", e.TrustDomain.Name(), "url", e.URL,
-				"error", err.Error(), "failures", failures, "keeping", keeping, "retry_in", wait.Round(time.Millisecond).String())
+				"err", err.Error(), "failures", failures, "keeping", keeping, "retry_in", wait.Round(time.Millisecond).String())
 		} else {
 			failures = 0
 		}

@@ -3,14 +3,11 @@ package tlsmgr
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"sync"
-	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/meshproxy/meshproxy/metrics"
@@ -22,13 +19,15 @@ import (
 // when they change; a bad reload keeps the previous identity.
 type FileSource struct {
 	notifier
+	snapshot
 	certFile, keyFile, bundleFile string
 	opts                          options
-	cur                           atomic.Pointer[identity]
 
-	mu      sync.Mutex // serialises loads; guards the fields below
-	lastErr error
+	// loadMu serialises loads. Only loads take it: handshakes, health
+	// checks and Status read the snapshot, so a slow read never holds them.
+	loadMu  sync.Mutex
 	lastSum [sha256.Size]byte // digest of the last content tried
+	lastOK  bool              // whether that content was loaded
 }
 
 // NewFileSource loads certFile, keyFile and bundleFile and returns a
@@ -46,44 +45,11 @@ func NewFileSource(certFile, keyFile, bundleFile string, opts ...Option) (*FileS
 	if err != nil {
 		return nil, fmt.Errorf("file source: %w", err)
 	}
-	s := &FileSource{certFile: certFile, keyFile: keyFile, bundleFile: bundleFile, opts: o}
+	s := &FileSource{snapshot: newSnapshot("files", o.clock), certFile: certFile, keyFile: keyFile, bundleFile: bundleFile, opts: o}
 	if _, err := s.load(true); err != nil {
 		return nil, err
 	}
 	return s, nil
-}
-
-// Certificate implements Source. It only loads a pointer.
-func (s *FileSource) Certificate() (*tls.Certificate, error) { return s.cur.Load().cert, nil }
-
-// GetX509SVID implements x509svid.Source.
-func (s *FileSource) GetX509SVID() (*x509svid.SVID, error) { return s.cur.Load().svid, nil }
-
-// GetX509BundleForTrustDomain implements x509bundle.Source.
-func (s *FileSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	return s.cur.Load().bundles.GetX509BundleForTrustDomain(td)
-}
-
-// Generation implements Source.
-func (s *FileSource) Generation() uint64 { return s.cur.Load().gen }
-
-// Ready implements Source: nil while the loaded certificate is valid.
-func (s *FileSource) Ready() error {
-	s.mu.Lock()
-	lastErr := s.lastErr
-	s.mu.Unlock()
-	return readiness(s.cur.Load(), s.opts.clock.Now(), lastErr)
-}
-
-// Status implements Source.
-func (s *FileSource) Status() Status {
-	s.mu.Lock()
-	msg := ""
-	if s.lastErr != nil {
-		msg = s.lastErr.Error()
-	}
-	s.mu.Unlock()
-	return s.cur.Load().status("files", msg)
 }
 
 // Rotate implements Source: it reloads the files now, even if they look
@@ -109,8 +75,8 @@ func (s *FileSource) reload(force bool) (bool, error) {
 	if err != nil {
 		metrics.ConfigReloads.WithLabelValues("cert", "failure").Inc()
 		metrics.CertRotations.WithLabelValues("failure").Inc()
-		cur := s.cur.Load()
-		s.opts.logger.Error("certificate reload failed, keeping the loaded certificate", "error", err,
+		cur := s.current()
+		s.opts.logger.Error("certificate reload failed, keeping the loaded certificate", "err", err,
 			"spiffe_id", cur.svid.ID.String(), "serial", serialString(cur.svid.Certificates[0].SerialNumber))
 		return false, err
 	}
@@ -125,30 +91,31 @@ func (s *FileSource) reload(force bool) (bool, error) {
 // differs from the last attempt (or force is set). It reports whether a new
 // identity was installed.
 func (s *FileSource) load(force bool) (bool, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.loadMu.Lock()
+	defer s.loadMu.Unlock()
 	data, sum, err := readFiles(s.certFile, s.keyFile, s.bundleFile)
 	if err != nil {
-		s.lastErr = err
+		s.setErr(err)
 		return false, err
 	}
 	if !force && sum == s.lastSum {
+		if s.lastOK {
+			s.setErr(nil) // readable again, and unchanged
+		}
 		return false, nil // nothing new; a bad version was already reported
 	}
-	s.lastSum = sum
+	s.lastSum, s.lastOK = sum, false
 	svid, bundle, err := s.parse(data[0], data[1], data[2])
 	if err != nil {
-		s.lastErr = err
+		s.setErr(err)
 		return false, err
 	}
-	s.lastErr = nil
-	var gen uint64 = 1
-	if old := s.cur.Load(); old != nil {
-		gen = old.gen + 1
-	}
+	s.setErr(nil)
+	s.lastOK = true
+	gen := s.nextGeneration()
 	next := newIdentity(svid, x509bundle.NewSet(bundle), gen)
 	next.loadedAt = s.opts.clock.Now()
-	s.cur.Store(next)
+	s.swap(next)
 
 	leaf := svid.Certificates[0]
 	recordCertMetrics(leaf)

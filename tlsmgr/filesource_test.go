@@ -12,12 +12,14 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"github.com/meshproxy/meshproxy/metrics"
 )
@@ -357,5 +359,46 @@ func TestFileSourceReadyReportsExpiry(t *testing.T) {
 	clock.offset.Store(int64(2 * time.Hour))
 	if err := src.Ready(); err == nil || !errors.Is(err, ErrNoIdentity) || !strings.Contains(err.Error(), "expired") {
 		t.Fatalf("Ready() = %v after expiry, want ErrNoIdentity saying expired", err)
+	}
+}
+
+func TestFileSourceRefusesAFIFOAndRecovers(t *testing.T) {
+	ca := testpki.New(t, "cluster.local")
+	f := writeSVID(t, t.TempDir(), ca, ca.Issue(t, "spiffe://cluster.local/ns/a/sa/b", time.Hour))
+	s, err := NewFileSource(f.cert, f.key, f.bundle, WithLogger(testLogger(t, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := os.ReadFile(f.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(f.cert); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(f.cert, 0o600); err != nil {
+		t.Fatalf("mkfifo: %v", err)
+	}
+	gen := s.Generation()
+	// Nobody writes to the FIFO: a reload that opened or read it would never return.
+	if err := s.Rotate(context.Background()); !errors.Is(err, fileread.ErrNotRegular) {
+		t.Fatalf("reload with a FIFO cert file: err %v, want ErrNotRegular", err)
+	}
+	if err := s.Ready(); err != nil {
+		t.Fatalf("Ready after a refused reload: %v, want the last good identity to serve", err)
+	}
+	if st := s.Status(); !strings.Contains(st.LastError, f.cert) || s.Generation() != gen {
+		t.Fatalf("Status %q, generation %d (was %d): want the FIFO named and the identity kept", st.LastError, s.Generation(), gen)
+	}
+
+	if err := os.Remove(f.cert); err != nil {
+		t.Fatal(err)
+	}
+	testpki.WriteFile(t, f.cert, good)
+	if _, err := s.reload(false); err != nil {
+		t.Fatalf("reload with the file back: %v", err)
+	}
+	if st := s.Status(); st.LastError != "" {
+		t.Fatalf("LastError %q after the same good files came back, want none", st.LastError)
 	}
 }

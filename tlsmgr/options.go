@@ -10,8 +10,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// Defaults of the renewal schedule (SPEC: renew at 50% ± 1% of lifetime,
-// retry 0.5 s → 60 s).
+// Defaults of the renewal schedule (docs/CONTRACT.md, "Identity": renew
+// at 50% ± 1% of lifetime, retry 0.5 s → 60 s).
 const (
 	DefaultTTL           = 24 * time.Hour
 	DefaultRenewFraction = 0.5

@@ -90,7 +90,7 @@ func (w *RootWatch) check() {
 	if err != nil {
 		if msg := err.Error(); msg != w.readErr {
 			w.readErr = msg
-			w.opts.logger.Warn("ca roots file unreadable; keeping the trust bundle", "file", w.path, "error", err)
+			w.opts.logger.Warn("ca roots file unreadable; keeping the trust bundle", "file", w.path, "err", err)
 		}
 		return
 	}
@@ -109,7 +109,7 @@ func (w *RootWatch) check() {
 	}
 	if err != nil {
 		metrics.ConfigReloads.WithLabelValues("ca_roots", "failure").Inc()
-		w.opts.logger.Error("ca roots file changed but is invalid; not renewing", "file", w.path, "error", err)
+		w.opts.logger.Error("ca roots file changed but is invalid; not renewing", "file", w.path, "err", err)
 		return
 	}
 	metrics.ConfigReloads.WithLabelValues("ca_roots", "success").Inc()
@@ -146,7 +146,7 @@ func (w *RootWatch) renewals(ctx context.Context) {
 			case <-w.opts.clock.After(delay):
 			}
 			if err := w.Rotate(ctx); err != nil {
-				log.Warn("renewal after a ca roots change failed", "attempt", attempt, "error", err)
+				log.Warn("renewal after a ca roots change failed", "attempt", attempt, "err", err)
 			} else if w.caRootsEqual(roots) {
 				break attempts
 			} else if attempt == rootRenewAttempts {

@@ -5,7 +5,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -13,11 +12,9 @@ import (
 	mrand "math/rand/v2"
 	"net/url"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/meshproxy/meshproxy/metrics"
@@ -45,15 +42,14 @@ const maxSleep = time.Minute
 // returned with the last certificate, merged with the roots of WithBundleFile.
 type Rotator struct {
 	notifier
+	snapshot
 	issuer Issuer
 	opts   options
-	cur    atomic.Pointer[identity]
 
 	renewMu    sync.Mutex    // one renewal at a time
 	reschedule chan struct{} // wakes Run after a forced renewal
 
-	mu        sync.Mutex // guards the fields below and every swap of cur
-	lastErr   error
+	mu        sync.Mutex // guards the fields below and every swap of the snapshot
 	failures  int
 	caRoots   []*x509.Certificate
 	fileRoots []*x509.Certificate
@@ -71,86 +67,13 @@ func NewRotator(issuer Issuer, opts ...Option) (*Rotator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("new rotator: %w", err)
 	}
-	r := &Rotator{issuer: issuer, opts: o, reschedule: make(chan struct{}, 1)}
+	r := &Rotator{snapshot: newSnapshot("ca", o.clock), issuer: issuer, opts: o, reschedule: make(chan struct{}, 1)}
 	if o.bundleFile != "" {
 		if _, err := r.loadBundleFile(); err != nil {
 			return nil, fmt.Errorf("new rotator: %w", err)
 		}
 	}
 	return r, nil
-}
-
-// errNoCertificate is preallocated so Certificate never allocates.
-var errNoCertificate = fmt.Errorf("%w: no certificate issued yet", ErrNoIdentity)
-
-// Certificate implements Source. It only loads a pointer.
-func (r *Rotator) Certificate() (*tls.Certificate, error) { return r.cur.Load().certificate() }
-
-// GetX509SVID implements x509svid.Source.
-func (r *Rotator) GetX509SVID() (*x509svid.SVID, error) { return r.cur.Load().x509SVID() }
-
-// GetX509BundleForTrustDomain implements x509bundle.Source.
-func (r *Rotator) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	return r.cur.Load().bundleFor(td)
-}
-
-// Generation implements Source; it is 0 until the first certificate.
-func (r *Rotator) Generation() uint64 { return r.cur.Load().generation() }
-
-// Ready implements Source: nil while an unexpired certificate is loaded,
-// even if renewals fail; otherwise why not, with the last CA error.
-func (r *Rotator) Ready() error {
-	return readiness(r.cur.Load(), r.opts.clock.Now(), r.lastError())
-}
-
-// Status implements Source.
-func (r *Rotator) Status() Status {
-	return r.cur.Load().status("ca", errText(r.lastError()))
-}
-
-func (r *Rotator) lastError() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.lastErr
-}
-
-// The accessors below serve the sources whose identity may not be loaded
-// yet (Rotator, WorkloadAPISource): a nil id means none so far.
-
-func (id *identity) certificate() (*tls.Certificate, error) {
-	if id != nil {
-		return id.cert, nil
-	}
-	return nil, errNoCertificate
-}
-
-func (id *identity) x509SVID() (*x509svid.SVID, error) {
-	if id != nil {
-		return id.svid, nil
-	}
-	return nil, errNoCertificate
-}
-
-func (id *identity) bundleFor(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	if id != nil {
-		return id.bundles.GetX509BundleForTrustDomain(td)
-	}
-	return nil, fmt.Errorf("%w: no trust bundle for %s yet", ErrNoIdentity, td)
-}
-
-func (id *identity) generation() uint64 {
-	if id != nil {
-		return id.gen
-	}
-	return 0
-}
-
-// errText is err's message, or "" for nil.
-func errText(err error) string {
-	if err == nil {
-		return ""
-	}
-	return err.Error()
 }
 
 // Rotate implements Source: it renews the certificate now and returns the
@@ -191,7 +114,7 @@ func (r *Rotator) Run(ctx context.Context) error {
 		r.mu.Lock()
 		failures := r.failures
 		r.mu.Unlock()
-		cur := r.cur.Load()
+		cur := r.current()
 		now := r.opts.clock.Now()
 		var wait time.Duration
 		switch {
@@ -276,29 +199,25 @@ func (r *Rotator) renew(ctx context.Context) error {
 	}
 	r.mu.Lock()
 	if err != nil {
-		r.lastErr = err
+		r.setErr(err)
 		r.failures++
 		failures := r.failures
 		r.mu.Unlock()
 		metrics.CertRotations.WithLabelValues("failure").Inc()
-		attrs := []any{"error", err, "failures", failures}
-		if cur := r.cur.Load(); cur != nil {
+		attrs := []any{"err", err, "failures", failures}
+		if cur := r.current(); cur != nil {
 			attrs = append(attrs, "spiffe_id", cur.svid.ID.String(), "current_not_after", cur.svid.Certificates[0].NotAfter)
 		}
 		r.opts.logger.Warn("certificate renewal failed", attrs...)
 		return err
 	}
-	r.lastErr = nil
+	r.setErr(nil)
 	r.failures = 0
 	r.caRoots = roots
-	var gen uint64 = 1
-	if old := r.cur.Load(); old != nil {
-		gen = old.gen + 1
-	}
 	bundle := mergeRoots(svid.ID.TrustDomain(), r.caRoots, r.fileRoots)
-	next := newIdentity(svid, x509bundle.NewSet(bundle), gen)
+	next := newIdentity(svid, x509bundle.NewSet(bundle), r.nextGeneration())
 	next.loadedAt = r.opts.clock.Now()
-	r.cur.Store(next)
+	r.swap(next)
 	r.mu.Unlock()
 
 	leaf := svid.Certificates[0]
@@ -310,7 +229,7 @@ func (r *Rotator) renew(ctx context.Context) error {
 		"not_before", leaf.NotBefore,
 		"not_after", leaf.NotAfter,
 		"roots", len(bundle.X509Authorities()),
-		"generation", gen)
+		"generation", next.gen)
 	r.notify()
 	return nil
 }
@@ -324,7 +243,7 @@ func (r *Rotator) obtain(ctx context.Context) (*x509svid.SVID, []*x509.Certifica
 	}
 	tmpl := &x509.CertificateRequest{}
 	hint := r.opts.id
-	if cur := r.cur.Load(); hint.IsZero() && cur != nil {
+	if cur := r.current(); hint.IsZero() && cur != nil {
 		hint = cur.svid.ID
 	}
 	if !hint.IsZero() {
@@ -395,7 +314,7 @@ func (r *Rotator) reloadBundleFile() {
 	changed, err := r.loadBundleFile()
 	if err != nil {
 		metrics.ConfigReloads.WithLabelValues("bundle", "failure").Inc()
-		r.opts.logger.Error("bundle file reload failed, keeping the previous roots", "error", err)
+		r.opts.logger.Error("bundle file reload failed, keeping the previous roots", "err", err)
 		return
 	}
 	if !changed {
@@ -403,7 +322,7 @@ func (r *Rotator) reloadBundleFile() {
 	}
 	metrics.ConfigReloads.WithLabelValues("bundle", "success").Inc()
 	r.mu.Lock()
-	cur := r.cur.Load()
+	cur := r.current()
 	if cur == nil {
 		r.mu.Unlock()
 		return
@@ -411,7 +330,7 @@ func (r *Rotator) reloadBundleFile() {
 	bundle := mergeRoots(cur.svid.ID.TrustDomain(), r.caRoots, r.fileRoots)
 	next := newIdentity(cur.svid, x509bundle.NewSet(bundle), cur.gen+1)
 	next.loadedAt = cur.loadedAt
-	r.cur.Store(next)
+	r.swap(next)
 	r.mu.Unlock()
 	r.opts.logger.Info("trust bundle reloaded", "file", r.opts.bundleFile, "roots", len(bundle.X509Authorities()), "generation", next.gen)
 	r.notify()

@@ -3,13 +3,10 @@ package tlsmgr
 import (
 	"context"
 	"crypto/tls"
-	"fmt"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
@@ -58,13 +55,13 @@ func (id *identity) status(source, lastErr string) Status {
 // It notifies subscribers when Set replaces them.
 type Static struct {
 	notifier
+	snapshot
 	setMu sync.Mutex // one Set at a time, so each generation names one bundle set
-	cur   atomic.Pointer[identity]
 }
 
 // NewStatic returns a Source serving svid and trusting bundles.
 func NewStatic(svid *x509svid.SVID, bundles ...*x509bundle.Bundle) *Static {
-	s := &Static{}
+	s := &Static{snapshot: newSnapshot("static", realClock{})}
 	s.Set(svid, bundles...)
 	return s
 }
@@ -73,38 +70,9 @@ func NewStatic(svid *x509svid.SVID, bundles ...*x509bundle.Bundle) *Static {
 func (s *Static) Set(svid *x509svid.SVID, bundles ...*x509bundle.Bundle) {
 	s.setMu.Lock()
 	defer s.setMu.Unlock()
-	var gen uint64 = 1
-	if old := s.cur.Load(); old != nil {
-		gen = old.gen + 1
-	}
-	s.cur.Store(newIdentity(svid, x509bundle.NewSet(bundles...), gen))
+	s.swap(newIdentity(svid, x509bundle.NewSet(bundles...), s.nextGeneration()))
 	s.notify()
 }
-
-// GetX509SVID implements x509svid.Source.
-func (s *Static) GetX509SVID() (*x509svid.SVID, error) { return s.cur.Load().svid, nil }
-
-// GetX509BundleForTrustDomain implements x509bundle.Source.
-func (s *Static) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	return s.cur.Load().bundles.GetX509BundleForTrustDomain(td)
-}
-
-// Certificate implements Source.
-func (s *Static) Certificate() (*tls.Certificate, error) { return s.cur.Load().cert, nil }
-
-// Generation implements Source.
-func (s *Static) Generation() uint64 { return s.cur.Load().gen }
-
-// Ready implements Source.
-func (s *Static) Ready() error {
-	if time.Now().After(s.cur.Load().svid.Certificates[0].NotAfter) {
-		return fmt.Errorf("%w: certificate expired", ErrNoIdentity)
-	}
-	return nil
-}
-
-// Status implements Source.
-func (s *Static) Status() Status { return s.cur.Load().status("static", "") }
 
 // Rotate implements Source; a static identity has nothing to renew.
 func (s *Static) Rotate(context.Context) error { return nil }

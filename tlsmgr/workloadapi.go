@@ -2,7 +2,6 @@ package tlsmgr
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -15,7 +14,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc/codes"
@@ -41,10 +39,10 @@ import (
 // neither exposes its whole bundle set nor reports watch errors.
 type WorkloadAPISource struct {
 	notifier
+	snapshot
 	addr   string
 	opts   options
 	client *workloadapi.Client
-	cur    atomic.Pointer[identity]
 
 	running   atomic.Bool
 	stop      context.CancelFunc // ends Run (Close)
@@ -58,9 +56,6 @@ type WorkloadAPISource struct {
 	// the fetched one: the stream, which is ordered, always has the last
 	// word.
 	applyMu sync.Mutex
-
-	mu      sync.Mutex // guards lastErr
-	lastErr error
 }
 
 // WorkloadAPISourceName is Status().Source of a WorkloadAPISource.
@@ -89,7 +84,7 @@ func NewWorkloadAPISource(ctx context.Context, addr string, opts ...Option) (*Wo
 	if err != nil {
 		return nil, fmt.Errorf("workload api source: %w", err)
 	}
-	s := &WorkloadAPISource{addr: addr, opts: o, done: make(chan struct{})}
+	s := &WorkloadAPISource{snapshot: newSnapshot(WorkloadAPISourceName, o.clock), addr: addr, opts: o, done: make(chan struct{})}
 	s.stopped, s.stop = context.WithCancel(context.Background())
 	// The dial does not block: an absent agent shows up as watch errors.
 	s.client, err = workloadapi.New(ctx,
@@ -149,7 +144,7 @@ func (s *WorkloadAPISource) watch(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		s.opts.logger.Error("workload api watch stopped, restarting", "addr", s.addr, "error", err)
+		s.opts.logger.Error("workload api watch stopped, restarting", "addr", s.addr, "err", err)
 		select {
 		case <-ctx.Done():
 			return
@@ -178,10 +173,10 @@ func (w *contextWatcher) OnX509ContextWatchError(err error) {
 		return // Close
 	}
 	err = fmt.Errorf("workload api %s: %w", s.addr, err)
-	s.setLastErr(err)
+	s.setErr(err)
 	metrics.CertRotations.WithLabelValues("failure").Inc()
-	attrs := []any{"addr", s.addr, "error", err}
-	if cur := s.cur.Load(); cur != nil {
+	attrs := []any{"addr", s.addr, "err", err}
+	if cur := s.current(); cur != nil {
 		attrs = append(attrs, "spiffe_id", cur.svid.ID.String(), "current_not_after", cur.svid.Certificates[0].NotAfter)
 	}
 	s.opts.logger.Warn("workload api watch failed, will retry; keeping the current certificate", attrs...)
@@ -197,27 +192,23 @@ func (s *WorkloadAPISource) apply(x *workloadapi.X509Context) error {
 	svid, err := s.pick(x)
 	if err != nil {
 		err = fmt.Errorf("workload api %s: refused update: %w", s.addr, err)
-		s.setLastErr(err)
+		s.setErr(err)
 		metrics.CertRotations.WithLabelValues("failure").Inc()
-		s.opts.logger.Error("workload api update refused, keeping the current certificate", "addr", s.addr, "error", err)
+		s.opts.logger.Error("workload api update refused, keeping the current certificate", "addr", s.addr, "err", err)
 		return err
 	}
-	s.setLastErr(nil)
-	old := s.cur.Load()
+	s.setErr(nil)
+	old := s.current()
 	sameSVID := old != nil && slices.EqualFunc(old.svid.Certificates, svid.Certificates, (*x509.Certificate).Equal)
 	if sameSVID && sameBundles(old.bundles, x.Bundles) {
 		return nil // e.g. another SVID of this workload changed
 	}
-	var gen uint64 = 1
-	if old != nil {
-		gen = old.gen + 1
-	}
-	next := newIdentity(svid, x.Bundles, gen)
+	next := newIdentity(svid, x.Bundles, s.nextGeneration())
 	next.loadedAt = s.opts.clock.Now()
 	if sameSVID {
 		next.loadedAt = old.loadedAt
 	}
-	s.cur.Store(next)
+	s.swap(next)
 
 	leaf := svid.Certificates[0]
 	tds := make([]string, 0, x.Bundles.Len())
@@ -228,7 +219,7 @@ func (s *WorkloadAPISource) apply(x *workloadapi.X509Context) error {
 	}
 	if sameSVID {
 		s.opts.logger.Info("trust bundles updated from workload api", "addr", s.addr,
-			"trust_domains", tds, "roots", nroots, "generation", gen)
+			"trust_domains", tds, "roots", nroots, "generation", next.gen)
 	} else {
 		metrics.CertExpiry.Set(float64(leaf.NotAfter.Unix()))
 		metrics.CertRotations.WithLabelValues("success").Inc()
@@ -238,7 +229,7 @@ func (s *WorkloadAPISource) apply(x *workloadapi.X509Context) error {
 			"not_before", leaf.NotBefore,
 			"not_after", leaf.NotAfter,
 			"trust_domains", tds,
-			"generation", gen)
+			"generation", next.gen)
 	}
 	s.notify()
 	return nil
@@ -285,49 +276,6 @@ func sameBundles(a, b *x509bundle.Set) bool {
 	return true
 }
 
-func (s *WorkloadAPISource) setLastErr(err error) {
-	s.mu.Lock()
-	s.lastErr = err
-	s.mu.Unlock()
-}
-
-func (s *WorkloadAPISource) lastError() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.lastErr
-}
-
-// Certificate implements Source. It only loads a pointer.
-func (s *WorkloadAPISource) Certificate() (*tls.Certificate, error) {
-	return s.cur.Load().certificate()
-}
-
-// GetX509SVID implements x509svid.Source.
-func (s *WorkloadAPISource) GetX509SVID() (*x509svid.SVID, error) { return s.cur.Load().x509SVID() }
-
-// GetX509BundleForTrustDomain implements x509bundle.Source; it knows the
-// workload's own trust domain and every federated one the agent sent.
-func (s *WorkloadAPISource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	return s.cur.Load().bundleFor(td)
-}
-
-// Generation implements Source: it changes with every new SVID or bundle
-// set the agent pushes.
-func (s *WorkloadAPISource) Generation() uint64 { return s.cur.Load().generation() }
-
-// Ready implements Source: nil while an unexpired SVID is loaded, even if
-// the agent is unreachable; otherwise why not, with the last Workload API
-// error (for example the dial error of a missing socket).
-func (s *WorkloadAPISource) Ready() error {
-	return readiness(s.cur.Load(), s.opts.clock.Now(), s.lastError())
-}
-
-// Status implements Source. LastError is set while the agent is
-// unreachable or its last update was refused.
-func (s *WorkloadAPISource) Status() Status {
-	return s.cur.Load().status(WorkloadAPISourceName, errText(s.lastError()))
-}
-
 // Rotate implements Source. The Workload API has no "renew now" call: the
 // agent decides when to re-issue and pushes the result on the stream. So
 // Rotate fetches the agent's current X.509 context once and applies it,
@@ -339,9 +287,9 @@ func (s *WorkloadAPISource) Rotate(ctx context.Context) error {
 	x, err := s.client.FetchX509Context(ctx)
 	if err != nil {
 		err = fmt.Errorf("workload api %s: fetch x509 context: %w", s.addr, err)
-		s.setLastErr(err)
+		s.setErr(err)
 		metrics.CertRotations.WithLabelValues("failure").Inc()
-		s.opts.logger.Warn("workload api fetch failed, keeping the current certificate", "addr", s.addr, "error", err)
+		s.opts.logger.Warn("workload api fetch failed, keeping the current certificate", "addr", s.addr, "err", err)
 		return err
 	}
 	return s.apply(x)

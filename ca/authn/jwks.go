@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,6 +20,8 @@ import (
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshproxy/meshproxy/internal/fileread"
 )
 
 // jwtLeeway tolerates clock skew on exp/nbf/iat.
@@ -196,7 +197,7 @@ func (j *JWKS) maybeRefresh(ctx context.Context, kid string) {
 		}
 	}
 	if err := j.load(ctx); err != nil {
-		j.log.Error("jwks refresh failed; keeping the last good keys", "source", j.source, "error", err)
+		j.log.Error("jwks refresh failed; keeping the last good keys", "source", j.source, "err", err)
 	}
 }
 
@@ -213,7 +214,7 @@ func (j *JWKS) load(ctx context.Context) error {
 		var st fileStamp
 		if st, err = statFile(j.source); err == nil {
 			j.stamp = st
-			data, err = os.ReadFile(j.source)
+			data, err = fileread.Read(j.source, fileread.MaxBundleDocument)
 		}
 		if err != nil {
 			err = fmt.Errorf("jwks: %w", err)

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"sigs.k8s.io/yaml"
+
+	"github.com/meshproxy/meshproxy/internal/fileread"
 )
 
 // KubeAPI is a connection to a Kubernetes API server: its URL, a TLS client
@@ -43,7 +45,7 @@ func inClusterAPI(getenv func(string) string, saDir string) (*KubeAPI, error) {
 		return nil, errors.New("in-cluster kubernetes config: KUBERNETES_SERVICE_HOST/PORT not set (not running in a pod? use a kubeconfig)")
 	}
 	server := "https://" + net.JoinHostPort(host, port)
-	caPEM, err := os.ReadFile(filepath.Join(saDir, "ca.crt"))
+	caPEM, err := fileread.Read(filepath.Join(saDir, "ca.crt"), fileread.MaxPEM)
 	if err != nil {
 		return nil, fmt.Errorf("in-cluster kubernetes config: %w", err)
 	}
@@ -94,7 +96,7 @@ type kubeconfig struct {
 // client certificate (files or inline data). Relative paths are relative to
 // the kubeconfig's directory, as kubectl does.
 func KubeconfigAPI(path string) (*KubeAPI, error) {
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, fileread.MaxManifest)
 	if err != nil {
 		return nil, fmt.Errorf("kubeconfig: %w", err)
 	}
@@ -138,7 +140,7 @@ func KubeconfigAPI(path string) (*KubeAPI, error) {
 			return b, nil
 		}
 		if file != "" {
-			b, err := os.ReadFile(resolve(file))
+			b, err := fileread.Read(resolve(file), fileread.MaxPEM)
 			if err != nil {
 				return nil, fmt.Errorf("kubeconfig %s: %s: %w", path, what, err)
 			}
@@ -263,7 +265,7 @@ func (k *KubeAPI) Do(req *http.Request) (*http.Response, error) {
 	}
 	token := k.token
 	if k.tokenFile != "" {
-		b, err := os.ReadFile(k.tokenFile)
+		b, err := fileread.Read(k.tokenFile, fileread.MaxToken)
 		if err != nil {
 			return nil, fmt.Errorf("api server credentials: %w", err)
 		}

@@ -9,18 +9,18 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/metrics"
 )
 
 // maxTokenFileSize bounds the tokens file.
-const maxTokenFileSize = 4 << 20
+const maxTokenFileSize = fileread.MaxTokensFile
 
 // Tokens authenticates static bearer tokens listed in a file, one
 // "TOKEN SPIFFE-ID" a line ('#' starts a comment; blank lines are fine).
@@ -97,7 +97,7 @@ func (t *Tokens) reloadIfChanged() {
 	stamp, err := statFile(t.path)
 	if err != nil {
 		if t.stamp != (fileStamp{}) {
-			t.log.Error("tokens file unreadable; keeping the last good tokens", "file", t.path, "error", err)
+			t.log.Error("tokens file unreadable; keeping the last good tokens", "file", t.path, "err", err)
 			metrics.ConfigReloads.WithLabelValues("tokens", "failure").Inc()
 			t.stamp = fileStamp{}
 		}
@@ -109,7 +109,7 @@ func (t *Tokens) reloadIfChanged() {
 	t.stamp = stamp
 	entries, err := parseTokens(t.path)
 	if err != nil {
-		t.log.Error("tokens file reload failed; keeping the last good tokens", "error", err)
+		t.log.Error("tokens file reload failed; keeping the last good tokens", "err", err)
 		metrics.ConfigReloads.WithLabelValues("tokens", "failure").Inc()
 		return
 	}
@@ -119,12 +119,9 @@ func (t *Tokens) reloadIfChanged() {
 }
 
 func parseTokens(path string) ([]tokenEntry, error) {
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, maxTokenFileSize)
 	if err != nil {
 		return nil, fmt.Errorf("tokens file: %w", err)
-	}
-	if len(data) > maxTokenFileSize {
-		return nil, fmt.Errorf("tokens file %s: larger than %d bytes", path, maxTokenFileSize)
 	}
 	var (
 		entries []tokenEntry

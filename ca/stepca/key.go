@@ -11,16 +11,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"strings"
 	"unicode"
 
 	"github.com/go-jose/go-jose/v4"
+
+	"github.com/meshproxy/meshproxy/internal/fileread"
 )
 
 // maxKeyFile bounds the provisioner key and password files.
-const maxKeyFile = 1 << 20
+const maxKeyFile = fileread.MaxPEM
 
 // ErrKeyEncrypted is returned by ParseProvisionerKey for an encrypted key
 // given without a password.
@@ -59,19 +59,7 @@ func LoadProvisionerKey(path, passwordFile string) (*jose.JSONWebKey, error) {
 }
 
 func readLimited(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxKeyFile+1))
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
-	}
-	if len(data) > maxKeyFile {
-		return nil, fmt.Errorf("%s exceeds %d bytes", path, maxKeyFile)
-	}
-	return data, nil
+	return fileread.Read(path, maxKeyFile)
 }
 
 // ParseProvisionerKey parses a JWK provisioner's private key in any of the

@@ -7,11 +7,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,6 +18,7 @@ import (
 	"github.com/hashicorp/vault/api"
 
 	"github.com/meshproxy/meshproxy/ca"
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
@@ -29,7 +28,7 @@ const DefaultMount = "pki"
 // Limits on the exchange with Vault.
 const (
 	defaultTimeout = 30 * time.Second
-	maxTokenFile   = 64 << 10
+	maxTokenFile   = fileread.MaxToken
 )
 
 // Option configures a Signer.
@@ -294,17 +293,9 @@ func describe(err error) error {
 
 // readToken reads the Vault token from path; it is never logged.
 func readToken(path string) (string, error) {
-	f, err := os.Open(path)
+	data, err := fileread.Read(path, maxTokenFile)
 	if err != nil {
 		return "", fmt.Errorf("vault token file: %w", err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxTokenFile+1))
-	if err != nil {
-		return "", fmt.Errorf("vault token file %s: %w", path, err)
-	}
-	if len(data) > maxTokenFile {
-		return "", fmt.Errorf("vault token file %s exceeds %d bytes", path, maxTokenFile)
 	}
 	tok := strings.TrimSpace(string(data))
 	if tok == "" {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"slices"
@@ -11,10 +12,13 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/meshproxy/meshproxy/ca"
 	"github.com/meshproxy/meshproxy/ca/authn"
+	"github.com/meshproxy/meshproxy/internal/ports"
+	"github.com/meshproxy/meshproxy/internal/serve"
 )
 
 func newCACmd() *cobra.Command {
@@ -114,15 +118,92 @@ func joinKeyTypes() string {
 // Authentication methods of --auth.
 var authMethods = []string{"token", "kubernetes", "jwks"}
 
+// caServeFlags are the flags of `meshproxy ca serve`.
+type caServeFlags struct {
+	dir, listen, metrics, trustDomain   string
+	tokens, kubeconfig, jwks, jwtIssuer string
+	auth, servingDNS                    []string
+	defaultTTL, maxTTL                  time.Duration
+	logLevel, logFormat                 string
+	signer                              signerFlags
+	rotation                            caRotationFlags
+
+	td spiffeid.TrustDomain // parsed --trust-domain, set by validate
+}
+
+func (f *caServeFlags) register(fl *pflag.FlagSet) {
+	fl.StringVar(&f.dir, "dir", "", "CA directory in Istio's plugged-in layout (root-cert.pem, ca-cert.pem, ca-key.pem, cert-chain.pem)")
+	fl.StringVar(&f.listen, "listen", ports.Any(ports.CA), "address of the CA gRPC API (TLS)")
+	fl.StringSliceVar(&f.auth, "auth", []string{"kubernetes"}, "caller authentication methods, tried in order: token, kubernetes, jwks")
+	fl.StringVar(&f.tokens, "tokens", "", "token file for --auth token: one \"TOKEN SPIFFE-ID\" a line")
+	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig of the API server for --auth kubernetes (default: in-cluster config); also used to fetch a --jwks URL")
+	fl.StringVar(&f.jwks, "jwks", "", "JWKS for --auth jwks: a file, or an https URL such as https://API-SERVER/openid/v1/jwks")
+	fl.StringVar(&f.jwtIssuer, "jwt-issuer", "", "required iss claim for --auth jwks, e.g. https://kubernetes.default.svc.cluster.local")
+	fl.DurationVar(&f.defaultTTL, "default-ttl", ca.DefaultTTL, "validity of certificates whose request asks for none")
+	fl.DurationVar(&f.maxTTL, "max-ttl", ca.MaxTTL, "longest validity a caller may request (longer is InvalidArgument)")
+	fl.StringVar(&f.metrics, "metrics", ports.Any(ports.CAMetrics), "address of the Prometheus endpoint (/metrics, /stats/prometheus); 'off' (or empty) disables it")
+	fl.StringSliceVar(&f.servingDNS, "serving-dns", nil, "extra DNS names (or IPs) for the CA's TLS serving certificate")
+	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of a CA whose certificates carry no spiffe:// URI SAN (must match it otherwise)")
+	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	f.signer.register(fl)
+	f.rotation.register(fl)
+}
+
+// validate checks the flags that need no file or network.
+func (f *caServeFlags) validate() error {
+	if err := f.signer.validate(f.dir); err != nil {
+		return err
+	}
+	if f.listen == "" {
+		return usagef("--listen is required")
+	}
+	if f.metrics == serve.Off {
+		f.metrics = ""
+	}
+	if f.defaultTTL <= 0 {
+		return usagef("--default-ttl must be positive, got %s", f.defaultTTL)
+	}
+	if f.maxTTL <= 0 {
+		return usagef("--max-ttl must be positive, got %s", f.maxTTL)
+	}
+	if f.defaultTTL > f.maxTTL {
+		return usagef("--default-ttl %s exceeds --max-ttl %s", f.defaultTTL, f.maxTTL)
+	}
+	if f.trustDomain != "" {
+		var err error
+		if f.td, err = spiffeid.TrustDomainFromString(f.trustDomain); err != nil {
+			return usagef("--trust-domain %q: %v", f.trustDomain, err)
+		}
+	}
+	if len(f.auth) == 0 {
+		return usagef("--auth needs at least one of %s", strings.Join(authMethods, ", "))
+	}
+	for _, m := range f.auth {
+		if !slices.Contains(authMethods, m) {
+			return usagef("--auth: unknown method %q (want %s)", m, strings.Join(authMethods, ", "))
+		}
+	}
+	uses := func(m string) bool { return slices.Contains(f.auth, m) }
+	switch {
+	case uses("token") && f.tokens == "":
+		return usagef("--auth token needs --tokens FILE")
+	case !uses("token") && f.tokens != "":
+		return usagef("--tokens is set but --auth does not include token")
+	case uses("jwks") && f.jwks == "":
+		return usagef("--auth jwks needs --jwks FILE|URL")
+	case uses("jwks") && f.jwtIssuer == "":
+		return usagef("--auth jwks needs --jwt-issuer")
+	case !uses("jwks") && (f.jwks != "" || f.jwtIssuer != ""):
+		return usagef("--jwks/--jwt-issuer are set but --auth does not include jwks")
+	case !uses("kubernetes") && !uses("jwks") && f.kubeconfig != "":
+		return usagef("--kubeconfig is set but --auth includes neither kubernetes nor jwks")
+	}
+	return nil
+}
+
 func newCAServeCmd() *cobra.Command {
-	var (
-		dir, listen, metricsAddr, trustDomain string
-		tokens, kubeconfig, jwks, jwtIssuer   string
-		auth, servingDNS                      []string
-		defaultTTL, maxTTL                    time.Duration
-		sf                                    signerFlags
-		rf                                    caRotationFlags
-	)
+	var f caServeFlags
 	cmd := &cobra.Command{
 		Use:   "serve --dir DIR | --signer stepca|vault ...",
 		Short: "Serve Istio's CA gRPC API, signing CSRs for authenticated workloads",
@@ -157,93 +238,45 @@ SIGTERM or SIGINT stops the server gracefully.
 ` + signerHelp + caServeRotationHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := sf.validate(dir); err != nil {
-				return err
-			}
-			if listen == "" {
-				return usagef("--listen is required")
-			}
-			if defaultTTL <= 0 {
-				return usagef("--default-ttl must be positive, got %s", defaultTTL)
-			}
-			if maxTTL <= 0 {
-				return usagef("--max-ttl must be positive, got %s", maxTTL)
-			}
-			if defaultTTL > maxTTL {
-				return usagef("--default-ttl %s exceeds --max-ttl %s", defaultTTL, maxTTL)
-			}
-			var td spiffeid.TrustDomain
-			if trustDomain != "" {
-				var err error
-				if td, err = spiffeid.TrustDomainFromString(trustDomain); err != nil {
-					return usagef("--trust-domain %q: %v", trustDomain, err)
-				}
-			}
-			if len(auth) == 0 {
-				return usagef("--auth needs at least one of %s", strings.Join(authMethods, ", "))
-			}
-			for _, m := range auth {
-				if !slices.Contains(authMethods, m) {
-					return usagef("--auth: unknown method %q (want %s)", m, strings.Join(authMethods, ", "))
-				}
-			}
-			uses := func(m string) bool { return slices.Contains(auth, m) }
-			switch {
-			case uses("token") && tokens == "":
-				return usagef("--auth token needs --tokens FILE")
-			case !uses("token") && tokens != "":
-				return usagef("--tokens is set but --auth does not include token")
-			case uses("jwks") && jwks == "":
-				return usagef("--auth jwks needs --jwks FILE|URL")
-			case uses("jwks") && jwtIssuer == "":
-				return usagef("--auth jwks needs --jwt-issuer")
-			case !uses("jwks") && (jwks != "" || jwtIssuer != ""):
-				return usagef("--jwks/--jwt-issuer are set but --auth does not include jwks")
-			case !uses("kubernetes") && !uses("jwks") && kubeconfig != "":
-				return usagef("--kubeconfig is set but --auth includes neither kubernetes nor jwks")
-			}
-
-			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
-			opts := []ca.Option{ca.WithDefaultTTL(defaultTTL), ca.WithMaxTTL(maxTTL)}
-			if !td.IsZero() {
-				opts = append(opts, ca.WithTrustDomain(td))
-			}
-			rotOpts, err := rf.serverOptions(sf.signer, dir, opts)
-			if err != nil {
-				return err
-			}
-			authority, closeSigner, err := sf.authority(cmd.Context(), dir, log, opts...)
-			if err != nil {
-				return err
-			}
-			defer closeSigner()
-			authenticators, err := buildAuthenticators(auth, authority.TrustDomain(), log, tokens, kubeconfig, jwks, jwtIssuer)
-			if err != nil {
-				return err
-			}
-			srv, err := ca.NewServer(authority, authenticators, append([]ca.ServerOption{ca.WithLogger(log), ca.WithServingDNS(servingDNS...)}, rotOpts...)...)
-			if err != nil {
-				return usagef("--serving-dns: %v", err)
-			}
-			return serveCA(cmd.Context(), srv, listen, metricsAddr, log)
+			return runCA(cmd.Context(), &f, cmd.ErrOrStderr())
 		},
 	}
-	f := cmd.Flags()
-	f.StringVar(&dir, "dir", "", "CA directory in Istio's plugged-in layout (root-cert.pem, ca-cert.pem, ca-key.pem, cert-chain.pem)")
-	f.StringVar(&listen, "listen", ":15012", "address of the CA gRPC API (TLS)")
-	f.StringSliceVar(&auth, "auth", []string{"kubernetes"}, "caller authentication methods, tried in order: token, kubernetes, jwks")
-	f.StringVar(&tokens, "tokens", "", "token file for --auth token: one \"TOKEN SPIFFE-ID\" a line")
-	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the API server for --auth kubernetes (default: in-cluster config); also used to fetch a --jwks URL")
-	f.StringVar(&jwks, "jwks", "", "JWKS for --auth jwks: a file, or an https URL such as https://API-SERVER/openid/v1/jwks")
-	f.StringVar(&jwtIssuer, "jwt-issuer", "", "required iss claim for --auth jwks, e.g. https://kubernetes.default.svc.cluster.local")
-	f.DurationVar(&defaultTTL, "default-ttl", ca.DefaultTTL, "validity of certificates whose request asks for none")
-	f.DurationVar(&maxTTL, "max-ttl", ca.MaxTTL, "longest validity a caller may request (longer is InvalidArgument)")
-	f.StringVar(&metricsAddr, "metrics", ":15014", "address of the Prometheus endpoint (/metrics, /stats/prometheus); empty disables it")
-	f.StringSliceVar(&servingDNS, "serving-dns", nil, "extra DNS names (or IPs) for the CA's TLS serving certificate")
-	f.StringVar(&trustDomain, "trust-domain", "", "trust domain of a CA whose certificates carry no spiffe:// URI SAN (must match it otherwise)")
-	sf.register(f)
-	rf.register(f)
+	f.register(cmd.Flags())
 	return cmd
+}
+
+// runCA builds the authority, its authenticators and the gRPC server
+// from the flags and serves until ctx ends.
+func runCA(ctx context.Context, f *caServeFlags, logTo io.Writer) error {
+	if err := f.validate(); err != nil {
+		return err
+	}
+	log, err := newLogger(logTo, f.logLevel, f.logFormat)
+	if err != nil {
+		return err
+	}
+	opts := []ca.Option{ca.WithDefaultTTL(f.defaultTTL), ca.WithMaxTTL(f.maxTTL)}
+	if !f.td.IsZero() {
+		opts = append(opts, ca.WithTrustDomain(f.td))
+	}
+	rotOpts, err := f.rotation.serverOptions(f.signer.signer, f.dir, opts)
+	if err != nil {
+		return err
+	}
+	authority, closeSigner, err := f.signer.authority(ctx, f.dir, log, opts...)
+	if err != nil {
+		return err
+	}
+	defer closeSigner()
+	authenticators, err := buildAuthenticators(f.auth, authority.TrustDomain(), log, f.tokens, f.kubeconfig, f.jwks, f.jwtIssuer)
+	if err != nil {
+		return err
+	}
+	srv, err := ca.NewServer(authority, authenticators, append([]ca.ServerOption{ca.WithLogger(log), ca.WithServingDNS(f.servingDNS...)}, rotOpts...)...)
+	if err != nil {
+		return usagef("--serving-dns: %v", err)
+	}
+	return serveCA(ctx, srv, f.listen, f.metrics, log)
 }
 
 func buildAuthenticators(methods []string, td spiffeid.TrustDomain, log *slog.Logger, tokens, kubeconfig, jwks, issuer string) ([]authn.Authenticator, error) {
@@ -314,7 +347,7 @@ func serveCA(ctx context.Context, srv *ca.Server, listen, metricsAddr string, lo
 		go func() {
 			err := ca.ServeMetrics(ctx, mlis)
 			if err != nil {
-				log.Error("metrics endpoint failed", "error", err)
+				log.Error("metrics endpoint failed", "err", err)
 				cancel()
 			}
 			metricsDone <- err

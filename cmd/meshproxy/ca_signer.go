@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
-	"os"
 	"slices"
 	"strings"
 
@@ -14,6 +13,7 @@ import (
 	"github.com/meshproxy/meshproxy/ca"
 	"github.com/meshproxy/meshproxy/ca/stepca"
 	"github.com/meshproxy/meshproxy/ca/vault"
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
@@ -178,7 +178,7 @@ func (sf *signerFlags) authority(ctx context.Context, dir string, log *slog.Logg
 }
 
 func readRoots(flag, path string) ([]*x509.Certificate, error) {
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, fileread.MaxPEM)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", flag, err)
 	}

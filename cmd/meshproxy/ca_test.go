@@ -144,6 +144,8 @@ func TestCAUsageErrorsNameTheFlag(t *testing.T) {
 		{"serve default over max", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--default-ttl", "48h", "--max-ttl", "24h"}, "--default-ttl"},
 		{"serve bad trust domain", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--trust-domain", "a/b"}, "--trust-domain"},
 		{"serve stray argument", []string{"ca", "serve", "extra"}, "extra"},
+		{"serve bad log level", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--log-level", "loud"}, "--log-level"},
+		{"serve bad log format", []string{"ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--log-format", "xml"}, "--log-format"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -163,6 +165,35 @@ func TestCAServeRuntimeErrorsExitOne(t *testing.T) {
 	code, out := caExec(t, "ca", "serve", "--dir", dir, "--auth", "token", "--tokens", tokens, "--listen", "127.0.0.1:0", "--metrics", "")
 	if code != 1 || !strings.Contains(out, "root-cert.pem") {
 		t.Fatalf("exit %d, want 1 naming root-cert.pem: %s", code, out)
+	}
+}
+
+// ca serve follows the conventions of run and gateway: --metrics off
+// disables the endpoint, --log-format json gives JSON lines.
+func TestCAServeMetricsOffAndJSONLogs(t *testing.T) {
+	dir := t.TempDir()
+	if code, out := caExec(t, "ca", "init", "--dir", dir, "--trust-domain", "cluster.local"); code != 0 {
+		t.Fatalf("init: exit %d: %s", code, out)
+	}
+	tokens := filepath.Join(dir, "tokens")
+	caWriteFile(t, tokens, "client-token spiffe://cluster.local/ns/demo/sa/client\n")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	root := newRootCmd()
+	var out caSyncBuffer
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs([]string{"ca", "serve", "--dir", dir, "--listen", "127.0.0.1:0", "--metrics", "off",
+		"--auth", "token", "--tokens", tokens, "--log-format", "json"})
+	done := make(chan error, 1)
+	go func() { done <- root.ExecuteContext(ctx) }()
+	caWaitLog(t, &out, done, `"msg":"ca serving","addr":"([^"]+)"`)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("serve returned %v after cancel, want nil", err)
+	}
+	if log := out.String(); strings.Contains(log, "metrics serving") {
+		t.Errorf("--metrics off still served metrics:\n%s", log)
 	}
 }
 

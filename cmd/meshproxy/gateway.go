@@ -3,12 +3,15 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 
 	"github.com/spf13/cobra"
 
 	"github.com/meshproxy/meshproxy/gateway"
+	"github.com/meshproxy/meshproxy/internal/serve"
+	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
 // gatewayFlags are the flags of `meshproxy gateway`.
@@ -57,7 +60,7 @@ SIGTERM stops accepting and lets open connections finish for up to --drain-timeo
       --config-dir ./gateway-config --credentials-dir ./credentials --listen-host 127.0.0.1`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runGateway(cmd.Context(), &f)
+			return runGateway(cmd.Context(), &f, cmd.ErrOrStderr())
 		},
 	}
 	fl := cmd.Flags()
@@ -101,8 +104,8 @@ func (f *gatewayFlags) options() ([]gateway.Option, error) {
 	return opts, nil
 }
 
-func runGateway(ctx context.Context, f *gatewayFlags) error {
-	log, err := newLogger(f.logLevel, f.logFormat)
+func runGateway(ctx context.Context, f *gatewayFlags, logTo io.Writer) error {
+	log, err := newLogger(logTo, f.logLevel, f.logFormat)
 	if err != nil {
 		return err
 	}
@@ -130,26 +133,18 @@ func runGateway(ctx context.Context, f *gatewayFlags) error {
 		gopts = append(gopts, gateway.WithTrustDomain(td))
 	}
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	src, err := f.identitySource(ctx, td, log)
-	if err != nil {
-		return err
-	}
-	runIdentity(ctx, src, log)
-
-	store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log), log)
-	if err != nil {
-		return err
-	}
-
-	gw, err := gateway.New(src, store, f.configDir, f.credentialsDir, gopts...)
-	if err != nil {
-		return fmt.Errorf("--config-dir / --credentials-dir: %w", err)
-	}
-	if err := gw.Start(ctx); err != nil {
-		return err
-	}
-	go func() { _ = gw.Run(ctx) }()
-	return f.serve(ctx, log, src, gw, "gateway started", "config_dir", f.configDir, "credentials_dir", f.credentialsDir)
+	return f.start(ctx, &f.identityFlags, td, nil, log, "gateway started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
+		store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log), log)
+		if err != nil {
+			return serve.Built{}, err
+		}
+		gw, err := gateway.New(src, store, f.configDir, f.credentialsDir, gopts...)
+		if err != nil {
+			return serve.Built{}, fmt.Errorf("--config-dir / --credentials-dir: %w", err)
+		}
+		if err := gw.Start(ctx); err != nil {
+			return serve.Built{}, err
+		}
+		return serve.Built{Plane: gw, Loop: gw.Run, Attrs: []any{"config_dir", f.configDir, "credentials_dir", f.credentialsDir}}, nil
+	})
 }

@@ -12,11 +12,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/meshproxy/meshproxy/internal/ports"
 	"github.com/meshproxy/meshproxy/proxy/admin"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 )
-
-const defaultAdmin = "127.0.0.1:15000"
 
 func newIdentityCmd() *cobra.Command {
 	var adminAddr, output string
@@ -67,7 +66,7 @@ the private key.`,
 			return tw.Flush()
 		},
 	}
-	cmd.Flags().StringVar(&adminAddr, "admin", defaultAdmin, "address of the sidecar's admin API")
+	cmd.Flags().StringVar(&adminAddr, "admin", ports.Loopback(ports.Admin), "address of the sidecar's admin API")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text, json or pem")
 	cmd.Flags().BoolVar(&bundle, "bundle", false, "with -o pem: print the trust bundle instead of the chain")
 	return cmd
@@ -112,7 +111,7 @@ when it started and the bytes moved each way.`,
 			return tw.Flush()
 		},
 	}
-	cmd.Flags().StringVar(&adminAddr, "admin", defaultAdmin, "address of the sidecar's admin API")
+	cmd.Flags().StringVar(&adminAddr, "admin", ports.Loopback(ports.Admin), "address of the sidecar's admin API")
 	cmd.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	return cmd
 }

@@ -124,7 +124,7 @@ stdout or to -o FILE.`,
 	f.StringVarP(&file, "file", "f", "", "manifest to inject (- for stdin)")
 	f.StringVarP(&output, "output", "o", "", "write the injected manifest to FILE instead of stdout")
 	f.StringVar(&image, "image", inject.DefaultImage(version), "meshproxy image for the init and sidecar containers")
-	f.StringVar(&caAddr, "ca-addr", inject.DefaultCAAddr, "CA address the sidecar requests certificates from")
+	f.StringVar(&caAddr, "ca-addr", inject.DefaultCAAddr(), "CA address the sidecar requests certificates from")
 	f.StringSliceVar(&meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS (CIDR,...), e.g. the pod and service ranges")
 	f.StringSliceVar(&exclPorts, "exclude-inbound-ports", nil, "inbound ports left uncaptured (PORT,...)")
 	f.StringSliceVar(&exclCIDRs, "exclude-outbound-cidrs", nil, "outbound destinations left uncaptured (CIDR,...)")

@@ -1,51 +1,21 @@
 package main
 
 import (
-	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
-
-// inspectResult is what `meshproxy inspect` reports about a peer.
-type inspectResult struct {
-	Address      string      `json:"address"`
-	SPIFFEID     string      `json:"spiffe_id,omitempty"`
-	Verified     bool        `json:"verified"`
-	VerifyError  string      `json:"verify_error,omitempty"`
-	TLSVersion   string      `json:"tls_version"`
-	ALPN         string      `json:"alpn"`
-	CipherSuite  string      `json:"cipher_suite"`
-	NotAfter     time.Time   `json:"not_after"`
-	ExpiresIn    int64       `json:"expires_in_seconds"`
-	Chain        []chainCert `json:"chain"`
-	ClientCertOK *bool       `json:"client_cert_accepted,omitempty"`
-}
-
-type chainCert struct {
-	Subject   string    `json:"subject"`
-	Issuer    string    `json:"issuer"`
-	Serial    string    `json:"serial"`
-	URIs      []string  `json:"uri_sans,omitempty"`
-	DNSNames  []string  `json:"dns_sans,omitempty"`
-	IsCA      bool      `json:"is_ca"`
-	NotBefore time.Time `json:"not_before"`
-	NotAfter  time.Time `json:"not_after"`
-}
 
 func newInspectCmd() *cobra.Command {
 	var (
@@ -93,7 +63,7 @@ verify against the bundle.`,
 				}
 				client = &c
 			}
-			res, err := inspectPeer(cmd.Context(), args[0], roots, client, alpn, sni, timeout)
+			res, err := tlsmgr.Inspect(cmd.Context(), args[0], roots, tlsmgr.InspectOptions{Client: client, ALPN: alpn, SNI: sni, Timeout: timeout})
 			if err != nil {
 				return err
 			}
@@ -113,91 +83,11 @@ verify against the bundle.`,
 	f.StringVarP(&output, "output", "o", "text", "output format: text or json")
 	f.StringSliceVar(&alpn, "alpn", []string{tlsmgr.ALPNIstio}, "ALPN protocols to offer")
 	f.StringVar(&sni, "sni", "", "SNI to send (default none)")
-	f.DurationVar(&timeout, "timeout", 10*time.Second, "connect and handshake timeout")
+	f.DurationVar(&timeout, "timeout", tlsmgr.DefaultInspectTimeout, "connect and handshake timeout")
 	return cmd
 }
 
-func inspectPeer(ctx context.Context, addr string, roots []*x509.Certificate, client *tls.Certificate, alpn []string, sni string, timeout time.Duration) (*inspectResult, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	cfg := &tls.Config{
-		MinVersion:         tls.VersionTLS12,
-		NextProtos:         alpn,
-		ServerName:         sni,
-		InsecureSkipVerify: true, // verified below by SPIFFE rules against --bundle
-		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			if client == nil {
-				return &tls.Certificate{}, nil
-			}
-			return client, nil
-		},
-	}
-	d := tls.Dialer{Config: cfg}
-	conn, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("handshake with %s: %w", addr, err)
-	}
-	defer conn.Close()
-	tc := conn.(*tls.Conn)
-	cs := tc.ConnectionState()
-	res := &inspectResult{
-		Address:     addr,
-		TLSVersion:  tls.VersionName(cs.Version),
-		ALPN:        cs.NegotiatedProtocol,
-		CipherSuite: tls.CipherSuiteName(cs.CipherSuite),
-	}
-	if len(cs.PeerCertificates) == 0 {
-		return nil, fmt.Errorf("peer %s presented no certificate", addr)
-	}
-	for _, c := range cs.PeerCertificates {
-		cc := chainCert{
-			Subject: c.Subject.String(), Issuer: c.Issuer.String(),
-			Serial: fmt.Sprintf("%x", c.SerialNumber), IsCA: c.IsCA,
-			DNSNames: c.DNSNames, NotBefore: c.NotBefore, NotAfter: c.NotAfter,
-		}
-		for _, u := range c.URIs {
-			cc.URIs = append(cc.URIs, u.String())
-		}
-		res.Chain = append(res.Chain, cc)
-	}
-	leaf := cs.PeerCertificates[0]
-	res.NotAfter = leaf.NotAfter
-	res.ExpiresIn = int64(time.Until(leaf.NotAfter).Seconds())
-	id, err := x509svid.IDFromCert(leaf)
-	if err != nil {
-		res.VerifyError = fmt.Sprintf("not an SVID: %v", err)
-	} else {
-		res.SPIFFEID = id.String()
-		bundle := x509bundle.FromX509Authorities(id.TrustDomain(), roots)
-		if _, _, err := x509svid.Verify(cs.PeerCertificates, bundle); err != nil {
-			res.VerifyError = err.Error()
-		} else {
-			res.Verified = true
-		}
-	}
-	if client != nil {
-		// TLS 1.3 servers judge the client certificate after the client's
-		// handshake completes; a refusal arrives as an alert on first read.
-		accepted := probeAccepted(tc)
-		res.ClientCertOK = &accepted
-	}
-	return res, nil
-}
-
-// probeAccepted reports whether the server kept the connection after seeing
-// our client certificate.
-func probeAccepted(c *tls.Conn) bool {
-	_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
-	var b [1]byte
-	_, err := c.Read(b[:])
-	var ne net.Error
-	if err == nil || (errors.As(err, &ne) && ne.Timeout()) {
-		return true
-	}
-	return false
-}
-
-func printInspect(w io.Writer, r *inspectResult, output string) error {
+func printInspect(w io.Writer, r *tlsmgr.PeerReport, output string) error {
 	if output == "json" {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
@@ -238,9 +128,9 @@ func orNone(s string) string {
 
 // loadPEMCerts reads every certificate of a PEM file.
 func loadPEMCerts(path string) ([]*x509.Certificate, error) {
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, fileread.MaxPEM)
 	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+		return nil, fmt.Errorf("read %w", err)
 	}
 	certs, err := tlsmgr.ParseCertificatesPEM(data)
 	if err != nil {

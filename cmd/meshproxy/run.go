@@ -3,11 +3,10 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"strings"
@@ -17,9 +16,10 @@ import (
 	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/meshproxy/meshproxy/internal/ports"
+	"github.com/meshproxy/meshproxy/internal/serve"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
-	"github.com/meshproxy/meshproxy/proxy/admin"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -140,7 +140,7 @@ subjectAltNames).`,
       --outbound-explicit 127.0.0.1:9000=10.0.0.7:8443#spiffe://cluster.local/ns/web/sa/api`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runSidecar(cmd.Context(), &f)
+			return runSidecar(cmd.Context(), &f, cmd.ErrOrStderr())
 		},
 	}
 	fl := cmd.Flags()
@@ -150,7 +150,7 @@ subjectAltNames).`,
 	fl.StringArrayVar(&f.inboundExplicit, "inbound-explicit", nil, "LISTEN=APP_ADDR: terminate mesh mTLS on LISTEN, forward to APP_ADDR (repeatable)")
 	fl.StringArrayVar(&f.outboundExplicit, "outbound-explicit", nil, "LISTEN=DEST[#SPIFFE-ID]: plaintext on LISTEN, mesh mTLS to DEST (repeatable)")
 	fl.BoolVar(&f.hbone, "hbone", false, "HBONE: accept HTTP/2 CONNECT over mesh mTLS on --hbone-listen, and send outbound mesh traffic as CONNECT streams over one pooled connection per peer to its port 15008 (no fallback)")
-	fl.StringVar(&f.hboneListen, "hbone-listen", fmt.Sprintf(":%d", proxy.HBONEPort), "with --hbone: the inbound HBONE listener address ('off': outbound HBONE only)")
+	fl.StringVar(&f.hboneListen, "hbone-listen", ports.Any(ports.HBONE), "with --hbone: the inbound HBONE listener address ('off': outbound HBONE only)")
 	fl.StringArrayVar(&f.hbonePeers, "hbone-peer", nil, "with --hbone: DEST=HBONE_ADDR, the peer HBONE listener for destination DEST when it is not DEST's host port 15008 (repeatable)")
 	fl.BoolVar(&f.tproxy, "tproxy", false, "inbound capture is TPROXY: listen transparently and reach the app from the client's address (must match 'redirect install --tproxy'; needs CAP_NET_ADMIN)")
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
@@ -165,8 +165,9 @@ subjectAltNames).`,
 	return cmd
 }
 
-// newLogger builds the process logger from --log-level and --log-format.
-func newLogger(level, format string) (*slog.Logger, error) {
+// newLogger builds the process logger, writing to w, from --log-level and
+// --log-format.
+func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	var lv slog.Level
 	if err := lv.UnmarshalText([]byte(level)); err != nil {
 		return nil, usagef("--log-level %q: want debug, info, warn or error", level)
@@ -174,21 +175,15 @@ func newLogger(level, format string) (*slog.Logger, error) {
 	opts := &slog.HandlerOptions{Level: lv}
 	switch format {
 	case "text":
-		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+		return slog.New(slog.NewTextHandler(w, opts)), nil
 	case "json":
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	}
 	return nil, usagef("--log-format %q: want text or json", format)
 }
 
-// runnable is a Source that has a background loop.
-type runnable interface {
-	tlsmgr.Source
-	Run(ctx context.Context) error
-}
-
-func runSidecar(ctx context.Context, f *runFlags) error {
-	log, err := newLogger(f.logLevel, f.logFormat)
+func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
+	log, err := newLogger(logTo, f.logLevel, f.logFormat)
 	if err != nil {
 		return err
 	}
@@ -220,32 +215,23 @@ func runSidecar(ctx context.Context, f *runFlags) error {
 		return err
 	}
 
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	src, err := f.identitySource(ctx, td, log)
-	if err != nil {
-		return err
-	}
-	if src, err = federate(src, feds, log); err != nil {
-		return err
-	}
-	runIdentity(ctx, src, log)
-
 	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode))
-	var store *policy.Store
-	if f.configDir != "" {
-		if store, err = watchPolicy(ctx, f.configDir, wl, polOpts, log); err != nil {
-			return err
+	return f.start(ctx, &f.identityFlags, td, feds, log, "sidecar started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
+		var store *policy.Store
+		if f.configDir == "" {
+			store = policy.Static(wl, polOpts...)
+		} else {
+			var err error
+			if store, err = watchPolicy(ctx, f.configDir, wl, polOpts, log); err != nil {
+				return serve.Built{}, err
+			}
 		}
-	} else {
-		store = policy.Static(wl, polOpts...)
-	}
-
-	p := proxy.New(src, store, popts...)
-	if err := p.Start(ctx); err != nil {
-		return err
-	}
-	return f.serve(ctx, log, src, p, "sidecar started", "listeners", listenerNames(p))
+		p := proxy.New(src, store, popts...)
+		if err := p.Start(ctx); err != nil {
+			return serve.Built{}, err
+		}
+		return serve.Built{Plane: p, Attrs: []any{"listeners", listenerNames(p)}}, nil
+	})
 }
 
 // proxyOptions validates the listener flags and turns them into options.
@@ -357,7 +343,7 @@ func (f *runFlags) hboneOptions() ([]proxy.Option, error) {
 }
 
 // identitySource builds the one identity source the flags name.
-func (f *identityFlags) identitySource(ctx context.Context, td spiffeid.TrustDomain, log *slog.Logger) (runnable, error) {
+func (f *identityFlags) identitySource(ctx context.Context, td spiffeid.TrustDomain, log *slog.Logger) (serve.Source, error) {
 	caSet := f.caAddr != "" || f.caRoot != "" || f.tokenFile != ""
 	fileSet := f.certFile != "" || f.keyFile != ""
 	wlSet := f.workloadAPI != ""
@@ -418,26 +404,6 @@ func (f *identityFlags) identitySource(ctx context.Context, td spiffeid.TrustDom
 		}
 		return tlsmgr.NewFileSource(f.certFile, f.keyFile, f.bundleFile, topts...)
 	}
-}
-
-// runIdentity runs src's background loop (renewal, file or Workload API
-// watch) until ctx ends.
-func runIdentity(ctx context.Context, src runnable, log *slog.Logger) {
-	go func() {
-		if err := src.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
-			log.Error("identity source stopped", "err", err)
-		}
-	}()
-}
-
-// logIdentityReady logs the identity once it is loaded.
-func logIdentityReady(ctx context.Context, src tlsmgr.Source, log *slog.Logger) {
-	go func() {
-		if err := tlsmgr.WaitReady(ctx, src); err == nil {
-			st := src.Status()
-			log.Info("identity ready", "spiffe_id", st.ID.String(), "serial", st.Serial, "not_after", st.NotAfter, "source", st.Source)
-		}
-	}()
 }
 
 // parseTrustDomain parses --trust-domain; empty gives the zero value.
@@ -531,46 +497,27 @@ func (f *serveFlags) validate() error {
 	return nil
 }
 
-// dataPlane is a started sidecar or gateway, as the admin, metrics and
-// health servers expose it.
-type dataPlane interface {
-	admin.Dataplane
-	admin.Readiness
-	Shutdown(ctx context.Context) error
-}
-
-// serve runs the admin, metrics and health servers for dp and src, logs
-// started (with attrs and the server addresses), and waits for ctx; then it
-// drains dp for up to --drain-timeout and closes the servers. If a server
-// cannot bind, dp is shut down and the error returned.
-func (f *serveFlags) serve(ctx context.Context, log *slog.Logger, src tlsmgr.Source, dp dataPlane, started string, attrs ...any) error {
-	servers, err := startHTTP(log, []httpServer{
-		{"admin", f.admin, admin.Handler(src, dp)},
-		{"metrics", f.metrics, admin.MetricsHandler()},
-		{"health", f.health, admin.HealthHandler(dp)},
-	})
+// start is the start-up sequence run and gateway share: it builds the
+// identity source the flags name (trusting the foreign trust domains of
+// feds), and hands it with build to serve.Run, which runs the identity
+// source, builds and starts the data plane, serves the admin, metrics and
+// health endpoints until ctx ends (SIGTERM), and drains.
+func (f *serveFlags) start(ctx context.Context, idf *identityFlags, td spiffeid.TrustDomain, feds []tlsmgr.FederationEndpoint, log *slog.Logger,
+	started string, build func(ctx context.Context, src tlsmgr.Source) (serve.Built, error)) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	src, err := idf.identitySource(ctx, td, log)
 	if err != nil {
-		shutdownCtx, c := context.WithTimeout(context.Background(), time.Second)
-		defer c()
-		_ = dp.Shutdown(shutdownCtx)
 		return err
 	}
-	log.Info(started, append(attrs, "admin", f.admin, "metrics", f.metrics, "health", f.health)...)
-	logIdentityReady(ctx, src, log)
-
-	<-ctx.Done()
-	log.Info("draining", "timeout", f.drainTimeout)
-	drainCtx, drainCancel := context.WithTimeout(context.Background(), f.drainTimeout)
-	defer drainCancel()
-	err = dp.Shutdown(drainCtx)
-	for _, s := range servers {
-		_ = s.Close()
+	if src, err = federate(src, feds, log); err != nil {
+		return err
 	}
-	if err != nil {
-		log.Warn("drain ended with connections still open", "err", err)
+	cfg := serve.Config{
+		Admin: f.admin, Metrics: f.metrics, Health: f.health,
+		DrainTimeout: f.drainTimeout, Logger: log, Started: started,
 	}
-	log.Info("stopped")
-	return nil
+	return serve.Run(ctx, cfg, src, func(ctx context.Context) (serve.Built, error) { return build(ctx, src) })
 }
 
 // workload is the workload policy selects by: namespace and the labels of
@@ -603,42 +550,8 @@ func watchPolicy(ctx context.Context, configDir string, wl policy.Workload, opts
 	if err != nil {
 		return nil, fmt.Errorf("--config-dir: %w", err)
 	}
-	go func() {
-		if err := store.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
-			log.Error("policy watcher stopped", "err", err)
-		}
-	}()
+	serve.Background(ctx, log, "policy watcher stopped", store.Run)
 	return store, nil
-}
-
-type httpServer struct {
-	name, addr string
-	handler    http.Handler
-}
-
-// startHTTP binds every enabled server; on failure it closes what it opened.
-func startHTTP(log *slog.Logger, specs []httpServer) ([]*http.Server, error) {
-	var started []*http.Server
-	for _, s := range specs {
-		if s.addr == "off" {
-			continue
-		}
-		ln, err := net.Listen("tcp", s.addr)
-		if err != nil {
-			for _, o := range started {
-				_ = o.Close()
-			}
-			return nil, fmt.Errorf("%s listener %s: %w", s.name, s.addr, err)
-		}
-		srv := &http.Server{Handler: s.handler, ReadHeaderTimeout: 10 * time.Second}
-		go func() {
-			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("http server stopped", "server", s.name, "err", err)
-			}
-		}()
-		started = append(started, srv)
-	}
-	return started, nil
 }
 
 func listenerNames(p *proxy.Proxy) []string {
@@ -663,7 +576,7 @@ func parseFederateWith(specs []string) ([]tlsmgr.FederationEndpoint, error) {
 }
 
 // federate adds the foreign trust domains of feds to src, if any.
-func federate(src runnable, feds []tlsmgr.FederationEndpoint, log *slog.Logger) (runnable, error) {
+func federate(src serve.Source, feds []tlsmgr.FederationEndpoint, log *slog.Logger) (serve.Source, error) {
 	if len(feds) == 0 {
 		return src, nil
 	}

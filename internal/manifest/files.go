@@ -18,10 +18,12 @@ import (
 
 	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
+
+	"github.com/meshproxy/meshproxy/internal/fileread"
 )
 
 // MaxFileSize bounds one manifest file; Kubernetes ConfigMaps are at most 1 MiB.
-const MaxFileSize = 4 << 20
+const MaxFileSize = fileread.MaxManifest
 
 // File is one manifest file: its path (as shown in errors) and content.
 type File struct {
@@ -62,12 +64,12 @@ func ReadDir(dir, what string) ([]File, error) {
 		if !st.Mode().IsRegular() {
 			continue
 		}
-		if st.Size() > MaxFileSize {
-			return nil, fmt.Errorf("%s: file is %d bytes, more than the %d allowed", path, st.Size(), MaxFileSize)
+		data, err := fileread.Read(path, MaxFileSize) // names the path
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // removed since the listing
 		}
-		data, err := os.ReadFile(path)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+			return nil, err
 		}
 		files = append(files, File{Name: path, Data: data})
 	}

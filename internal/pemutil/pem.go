@@ -1,6 +1,7 @@
 package pemutil
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/x509"
 	"encoding/pem"
@@ -9,16 +10,17 @@ import (
 )
 
 // ParseCertificates parses one or more PEM "CERTIFICATE" blocks, in order.
-// Text between blocks is ignored (openssl writes some); any other block
-// type, or no certificate at all, is an error.
+// Text before and between blocks is ignored (openssl writes some); any
+// other block type, text after the last block (a truncated or corrupted
+// file), or no certificate at all, is an error.
 func ParseCertificates(data []byte) ([]*x509.Certificate, error) {
 	var certs []*x509.Certificate
 	for i := 1; ; i++ {
-		var block *pem.Block
-		block, data = pem.Decode(data)
+		block, rest := pem.Decode(data)
 		if block == nil {
 			break
 		}
+		data = rest
 		if block.Type != "CERTIFICATE" {
 			return nil, fmt.Errorf("PEM block %d: unexpected type %q, want CERTIFICATE", i, block.Type)
 		}
@@ -31,15 +33,32 @@ func ParseCertificates(data []byte) ([]*x509.Certificate, error) {
 	if len(certs) == 0 {
 		return nil, errors.New("no PEM CERTIFICATE block found")
 	}
+	if err := trailing(data, len(certs)); err != nil {
+		return nil, err
+	}
 	return certs, nil
+}
+
+// trailing refuses anything but whitespace in rest, what follows the last
+// PEM block (the n-th): pem.Decode skips it silently, so a truncated block
+// or appended junk would otherwise go unnoticed.
+func trailing(rest []byte, n int) error {
+	if t := bytes.TrimSpace(rest); len(t) > 0 {
+		return fmt.Errorf("%d bytes of non-PEM data after PEM block %d (truncated or corrupted file?)", len(t), n)
+	}
+	return nil
 }
 
 // ParsePrivateKey parses the first private key in data: PKCS#8
 // ("PRIVATE KEY"), SEC 1 ("EC PRIVATE KEY", possibly after the "EC
 // PARAMETERS" block openssl writes) or PKCS#1 ("RSA PRIVATE KEY").
-// Encrypted keys, PKCS#8 or legacy (Proc-Type header), are refused.
-// Errors never contain key material.
+// Encrypted keys, PKCS#8 or legacy (Proc-Type header), are refused, and so
+// is text after the last PEM block of data. Errors never contain key
+// material.
 func ParsePrivateKey(data []byte) (crypto.Signer, error) {
+	if err := trailingAfterBlocks(data); err != nil {
+		return nil, err
+	}
 	for {
 		var block *pem.Block
 		block, data = pem.Decode(data)
@@ -75,5 +94,21 @@ func ParsePrivateKey(data []byte) (crypto.Signer, error) {
 			return nil, fmt.Errorf("unsupported private key type %T", key)
 		}
 		return signer, nil
+	}
+}
+
+// trailingAfterBlocks is trailing for data as a whole: every PEM block is
+// skipped, whatever its type, and what follows the last must be blank.
+func trailingAfterBlocks(data []byte) error {
+	n := 0
+	for {
+		block, rest := pem.Decode(data)
+		if block == nil {
+			if n == 0 {
+				return nil // "no PEM block" is reported by the caller
+			}
+			return trailing(data, n)
+		}
+		data, n = rest, n+1
 	}
 }

@@ -143,6 +143,8 @@ func TestParseCertificatesKeepsOrderAndNamesTheBadBlock(t *testing.T) {
 		{"text only", []byte("not a certificate\n"), "no PEM CERTIFICATE block found"},
 		{"key among certificates", append(testpki.PEMCerts(ca.Root), pkcs8(t, testpki.NewKey(t))...), `PEM block 2: unexpected type "PRIVATE KEY", want CERTIFICATE`},
 		{"corrupt certificate", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte{1, 2}}), "PEM block 1: x509: "},
+		{"junk after the last block", append(append([]byte{}, two...), "junk\n"...), "4 bytes of non-PEM data after PEM block 2"},
+		{"truncated last block", two[:len(two)-40], "non-PEM data after PEM block 1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -150,6 +152,17 @@ func TestParseCertificatesKeepsOrderAndNamesTheBadBlock(t *testing.T) {
 				t.Fatalf("err = %v, want it to contain %q", err, tt.want)
 			}
 		})
+	}
+}
+
+func TestParsePrivateKeyRefusesJunkAfterTheLastBlock(t *testing.T) {
+	key := pkcs8(t, testpki.NewKey(t))
+	if _, err := ParsePrivateKey(append(append([]byte{}, key...), "\n\n"...)); err != nil {
+		t.Fatalf("trailing blank lines: %v", err)
+	}
+	_, err := ParsePrivateKey(append(append([]byte{}, key...), "appended"...))
+	if err == nil || !strings.Contains(err.Error(), "8 bytes of non-PEM data after PEM block 1") {
+		t.Fatalf("err = %v, want a refusal of the trailing data", err)
 	}
 }
 

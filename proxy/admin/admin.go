@@ -12,11 +12,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // DefaultRotateTimeout bounds a POST /rotate.
@@ -192,18 +190,6 @@ func (a *api) rotate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	a.writeIdentity(w)
-}
-
-// MetricsHandler serves metrics.Registry on /stats/prometheus and /metrics.
-func MetricsHandler() http.Handler {
-	h := promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{})
-	mux := http.NewServeMux()
-	mux.HandleFunc("/stats/prometheus", onlyGet(h.ServeHTTP))
-	mux.HandleFunc("/metrics", onlyGet(h.ServeHTTP))
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "metrics are on /stats/prometheus and /metrics")
-	})
-	return mux
 }
 
 // Readiness says whether the sidecar is ready; *proxy.Proxy implements it.

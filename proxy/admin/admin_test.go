@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/proxy/admin"
@@ -246,7 +247,7 @@ func TestMethodsAndPathsAreChecked(t *testing.T) {
 }
 
 func TestMetricsOnBothPaths(t *testing.T) {
-	srv := httptest.NewServer(admin.MetricsHandler())
+	srv := httptest.NewServer(metrics.Handler())
 	defer srv.Close()
 	for _, path := range []string{"/stats/prometheus", "/metrics"} {
 		resp, err := http.Get(srv.URL + path)

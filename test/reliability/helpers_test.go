@@ -139,7 +139,7 @@ type logEntry struct {
 	Level    string    `json:"level"`
 	Msg      string    `json:"msg"`
 	Failures int       `json:"failures"`
-	Error    string    `json:"error"`
+	Error    string    `json:"err"`
 }
 
 // logEntries returns the JSON log lines of p whose message is msg.

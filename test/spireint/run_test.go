@@ -145,7 +145,7 @@ func buildMeshproxy(t *testing.T, names ...string) map[string]string {
 	for _, flag := range []string{"--workload-api", "--inbound-explicit", "--outbound-explicit", "--admin", "--health", "--metrics", "--mode"} {
 		if !bytes.Contains(help, []byte(flag)) {
 			t.Fatalf("`meshproxy run --help` has no %s flag: this test needs the real `meshproxy run` "+
-				"(cmd/meshproxy/run.go, SPEC \"Commands\") with --workload-api wired to tlsmgr.NewWorkloadAPISource\n%s", flag, help)
+				"(cmd/meshproxy/run.go, docs/CONTRACT.md \"Commands and flags\") with --workload-api wired to tlsmgr.NewWorkloadAPISource\n%s", flag, help)
 		}
 	}
 	data, err := os.ReadFile(built)

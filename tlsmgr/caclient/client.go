@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -22,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 
+	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
@@ -150,7 +150,7 @@ func New(addr string, opts ...Option) (*Client, error) {
 }
 
 func readRoots(path string) ([]byte, []*x509.Certificate, error) {
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, fileread.MaxPEM)
 	if err != nil {
 		return nil, nil, fmt.Errorf("ca root file: %w", err)
 	}
@@ -219,7 +219,7 @@ func (c *Client) Issue(ctx context.Context, csrDER []byte, ttl time.Duration) (*
 // the rest must be non-empty visible ASCII (it goes into a header). Errors
 // name the file, never the token.
 func readToken(path string) (string, error) {
-	data, err := os.ReadFile(path)
+	data, err := fileread.Read(path, fileread.MaxToken)
 	if err != nil {
 		return "", fmt.Errorf("token file: %w", err)
 	}
