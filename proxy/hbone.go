@@ -283,14 +283,21 @@ func (p *Proxy) serveHBONE(l *listener, t *conntrack.Conn, c net.Conn) {
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionHandshakeFailed, err: err})
 		return
 	}
-	p.serveHBONEConn(l, t, tc, peer, cork)
+	p.serveHBONEConn(l, t, tc, peer, cork, mesh.AddrPort(tc.LocalAddr()).Addr())
 }
 
 // serveHBONEConn serves the CONNECT streams of an inbound pooled
 // connection, handshaken already (on the HBONE listener, or negotiated on
-// a mesh listener), until it closes. cork is the socket under tc.
-func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, peer spiffeid.ID, cork *hb.CorkConn) {
-	local := mesh.AddrPort(tc.LocalAddr()).Addr()
+// a mesh listener), until it closes. cork is the socket under tc; local
+// is the address the connection was made to (for a redirected one, its
+// original destination's: REDIRECT may hand it over on another address of
+// the interface).
+func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, peer spiffeid.ID, cork *hb.CorkConn, local netip.Addr) {
+	// The carrier is not an app connection: its streams are counted, it is
+	// counted as a pooled mesh connection instead.
+	active := metrics.ConnectionsActive.WithLabelValues(mesh.DirInbound)
+	active.Dec()
+	defer active.Inc()
 	opts := p.hbone.server
 	opts.Cork = cork
 	hc := hb.NewServer(tc, opts)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"net"
+	"net/netip"
 	"time"
 
 	"github.com/meshproxy/meshproxy/metrics"
@@ -70,7 +71,11 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		if tc.ConnectionState().NegotiatedProtocol == hb.ALPN {
 			// A meshproxy client pools app connections on this one: each
 			// stream names its destination and is authorized on its own.
-			p.serveHBONEConn(l, t, tc, peer, cork)
+			arrived := mesh.AddrPort(c.LocalAddr()).Addr()
+			if ap, err := netip.ParseAddrPort(dest); err == nil && l.spec.kind == inboundTransparent {
+				arrived = mesh.Unmap(ap).Addr()
+			}
+			p.serveHBONEConn(l, t, tc, peer, cork, arrived)
 			return
 		}
 		p.authorizeAndForward(l, t, snap, corkedTLS{tc, cork}, dest, port, mesh.ModeMTLS, peer)
