@@ -42,7 +42,7 @@ func TestHBONEFlagKeepsTheOldBooleanSpellings(t *testing.T) {
 
 func TestHBONEPeerAndKeyExchangeAreValidated(t *testing.T) {
 	for name, f := range map[string]runFlags{
-		"peer without always": {hbone: hboneFlag{mode: proxy.HBONEAuto}, hbonePeers: []string{"10.0.0.1:80=10.0.0.1:15008"}, keyExchange: "hybrid-pq"},
+		"peer without always":  {hbone: hboneFlag{mode: proxy.HBONEAuto}, hbonePeers: []string{"10.0.0.1:80=10.0.0.1:15008"}, keyExchange: "hybrid-pq"},
 		"unknown key exchange": {hbone: hboneFlag{mode: proxy.HBONEAuto}, keyExchange: "rsa"},
 		"bad listen":           {hbone: hboneFlag{mode: proxy.HBONEAlways}, hboneListen: "nowhere", keyExchange: "x25519"},
 	} {
