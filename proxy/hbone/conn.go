@@ -55,8 +55,8 @@ const (
 	// reading it (ping and settings acks, resets) before the connection is
 	// closed.
 	maxControlBacklog = 4 << 20
-	// maxKeptWriteBuffer is the largest write buffer kept between writes.
-	maxKeptWriteBuffer = 64 << 10
+	// maxPooledBuffer is the largest write buffer returned to the pool.
+	maxPooledBuffer = 512 << 10
 	// leadRounds is how many writes a stream's Write makes on behalf of
 	// others before it hands the rest to the connection's writer.
 	leadRounds = 4
@@ -138,7 +138,6 @@ type Conn struct {
 	wmu         sync.Mutex
 	wcond       *sync.Cond // space in wbuf, or a write failed
 	wbuf        []byte     // frames waiting for the socket
-	spare       []byte     // the other buffer, while wbuf is being written
 	flushing    bool       // a goroutine is writing
 	werr        error
 	henc        *hpack.Encoder
@@ -455,6 +454,9 @@ func (c *Conn) queue(lead bool, build func([]byte) []byte) error {
 		c.wmu.Unlock()
 		return err
 	}
+	if c.wbuf == nil {
+		c.wbuf = getBuffer()
+	}
 	c.wbuf = build(c.wbuf)
 	if !lead && len(c.wbuf) > maxControlBacklog {
 		c.wmu.Unlock()
@@ -491,13 +493,11 @@ func (c *Conn) flushLocked(rounds int) error {
 			return nil
 		}
 		buf := c.wbuf
-		c.wbuf, c.spare = c.spare[:0], nil
+		c.wbuf = nil // the next frame takes a buffer from the pool
 		c.wmu.Unlock()
 		err := c.write(buf)
 		c.wmu.Lock()
-		if cap(buf) <= maxKeptWriteBuffer {
-			c.spare = buf[:0]
-		}
+		putBuffer(buf)
 		c.wcond.Broadcast()
 		if err != nil {
 			c.flushing = false
@@ -611,7 +611,7 @@ func (c *Conn) fail(err error) {
 	if c.werr == nil {
 		c.werr = fmt.Errorf("hbone connection closed: %w", err)
 	}
-	c.wbuf, c.spare = nil, nil
+	c.wbuf = nil
 	c.wcond.Broadcast()
 	c.wmu.Unlock()
 }
@@ -956,4 +956,21 @@ func (c *Conn) resetStream(id uint32, code http2.ErrCode, err error) {
 	}
 	c.mu.Unlock()
 	c.queue(false, func(b []byte) []byte { return appendRST(b, id, code) })
+}
+
+// Write buffers are shared by every connection through a pool, so an idle
+// connection holds none.
+var buffers = sync.Pool{New: func() any {
+	b := make([]byte, 0, 16<<10)
+	return &b
+}}
+
+func getBuffer() []byte { return (*buffers.Get().(*[]byte))[:0] }
+
+func putBuffer(b []byte) {
+	if cap(b) == 0 || cap(b) > maxPooledBuffer {
+		return
+	}
+	b = b[:0]
+	buffers.Put(&b)
 }

@@ -5,9 +5,6 @@ import (
 	"sync"
 )
 
-// maxKeptCork is the largest cork buffer kept between writes.
-const maxKeptCork = 64 << 10
-
 // CorkConn wraps the socket under a TLS connection so that everything one
 // write of the TLS connection produces — crypto/tls writes each record to
 // the socket on its own — reaches the socket in one write: Cork before,
@@ -29,6 +26,9 @@ func NewCorkConn(c net.Conn) *CorkConn { return &CorkConn{Conn: c} }
 func (c *CorkConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	if c.corked {
+		if c.buf == nil {
+			c.buf = getBuffer()
+		}
 		c.buf = append(c.buf, p...)
 		c.mu.Unlock()
 		return len(p), nil
@@ -50,14 +50,13 @@ func (c *CorkConn) Uncork() error {
 	defer c.mu.Unlock()
 	c.corked = false
 	if len(c.buf) == 0 {
+		putBuffer(c.buf)
+		c.buf = nil
 		return nil
 	}
 	_, err := c.Conn.Write(c.buf)
-	if cap(c.buf) > maxKeptCork {
-		c.buf = nil
-	} else {
-		c.buf = c.buf[:0]
-	}
+	putBuffer(c.buf)
+	c.buf = nil
 	return err
 }
 
