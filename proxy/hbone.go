@@ -221,7 +221,7 @@ func newHBONE(src tlsmgr.Source, pol mesh.PolicySource, o options) *hbone {
 		serverTLS: cfg,
 		server: hb.Options{MaxStreams: o.hbone.maxStreams, IdleTimeout: hboneServerIdle,
 			PrefaceTimeout: o.HandshakeTimeout, KeepAlive: hboneKeepAlive},
-		pool:    newHBONEPool(hb.Options{IdleTimeout: o.hbone.poolIdle, KeepAlive: hboneKeepAlive}),
+		pool:    newHBONEPool(hb.Options{IdleTimeout: o.hbone.poolIdle, KeepAlive: hboneKeepAlive}, o.Log.With("component", "proxy")),
 		inbound: make(map[*hb.Conn]struct{}),
 	}
 }
@@ -311,8 +311,12 @@ func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, pee
 	p.log.Debug("hbone connection open", "source", t.Source, "peer", peer.String())
 	stop := context.AfterFunc(t.Context(), func() { hc.Close() })
 	defer stop()
-	err := hc.Serve(func(s *hb.Stream) { p.serveHBONEStream(l, s, local, peer) })
-	p.log.Debug("hbone connection closed", "source", t.Source, "peer", peer.String(), "err", err)
+	_ = hc.Serve(func(s *hb.Stream) { p.serveHBONEStream(l, s, local, peer) })
+	if err := hc.Err(); err != nil {
+		p.log.Warn("hbone connection failed", "source", t.Source, "peer", peer.String(), "err", err.Error())
+		return
+	}
+	p.log.Debug("hbone connection closed", "source", t.Source, "peer", peer.String())
 }
 
 // serveHBONEStream tracks one CONNECT stream as a connection of its own

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -42,6 +43,7 @@ type hboneDial struct {
 // which server identity was verified), several per key once one is full.
 type hbonePool struct {
 	opts hb.Options
+	log  *slog.Logger
 
 	mu     sync.Mutex
 	conns  map[string][]*hboneConn
@@ -57,9 +59,10 @@ type hbonePool struct {
 // queueing behind each other's handshakes.
 const directMemory = 30 * time.Second
 
-func newHBONEPool(opts hb.Options) *hbonePool {
+func newHBONEPool(opts hb.Options, log *slog.Logger) *hbonePool {
 	return &hbonePool{
 		opts:   opts,
+		log:    log,
 		conns:  make(map[string][]*hboneConn),
 		dials:  make(map[string]*hboneDial),
 		cfgs:   make(map[string]*tls.Config),
@@ -155,6 +158,9 @@ func (pl *hbonePool) add(key string, c *hboneConn) error {
 	go func() {
 		<-c.c.Done()
 		gauge.Dec()
+		if err := c.c.Err(); err != nil {
+			pl.log.Warn("pooled hbone connection failed", "peer", c.peer.String(), "remote", c.remote.String(), "err", err.Error())
+		}
 	}()
 	return nil
 }

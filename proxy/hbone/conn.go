@@ -298,6 +298,17 @@ func (c *Conn) Serve(handle func(*Stream)) error {
 // Done is closed when the connection has closed.
 func (c *Conn) Done() <-chan struct{} { return c.done }
 
+// Err is why the connection closed: nil while it is open or after a clean
+// close (ours, or the peer's end of stream).
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if errors.Is(c.err, net.ErrClosed) || errors.Is(c.err, io.EOF) {
+		return nil
+	}
+	return c.err
+}
+
 // Close closes the connection at once; open streams fail.
 func (c *Conn) Close() error {
 	c.fail(net.ErrClosed)
