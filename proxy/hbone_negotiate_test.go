@@ -10,6 +10,7 @@ import (
 	"net"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
@@ -309,5 +310,35 @@ func TestHBONEAutoColdBurstSharesOneHandshake(t *testing.T) {
 	wg.Wait()
 	if d := handshakes(mesh.DirOutbound, mesh.ResultOK) - out; d != 1 {
 		t.Errorf("%d handshakes for a burst of %d app connections, want 1", int(d), burst)
+	}
+}
+
+// After our SVID rotates, new app connections ride a pooled connection
+// handshaken with the new certificate; streams on the old one go on.
+func TestHBONEAutoRotationMovesNewStreamsToAFreshConnection(t *testing.T) {
+	m := newMesh(t)
+	a := startApp(t, echo)
+	st, _ := policyStore(t, "")
+	server := startProxy(t, m.identity(t, echoID), st,
+		WithInboundExplicit("127.0.0.1:0", a.addr()), WithHBONEMode(HBONEAuto))
+	dest := server.Addrs()[0].String()
+	cst, _ := policyStore(t, "")
+	src := m.identity(t, webID)
+	client := startProxy(t, src, cst, WithOutboundExplicit("127.0.0.1:0", dest, mustID(t, echoID)), WithHBONEMode(HBONEAuto))
+	entry := client.Addrs()[0].String()
+	out := handshakes(mesh.DirOutbound, mesh.ResultOK)
+	old := dial(t, entry)
+	if err := roundTrip(old, "before\n"); err != nil {
+		t.Fatal(err)
+	}
+	src.Set(m.ca.Issue(t, webID, time.Hour), m.ca.Bundle())
+	if err := roundTrip(dial(t, entry), "after\n"); err != nil {
+		t.Fatalf("after rotation: %v", err)
+	}
+	if d := handshakes(mesh.DirOutbound, mesh.ResultOK) - out; d != 2 {
+		t.Errorf("%d handshakes, want 2: one before the rotation, one after", int(d))
+	}
+	if err := roundTrip(old, "still\n"); err != nil {
+		t.Errorf("stream on the connection made before the rotation: %v", err)
 	}
 }

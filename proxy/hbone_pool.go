@@ -262,12 +262,15 @@ func (pl *hbonePool) clientConfig(base *mesh.ClientConfigs, sni string, ids []sp
 }
 
 // hboneKey names the pooled connections that may carry a stream to dest:
-// same address, SNI and verified server identity. With ruleSANs the
-// expected ids are read from the DestinationRules when a connection is
-// made, so the key carries the policy generation: a connection verified
-// under rules no longer in force is not reused.
+// same address, SNI and verified server identity, made under the current
+// identity generation (our SVID and trust bundles: after a rotation or a
+// trust change new streams go to a connection handshaken under it, and the
+// old ones idle out). With ruleSANs the expected ids are read from the
+// DestinationRules when a connection is made, so the key carries the
+// policy generation: a connection verified under rules no longer in force
+// is not reused.
 func (p *Proxy) hboneKey(addr, sni string, ids []spiffeid.ID, td spiffeid.TrustDomain, ruleSANs bool) string {
-	key := addr + "|" + sni + "|" + mesh.JoinIDs(ids) + "|" + td.String()
+	key := addr + "|" + sni + "|" + mesh.JoinIDs(ids) + "|" + td.String() + fmt.Sprintf("|gen@%d", p.src.Generation())
 	if ruleSANs {
 		key += fmt.Sprintf("|rule@%d", p.pol.Current().Generation())
 	}
