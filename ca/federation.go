@@ -2,8 +2,6 @@ package ca
 
 import (
 	"context"
-	"crypto/tls"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -63,38 +61,12 @@ func (s *Server) serveBundleEndpoint(ctx context.Context, lis net.Listener) {
 		_ = lis.Close()
 		return
 	}
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    16 << 10,
-		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: s.serving.get},
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-	}
-	// Fetchers (go-spiffe FetchBundle) use a new transport per fetch, so a
-	// kept-alive connection would only idle on both ends.
-	srv.SetKeepAlivesEnabled(false)
 	id, _ := spiffeid.FromPath(s.authority().TrustDomain(), ServingID)
 	s.log.Info("bundle endpoint serving", "addr", lis.Addr().String(), "url", "https://"+lis.Addr().String()+"/",
 		"profile", "https_spiffe", "endpoint_spiffe_id", id.String(), "refresh_hint", o.bundleHint.String())
-	errc := make(chan error, 1)
-	go func() { errc <- srv.ServeTLS(lis, "", "") }()
-	select {
-	case err := <-errc:
-		if !errors.Is(err, http.ErrServerClosed) {
-			s.log.Error("bundle endpoint stopped", "err", err)
-		}
-		return
-	case <-ctx.Done():
-	}
-	shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(shutCtx); err != nil {
-		_ = srv.Close()
-	}
-	<-errc
+	// Fetchers (go-spiffe FetchBundle) use a new transport per fetch, so a
+	// kept-alive connection would only idle on both ends.
+	_ = s.serveHTTPS(ctx, lis, httpsEndpoint{name: "bundle endpoint", handler: h, writeTimeout: 30 * time.Second})
 }
 
 // endpointBundle is the bundle endpoint's source: the roots of the

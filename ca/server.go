@@ -3,10 +3,12 @@ package ca
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -137,6 +139,7 @@ func NewServer(a *Authority, auth []authn.Authenticator, opts ...ServerOption) (
 	s.authn = append(authn.Chain{authn.NewSVID(currentBundle{s})}, auth...)
 	s.serving = &servingCert{
 		issuer: &currentIssuer{s: s, id: id, dns: dns, ips: ips},
+		csr:    x509.CertificateRequest{URIs: []*url.URL{id.URL()}, DNSNames: dns, IPAddresses: ips},
 		ttl:    min(o.servingTTL, a.MaxTTL()),
 		log:    o.log,
 		now:    time.Now,

@@ -28,10 +28,13 @@ const (
 // certificate sits behind an atomic pointer; handshakes only load it.
 type servingCert struct {
 	issuer tlsmgr.Issuer
-	ttl    time.Duration
-	log    *slog.Logger
-	now    func() time.Time
-	cur    atomic.Pointer[tls.Certificate]
+	// csr holds the SANs the CSR names: the issuer sets them anyway, but a
+	// backend that signs the CSR as it is (cert-manager) needs them in it.
+	csr x509.CertificateRequest
+	ttl time.Duration
+	log *slog.Logger
+	now func() time.Time
+	cur atomic.Pointer[tls.Certificate]
 }
 
 // get is tls.Config.GetCertificate.
@@ -50,7 +53,8 @@ func (s *servingCert) renew(ctx context.Context) (time.Time, error) {
 	if err != nil {
 		return time.Time{}, fmt.Errorf("serving certificate key: %w", err)
 	}
-	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	tmpl := s.csr
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &tmpl, key)
 	if err != nil {
 		return time.Time{}, fmt.Errorf("serving certificate csr: %w", err)
 	}

@@ -21,6 +21,10 @@ const (
 	SignerBuiltin = "builtin" // the CA key of a plugged-in CA directory
 	SignerStepCA  = "stepca"  // a step-ca server (package ca/stepca)
 	SignerVault   = "vault"   // a Vault PKI secrets engine (package ca/vault)
+
+	SignerAWSPCA      = "awspca"      // an AWS Private CA (package ca/awspca)
+	SignerGoogleCAS   = "googlecas"   // a Google Certificate Authority Service pool (package ca/googlecas)
+	SignerCertManager = "certmanager" // cert-manager CertificateRequests (package ca/certmanager)
 )
 
 // Errors of external signers. The gRPC server maps them to status codes and

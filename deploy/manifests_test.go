@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io/fs"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/meshproxy/meshproxy/ca/mirror"
 	"github.com/meshproxy/meshproxy/inject"
 	"github.com/meshproxy/meshproxy/policy"
 )
@@ -303,6 +305,37 @@ func TestControlPlane(t *testing.T) {
 		}
 		if _, ok := objs["ServiceAccount/meshproxy-ca"]; !ok {
 			t.Error("no ServiceAccount meshproxy-ca")
+		}
+	})
+
+	t.Run("RBAC for the config mirror is read-only on the mirrored kinds", func(t *testing.T) {
+		r := get("ClusterRole/meshproxy-ca-istio-config").(*rbacv1.ClusterRole)
+		granted := map[string]bool{}
+		for _, rule := range r.Rules {
+			if !slices.Equal(rule.Verbs, []string{"list", "watch"}) || len(rule.ResourceNames)+len(rule.NonResourceURLs) != 0 {
+				t.Errorf("rule %+v: want verbs list and watch (nothing else) on whole resources", rule)
+			}
+			for _, g := range rule.APIGroups {
+				for _, res := range rule.Resources {
+					granted[res+"."+g] = true
+				}
+			}
+		}
+		want := map[string]bool{}
+		for _, res := range mirror.Resources {
+			want[res.Name()] = true
+		}
+		if !maps.Equal(granted, want) || r.AggregationRule != nil {
+			t.Errorf("granted %v, want exactly %v", slices.Sorted(maps.Keys(granted)), slices.Sorted(maps.Keys(want)))
+		}
+		b := get("ClusterRoleBinding/meshproxy-ca-istio-config").(*rbacv1.ClusterRoleBinding)
+		if b.RoleRef.Name != r.Name || b.RoleRef.Kind != "ClusterRole" ||
+			len(b.Subjects) != 1 || b.Subjects[0].Kind != "ServiceAccount" || b.Subjects[0].Name != "meshproxy-ca" || b.Subjects[0].Namespace != "istio-system" {
+			t.Errorf("binding %+v", b)
+		}
+		d := get("Deployment/meshproxy-ca").(*appsv1.Deployment)
+		if !slices.Contains(d.Spec.Template.Spec.Containers[0].Args, "--mirror-istio-config") {
+			t.Error("the CA does not run the config mirror (--mirror-istio-config)")
 		}
 	})
 

@@ -33,10 +33,23 @@ type serviceObj = manifest.Object[virtualServiceSpec]
 
 // compiler builds a config from documents, collecting errors.
 type compiler struct {
-	wl   workload
-	log  *slog.Logger
-	errs []error
-	seen map[string]string // kind/namespace/name → where first defined
+	wl    workload
+	log   *slog.Logger
+	errs  []error
+	seen  map[string]string // kind/namespace/name → where first defined
+	warns []warning
+}
+
+// warning is a field of a document that the gateway applies without, or
+// ignores: where names the document (as c.where does).
+type warning struct {
+	where, field, msg string
+}
+
+func (c *compiler) warn(where, field, format string, args ...any) {
+	w := warning{where: where, field: field, msg: fmt.Sprintf(format, args...)}
+	c.warns = append(c.warns, w)
+	c.log.Warn("gateway: document applied with a warning", "where", where, "field", field, "reason", w.msg)
 }
 
 func (c *compiler) fail(err error) {
@@ -49,6 +62,25 @@ func (c *compiler) fail(err error) {
 // unit: any error fails the whole set. Other kinds are skipped (the policy
 // store reads DestinationRule and AuthorizationPolicy from the same files).
 func loadConfig(files []manifest.File, wl workload, log *slog.Logger) (*config, error) {
+	cfg, _, err := loadConfigWarn(files, wl, log)
+	return cfg, err
+}
+
+// loadConfigWarn is loadConfig, also returning the warnings. On errors it
+// returns them, and (for loadIsolated) the config built without the
+// rejected documents.
+func loadConfigWarn(files []manifest.File, wl workload, log *slog.Logger) (*config, []warning, error) {
+	cfg, warns, err := loadIsolated(files, wl, log)
+	if err != nil {
+		return nil, warns, err
+	}
+	return cfg, warns, nil
+}
+
+// loadIsolated builds the config of files with every rejected document
+// left out (a rejected Gateway binds no server, a rejected VirtualService
+// routes nothing: closed), and returns the rejections as err.
+func loadIsolated(files []manifest.File, wl workload, log *slog.Logger) (*config, []warning, error) {
 	c := &compiler{wl: wl, log: log, seen: map[string]string{}}
 	docs, errs := manifest.Documents(files)
 	c.errs = append(c.errs, errs...)
@@ -72,9 +104,9 @@ func loadConfig(files []manifest.File, wl workload, log *slog.Logger) (*config, 
 		if len(c.errs) > maxErrors {
 			c.errs = append(c.errs[:maxErrors], fmt.Errorf("… and %d more errors", len(c.errs)-maxErrors))
 		}
-		return nil, errors.Join(c.errs...)
+		return cfg, c.warns, errors.Join(c.errs...)
 	}
-	return cfg, nil
+	return cfg, c.warns, nil
 }
 
 func decode[S any](c *compiler, d manifest.Doc) *manifest.Object[S] {
@@ -136,16 +168,6 @@ type matchCompiled struct {
 func (c *compiler) build(gws []*gatewayObj, vss []*serviceObj) *config {
 	slices.SortFunc(gws, older)
 	slices.SortFunc(vss, older)
-	var services []*vsCompiled
-	for _, v := range vss {
-		where := c.where("VirtualService", v.ID())
-		vs, err := compileService(v)
-		if err != nil {
-			c.fail(fmt.Errorf("%s: %w", where, err))
-			continue
-		}
-		services = append(services, vs)
-	}
 	cfg := &config{ports: map[uint16]*portConfig{}, credentials: map[string]bool{}}
 	ours := map[string]bool{}
 	for _, g := range gws {
@@ -154,21 +176,34 @@ func (c *compiler) build(gws []*gatewayObj, vss []*serviceObj) *config {
 			continue
 		}
 		ours[g.ID()] = true
-		servers, err := compileGateway(g)
+		where := c.where("Gateway", g.ID())
+		servers, err := compileGateway(g, func(field, format string, args ...any) { c.warn(where, field, format, args...) })
 		if err != nil {
-			c.fail(fmt.Errorf("%s: %w", c.where("Gateway", g.ID()), err))
+			c.fail(fmt.Errorf("%s: %w", where, err))
 			continue
 		}
 		for _, s := range servers {
 			c.addServer(cfg, s)
 		}
 	}
-	for _, vs := range services {
-		bound := slices.ContainsFunc(vs.gateways, func(g string) bool { return ours[g] })
-		if bound && vs.http {
-			c.fail(fmt.Errorf("%s: %w", c.where("VirtualService", vs.id), manifest.Errorf("spec.http",
-				"not supported by meshproxy: HTTP routes are L7; the gateway routes TLS by SNI (spec.tls) and TCP by port (spec.tcp)")))
+	var services []*vsCompiled
+	for _, v := range vss {
+		where := c.where("VirtualService", v.ID())
+		// As Istio's gateway does, a VirtualService not bound to one of this
+		// gateway's Gateways is not its business: ignored, not validated.
+		if !bindsTo(v, ours) {
+			c.warn(where, "spec.gateways", "not bound to a Gateway of this gateway; ignored")
+			continue
 		}
+		vs, err := compileService(v, func(field, format string, args ...any) { c.warn(where, field, format, args...) })
+		if err != nil {
+			c.fail(fmt.Errorf("%s: %w", where, err))
+			continue
+		}
+		if vs.http {
+			c.warn(where, "spec.http", "HTTP routes are L7 and not used by the gateway (it routes TLS by SNI and TCP by port); nothing is routed by them")
+		}
+		services = append(services, vs)
 	}
 	for _, pc := range cfg.ports {
 		for _, s := range pc.servers {
@@ -176,6 +211,32 @@ func (c *compiler) build(gws []*gatewayObj, vss []*serviceObj) *config {
 		}
 	}
 	return cfg
+}
+
+// bindsTo reports whether v names one of ours in spec.gateways or in a
+// route match's gateways (names as written; a short name is in v's
+// namespace).
+func bindsTo(v *serviceObj, ours map[string]bool) bool {
+	refs := slices.Clone(v.Spec.Gateways)
+	for _, r := range v.Spec.TLS {
+		for _, m := range r.Match {
+			refs = append(refs, m.Gateways...)
+		}
+	}
+	for _, r := range v.Spec.TCP {
+		for _, m := range r.Match {
+			refs = append(refs, m.Gateways...)
+		}
+	}
+	for _, ref := range refs {
+		if !strings.Contains(ref, "/") {
+			ref = v.Metadata.Namespace + "/" + ref
+		}
+		if ours[ref] {
+			return true
+		}
+	}
+	return false
 }
 
 // addServer puts s on its port, refusing a port that mixes TCP and TLS or a
@@ -288,8 +349,10 @@ func selects(sel, labels map[string]string) bool {
 	return true
 }
 
-// compileGateway validates a Gateway's servers.
-func compileGateway(g *gatewayObj) ([]*server, error) {
+// compileGateway validates a Gateway's servers. A server the gateway does
+// not serve at L4 (HTTP, ISTIO_MUTUAL, AUTO_PASSTHROUGH) is not bound, with
+// a warning: nothing is routed that was not asked for.
+func compileGateway(g *gatewayObj, warn func(field, format string, args ...any)) ([]*server, error) {
 	if len(g.Spec.Servers) == 0 {
 		return nil, manifest.Errorf("spec.servers", "required: at least one server")
 	}
@@ -303,7 +366,12 @@ func compileGateway(g *gatewayObj) ([]*server, error) {
 	}
 	var out []*server
 	for i, ss := range g.Spec.Servers {
-		s, err := compileServer(g, i, &ss)
+		s, err := compileServer(g, i, &ss, warn)
+		var nb notBound
+		if errors.As(err, &nb) {
+			warn(fmt.Sprintf("spec.servers[%d]", i), "not bound: %s", nb.why)
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -312,7 +380,12 @@ func compileGateway(g *gatewayObj) ([]*server, error) {
 	return out, nil
 }
 
-func compileServer(g *gatewayObj, i int, ss *serverSpec) (*server, error) {
+// notBound is a valid server the gateway does not serve.
+type notBound struct{ why string }
+
+func (e notBound) Error() string { return "not bound: " + e.why }
+
+func compileServer(g *gatewayObj, i int, ss *serverSpec, warn func(field, format string, args ...any)) (*server, error) {
 	path := fmt.Sprintf("spec.servers[%d]", i)
 	s := &server{gateway: g.ID(), index: i, name: ss.Name}
 	if ss.Port == nil {
@@ -339,13 +412,20 @@ func compileServer(g *gatewayObj, i int, ss *serverSpec) (*server, error) {
 		if ss.TLS == nil {
 			return nil, manifest.Errorf(path+".tls", "required for protocol %s", s.protocol)
 		}
-		if err := s.compileTLS(path+".tls", ss.TLS); err != nil {
+		if err := s.compileTLS(path+".tls", ss.TLS, warn); err != nil {
 			return nil, err
 		}
 	case "":
 		return nil, manifest.Errorf(path+".port.protocol", "required: TCP, TLS or HTTPS")
+	case "HTTP", "HTTP2", "GRPC", "GRPC-WEB":
+		if len(ss.Hosts) == 0 {
+			return nil, manifest.Errorf(path+".hosts", "required: at least one host (\"*\" for any)")
+		}
+		return nil, notBound{fmt.Sprintf("protocol %s is L7; the gateway serves TCP, TLS and HTTPS at L4", s.protocol)}
+	case "MONGO":
+		s.mode = modeTCP
 	default:
-		return nil, manifest.Errorf(path+".port.protocol", "%q: not supported by meshproxy: the gateway works at L4; want TCP, TLS or HTTPS", ss.Port.Protocol)
+		return nil, manifest.Errorf(path+".port.protocol", "%q: not a protocol of Istio's Gateway (want HTTP, HTTPS, GRPC, HTTP2, MONGO, TCP or TLS)", ss.Port.Protocol)
 	}
 	if len(ss.Hosts) == 0 {
 		return nil, manifest.Errorf(path+".hosts", "required: at least one host (\"*\" for any)")
@@ -372,7 +452,7 @@ func compileServer(g *gatewayObj, i int, ss *serverSpec) (*server, error) {
 	return s, nil
 }
 
-func (s *server) compileTLS(path string, t *serverTLSSpec) error {
+func (s *server) compileTLS(path string, t *serverTLSSpec, warn func(field, format string, args ...any)) error {
 	switch strings.ToUpper(t.Mode) {
 	case "", "PASSTHROUGH": // Istio's default mode
 		s.mode = modePassthrough
@@ -380,22 +460,75 @@ func (s *server) compileTLS(path string, t *serverTLSSpec) error {
 		s.mode = modeSimple
 	case "MUTUAL":
 		s.mode = modeMutual
-	case "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL":
-		return manifest.Errorf(path+".mode", "%q: not supported by meshproxy: want SIMPLE, MUTUAL or PASSTHROUGH", t.Mode)
+	case "ISTIO_MUTUAL":
+		// Istio's validation: the mesh's own certificates, nothing else.
+		for _, f := range []struct {
+			name string
+			set  bool
+		}{{"serverCertificate", t.ServerCertificate != ""}, {"privateKey", t.PrivateKey != ""}, {"caCertificates", t.CACertificates != ""},
+			{"tlsCertificates", !manifest.IsNull(t.TLSCertificates)}, {"credentialName", t.CredentialName != ""}, {"credentialNames", len(t.CredentialNames) > 0}} {
+			if f.set {
+				return manifest.Errorf(path+"."+f.name, "ISTIO_MUTUAL uses the mesh certificates; %s cannot be set", f.name)
+			}
+		}
+		s.mode = modeIstioMutual
+		return nil
+	case "AUTO_PASSTHROUGH":
+		s.mode = modeAutoPassthrough
+		if t.CredentialName != "" || t.ServerCertificate != "" || t.PrivateKey != "" || t.CACertificates != "" {
+			warn(path, "AUTO_PASSTHROUGH does not terminate TLS: certificates are ignored")
+		}
+		return nil
+	case "OPTIONAL_MUTUAL":
+		return notBound{"tls.mode OPTIONAL_MUTUAL is not served by meshproxy's gateway"}
 	default:
-		return manifest.Errorf(path+".mode", "%q: want SIMPLE, MUTUAL or PASSTHROUGH", t.Mode)
+		return manifest.Errorf(path+".mode", "%q: want SIMPLE, MUTUAL, PASSTHROUGH, ISTIO_MUTUAL, AUTO_PASSTHROUGH or OPTIONAL_MUTUAL", t.Mode)
+	}
+	if t.HTTPSRedirect {
+		warn(path+".httpsRedirect", "ignored: HTTP redirects are L7")
+	}
+	for _, f := range []struct {
+		name string
+		set  bool
+	}{{"cipherSuites", len(t.CipherSuites) > 0}, {"ecdhCurves", len(t.EcdhCurves) > 0}, {"alpnProtocols", len(t.ALPNProtocols) > 0}} {
+		if f.set {
+			warn(path+"."+f.name, "ignored: Go's defaults are used")
+		}
 	}
 	if s.mode == modePassthrough {
-		if t.CredentialName != "" || t.MinProtocolVersion != "" || t.MaxProtocolVersion != "" {
-			return manifest.Errorf(path, "PASSTHROUGH does not terminate TLS: credentialName and protocol versions do not apply")
+		if t.CredentialName != "" || t.MinProtocolVersion != "" || t.MaxProtocolVersion != "" || t.ServerCertificate != "" || t.PrivateKey != "" || t.CACertificates != "" {
+			warn(path, "PASSTHROUGH does not terminate TLS: certificates and protocol versions are ignored")
 		}
 		return nil
 	}
+	// What would change which certificate is served, or which clients are
+	// accepted, and is not read: the server is not bound (fail closed).
+	for _, f := range []struct {
+		name string
+		set  bool
+		why  string
+	}{
+		{"serverCertificate", t.ServerCertificate != "", "certificate file paths are not read; use credentialName with files in --credentials-dir"},
+		{"privateKey", t.PrivateKey != "", "certificate file paths are not read; use credentialName with files in --credentials-dir"},
+		{"caCertificates", t.CACertificates != "", "certificate file paths are not read; use credentialName with files in --credentials-dir"},
+		{"tlsCertificates", !manifest.IsNull(t.TLSCertificates), "certificate file paths are not read; use credentialName with files in --credentials-dir"},
+		{"credentialNames", len(t.CredentialNames) > 0, "one credentialName per server is supported"},
+		{"caCertCredentialName", t.CACertCredentialName != "", "the client CA is read from NAME-ca.crt beside the credentialName's files"},
+		{"caCrl", t.CACrl != "", "certificate revocation lists are not supported"},
+		{"subjectAltNames", len(t.SubjectAltNames) > 0, "client certificates are not matched by SAN"},
+		{"verifyCertificateSpki", len(t.VerifyCertificateSpki) > 0, "certificate pinning is not supported"},
+		{"verifyCertificateHash", len(t.VerifyCertificateHash) > 0, "certificate pinning is not supported"},
+		{"insecureSkipVerify", !manifest.IsNull(t.InsecureSkipVerify), "MUTUAL always verifies client certificates"},
+	} {
+		if f.set {
+			return notBound{fmt.Sprintf("%s.%s: %s", path, f.name, f.why)}
+		}
+	}
 	if t.CredentialName == "" {
-		return manifest.Errorf(path+".credentialName", "required for %s", s.mode)
+		return notBound{fmt.Sprintf("%s.credentialName: no certificate to serve (%s needs credentialName)", path, s.mode)}
 	}
 	if errs := validation.IsDNS1123Subdomain(t.CredentialName); len(errs) > 0 {
-		return manifest.Errorf(path+".credentialName", "%q: %s", t.CredentialName, strings.Join(errs, "; "))
+		return notBound{fmt.Sprintf("%s.credentialName %q does not name files in --credentials-dir: %s", path, t.CredentialName, strings.Join(errs, "; "))}
 	}
 	s.credential = t.CredentialName
 	var err error
@@ -425,8 +558,10 @@ func tlsVersion(path, s string, def uint16) (uint16, error) {
 	return 0, manifest.Errorf(path, "%q: want TLS_AUTO, TLSV1_2 or TLSV1_3", s)
 }
 
-// compileService validates a VirtualService.
-func compileService(v *serviceObj) (*vsCompiled, error) {
+// compileService validates a VirtualService bound to this gateway. A route
+// the gateway cannot follow (a subset, a destination without a port) is
+// dropped alone, with a warning.
+func compileService(v *serviceObj, warn func(field, format string, args ...any)) (*vsCompiled, error) {
 	vs := &vsCompiled{id: v.ID(), ns: v.Metadata.Namespace, exportTo: v.Spec.ExportTo}
 	vs.http = !manifest.IsNull(v.Spec.HTTP) && strings.TrimSpace(string(v.Spec.HTTP)) != "[]"
 	if len(v.Spec.Hosts) == 0 {
@@ -473,6 +608,11 @@ func compileService(v *serviceObj) (*vsCompiled, error) {
 			rs.matches = append(rs.matches, mc)
 		}
 		if err := rs.compileTargets(path, r.Route, vs.ns); err != nil {
+			var rr routeRejected
+			if errors.As(err, &rr) {
+				warn(rr.field, "route %s rejected: %s", path, rr.why)
+				continue
+			}
 			return nil, err
 		}
 		vs.tls = append(vs.tls, rs)
@@ -488,6 +628,11 @@ func compileService(v *serviceObj) (*vsCompiled, error) {
 			rs.matches = append(rs.matches, mc)
 		}
 		if err := rs.compileTargets(path, r.Route, vs.ns); err != nil {
+			var rr routeRejected
+			if errors.As(err, &rr) {
+				warn(rr.field, "route %s rejected: %s", path, rr.why)
+				continue
+			}
 			return nil, err
 		}
 		vs.tcp = append(vs.tcp, rs)
@@ -564,13 +709,24 @@ func compileDestination(path string, d *destinationSpec, ns string) (destination
 		// the resolver's search path completes "name.namespace".
 		h += "." + ns
 	}
-	if d.Port == nil || d.Port.Number == 0 || d.Port.Number > 65535 {
-		return out, manifest.Errorf(path+".port.number", "required: a port number 1-65535 (the gateway cannot look up a service's ports)")
+	if d.Subset != "" {
+		return out, routeRejected{path + ".subset", fmt.Sprintf("subset %q selects endpoints by label, which the gateway does not know; route to a host that reaches them", d.Subset)}
+	}
+	if d.Port == nil || d.Port.Number == 0 {
+		return out, routeRejected{path + ".port.number", "no port: the gateway does not know the service's ports; give destination.port.number"}
+	}
+	if d.Port.Number > 65535 {
+		return out, manifest.Errorf(path+".port.number", "want a port number 1-65535, got %d", d.Port.Number)
 	}
 	out.host, out.port = h, uint16(d.Port.Number)
 	out.addr = joinHostPort(h, out.port)
 	return out, nil
 }
+
+// routeRejected drops one route of a VirtualService, not the document.
+type routeRejected struct{ field, why string }
+
+func (e routeRejected) Error() string { return e.field + ": " + e.why }
 
 func joinHostPort(h string, port uint16) string {
 	if strings.Contains(h, ":") {

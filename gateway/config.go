@@ -9,14 +9,16 @@ import (
 type tlsMode int
 
 const (
-	modeTCP         tlsMode = iota // protocol TCP: plain TCP in, mesh mTLS out
-	modePassthrough                // TLS routed by SNI, forwarded untouched
-	modeSimple                     // TLS terminated with the credential's certificate
-	modeMutual                     // as SIMPLE, and a client certificate from NAME-ca.crt is required
+	modeTCP             tlsMode = iota // protocol TCP: plain TCP in, mesh mTLS out
+	modePassthrough                    // TLS routed by SNI, forwarded untouched
+	modeSimple                         // TLS terminated with the credential's certificate
+	modeMutual                         // as SIMPLE, and a client certificate from NAME-ca.crt is required
+	modeIstioMutual                    // mesh mTLS terminated with the gateway's SVID (east-west), then routed as SIMPLE
+	modeAutoPassthrough                // SNI outbound_.PORT_._.HOST: forwarded untouched to HOST:PORT
 )
 
 func (m tlsMode) String() string {
-	return [...]string{"TCP", "PASSTHROUGH", "SIMPLE", "MUTUAL"}[m]
+	return [...]string{"TCP", "PASSTHROUGH", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL", "AUTO_PASSTHROUGH"}[m]
 }
 
 // config is one validated, immutable gateway configuration: the listeners

@@ -97,16 +97,6 @@ func TestLoadConfigRejectsWithFileAndField(t *testing.T) {
 	}{
 		{"unknown field", gw("  - port: {number: 443, name: https, protocol: HTTPS}\n    hostz: [a.example.com]\n"),
 			[]string{"gw.yaml: document 1 (Gateway istio-system/gw)", "spec.servers[0].hostz", "unknown field"}},
-		{"Istio mode meshproxy cannot do", gw("  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: ISTIO_MUTUAL}\n"),
-			[]string{"spec.servers[0].tls.mode", "not supported by meshproxy"}},
-		{"certificate file paths", gw("  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, serverCertificate: /etc/cert.pem}\n"),
-			[]string{"spec.servers[0].tls.serverCertificate", "use credentialName"}},
-		{"L7 protocol", gw("  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*\"]\n"),
-			[]string{"spec.servers[0].port.protocol", "L4"}},
-		{"SIMPLE without credential", gw("  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE}\n"),
-			[]string{"spec.servers[0].tls.credentialName", "required"}},
-		{"credential name escaping the directory", gw("  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialName: ../../etc/x}\n"),
-			[]string{"spec.servers[0].tls.credentialName"}},
 		{"TCP with tls", gw("  - port: {number: 9000, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialName: x}\n"),
 			[]string{"spec.servers[0].tls", "TCP server takes no tls"}},
 		{"bad port", gw("  - port: {number: 70000, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n"),
@@ -117,14 +107,8 @@ func TestLoadConfigRejectsWithFileAndField(t *testing.T) {
 			[]string{"spec.servers[1]", "port 443 is TCP on one server and TLS on another"}},
 		{"host served twice on a port", gw("  - port: {number: 443, name: a, protocol: TLS}\n    hosts: [a.example.com]\n    tls: {mode: PASSTHROUGH}\n  - port: {number: 443, name: b, protocol: TLS}\n    hosts: [a.example.com]\n    tls: {mode: PASSTHROUGH}\n"),
 			[]string{"spec.servers[1]", `host "a.example.com" on port 443 is already served`}},
-		{"HTTP routes bound to our gateway", vs("  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: a}}]\n"),
-			[]string{"VirtualService istio-system/vs", "spec.http", "L7"}},
 		{"TLS route without sniHosts", vs("  hosts: [\"*\"]\n  gateways: [gw]\n  tls:\n  - match: [{port: 443}]\n    route: [{destination: {host: a, port: {number: 1}}}]\n"),
 			[]string{"spec.tls[0].match[0].sniHosts", "required"}},
-		{"destination without port", vs("  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: a.example.com}}]\n"),
-			[]string{"spec.tcp[0].route[0].destination.port.number", "required"}},
-		{"subset", vs("  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: a, subset: v1, port: {number: 1}}}]\n"),
-			[]string{"spec.tcp[0].route[0].destination.subset", "not supported by meshproxy"}},
 		{"source labels", vs("  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - match: [{sourceLabels: {app: x}}]\n    route: [{destination: {host: a, port: {number: 1}}}]\n"),
 			[]string{"spec.tcp[0].match[0].sourceLabels"}},
 		{"YAML syntax", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw\n", []string{"gw.yaml: document 1", "line"}},
@@ -296,12 +280,61 @@ func TestHostPatterns(t *testing.T) {
 
 func TestNewNamesTheBadFile(t *testing.T) {
 	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "broken.yaml"), []byte("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n  - port: {number: 443, name: x, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: AUTO_PASSTHROUGH}\n"), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "broken.yaml"), []byte("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n  - port: {number: 443, name: x, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: BOGUS}\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	w := newWorld(t)
-	_, err := New(w.identity(t, gatewayID), policy.Static(policy.Workload{Namespace: DefaultNamespace}), dir, t.TempDir(), WithLogger(quietLog))
+	_, err := New(w.identity(t, gatewayID), policy.Static(policy.Workload{Namespace: DefaultNamespace}), dir, t.TempDir(), WithLogger(quietLog), WithStrictConfig(true))
 	if err == nil || !strings.Contains(err.Error(), "broken.yaml") || !strings.Contains(err.Error(), "spec.servers[0].tls.mode") {
 		t.Fatalf("New: %v; want an error naming broken.yaml and spec.servers[0].tls.mode", err)
+	}
+}
+
+// TestWhatTheGatewayDoesNotServeIsWarnedNotRefused: Istio accepts these, and
+// the gateway applies the rest of the document without them (nothing is
+// routed that was not asked for).
+func TestWhatTheGatewayDoesNotServeIsWarnedNotRefused(t *testing.T) {
+	gw := func(servers string) string {
+		return "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\nspec:\n  servers:\n" + servers
+	}
+	vs := func(spec string) string {
+		return "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: istio-system}\nspec:\n" + spec
+	}
+	gwTCP := "  - port: {number: 9000, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n"
+	tests := []struct {
+		name, yaml, field string
+		ports             int // listeners left
+		routes            int // routes on port 9000
+	}{
+		{"OPTIONAL_MUTUAL server not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: OPTIONAL_MUTUAL, credentialName: x}\n"), "spec.servers[1]", 1, 0},
+		{"HTTP server not bound", gw(gwTCP + "  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*\"]\n"), "spec.servers[1]", 1, 0},
+		{"certificate file paths not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, serverCertificate: /etc/cert.pem, privateKey: /etc/key.pem}\n"), "spec.servers[1]", 1, 0},
+		{"SIMPLE without a credential not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE}\n"), "spec.servers[1]", 1, 0},
+		{"credential name escaping the directory not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialName: ../../etc/passwd}\n"), "spec.servers[1]", 1, 0},
+		{"HTTP routes not used", gw(gwTCP) + "---\n" + vs("  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: a}}]\n  tcp:\n  - route: [{destination: {host: a.example.com, port: {number: 1}}}]\n"), "spec.http", 1, 1},
+		{"route without a port rejected alone", gw(gwTCP) + "---\n" + vs("  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: a.example.com}}]\n  - route: [{destination: {host: b.example.com, port: {number: 2}}}]\n"), "spec.tcp[0].route[0].destination.port.number", 1, 1},
+		{"route with a subset rejected alone", gw(gwTCP) + "---\n" + vs("  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: a, subset: v1, port: {number: 1}}}]\n"), "spec.tcp[0].route[0].destination.subset", 1, 0},
+		{"VirtualService of another gateway ignored, not validated", gw(gwTCP) + "---\n" + vs("  gateways: [other]\n  http:\n  - route: [{destination: {host: a}}]\n"), "spec.gateways", 1, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, warns, err := loadConfigWarn([]manifest.File{{Name: "gw.yaml", Data: []byte(tc.yaml)}}, workload{namespace: DefaultNamespace}, quietLog)
+			if err != nil {
+				t.Fatalf("refused: %v", err)
+			}
+			found := false
+			for _, w := range warns {
+				found = found || w.field == tc.field
+			}
+			if !found {
+				t.Errorf("no warning on %s: %+v", tc.field, warns)
+			}
+			if len(cfg.ports) != tc.ports {
+				t.Errorf("%d listeners, want %d", len(cfg.ports), tc.ports)
+			}
+			if pc := cfg.ports[9000]; pc == nil || len(pc.servers[0].routes) != tc.routes {
+				t.Errorf("routes on 9000: %+v, want %d", pc, tc.routes)
+			}
+		})
 	}
 }

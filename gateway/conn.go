@@ -6,6 +6,8 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/meshproxy/meshproxy/metrics"
@@ -16,6 +18,7 @@ import (
 	"github.com/meshproxy/meshproxy/proxy/sniff"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 )
 
 // Results of a gateway connection: the bounded values of the result label
@@ -84,7 +87,9 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 		g.refuse(t, refusal{result: ResultNoRoute, err: errors.New("port no longer configured")})
 		return
 	}
-	if dec := g.pol.Current().Authorize(policy.Request{Port: l.port}); !dec.Allowed {
+	// The gateway's clients are outside the mesh: they have no principal,
+	// but ipBlocks and destination rules apply to their addresses.
+	if dec := g.pol.Current().Authorize(policy.Request{Port: l.port, Source: addrOf(c.RemoteAddr()), Dest: addrOf(c.LocalAddr())}); !dec.Allowed {
 		metrics.PolicyDenials.WithLabelValues(dec.Reason).Inc()
 		g.refuse(t, refusal{result: ResultDenied, attrs: []any{"policy", dec.Policy, "decision", dec.Reason}})
 		return
@@ -109,7 +114,17 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 		return
 	}
 	sni := normalizeSNI(hello.SNI)
+	if host, port, ok := parseOutboundSNI(sni); ok {
+		if s := pc.server(host); s != nil && s.mode == modeAutoPassthrough {
+			g.autoPassthrough(t, sc, s, host, port)
+			return
+		}
+	}
 	s := pc.server(sni)
+	if s != nil && s.mode == modeAutoPassthrough {
+		g.refuse(t, refusal{result: ResultNoRoute, server: s, attrs: []any{"sni", sni, "why", "AUTO_PASSTHROUGH needs the SNI outbound_.PORT_._.HOST"}})
+		return
+	}
 	if s == nil {
 		// The SNI is the client's word, so it is logged, never a label.
 		g.refuse(t, refusal{result: ResultUnknownSNI, attrs: []any{"sni", sni}})
@@ -132,16 +147,28 @@ func (g *Gateway) handle(l *listener, t *conn, c net.Conn) {
 		return
 	}
 
-	cred := g.creds.get(s.credential)
-	if cred == nil || (s.mode == modeMutual && cred.clientCAs == nil) {
-		why := "credential " + s.credential + " is not loaded"
-		if cred != nil {
-			why = "MUTUAL needs " + s.credential + caSuffix + " (the client CA)"
+	var cfg *tls.Config
+	if s.mode == modeIstioMutual {
+		td, err := g.trustDomain()
+		if err != nil {
+			g.refuse(t, refusal{route: r.name, result: ResultNoIdentity, server: s, err: err})
+			return
 		}
-		g.refuse(t, refusal{route: r.name, result: ResultNoCredential, server: s, err: errors.New(why)})
-		return
+		// Mesh mTLS into the gateway: its own SVID, a client SVID of the trust domain.
+		cfg = tlsmgr.ServerConfig(g.src, tlsconfig.AuthorizeMemberOf(td))
+	} else {
+		cred := g.creds.get(s.credential)
+		if cred == nil || (s.mode == modeMutual && cred.clientCAs == nil) {
+			why := "credential " + s.credential + " is not loaded"
+			if cred != nil {
+				why = "MUTUAL needs " + s.credential + caSuffix + " (the client CA)"
+			}
+			g.refuse(t, refusal{route: r.name, result: ResultNoCredential, server: s, err: errors.New(why)})
+			return
+		}
+		cfg = s.tlsConfig(cred)
 	}
-	tc := tls.Server(sc, s.tlsConfig(cred))
+	tc := tls.Server(sc, cfg)
 	ctx, cancel := context.WithTimeout(t.Context(), g.opts.HandshakeTimeout)
 	err = tc.HandshakeContext(ctx)
 	cancel()
@@ -230,4 +257,48 @@ func (g *Gateway) pipe(t *conn, down, up net.Conn, r *route, dest, mode string, 
 	default:
 		g.log.Debug("connection closed", attrs...)
 	}
+}
+
+// addrOf is a TCP address's IP, invalid for anything else.
+func addrOf(a net.Addr) netip.Addr {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		if ip, ok := netip.AddrFromSlice(ta.IP); ok {
+			return ip.Unmap()
+		}
+	}
+	return netip.Addr{}
+}
+
+// autoPassthroughRoute labels connections routed by their SNI alone.
+var autoPassthroughRoute = &route{name: "auto_passthrough", kind: "tls"}
+
+// autoPassthrough forwards a mesh client's TLS untouched to the service its
+// SNI names (outbound_.PORT_._.HOST), as Istio's east-west gateway does: the
+// client's sidecar and the destination's run mTLS end to end.
+func (g *Gateway) autoPassthrough(t *conn, sc net.Conn, s *server, host string, port uint16) {
+	addr := joinHostPort(host, port)
+	up, err := g.dial(t, addr)
+	if err != nil {
+		g.refuse(t, refusal{route: autoPassthroughRoute.name, result: ResultUpstreamUnreachable, server: s, dest: addr, err: err})
+		return
+	}
+	g.pipe(t, sc, up, autoPassthroughRoute, addr, mesh.ModePassthrough, spiffeid.ID{})
+}
+
+// parseOutboundSNI reads Istio's outbound SNI, outbound_.PORT_.SUBSET_.HOST
+// (the subset is not used).
+func parseOutboundSNI(sni string) (host string, port uint16, ok bool) {
+	rest, ok := strings.CutPrefix(sni, "outbound_.")
+	if !ok {
+		return "", 0, false
+	}
+	parts := strings.SplitN(rest, ".", 3)
+	if len(parts) != 3 || !strings.HasSuffix(parts[0], "_") || !strings.HasSuffix(parts[1], "_") {
+		return "", 0, false
+	}
+	n, err := strconv.ParseUint(strings.TrimSuffix(parts[0], "_"), 10, 16)
+	if err != nil || n == 0 || parts[2] == "" {
+		return "", 0, false
+	}
+	return parts[2], uint16(n), true
 }

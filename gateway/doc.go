@@ -8,6 +8,14 @@
 //	tls.mode SIMPLE              TLS terminated with credentialName's certificate; tcp routes → mesh mTLS
 //	tls.mode MUTUAL              as SIMPLE, and a client certificate signed by NAME-ca.crt is required
 //	tls.mode PASSTHROUGH         SNI sniffed, tls routes by port and sniHosts; the client's TLS forwarded untouched
+//	tls.mode ISTIO_MUTUAL        mesh mTLS terminated with the gateway's SVID (east-west); tcp routes → mesh mTLS
+//	tls.mode AUTO_PASSTHROUGH    SNI outbound_.PORT_._.HOST: the client's TLS forwarded untouched to HOST:PORT
+//
+// What the gateway does not serve (HTTP servers, servers whose certificates
+// it cannot read, http routes, a route with a subset or without a port) is
+// left out with a warning; VirtualServices not bound to its Gateways are
+// ignored. Documents are loaded one by one: a rejected one is left out and
+// the others apply, unless WithStrictConfig.
 //
 // Servers sharing a port are told apart by the ClientHello's SNI against
 // their hosts (exact names before longer wildcards before "*"); a name no
@@ -21,7 +29,7 @@
 // Credentials come from files: NAME.crt (chain, leaf first), NAME.key and,
 // for MUTUAL, NAME-ca.crt. The config directory and the credentials are
 // watched and reloaded without restart; new connections use the new
-// listeners, routes and certificates, open ones carry on. A bad change is
-// reported and the last good state stays. Metrics use config names as
+// listeners, routes and certificates, open ones carry on. A credential's
+// bad change is reported and the last good one stays. Metrics use config names as
 // labels (listener port, VirtualService), never client addresses or SNI.
 package gateway

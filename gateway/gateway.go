@@ -12,6 +12,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -125,7 +126,27 @@ func (g *Gateway) reload() error {
 	}
 	var cfg *config
 	if err == nil {
-		cfg, err = loadConfig(files, workload{namespace: g.opts.namespace, labels: g.opts.labels}, g.log)
+		var rejected error
+		cfg, _, rejected = loadIsolated(files, workload{namespace: g.opts.namespace, labels: g.opts.labels}, g.log)
+		counts := map[string]float64{"Gateway": 0, "VirtualService": 0}
+		if rejected != nil {
+			for _, msg := range strings.Split(rejected.Error(), "\n") {
+				for kind := range counts {
+					if strings.Contains(msg, "("+kind+" ") {
+						counts[kind]++
+					}
+				}
+				if !g.opts.strict {
+					g.log.Error("gateway: document rejected; left out (its servers are not bound, its routes not used), the others apply", "dir", g.configDir, "reason", msg)
+				}
+			}
+		}
+		for kind, n := range counts {
+			metrics.ConfigDocuments.WithLabelValues(kind, "rejected").Set(n)
+		}
+		if rejected != nil && g.opts.strict {
+			err = rejected
+		}
 	}
 	if err != nil {
 		err = fmt.Errorf("gateway config %s: %w", g.configDir, err)

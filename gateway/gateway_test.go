@@ -312,7 +312,8 @@ func TestConfigChangeAppliesWithoutRestart(t *testing.T) {
   - port: {number: 7000, name: tcp-shop, protocol: TCP}
     hosts: ["*"]
 `
-	e := startGateway(t, w.identity(t, gatewayID), gatewayYAML(tcpServer)+tcpRouteYAML("shop", "*", 7000, "127.0.0.1", echoSvc.port), nil)
+	// --strict-config: a bad file keeps the whole last good config.
+	e := startGateway(t, w.identity(t, gatewayID), gatewayYAML(tcpServer)+tcpRouteYAML("shop", "*", 7000, "127.0.0.1", echoSvc.port), nil, WithStrictConfig(true))
 	oldAddr := e.addr(t, 7000)
 	if err := roundTrip(dial(t, oldAddr), "ping\n"); err != nil {
 		t.Fatalf("before the change: %v", err)
@@ -366,6 +367,37 @@ func TestConfigChangeAppliesWithoutRestart(t *testing.T) {
 	if c, err := net.DialTimeout("tcp", oldAddr, clientWait); err == nil {
 		c.Close()
 		t.Error("the removed port still accepts connections")
+	}
+}
+
+// TestRejectedDocumentIsLeftOutAlone: without --strict-config, a Gateway
+// the gateway must refuse does not stop it from starting; its servers are
+// not bound, and the valid Gateway next to it serves.
+func TestRejectedDocumentIsLeftOutAlone(t *testing.T) {
+	w := newWorld(t)
+	svc := startMeshService(t, w, shopID, startApp(t, echo).addr(), "")
+	bad := `apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: broken, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 7100, name: tcp, protocol: TCP}
+    hosts: ["*"]
+    bind: 10.0.0.1
+`
+	e := startGateway(t, w.identity(t, gatewayID), gatewayYAML(`
+  - port: {number: 7000, name: tcp-shop, protocol: TCP}
+    hosts: ["*"]
+`)+tcpRouteYAML("shop", "*", 7000, "127.0.0.1", svc.port)+"---\n"+bad, nil)
+	if err := roundTrip(dial(t, e.addr(t, 7000)), "ping\n"); err != nil {
+		t.Fatalf("the valid Gateway does not serve: %v", err)
+	}
+	if e.gw.Addr(7100) != nil {
+		t.Error("the rejected Gateway's server is bound")
+	}
+	if got := testutil.ToFloat64(metrics.ConfigDocuments.WithLabelValues("Gateway", "rejected")); got != 1 {
+		t.Errorf("config_documents{Gateway,rejected} = %v, want 1", got)
 	}
 }
 

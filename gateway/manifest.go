@@ -34,25 +34,25 @@ type portSpec struct {
 }
 
 type serverTLSSpec struct {
-	Mode                  string               `json:"mode"`
-	CredentialName        string               `json:"credentialName"`
-	MinProtocolVersion    string               `json:"minProtocolVersion"`
-	MaxProtocolVersion    string               `json:"maxProtocolVersion"`
-	HTTPSRedirect         manifest.Unsupported `json:"httpsRedirect" why:"HTTP redirects are L7; the gateway forwards at L4"`
-	ServerCertificate     manifest.Unsupported `json:"serverCertificate" why:"certificate file paths are not read; use credentialName with files in --credentials-dir"`
-	PrivateKey            manifest.Unsupported `json:"privateKey" why:"certificate file paths are not read; use credentialName with files in --credentials-dir"`
-	CACertificates        manifest.Unsupported `json:"caCertificates" why:"certificate file paths are not read; use credentialName with files in --credentials-dir"`
-	TLSCertificates       manifest.Unsupported `json:"tlsCertificates" why:"certificate file paths are not read; use credentialName with files in --credentials-dir"`
-	CredentialNames       manifest.Unsupported `json:"credentialNames" why:"one credentialName per server is supported"`
-	CACertCredentialName  manifest.Unsupported `json:"caCertCredentialName" why:"the client CA is read from NAME-ca.crt beside the credentialName's files"`
-	CACrl                 manifest.Unsupported `json:"caCrl" why:"certificate revocation lists are not supported"`
-	SubjectAltNames       manifest.Unsupported `json:"subjectAltNames" why:"MUTUAL accepts any client certificate from the CA in NAME-ca.crt"`
-	VerifyCertificateSpki manifest.Unsupported `json:"verifyCertificateSpki" why:"certificate pinning is not supported"`
-	VerifyCertificateHash manifest.Unsupported `json:"verifyCertificateHash" why:"certificate pinning is not supported"`
-	CipherSuites          manifest.Unsupported `json:"cipherSuites" why:"cipher suites are Go's defaults"`
-	EcdhCurves            manifest.Unsupported `json:"ecdhCurves" why:"key exchange groups are Go's defaults"`
-	InsecureSkipVerify    manifest.Unsupported `json:"insecureSkipVerify" why:"MUTUAL always verifies client certificates"`
-	ALPNProtocols         manifest.Unsupported `json:"alpnProtocols" why:"the gateway forwards at L4 and negotiates no ALPN"`
+	Mode                  string          `json:"mode"`
+	CredentialName        string          `json:"credentialName"`
+	MinProtocolVersion    string          `json:"minProtocolVersion"`
+	MaxProtocolVersion    string          `json:"maxProtocolVersion"`
+	HTTPSRedirect         bool            `json:"httpsRedirect"`
+	ServerCertificate     string          `json:"serverCertificate"`
+	PrivateKey            string          `json:"privateKey"`
+	CACertificates        string          `json:"caCertificates"`
+	TLSCertificates       json.RawMessage `json:"tlsCertificates"`
+	CredentialNames       []string        `json:"credentialNames"`
+	CACertCredentialName  string          `json:"caCertCredentialName"`
+	CACrl                 string          `json:"caCrl"`
+	SubjectAltNames       []string        `json:"subjectAltNames"`
+	VerifyCertificateSpki []string        `json:"verifyCertificateSpki"`
+	VerifyCertificateHash []string        `json:"verifyCertificateHash"`
+	CipherSuites          []string        `json:"cipherSuites"`
+	EcdhCurves            []string        `json:"ecdhCurves"`
+	InsecureSkipVerify    json.RawMessage `json:"insecureSkipVerify"`
+	ALPNProtocols         []string        `json:"alpnProtocols"`
 }
 
 // VirtualService (networking.istio.io/v1, v1beta1, v1alpha3), L4 subset.
@@ -62,7 +62,7 @@ type virtualServiceSpec struct {
 	TLS      []tlsRouteSpec  `json:"tls"`
 	TCP      []tcpRouteSpec  `json:"tcp"`
 	ExportTo []string        `json:"exportTo"`
-	HTTP     json.RawMessage `json:"http"` // refused only if the service binds to one of our Gateways
+	HTTP     json.RawMessage `json:"http"` // not used: HTTP routes are L7 (a warning when bound)
 }
 
 type tlsRouteSpec struct {
@@ -99,9 +99,9 @@ type routeTargetSpec struct {
 }
 
 type destinationSpec struct {
-	Host   string               `json:"host"`
-	Port   *portSelectorSpec    `json:"port"`
-	Subset manifest.Unsupported `json:"subset" why:"subsets select endpoints by label, which the gateway does not know; route to a host that reaches them"`
+	Host   string            `json:"host"`
+	Port   *portSelectorSpec `json:"port"`
+	Subset string            `json:"subset"` // a route naming one is rejected alone
 }
 
 type portSelectorSpec struct {

@@ -27,6 +27,7 @@ type options struct {
 	labels        map[string]string
 	listenAddr    func(port uint16) string
 	pollEvery     time.Duration
+	strict        bool
 }
 
 func defaultOptions() options {
@@ -37,6 +38,13 @@ func defaultOptions() options {
 		pollEvery:  DefaultPollInterval,
 	}
 }
+
+// WithStrictConfig makes any rejected Gateway or VirtualService fail the
+// whole load, as before documents were isolated: New returns the error, and
+// a reload keeps the last good config. By default a rejected document is
+// logged and counted and left out (its servers are not bound, its routes
+// not used), and the others apply.
+func WithStrictConfig(strict bool) Option { return func(o *options) { o.strict = strict } }
 
 // WithLogger sets the logger (default slog.Default()).
 func WithLogger(l *slog.Logger) Option { return mesh.WithLogger[*options](l) }

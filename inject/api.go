@@ -27,6 +27,19 @@ const (
 	// InjectedLabel marks injected pods; the PodMonitor selects on it.
 	InjectedLabel = "sidecar.meshproxy.io/injected"
 
+	// OriginalProbesAnnotation keeps the application's probes that
+	// injection rewrote to the sidecar's health port, as JSON (container →
+	// probe field → probe), so injecting again restores them first.
+	OriginalProbesAnnotation = "sidecar.meshproxy.io/original-probes"
+	// RewriteProbesAnnotation "false" (or Istio's
+	// sidecar.istio.io/rewriteAppHTTPProbers "false") leaves the
+	// application's probes as they are.
+	RewriteProbesAnnotation      = "sidecar.meshproxy.io/rewriteAppProbers"
+	istioRewriteProbesAnnotation = "sidecar.istio.io/rewriteAppHTTPProbers"
+	// AppProbersEnv hands the original probes to the sidecar (the
+	// environment form of `meshproxy run --app-probers`).
+	AppProbersEnv = "MESHPROXY_APP_PROBERS"
+
 	// CARootConfigMap holds the mesh trust bundle (key root-cert.pem) in
 	// every namespace with injected pods. It is required: a pod without it
 	// does not start, rather than start without trust.

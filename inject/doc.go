@@ -28,6 +28,15 @@
 // the same options is byte-identical and a pass with new options (a new
 // image) upgrades in place.
 //
+// The application's httpGet, tcpSocket and grpc probes would be refused
+// under STRICT (the kubelet speaks plaintext to a captured port), so they
+// are rewritten, as Istio does, to httpGet probes of the sidecar's health
+// port at /app-health/CONTAINER/livez|readyz|startupz; the sidecar runs the
+// originals locally (package proxy/apphealth), which it gets as
+// MESHPROXY_APP_PROBERS. The originals are also kept, exactly as written,
+// in the annotation sidecar.meshproxy.io/original-probes, and injecting
+// again first puts them back wherever the probe is still the rewritten one.
+//
 // The sidecar is by default a Kubernetes native sidecar (an init container
 // with restartPolicy: Always, Kubernetes 1.29+): it starts after the capture
 // rules and before the application, its startup probe holds the

@@ -734,6 +734,29 @@ func TestOptionsArePassedThrough(t *testing.T) {
 	}
 }
 
+func TestConfigServerReplacesThePolicyConfigMap(t *testing.T) {
+	inj := newInjector(t, WithConfigServer("meshproxy-ca.istio-system.svc:15011"))
+	out, _ := mustInject(t, inj, []byte("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: app, image: a}]\n"))
+	_, spec := template(t, docsOf(t, out)[0].obj)
+	sc, _ := container(spec, SidecarName)
+	if got, _ := argValue(sc.Args, "--config-server"); got != "meshproxy-ca.istio-system.svc:15011" {
+		t.Errorf("--config-server = %q", got)
+	}
+	i := slices.IndexFunc(sc.VolumeMounts, func(m corev1.VolumeMount) bool { return m.Name == policyVolume })
+	if i < 0 || sc.VolumeMounts[i].ReadOnly {
+		t.Fatalf("mounts %+v: want the policy volume mounted writable (the sidecar writes the mirrored policy)", sc.VolumeMounts)
+	}
+	if got, _ := argValue(sc.Args, "--config-dir"); got != sc.VolumeMounts[i].MountPath {
+		t.Errorf("--config-dir = %q, want the policy mount %q", got, sc.VolumeMounts[i].MountPath)
+	}
+	if v := volume(t, spec, policyVolume); v.EmptyDir == nil || v.ConfigMap != nil {
+		t.Errorf("policy volume %+v, want an emptyDir", v)
+	}
+	if _, err := New(WithConfigServer("no-port")); err == nil {
+		t.Error("config server without port accepted")
+	}
+}
+
 func TestDefaultImageFollowsTheVersion(t *testing.T) {
 	for v, want := range map[string]string{"dev": "meshproxy:dev", "": "meshproxy:dev", "v0.3.0": "ghcr.io/meshproxy/meshproxy:v0.3.0"} {
 		if got := DefaultImage(v); got != want {

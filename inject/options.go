@@ -65,6 +65,7 @@ type Option func(*config) error
 type config struct {
 	image                string
 	caAddr               string
+	configServer         string
 	meshCIDRs            []netip.Prefix
 	excludeInboundPorts  []uint16
 	excludeOutboundCIDRs []netip.Prefix
@@ -94,6 +95,20 @@ func WithCAAddr(addr string) Option {
 			return fmt.Errorf("ca address: %w", err)
 		}
 		c.caAddr = addr
+		return nil
+	}
+}
+
+// WithConfigServer makes the sidecar follow the Istio config mirror of the
+// CA at addr (HOST:PORT, run --config-server): the policy directory becomes
+// a writable in-memory emptyDir instead of the meshproxy-policy ConfigMap,
+// and `kubectl apply` of Istio policy reaches the sidecar within seconds.
+func WithConfigServer(addr string) Option {
+	return func(c *config) error {
+		if err := checkHostPort(addr); err != nil {
+			return fmt.Errorf("config server address: %w", err)
+		}
+		c.configServer = addr
 		return nil
 	}
 }

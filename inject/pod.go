@@ -146,6 +146,9 @@ func (c *config) sidecar() corev1.Container {
 	if len(c.meshCIDRs) > 0 {
 		args = append(args, "--mesh-cidrs", prefixList(c.meshCIDRs))
 	}
+	if c.configServer != "" {
+		args = append(args, "--config-server", c.configServer)
+	}
 	args = append(args,
 		"--config-dir", policyDir,
 		"--namespace", "$(POD_NAMESPACE)",
@@ -187,7 +190,8 @@ func (c *config) sidecar() corev1.Container {
 			{Name: tokenVolume, MountPath: tokenDir, ReadOnly: true},
 			{Name: caRootVolume, MountPath: caRootDir, ReadOnly: true},
 			{Name: podinfoVolume, MountPath: podinfoDir, ReadOnly: true},
-			{Name: policyVolume, MountPath: policyDir, ReadOnly: true},
+			// Written by the sidecar itself when it follows --config-server.
+			{Name: policyVolume, MountPath: policyDir, ReadOnly: c.configServer == ""},
 		},
 		ReadinessProbe: ready(5, 3),
 		// Holds the application (native sidecar) until the certificate is
@@ -210,6 +214,20 @@ func (c *config) sidecar() corev1.Container {
 	return ctr
 }
 
+// policyVolume is the namespace's policy ConfigMap, or with a config
+// server the in-memory directory the sidecar writes the mirrored policy to.
+func (c *config) policyVolume() corev1.Volume {
+	if c.configServer != "" {
+		return corev1.Volume{Name: policyVolume, VolumeSource: corev1.VolumeSource{
+			EmptyDir: &corev1.EmptyDirVolumeSource{Medium: corev1.StorageMediumMemory, SizeLimit: ptr(resource.MustParse("16Mi"))},
+		}}
+	}
+	return corev1.Volume{Name: policyVolume, VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
+		LocalObjectReference: corev1.LocalObjectReference{Name: PolicyConfigMap},
+		Optional:             ptr(true),
+	}}}
+}
+
 // volumes are the sidecar's (and in ebpf mode the init container's) volumes.
 func (c *config) volumes() []corev1.Volume {
 	vols := []corev1.Volume{
@@ -225,10 +243,7 @@ func (c *config) volumes() []corev1.Volume {
 		{Name: podinfoVolume, VolumeSource: corev1.VolumeSource{DownwardAPI: &corev1.DownwardAPIVolumeSource{
 			Items: []corev1.DownwardAPIVolumeFile{{Path: labelsFile, FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.labels"}}},
 		}}},
-		{Name: policyVolume, VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
-			LocalObjectReference: corev1.LocalObjectReference{Name: PolicyConfigMap},
-			Optional:             ptr(true),
-		}}},
+		c.policyVolume(),
 	}
 	if c.mode == ModeIPTables {
 		vols = append(vols, corev1.Volume{Name: xtablesVolume, VolumeSource: corev1.VolumeSource{
@@ -327,11 +342,24 @@ func (c *config) podTemplate(tmpl object, field string) error {
 		return &fieldError{field: field + "spec.containers", err: fmt.Errorf("no containers")}
 	}
 
+	// Probes of the application that the capture would refuse go through us.
+	probers, err := probes(annotations, [][]any{initCtrs, ctrs}, []string{"initContainers", "containers"}, field)
+	if err != nil {
+		return err
+	}
 	initCtr, err := toGeneric(c.initContainer())
 	if err != nil {
 		return err
 	}
-	sidecar, err := toGeneric(c.sidecar())
+	sc := c.sidecar()
+	if len(probers) > 0 {
+		js, err := probers.JSON()
+		if err != nil {
+			return err
+		}
+		sc.Env = append(sc.Env, corev1.EnvVar{Name: AppProbersEnv, Value: js})
+	}
+	sidecar, err := toGeneric(sc)
 	if err != nil {
 		return err
 	}

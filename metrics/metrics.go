@@ -50,6 +50,11 @@ var (
 		"Connections refused by policy, by reason.", "reason")
 	ConfigReloads = newCounterVec("config_reloads_total",
 		"Policy and certificate file reloads by kind and result (success, failure).", "kind", "result")
+	// AppProbes counts the application probes the health port ran for the
+	// kubelet (rewritten by inject); probe is livez, readyz or startupz.
+	AppProbes = newCounterVec("app_probes_total",
+		"Application probes run on the health port for the kubelet, by probe (livez, readyz, startupz) and result (success, failure, timeout).",
+		"probe", "result")
 )
 
 // Trust-domain federation (meshproxy run --federate-with). The trust domain
@@ -95,6 +100,18 @@ var (
 		Namespace: ns, Name: "gateway_credential_expiry_timestamp_seconds",
 		Help: "Unix time at which the server certificate of a gateway credential (credentialName) expires.",
 	}, []string{"credential"}))
+)
+
+// Istio configuration documents (policy and gateway loaders). The policy
+// label is a configured AuthorizationPolicy's namespace/name, never a peer.
+var (
+	ConfigDocuments = register(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "config_documents",
+		Help: "Istio documents of the last load, by kind and result (applied, warned, dry_run, rejected).",
+	}, []string{"kind", "result"}))
+	AuthzDryRun = newCounterVec("authz_dry_run_total",
+		"Connections evaluated by istio.io/dry-run AuthorizationPolicies (never enforced), by policy and the result it would have had (allow, deny).",
+		"policy", "result")
 )
 
 func init() {

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/meshproxy/meshproxy/metrics"
 )
 
 // Mode is a PeerAuthentication mutual-TLS mode.
@@ -68,6 +70,14 @@ type Workload struct {
 type Request struct {
 	Peer spiffeid.ID // zero value when the peer is not mesh mTLS (plaintext / passthrough)
 	Port uint16      // destination port on this workload
+	// Source is the peer's address as the sidecar sees it (with TPROXY the
+	// real client): ipBlocks, remoteIpBlocks, source.ip and remote.ip.
+	// Invalid when unknown: then no IP block matches.
+	Source netip.Addr
+	// Dest is the destination address (destination.ip); invalid when unknown.
+	Dest netip.Addr
+	// SNI is the server name the peer sent (connection.sni), "" for none.
+	SNI string
 	// TrustDomain is the workload's own trust domain. A peer from another
 	// (federated) trust domain is allowed only by an ALLOW rule that names
 	// that trust domain in a principal (see ReasonForeignTrustDomain). Zero
@@ -80,6 +90,16 @@ type Decision struct {
 	Allowed bool
 	Reason  string // bounded, for metrics: "allowed", "denied_by_policy", "no_allow_match", "foreign_trust_domain"
 	Policy  string // "namespace/name" of the deciding policy, for logs ("" when none)
+	// DryRun is what each istio.io/dry-run policy of the workload would
+	// have decided on its own; it never changes Allowed.
+	DryRun []DryRun
+}
+
+// DryRun is the shadow result of one dry-run AuthorizationPolicy.
+type DryRun struct {
+	Policy  string // namespace/name
+	Action  string // ALLOW or DENY
+	Allowed bool   // what the policy alone would have decided
 }
 
 // Decision reasons.
@@ -97,6 +117,15 @@ type Outbound struct {
 	Matched bool          // a DestinationRule covers dst
 	MTLS    bool          // tls.mode ISTIO_MUTUAL (false for DISABLE)
 	SANs    []spiffeid.ID // tls.subjectAltNames: expected server SPIFFE IDs (empty = any in trust domain)
+	// Refuse: the rule covering dst was rejected and asked for TLS
+	// origination; the connection must be refused, not sent in plaintext.
+	Refuse bool
+	// Originate is the TLS origination (tls.mode SIMPLE or MUTUAL) for dst;
+	// nil for none.
+	Originate *Origination
+	// Pool is the connectionPool.tcp covering dst (nil for none), whatever
+	// its TLS setting.
+	Pool *TCPPool
 }
 
 // Snapshot is an immutable, validated set of policies for one workload.
@@ -109,6 +138,8 @@ type Snapshot struct {
 	authz       authzPolicies
 	dests       destRules
 	resolved    map[string][]netip.Addr // DestinationRule host names and their addresses
+	docs        []Document              // the documents not applied as written, for GET /config
+	log         *slog.Logger
 }
 
 // Generation counts the snapshots a Store has published: it increases with
@@ -120,12 +151,43 @@ func (s *Snapshot) Generation() uint64 { return s.gen }
 // never ModeUnset.
 func (s *Snapshot) InboundMode(port uint16) Mode { return s.peer.modeFor(port) }
 
-// Authorize evaluates the L4 AuthorizationPolicies for r: DENY policies first,
-// then, if any ALLOW policy applies to the workload, r must match one.
-func (s *Snapshot) Authorize(r Request) Decision { return s.authz.authorize(r) }
+// Authorize evaluates the AuthorizationPolicies for r as Istio does for TCP:
+// DENY policies first, then, if any ALLOW policy applies to the workload, r
+// must match one. Dry-run policies are evaluated too, counted in
+// meshproxy_authz_dry_run_total and logged, but never change the decision.
+func (s *Snapshot) Authorize(r Request) Decision {
+	d := s.authz.authorize(r)
+	d.DryRun = s.authz.shadow(r)
+	for _, dr := range d.DryRun {
+		result := "deny"
+		if dr.Allowed {
+			result = "allow"
+		}
+		metrics.AuthzDryRun.WithLabelValues(dr.Policy, result).Inc()
+		if s.log != nil {
+			s.log.Info("dry-run authorization policy evaluated (not enforced)", "policy", dr.Policy, "action", dr.Action,
+				"dry_run_result", result, "enforced_result", d.Reason, "peer", r.Peer.String(), "port", r.Port)
+		}
+	}
+	return d
+}
 
-// Outbound returns the most specific DestinationRule setting covering dst.
-func (s *Snapshot) Outbound(dst netip.AddrPort) Outbound { return s.dests.lookup(dst) }
+// Outbound returns the most specific DestinationRule setting covering dst,
+// a destination that is not known to be in the mesh: mesh-wide wildcard
+// hosts (*.local) do not cover it.
+func (s *Snapshot) Outbound(dst netip.AddrPort) Outbound { return s.dests.lookup(dst, false) }
+
+// OutboundMesh is Outbound for a destination known to be in the mesh (in
+// --mesh-cidrs): mesh-wide wildcard hosts (*.local, *.svc.cluster.local)
+// cover it too.
+func (s *Snapshot) OutboundMesh(dst netip.AddrPort) Outbound { return s.dests.lookup(dst, true) }
+
+// OutboundName returns the DestinationRule setting for a destination known
+// by name (an SNI, an explicit outbound's host): the rule of that exact
+// host, else of the longest matching wildcard host, else of "*".
+func (s *Snapshot) OutboundName(name string, port uint16) Outbound {
+	return s.dests.lookupName(name, port)
+}
 
 // MarshalJSON renders the effective policy, for the admin API's GET /config.
 func (s *Snapshot) MarshalJSON() ([]byte, error) { return json.Marshal(s.view()) }
@@ -134,6 +196,7 @@ func (s *Snapshot) MarshalJSON() ([]byte, error) { return json.Marshal(s.view())
 type Option func(*options)
 
 type options struct {
+	strict       bool
 	defaultMode  Mode
 	rootNS       string
 	td           spiffeid.TrustDomain
@@ -165,6 +228,13 @@ func WithDefaultMode(m Mode) Option {
 			o.defaultMode = m
 		}
 	}
+}
+
+// WithStrictConfig makes any rejected document fail the whole load, as
+// before documents were isolated: NewStore returns an error, and a reload
+// keeps the last good policy. Off by default (meshproxy run --strict-config).
+func WithStrictConfig(strict bool) Option {
+	return func(o *options) { o.strict = strict }
 }
 
 // WithRootNamespace sets the mesh root namespace whose selector-less policies
@@ -235,7 +305,7 @@ type Store struct {
 	cur  atomic.Pointer[Snapshot]
 
 	mu        sync.Mutex // serialises reloads and DNS refreshes; guards the fields below
-	docs      *docSet    // last good directory content
+	docs      *Config    // last good directory content
 	hash      [sha256.Size]byte
 	failed    [sha256.Size]byte // last failed content (or read error), reported once
 	failedErr error

@@ -1,43 +1,108 @@
 package policy
 
 import (
-	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// authzPolicy is one validated L4 AuthorizationPolicy.
+// authzAction is what an AuthorizationPolicy does when a rule matches.
+type authzAction int
+
+const (
+	actionAllow authzAction = iota
+	actionDeny
+	actionAudit // decides nothing
+)
+
+func (a authzAction) String() string {
+	switch a {
+	case actionDeny:
+		return "DENY"
+	case actionAudit:
+		return "AUDIT"
+	}
+	return "ALLOW"
+}
+
+// authzPolicy is one AuthorizationPolicy as meshproxy enforces it on TCP
+// connections.
 type authzPolicy struct {
 	meta
 	selector map[string]string // nil: every workload of the namespace (or mesh, in the root namespace)
-	deny     bool
+	action   authzAction
+	dryRun   bool // istio.io/dry-run: evaluated and counted, never enforced
 	rules    []authzRuleMatch
+	// failClosed is set when the policy stands in for a rejected document:
+	// why it was rejected.
+	failClosed string
 }
 
+func (a *authzPolicy) deny() bool { return a.action == actionDeny }
+
+// authzRuleMatch is one rule: a source of from, an operation of to, and
+// every when condition must match.
 type authzRuleMatch struct {
-	from []sourceMatch // any of them; none = any source
-	to   []portMatch   // any of them; none = any port
+	// never: an ALLOW rule that needs an attribute a TCP connection does not
+	// have (an HTTP field): as in Istio, it matches nothing.
+	never bool
+	from  []conds // any of them; none = any source
+	to    []conds // any of them; none = any operation
+	when  conds
 }
 
-// sourceMatch is one from[].source: every set field must match.
-type sourceMatch struct {
-	principals, notPrincipals, namespaces, notNamespaces []pattern
+// conds is a conjunction of conditions.
+type conds []cond
+
+// attr is a connection attribute a condition tests.
+type attr int
+
+const (
+	attrPrincipal attr = iota
+	attrNamespace
+	attrTrustDomain
+	attrServiceAccount
+	attrSourceIP // source.ipBlocks, source.ip: the peer address
+	attrRemoteIP // remoteIpBlocks, remote.ip: the same peer address at L4 (no proxy protocol)
+	attrDestIP
+	attrDestPort
+	attrSNI
+)
+
+// cond is one attribute test: (any of in, when set) and none of out.
+type cond struct {
+	attr    attr
+	in, out []value
 }
 
-// portMatch is one to[].operation: every set field must match.
-type portMatch struct {
-	ports, notPorts []uint16
+// value is one Istio value of a condition: a string pattern, an address
+// range or a port, depending on the attribute.
+type value struct {
+	pat    pattern
+	prefix netip.Prefix
+	port   uint16
+	sa     [2]string // service account: namespace, name
 }
 
-// pattern is an Istio string match: exact, "prefix*", "*suffix" or "*".
+// pattern is an Istio string match: exact, "prefix*", "*suffix" or "*"
+// (any non-empty value). A namespace pattern may hold further wildcards and
+// is then matched by re.
 type pattern struct {
 	s              string
 	prefix, suffix bool
+	re             *regexp.Regexp // namespaces with an inner *: the whole pattern as a glob
+	nsRe           *regexp.Regexp // and its search form in a principal, /ns/GLOB/
+	raw            string
 }
 
 func (p pattern) match(v string) bool {
 	switch {
+	case p.re != nil:
+		return p.re.MatchString(v)
 	case p.prefix && p.suffix: // "*": any non-empty value
 		return v != ""
 	case p.prefix:
@@ -48,198 +113,117 @@ func (p pattern) match(v string) bool {
 	return v == p.s
 }
 
-func (p pattern) String() string {
-	switch {
-	case p.prefix && p.suffix:
-		return "*"
-	case p.prefix:
-		return p.s + "*"
-	case p.suffix:
-		return "*" + p.s
-	}
-	return p.s
+func (p pattern) String() string { return p.raw }
+
+// conn is a connection's attributes as policies see them.
+type conn struct {
+	principal   string // Istio form td/ns/NS/sa/SA; "" for a plaintext peer
+	namespace   string // "" when not mesh mTLS or the ID has no /ns/NS/sa/SA path
+	trustDomain string
+	id          spiffeid.ID
+	source      netip.Addr
+	dest        netip.Addr
+	port        uint16
+	sni         string
 }
 
-func parsePattern(path, s string) (pattern, error) {
-	if s == "" {
-		return pattern{}, fieldErrorf(path, "must not be empty")
+func connOf(r Request) conn {
+	c := conn{port: r.Port, source: r.Source.Unmap(), dest: r.Dest.Unmap(), sni: r.SNI, id: r.Peer}
+	if r.Peer.IsZero() {
+		return c
 	}
-	if s == "*" {
-		return pattern{prefix: true, suffix: true}, nil
+	c.principal = r.Peer.TrustDomain().Name() + r.Peer.Path()
+	c.trustDomain = r.Peer.TrustDomain().Name()
+	if seg := strings.Split(r.Peer.Path(), "/"); len(seg) == 5 && seg[1] == "ns" && seg[3] == "sa" {
+		c.namespace = seg[2]
 	}
-	p := pattern{s: s}
-	if rest, ok := strings.CutPrefix(s, "*"); ok {
-		p = pattern{s: rest, suffix: true}
-	} else if rest, ok := strings.CutSuffix(s, "*"); ok {
-		p = pattern{s: rest, prefix: true}
-	}
-	if strings.Contains(p.s, "*") {
-		return pattern{}, fieldErrorf(path, "%q: only one leading or trailing * is supported", s)
-	}
-	return p, nil
+	return c
 }
 
-// parsePrincipal parses an Istio principal ("cluster.local/ns/NS/sa/SA",
-// also accepted with a spiffe:// scheme). As in Istio, the trust domain
-// "cluster.local" stands for the mesh's own trust domain.
-func parsePrincipal(path, s string, td spiffeid.TrustDomain) (pattern, error) {
-	s = strings.TrimPrefix(s, "spiffe://")
-	if rest, ok := strings.CutPrefix(s, defaultTrustDomain+"/"); ok {
-		s = td.Name() + "/" + rest
-	}
-	return parsePattern(path, s)
-}
-
-func compileAuthz(m meta, spec *authzSpec, td spiffeid.TrustDomain) (*authzPolicy, error) {
-	p := &authzPolicy{meta: m, selector: spec.Selector.labels()}
-	switch spec.Action {
-	case "", "ALLOW":
-	case "DENY":
-		p.deny = true
-	case "CUSTOM", "AUDIT":
-		return nil, fieldErrorf("spec.action", "%s is not supported by meshproxy (ALLOW and DENY are)", spec.Action)
-	default:
-		return nil, fieldErrorf("spec.action", "unknown action %q (want ALLOW or DENY)", spec.Action)
-	}
-	for i, r := range spec.Rules {
-		path := fmt.Sprintf("spec.rules[%d]", i)
-		rule, err := compileRule(path, r, td)
-		if err != nil {
-			return nil, err
-		}
-		p.rules = append(p.rules, rule)
-	}
-	return p, nil
-}
-
-func compileRule(path string, r authzRule, td spiffeid.TrustDomain) (authzRuleMatch, error) {
-	var out authzRuleMatch
-	if r.From != nil && len(r.From) == 0 {
-		return out, fieldErrorf(path+".from", "must not be empty when set")
-	}
-	if r.To != nil && len(r.To) == 0 {
-		return out, fieldErrorf(path+".to", "must not be empty when set")
-	}
-	for j, f := range r.From {
-		fp := fmt.Sprintf("%s.from[%d].source", path, j)
-		if f.Source == nil {
-			return out, fieldErrorf(fp, "required")
-		}
-		src, err := compileSource(fp, f.Source, td)
-		if err != nil {
-			return out, err
-		}
-		out.from = append(out.from, src)
-	}
-	for j, t := range r.To {
-		tp := fmt.Sprintf("%s.to[%d].operation", path, j)
-		if t.Operation == nil {
-			return out, fieldErrorf(tp, "required")
-		}
-		op := portMatch{ports: ports(t.Operation.Ports), notPorts: ports(t.Operation.NotPorts)}
-		if len(op.ports) == 0 && len(op.notPorts) == 0 {
-			return out, fieldErrorf(tp, "must set ports or notPorts")
-		}
-		out.to = append(out.to, op)
-	}
-	return out, nil
-}
-
-func compileSource(path string, s *authzSource, td spiffeid.TrustDomain) (sourceMatch, error) {
-	var out sourceMatch
-	var err error
-	for _, f := range []struct {
-		name  string
-		in    []string
-		out   *[]pattern
-		parse func(string, string) (pattern, error)
-	}{
-		{"principals", s.Principals, &out.principals, func(p, v string) (pattern, error) { return parsePrincipal(p, v, td) }},
-		{"notPrincipals", s.NotPrincipals, &out.notPrincipals, func(p, v string) (pattern, error) { return parsePrincipal(p, v, td) }},
-		{"namespaces", s.Namespaces, &out.namespaces, parsePattern},
-		{"notNamespaces", s.NotNamespaces, &out.notNamespaces, parsePattern},
-	} {
-		for i, v := range f.in {
-			var pt pattern
-			if pt, err = f.parse(fmt.Sprintf("%s.%s[%d]", path, f.name, i), v); err != nil {
-				return out, err
-			}
-			*f.out = append(*f.out, pt)
-		}
-	}
-	if len(out.principals)+len(out.notPrincipals)+len(out.namespaces)+len(out.notNamespaces) == 0 {
-		return out, fieldErrorf(path, "must set at least one of principals, notPrincipals, namespaces, notNamespaces")
-	}
-	return out, nil
-}
-
-func ports(in []portValue) []uint16 {
-	out := make([]uint16, 0, len(in))
-	for _, p := range in {
-		out = append(out, uint16(p))
-	}
-	return out
-}
-
-// peer is the authenticated identity of a request, as policies see it.
-type peer struct {
-	principal string // Istio form td/ns/NS/sa/SA; "" for a plaintext peer
-	namespace string // "" when not mesh mTLS or the ID has no /ns/NS/sa/SA path
-}
-
-func peerOf(id spiffeid.ID) peer {
-	if id.IsZero() {
-		return peer{}
-	}
-	p := peer{principal: id.TrustDomain().Name() + id.Path()}
-	if seg := strings.Split(id.Path(), "/"); len(seg) == 5 && seg[1] == "ns" && seg[3] == "sa" {
-		p.namespace = seg[2]
-	}
-	return p
-}
-
-func anyMatch(ps []pattern, v string) bool {
-	if v == "" { // a plaintext peer has no principal or namespace to match
+func anyPattern(vs []value, v string) bool {
+	if v == "" { // a plaintext peer has no principal, namespace or trust domain to match
 		return false
 	}
-	for _, p := range ps {
-		if p.match(v) {
+	for _, x := range vs {
+		if x.pat.match(v) {
 			return true
 		}
 	}
 	return false
 }
 
-// match reports whether the source matches p. A namespace that only
-// refuses (a DENY rule's namespaces, an ALLOW rule's notNamespaces) is
-// matched as Istio does, against /ns/NS/ anywhere in the principal, so an
-// ID of an unusual shape cannot slip past it; one that admits needs the
-// /ns/NS/sa/SA form.
-func (s *sourceMatch) match(p peer, deny bool) bool {
-	nsIn := anyMatch(s.namespaces, p.namespace)
-	if deny && !nsIn {
-		nsIn = anyNamespaceIn(s.namespaces, p.principal)
+func anyPrefix(vs []value, a netip.Addr) bool {
+	if !a.IsValid() {
+		return false
 	}
-	nsOut := anyMatch(s.notNamespaces, p.namespace)
-	if !deny && !nsOut {
-		nsOut = anyNamespaceIn(s.notNamespaces, p.principal)
+	for _, x := range vs {
+		if x.prefix.Contains(a) {
+			return true
+		}
 	}
-	return (len(s.principals) == 0 || anyMatch(s.principals, p.principal)) &&
-		!anyMatch(s.notPrincipals, p.principal) &&
-		(len(s.namespaces) == 0 || nsIn) &&
-		!nsOut
+	return false
 }
 
-// anyNamespaceIn reports whether one of ps matches principal as Istio's
+// any reports whether one of vs holds for the connection. deny tells how a
+// namespace is matched (see match).
+func (c *cond) any(vs []value, k *conn, refuses bool) bool {
+	switch c.attr {
+	case attrPrincipal, attrTrustDomain, attrSNI:
+		v := k.principal
+		if c.attr == attrTrustDomain {
+			v = k.trustDomain
+		} else if c.attr == attrSNI {
+			v = k.sni
+		}
+		return anyPattern(vs, v)
+	case attrNamespace:
+		return anyPattern(vs, k.namespace) || (refuses && anyNamespaceIn(vs, k.principal))
+	case attrServiceAccount:
+		return anyServiceAccount(vs, k.id)
+	case attrSourceIP, attrRemoteIP:
+		return anyPrefix(vs, k.source)
+	case attrDestIP:
+		return anyPrefix(vs, k.dest)
+	case attrDestPort:
+		return slices.ContainsFunc(vs, func(x value) bool { return x.port == k.port })
+	}
+	return false
+}
+
+// match reports whether the condition holds. A namespace that refuses (one
+// of a DENY rule's values, or an ALLOW rule's notValues) is matched as
+// Istio does, against /ns/NS/ anywhere in the principal, so an ID of an
+// unusual shape cannot slip past it; one that admits needs the
+// /ns/NS/sa/SA form.
+func (c *cond) match(k *conn, deny bool) bool {
+	if len(c.in) > 0 && !c.any(c.in, k, deny) {
+		return false
+	}
+	return len(c.out) == 0 || !c.any(c.out, k, !deny)
+}
+
+func (cs conds) match(k *conn, deny bool) bool {
+	for i := range cs {
+		if !cs[i].match(k, deny) {
+			return false
+		}
+	}
+	return true
+}
+
+// anyNamespaceIn reports whether one of vs matches principal as Istio's
 // namespace regex ".*/ns/PATTERN/.*" does. Linear in the principal.
-func anyNamespaceIn(ps []pattern, principal string) bool {
+func anyNamespaceIn(vs []value, principal string) bool {
 	i := strings.Index(principal, "/ns/")
 	if i < 0 {
 		return false
 	}
-	for _, pt := range ps {
+	for _, v := range vs {
+		pt := v.pat
 		var ok bool
 		switch {
+		case pt.re != nil:
+			ok = pt.nsRe.MatchString(principal)
 		case pt.prefix && pt.suffix: // "*"
 			ok = strings.Contains(principal[i+4:], "/")
 		case pt.prefix: // ".*/ns/P.*/.*": the first /ns/P leaves the most room
@@ -258,22 +242,45 @@ func anyNamespaceIn(ps []pattern, principal string) bool {
 	return false
 }
 
-func (o *portMatch) match(port uint16) bool {
-	has := func(ps []uint16) bool {
-		for _, p := range ps {
-			if p == port {
-				return true
-			}
-		}
-		return false
+// globRegexp turns an Istio namespace glob into a regular expression body:
+// every * is any sequence, the rest literal.
+func globRegexp(s string) string {
+	parts := strings.Split(s, "*")
+	for i, p := range parts {
+		parts[i] = regexp.QuoteMeta(p)
 	}
-	return (len(o.ports) == 0 || has(o.ports)) && !has(o.notPorts)
+	return strings.Join(parts, ".*")
 }
 
-func (r *authzRuleMatch) match(p peer, port uint16, deny bool) bool {
+// anyServiceAccount matches Istio's serviceAccounts form "ns/sa" against
+// an ID spiffe://TD/ns/NS/…/sa/SA[/…], as Istio's regex does.
+func anyServiceAccount(vs []value, id spiffeid.ID) bool {
+	if id.IsZero() {
+		return false
+	}
+	seg := strings.Split(id.Path(), "/")
+	for _, v := range vs {
+		for i := 1; i+1 < len(seg); i++ {
+			if seg[i] != "ns" || seg[i+1] != v.sa[0] {
+				continue
+			}
+			for j := i + 2; j+1 < len(seg); j++ {
+				if seg[j] == "sa" && seg[j+1] == v.sa[1] {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+func (r *authzRuleMatch) match(k *conn, deny bool) bool {
+	if r.never || !r.when.match(k, deny) {
+		return false
+	}
 	from := len(r.from) == 0
 	for i := range r.from {
-		if r.from[i].match(p, deny) {
+		if r.from[i].match(k, deny) {
 			from = true
 			break
 		}
@@ -285,7 +292,7 @@ func (r *authzRuleMatch) match(p peer, port uint16, deny bool) bool {
 		return true
 	}
 	for i := range r.to {
-		if r.to[i].match(port) {
+		if r.to[i].match(k, deny) {
 			return true
 		}
 	}
@@ -293,9 +300,9 @@ func (r *authzRuleMatch) match(p peer, port uint16, deny bool) bool {
 }
 
 // match reports whether any rule matches; a policy without rules matches nothing.
-func (a *authzPolicy) match(p peer, port uint16) bool {
+func (a *authzPolicy) match(k *conn) bool {
 	for i := range a.rules {
-		if a.rules[i].match(p, port, a.deny) {
+		if a.rules[i].match(k, a.deny()) {
 			return true
 		}
 	}
@@ -305,11 +312,14 @@ func (a *authzPolicy) match(p peer, port uint16) bool {
 // authzPolicies are the AuthorizationPolicies that apply to one workload.
 type authzPolicies struct {
 	deny, allow []*authzPolicy
+	// dryRun are the istio.io/dry-run policies (ALLOW and DENY): evaluated
+	// and counted, never enforced.
+	dryRun []*authzPolicy
+	audit  []*authzPolicy
 }
 
 // selectAuthz keeps the policies of our namespace and the root namespace
-// whose selector (if any) matches our labels, DENY and ALLOW apart, in a
-// stable order.
+// whose selector (if any) matches our labels, by role, in a stable order.
 func selectAuthz(all []*authzPolicy, wl Workload, rootNS string) authzPolicies {
 	var out authzPolicies
 	for _, p := range all {
@@ -319,9 +329,14 @@ func selectAuthz(all []*authzPolicy, wl Workload, rootNS string) authzPolicies {
 		if p.selector != nil && !selects(p.selector, wl.Labels) {
 			continue
 		}
-		if p.deny {
+		switch {
+		case p.action == actionAudit:
+			out.audit = append(out.audit, p)
+		case p.dryRun:
+			out.dryRun = append(out.dryRun, p)
+		case p.deny():
 			out.deny = append(out.deny, p)
-		} else {
+		default:
 			out.allow = append(out.allow, p)
 		}
 	}
@@ -329,74 +344,135 @@ func selectAuthz(all []*authzPolicy, wl Workload, rootNS string) authzPolicies {
 }
 
 func (a *authzPolicies) authorize(r Request) Decision {
-	p := peerOf(r.Peer)
+	k := connOf(r)
 	for _, d := range a.deny {
-		if d.match(p, r.Port) {
+		if d.match(&k) {
 			return Decision{Allowed: false, Reason: ReasonDeniedByPolicy, Policy: d.id()}
 		}
 	}
 	if isForeign(r) {
-		return a.authorizeForeign(p, r)
+		return a.authorizeForeign(&k, r)
 	}
 	if len(a.allow) == 0 {
 		return Decision{Allowed: true, Reason: ReasonAllowed}
 	}
 	for _, al := range a.allow {
-		if al.match(p, r.Port) {
+		if al.match(&k) {
 			return Decision{Allowed: true, Reason: ReasonAllowed, Policy: al.id()}
 		}
 	}
 	return Decision{Allowed: false, Reason: ReasonNoAllowMatch}
 }
 
+// shadow evaluates the dry-run policies as Istio's shadow rules do: what
+// each would decide on its own (a DENY policy denies what it matches, an
+// ALLOW policy denies what it does not).
+func (a *authzPolicies) shadow(r Request) []DryRun {
+	if len(a.dryRun) == 0 {
+		return nil
+	}
+	k := connOf(r)
+	out := make([]DryRun, 0, len(a.dryRun))
+	for _, p := range a.dryRun {
+		allowed := p.match(&k) != p.deny()
+		out = append(out, DryRun{Policy: p.id(), Action: p.action.String(), Allowed: allowed})
+	}
+	return out
+}
+
 type authzView struct {
-	Policy string          `json:"policy"`
-	Action string          `json:"action"`
-	Rules  []authzRuleView `json:"rules"`
+	Policy     string          `json:"policy"`
+	Action     string          `json:"action"`
+	DryRun     bool            `json:"dry_run,omitempty"`
+	FailClosed string          `json:"fail_closed,omitempty"`
+	Rules      []authzRuleView `json:"rules"`
 }
 
 type authzRuleView struct {
-	From []sourceView `json:"from,omitempty"`
-	To   []portView   `json:"to,omitempty"`
+	Never bool       `json:"never_matches,omitempty"`
+	From  []condView `json:"from,omitempty"`
+	To    []condView `json:"to,omitempty"`
+	When  condView   `json:"when,omitempty"`
 }
 
-type sourceView struct {
-	Principals    []string `json:"principals,omitempty"`
-	NotPrincipals []string `json:"not_principals,omitempty"`
-	Namespaces    []string `json:"namespaces,omitempty"`
-	NotNamespaces []string `json:"not_namespaces,omitempty"`
+// condView is a conjunction: attribute → values and notValues.
+type condView map[string]condValues
+
+type condValues struct {
+	Values    []string `json:"values,omitempty"`
+	NotValues []string `json:"not_values,omitempty"`
 }
 
-type portView struct {
-	Ports    []uint16 `json:"ports,omitempty"`
-	NotPorts []uint16 `json:"not_ports,omitempty"`
+var attrNames = [...]string{
+	attrPrincipal: "principals", attrNamespace: "namespaces", attrTrustDomain: "trust_domains",
+	attrServiceAccount: "service_accounts", attrSourceIP: "source_ip", attrRemoteIP: "remote_ip",
+	attrDestIP: "destination_ip", attrDestPort: "ports", attrSNI: "sni",
 }
 
-func (a *authzPolicies) view() []authzView {
-	out := []authzView{}
-	strs := func(ps []pattern) []string {
+func (v value) String(a attr) string {
+	switch a {
+	case attrServiceAccount:
+		return v.sa[0] + "/" + v.sa[1]
+	case attrSourceIP, attrRemoteIP, attrDestIP:
+		return v.prefix.String()
+	case attrDestPort:
+		return strconv.Itoa(int(v.port))
+	}
+	return v.pat.String()
+}
+
+func (cs conds) view() condView {
+	if len(cs) == 0 {
+		return nil
+	}
+	out := condView{}
+	strs := func(a attr, vs []value) []string {
 		var s []string
-		for _, p := range ps {
-			s = append(s, p.String())
+		for _, v := range vs {
+			s = append(s, v.String(a))
 		}
 		return s
 	}
-	for _, p := range append(append([]*authzPolicy{}, a.deny...), a.allow...) {
-		v := authzView{Policy: p.id(), Action: "ALLOW", Rules: []authzRuleView{}}
-		if p.deny {
-			v.Action = "DENY"
+	for _, c := range cs {
+		name := attrNames[c.attr]
+		cur := out[name]
+		cur.Values = append(cur.Values, strs(c.attr, c.in)...)
+		cur.NotValues = append(cur.NotValues, strs(c.attr, c.out)...)
+		out[name] = cur
+	}
+	return out
+}
+
+// viewAny is view, with {} (any connection) for an empty conjunction.
+func (cs conds) viewAny() condView {
+	if len(cs) == 0 {
+		return condView{}
+	}
+	return cs.view()
+}
+
+func (p *authzPolicy) view() authzView {
+	v := authzView{Policy: p.id(), Action: p.action.String(), DryRun: p.dryRun, FailClosed: p.failClosed, Rules: []authzRuleView{}}
+	for _, r := range p.rules {
+		rv := authzRuleView{Never: r.never, When: r.when.view()}
+		for _, f := range r.from {
+			rv.From = append(rv.From, f.viewAny())
 		}
-		for _, r := range p.rules {
-			rv := authzRuleView{}
-			for _, s := range r.from {
-				rv.From = append(rv.From, sourceView{strs(s.principals), strs(s.notPrincipals), strs(s.namespaces), strs(s.notNamespaces)})
-			}
-			for _, o := range r.to {
-				rv.To = append(rv.To, portView{o.ports, o.notPorts})
-			}
-			v.Rules = append(v.Rules, rv)
+		for _, t := range r.to {
+			rv.To = append(rv.To, t.viewAny())
 		}
-		out = append(out, v)
+		v.Rules = append(v.Rules, rv)
+	}
+	return v
+}
+
+// view lists the policies in force: DENY, then ALLOW, then dry-run, then AUDIT.
+func (a *authzPolicies) view() []authzView {
+	out := []authzView{}
+	for _, l := range [][]*authzPolicy{a.deny, a.allow, a.dryRun, a.audit} {
+		for _, p := range l {
+			out = append(out, p.view())
+		}
 	}
 	return out
 }

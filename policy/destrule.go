@@ -3,14 +3,18 @@ package policy
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/meshproxy/meshproxy/internal/manifest"
 )
 
 // ResolveFunc resolves a DestinationRule host name to addresses.
@@ -23,22 +27,82 @@ func resolveSystem(ctx context.Context, host string) ([]netip.Addr, error) {
 // destRule is one validated DestinationRule.
 type destRule struct {
 	meta
-	host     string       // as written, for logs and GET /config
-	prefix   netip.Prefix // for an IP, CIDR or "*"
-	name     string       // a DNS name to resolve (short names qualified with the rule's namespace)
-	any      bool         // host "*"
-	exportTo []string     // nil: visible everywhere
+	host   string       // as written, for logs and GET /config
+	prefix netip.Prefix // for an IP, CIDR or "*"
+	name   string       // a DNS name to resolve (short names qualified with the rule's namespace)
+	any    bool         // host "*"
+	// wildcard is the suffix of a wildcard host ("*.example.com" →
+	// ".example.com"): it matches destinations by name. The mesh-wide forms
+	// (*.local, *.cluster.local, *.svc.cluster.local) also cover every mesh
+	// destination reached by address (meshWide).
+	wildcard string
+	meshWide bool
+	exportTo []string // nil: visible everywhere
 	selector map[string]string
 	tls      *tlsSetting // rule level; nil when unset
 	ports    map[uint16]*tlsSetting
+	pool     *TCPPool            // connectionPool.tcp, rule level; nil when unset
+	poolPort map[uint16]*TCPPool // port level
 }
 
 type tlsSetting struct {
 	mtls bool
 	sans []spiffeid.ID
+	// refuse: the stand-in of a rejected TLS-origination rule; connections
+	// to the host are refused rather than sent in plaintext.
+	refuse bool
+	orig   *Origination // SIMPLE or MUTUAL
 }
 
-func compileDestRule(m meta, spec *destRuleSpec) (*destRule, error) {
+// Origination is a DestinationRule's TLS origination (tls.mode SIMPLE or
+// MUTUAL): the sidecar takes the app's plaintext and opens TLS to the
+// destination itself.
+type Origination struct {
+	Mutual bool // MUTUAL: present a client certificate
+	// Files on the sidecar's file system (PEM), or CredentialName: the
+	// credential NAME.crt, NAME.key and NAME-ca.crt in the sidecar's
+	// --credentials-dir.
+	CACertificates, ClientCertificate, PrivateKey string
+	CredentialName                                string
+	SNI                                           string   // server name to send ("" for none)
+	SubjectAltNames                               []string // the server must present one (DNS name, URI or IP); none: the SNI, if any
+	InsecureSkipVerify                            bool     // no verification at all
+}
+
+// compileOrigination applies Istio's rules for SIMPLE and MUTUAL.
+func compileOrigination(path string, t *clientTLS) (*Origination, error) {
+	o := &Origination{Mutual: t.Mode == "MUTUAL", CACertificates: t.CACertificates, ClientCertificate: t.ClientCertificate,
+		PrivateKey: t.PrivateKey, CredentialName: t.CredentialName, SNI: t.SNI, SubjectAltNames: t.SubjectAltNames}
+	if !isUnset(t.InsecureSkipVerify) {
+		if err := json.Unmarshal(t.InsecureSkipVerify, &o.InsecureSkipVerify); err != nil {
+			return nil, fieldErrorf(path+".insecureSkipVerify", "want a boolean")
+		}
+	}
+	if t.CACrl != "" {
+		return nil, fieldErrorf(path+".caCrl", "certificate revocation lists are not supported by meshproxy; fails closed: connections to the host are refused")
+	}
+	if o.InsecureSkipVerify && (o.CACertificates != "" || len(o.SubjectAltNames) > 0 || (!o.Mutual && o.CredentialName != "")) {
+		return nil, fieldErrorf(path+".insecureSkipVerify", "cannot be set with caCertificates, subjectAltNames or credentialName")
+	}
+	if o.CredentialName != "" {
+		if o.ClientCertificate != "" || o.CACertificates != "" || o.PrivateKey != "" {
+			return nil, fieldErrorf(path+".credentialName", "cannot be set with clientCertificate, privateKey or caCertificates")
+		}
+		if strings.Contains(o.CredentialName, "/") || strings.HasPrefix(o.CredentialName, ".") {
+			return nil, fieldErrorf(path+".credentialName", "%q: want a credential name, not a path", o.CredentialName)
+		}
+		return o, nil
+	}
+	if o.Mutual && o.ClientCertificate == "" {
+		return nil, fieldErrorf(path+".clientCertificate", "required for MUTUAL")
+	}
+	if o.Mutual && o.PrivateKey == "" {
+		return nil, fieldErrorf(path+".privateKey", "required for MUTUAL")
+	}
+	return o, nil
+}
+
+func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string, args ...any)) (*destRule, error) {
 	d := &destRule{meta: m, host: spec.Host}
 	if err := d.parseHost(spec.Host); err != nil {
 		return nil, err
@@ -50,17 +114,48 @@ func compileDestRule(m meta, spec *destRuleSpec) (*destRule, error) {
 	}
 	d.exportTo = spec.ExportTo
 	d.selector = spec.WorkloadSelector.labels()
+	if err := validateSelector("spec.workloadSelector", spec.WorkloadSelector, warn); err != nil {
+		return nil, err
+	}
 	for i, s := range spec.Subsets {
+		path := fmt.Sprintf("spec.subsets[%d]", i)
 		if s.Name == "" {
-			return nil, fieldErrorf(fmt.Sprintf("spec.subsets[%d].name", i), "required")
+			return nil, fieldErrorf(path+".name", "required")
+		}
+		if len(s.TrafficPolicy) > 0 && !manifest.IsNull(s.TrafficPolicy) {
+			warn(path+".trafficPolicy", "ignored: subsets need endpoint labels, which meshproxy does not know (it forwards to the original destination)")
 		}
 	}
 	tp := spec.TrafficPolicy
 	if tp == nil {
 		return d, nil
 	}
+	if tp.TLS == nil && tp.PortLevelSettings == nil && tp.ConnectionPool == nil && isUnset(tp.LoadBalancer) && isUnset(tp.OutlierDetection) &&
+		isUnset(tp.Tunnel) && isUnset(tp.ProxyProtocol) && isUnset(tp.RetryBudget) {
+		return nil, fieldErrorf("spec.trafficPolicy", "must set at least one field")
+	}
+	if err := validateLoadBalancer("spec.trafficPolicy.loadBalancer", tp.LoadBalancer); err != nil {
+		return nil, err
+	}
+	warnIgnored(warn, "spec.trafficPolicy", tp.LoadBalancer, tp.ConnectionPool, tp.OutlierDetection)
+	for _, f := range []struct {
+		name string
+		raw  []byte
+		why  string
+	}{
+		{"tunnel", tp.Tunnel, "tunnelling to a proxy is not supported"},
+		{"proxyProtocol", tp.ProxyProtocol, "meshproxy does not send PROXY protocol headers upstream"},
+		{"retryBudget", tp.RetryBudget, "retries are HTTP-only"},
+	} {
+		if len(f.raw) > 0 && !manifest.IsNull(f.raw) {
+			warn("spec.trafficPolicy."+f.name, "ignored: %s", f.why)
+		}
+	}
 	var err error
-	if d.tls, err = compileTLS("spec.trafficPolicy.tls", tp.TLS); err != nil {
+	if d.tls, err = compileTLS("spec.trafficPolicy.tls", tp.TLS, warn); err != nil {
+		return nil, err
+	}
+	if d.pool, err = compilePool("spec.trafficPolicy.connectionPool", tp.ConnectionPool, d.id(), warn); err != nil {
 		return nil, err
 	}
 	for i, pl := range tp.PortLevelSettings {
@@ -69,10 +164,14 @@ func compileDestRule(m meta, spec *destRuleSpec) (*destRule, error) {
 			return nil, fieldErrorf(path+".port.number", "want a port number 1-65535")
 		}
 		port := uint16(pl.Port.Number)
+		if err := validateLoadBalancer(path+".loadBalancer", pl.LoadBalancer); err != nil {
+			return nil, err
+		}
+		warnIgnored(warn, path, pl.LoadBalancer, pl.ConnectionPool, pl.OutlierDetection)
 		if _, dup := d.ports[port]; dup {
 			return nil, fieldErrorf(path+".port.number", "port %d is set twice", port)
 		}
-		t, err := compileTLS(path+".tls", pl.TLS)
+		t, err := compileTLS(path+".tls", pl.TLS, warn)
 		if err != nil {
 			return nil, err
 		}
@@ -80,8 +179,166 @@ func compileDestRule(m meta, spec *destRuleSpec) (*destRule, error) {
 			d.ports = make(map[uint16]*tlsSetting)
 		}
 		d.ports[port] = t // nil: the rule-level setting applies
+		pool, err := compilePool(path+".connectionPool", pl.ConnectionPool, fmt.Sprintf("%s:%d", d.id(), port), warn)
+		if err != nil {
+			return nil, err
+		}
+		if pool != nil {
+			if d.poolPort == nil {
+				d.poolPort = make(map[uint16]*TCPPool)
+			}
+			d.poolPort[port] = pool
+		}
 	}
 	return d, nil
+}
+
+// TCPPool is a DestinationRule's connectionPool.tcp, enforced on outbound
+// connections: at most MaxConnections open at once for the rule (per port
+// for a port-level setting), dialled within ConnectTimeout, with TCP
+// keepalive probes as configured.
+type TCPPool struct {
+	// Key names the rule (and port) the limit is counted for.
+	Key            string
+	MaxConnections int           // 0: no limit
+	ConnectTimeout time.Duration // 0: the default
+	Keepalive      *Keepalive    // nil: the system's
+}
+
+// Keepalive is connectionPool.tcp.tcpKeepalive.
+type Keepalive struct {
+	Time, Interval time.Duration // 0: the system's
+	Probes         int           // 0: the system's
+}
+
+type tcpPoolSpec struct {
+	MaxConnections        *int64          `json:"maxConnections"`
+	ConnectTimeout        string          `json:"connectTimeout"`
+	TCPKeepalive          *keepaliveSpec  `json:"tcpKeepalive"`
+	MaxConnectionDuration string          `json:"maxConnectionDuration"`
+	IdleTimeout           string          `json:"idleTimeout"`
+	TCPNoDelay            json.RawMessage `json:"tcpNoDelay"`
+}
+
+type keepaliveSpec struct {
+	Probes   *int64 `json:"probes"`
+	Time     string `json:"time"`
+	Interval string `json:"interval"`
+}
+
+// compilePool reads connectionPool.tcp (connectionPool.http is warned
+// about by warnIgnored); nil when unset.
+func compilePool(path string, pool *connectionPool, key string, warn func(field, format string, args ...any)) (*TCPPool, error) {
+	if pool == nil || isUnset(pool.TCP) {
+		return nil, nil
+	}
+	path += ".tcp"
+	var s tcpPoolSpec
+	if err := manifest.Decode(path, pool.TCP, &s); err != nil {
+		return nil, err
+	}
+	out := &TCPPool{Key: key}
+	if s.MaxConnections != nil {
+		if *s.MaxConnections < 0 || *s.MaxConnections > 1<<31-1 {
+			return nil, fieldErrorf(path+".maxConnections", "want 0 to 2147483647")
+		}
+		out.MaxConnections = int(*s.MaxConnections)
+	}
+	duration := func(field, v string) (time.Duration, error) {
+		if v == "" {
+			return 0, nil
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil || d < time.Millisecond {
+			return 0, fieldErrorf(path+"."+field, "%q: want a duration of at least 1ms", v)
+		}
+		return d, nil
+	}
+	var err error
+	if out.ConnectTimeout, err = duration("connectTimeout", s.ConnectTimeout); err != nil {
+		return nil, err
+	}
+	if k := s.TCPKeepalive; k != nil {
+		out.Keepalive = &Keepalive{}
+		if out.Keepalive.Time, err = duration("tcpKeepalive.time", k.Time); err != nil {
+			return nil, err
+		}
+		if out.Keepalive.Interval, err = duration("tcpKeepalive.interval", k.Interval); err != nil {
+			return nil, err
+		}
+		if k.Probes != nil {
+			if *k.Probes < 0 || *k.Probes > 1<<31-1 {
+				return nil, fieldErrorf(path+".tcpKeepalive.probes", "want 0 to 2147483647")
+			}
+			out.Keepalive.Probes = int(*k.Probes)
+		}
+	}
+	for _, f := range []struct{ name, v string }{{"maxConnectionDuration", s.MaxConnectionDuration}, {"idleTimeout", s.IdleTimeout}} {
+		if f.v != "" {
+			if _, err := duration(f.name, f.v); err != nil {
+				return nil, err
+			}
+			warn(path+"."+f.name, "ignored: meshproxy closes idle connections after --idle-timeout")
+		}
+	}
+	if !isUnset(s.TCPNoDelay) {
+		warn(path+".tcpNoDelay", "ignored: Go sets TCP_NODELAY on every connection")
+	}
+	return out, nil
+}
+
+func isUnset(raw json.RawMessage) bool { return len(raw) == 0 || manifest.IsNull(raw) }
+
+// validateLoadBalancer applies the schema rules Istio's API server enforces
+// on a load balancer's warmup, although meshproxy ignores the setting: a
+// document Istio refuses is refused here too.
+func validateLoadBalancer(path string, raw json.RawMessage) error {
+	if len(raw) == 0 || manifest.IsNull(raw) {
+		return nil
+	}
+	var lb struct {
+		Warmup *struct {
+			Duration       *string  `json:"duration"`
+			MinimumPercent *float64 `json:"minimumPercent"`
+			Aggression     *float64 `json:"aggression"`
+		} `json:"warmup"`
+	}
+	if err := json.Unmarshal(raw, &lb); err != nil {
+		return fieldErrorf(path, "%v", err)
+	}
+	w := lb.Warmup
+	if w == nil {
+		return nil
+	}
+	path += ".warmup"
+	if w.Duration == nil {
+		return fieldErrorf(path+".duration", "required")
+	}
+	if d, err := time.ParseDuration(*w.Duration); err != nil || d < time.Millisecond {
+		return fieldErrorf(path+".duration", "%q: want a duration of at least 1ms", *w.Duration)
+	}
+	if p := w.MinimumPercent; p != nil && (*p < 0 || *p > 100) {
+		return fieldErrorf(path+".minimumPercent", "%v: want 0-100", *p)
+	}
+	if a := w.Aggression; a != nil && *a < 0 {
+		return fieldErrorf(path+".aggression", "%v: must not be negative", *a)
+	}
+	return nil
+}
+
+// warnIgnored warns about the traffic-policy fields that have no effect on
+// a forwarder to the original destination.
+func warnIgnored(warn func(field, format string, args ...any), path string, lb json.RawMessage, pool *connectionPool, outlier json.RawMessage) {
+	const why = "ignored: meshproxy forwards each connection to its original destination, so there is no load balancing or endpoint ejection"
+	if len(lb) > 0 && !manifest.IsNull(lb) {
+		warn(path+".loadBalancer", why)
+	}
+	if len(outlier) > 0 && !manifest.IsNull(outlier) {
+		warn(path+".outlierDetection", why)
+	}
+	if pool != nil && len(pool.HTTP) > 0 && !manifest.IsNull(pool.HTTP) {
+		warn(path+".connectionPool.http", "ignored: HTTP connection pooling is HTTP-only")
+	}
 }
 
 func (d *destRule) parseHost(h string) error {
@@ -92,8 +349,19 @@ func (d *destRule) parseHost(h string) error {
 	case h == "*":
 		d.any = true
 		return nil
+	case strings.HasPrefix(h, "*."):
+		suffix := strings.TrimSuffix(strings.ToLower(h[1:]), ".")
+		if errs := validation.IsDNS1123Subdomain(suffix[1:]); len(errs) > 0 || strings.Contains(suffix, "*") {
+			return fieldErrorf(path, "%q is not a wildcard DNS name (*.domain)", h)
+		}
+		d.wildcard = suffix
+		switch suffix {
+		case ".local", ".cluster.local", ".svc.cluster.local":
+			d.meshWide = true
+		}
+		return nil
 	case strings.Contains(h, "*"):
-		return fieldErrorf(path, "%q: wildcard hosts cannot be matched to addresses; use \"*\", an IP, a CIDR or a resolvable name", h)
+		return fieldErrorf(path, "%q: a wildcard host is \"*\" or starts with \"*.\"", h)
 	}
 	if a, err := netip.ParseAddr(h); err == nil {
 		a = a.Unmap()
@@ -120,7 +388,7 @@ func (d *destRule) parseHost(h string) error {
 	return nil
 }
 
-func compileTLS(path string, t *clientTLS) (*tlsSetting, error) {
+func compileTLS(path string, t *clientTLS, warn func(field, format string, args ...any)) (*tlsSetting, error) {
 	if t == nil {
 		return nil, nil
 	}
@@ -130,9 +398,26 @@ func compileTLS(path string, t *clientTLS) (*tlsSetting, error) {
 	case "ISTIO_MUTUAL":
 		s.mtls = true
 	case "SIMPLE", "MUTUAL":
-		return nil, fieldErrorf(path+".mode", "%s is not supported by meshproxy (ISTIO_MUTUAL and DISABLE are)", t.Mode)
+		o, err := compileOrigination(path, t)
+		if err != nil {
+			return nil, err
+		}
+		return &tlsSetting{orig: o}, nil
 	default:
-		return nil, fieldErrorf(path+".mode", "unknown mode %q (want ISTIO_MUTUAL or DISABLE)", t.Mode)
+		return nil, fieldErrorf(path+".mode", "unknown mode %q (want DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL)", t.Mode)
+	}
+	// With ISTIO_MUTUAL (or DISABLE) Istio uses the mesh's own certificates
+	// and ignores these; meshproxy sends the mesh SNI itself.
+	for _, f := range []struct{ name, v string }{
+		{"clientCertificate", t.ClientCertificate}, {"privateKey", t.PrivateKey}, {"caCertificates", t.CACertificates},
+		{"caCrl", t.CACrl}, {"credentialName", t.CredentialName}, {"sni", t.SNI},
+	} {
+		if f.v != "" {
+			warn(path+"."+f.name, "ignored with mode %s (meshproxy uses the mesh identity and SNI)", cmp.Or(t.Mode, "DISABLE"))
+		}
+	}
+	if len(t.InsecureSkipVerify) > 0 && !manifest.IsNull(t.InsecureSkipVerify) {
+		warn(path+".insecureSkipVerify", "ignored: mesh peers are always verified by SPIFFE ID")
 	}
 	if len(t.SubjectAltNames) > 0 && !s.mtls {
 		return nil, fieldErrorf(path+".subjectAltNames", "only meaningful with mode ISTIO_MUTUAL")
@@ -196,9 +481,14 @@ type destEntry struct {
 	prefix netip.Prefix
 	port   uint16 // 0: every port
 	tls    *tlsSetting
+	pool   *TCPPool
 	rule   *destRule
 	rank   int // tie-break between rules of equal specificity: lower wins
 }
+
+// meshOnly reports whether the entry covers mesh destinations only (a
+// mesh-wide wildcard host reached by address).
+func (e *destEntry) meshOnly() bool { return e.rule.meshWide }
 
 // destRules is a lookup table from destination to TLS setting, most
 // specific first: longer prefix, then port-level before rule-level, then
@@ -206,6 +496,8 @@ type destEntry struct {
 // first).
 type destRules struct {
 	entries []destEntry
+	pools   []destEntry // connection pools, in the same order
+	visible []*destRule // in precedence order, for lookups by name
 }
 
 func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[string][]netip.Addr) destRules {
@@ -230,12 +522,14 @@ func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[st
 		}
 		return a.meta.compare(b.meta)
 	})
-	var out destRules
+	out := destRules{visible: visible}
 	for rank, d := range visible {
 		var prefixes []netip.Prefix
 		switch {
-		case d.any:
+		case d.any, d.meshWide:
 			prefixes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+		case d.wildcard != "":
+			// Matched by name only (LookupName): a wildcard has no addresses.
 		case d.name != "":
 			for _, a := range resolved[d.name] {
 				a = a.Unmap()
@@ -245,6 +539,12 @@ func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[st
 			prefixes = []netip.Prefix{d.prefix}
 		}
 		for _, p := range prefixes {
+			if d.pool != nil {
+				out.pools = append(out.pools, destEntry{prefix: p, pool: d.pool, rule: d, rank: rank})
+			}
+			for port, pool := range d.poolPort {
+				out.pools = append(out.pools, destEntry{prefix: p, port: port, pool: pool, rule: d, rank: rank})
+			}
 			if d.tls != nil {
 				out.entries = append(out.entries, destEntry{prefix: p, tls: d.tls, rule: d, rank: rank})
 			}
@@ -258,7 +558,7 @@ func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[st
 			}
 		}
 	}
-	slices.SortStableFunc(out.entries, func(a, b destEntry) int {
+	bySpecificity := func(a, b destEntry) int {
 		if c := cmp.Compare(b.prefix.Bits(), a.prefix.Bits()); c != 0 {
 			return c
 		}
@@ -266,18 +566,66 @@ func buildDestRules(all []*destRule, wl Workload, rootNS string, resolved map[st
 			return c
 		}
 		return cmp.Compare(a.rank, b.rank)
-	})
+	}
+	slices.SortStableFunc(out.entries, bySpecificity)
+	slices.SortStableFunc(out.pools, bySpecificity)
 	return out
 }
 
-func (d *destRules) lookup(dst netip.AddrPort) Outbound {
+// lookup finds the TLS setting and, independently (as Istio merges a
+// port's settings field by field), the connection pool covering dst.
+func (d *destRules) lookup(dst netip.AddrPort, mesh bool) Outbound {
 	addr := dst.Addr().Unmap()
-	for _, e := range d.entries {
-		if (e.port == 0 || e.port == dst.Port()) && e.prefix.Contains(addr) {
-			return Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans)}
+	covers := func(e *destEntry) bool {
+		return (!e.meshOnly() || mesh) && (e.port == 0 || e.port == dst.Port()) && e.prefix.Contains(addr)
+	}
+	var out Outbound
+	for i := range d.entries {
+		if e := &d.entries[i]; covers(e) {
+			out = Outbound{Matched: true, MTLS: e.tls.mtls, SANs: slices.Clone(e.tls.sans), Refuse: e.tls.refuse, Originate: e.tls.orig}
+			break
 		}
 	}
-	return Outbound{}
+	for i := range d.pools {
+		if e := &d.pools[i]; covers(e) {
+			out.Pool = e.pool
+			break
+		}
+	}
+	return out
+}
+
+// lookupName returns the rule covering a destination known by name (SNI,
+// an explicit outbound's host): an exact host first, then the longest
+// wildcard suffix, then "*"; a port-level setting before the rule level.
+func (d *destRules) lookupName(name string, port uint16) Outbound {
+	name = strings.TrimSuffix(strings.ToLower(name), ".")
+	best, bestLen := (*destRule)(nil), -1
+	for _, r := range d.visible {
+		l := -1
+		switch {
+		case r.name != "" && (r.name == name || r.host == name):
+			l = len(name) + 1
+		case r.wildcard != "" && strings.HasSuffix(name, r.wildcard):
+			l = len(r.wildcard)
+		case r.any:
+			l = 0
+		}
+		if l > bestLen {
+			best, bestLen = r, l
+		}
+	}
+	if best == nil {
+		return Outbound{}
+	}
+	t := best.tls
+	if pt, ok := best.ports[port]; ok && pt != nil {
+		t = pt
+	}
+	if t == nil {
+		return Outbound{}
+	}
+	return Outbound{Matched: true, MTLS: t.mtls, SANs: slices.Clone(t.sans), Refuse: t.refuse, Originate: t.orig}
 }
 
 type destView struct {
@@ -286,15 +634,27 @@ type destView struct {
 	Prefix string   `json:"prefix"`
 	Port   uint16   `json:"port,omitempty"`
 	Mode   string   `json:"tls_mode"`
+	Mesh   bool     `json:"mesh_destinations_only,omitempty"`
+	SNI    string   `json:"sni,omitempty"`
 	SANs   []string `json:"subject_alt_names,omitempty"`
 }
 
 func (d *destRules) view() []destView {
 	out := []destView{}
 	for _, e := range d.entries {
-		v := destView{Rule: e.rule.id(), Host: e.rule.host, Prefix: e.prefix.String(), Port: e.port, Mode: "DISABLE"}
+		v := destView{Rule: e.rule.id(), Host: e.rule.host, Prefix: e.prefix.String(), Port: e.port, Mode: "DISABLE", Mesh: e.meshOnly()}
 		if e.tls.mtls {
 			v.Mode = "ISTIO_MUTUAL"
+		}
+		if e.tls.refuse {
+			v.Mode = "REFUSE (rejected TLS origination rule)"
+		}
+		if o := e.tls.orig; o != nil {
+			v.Mode = "SIMPLE"
+			if o.Mutual {
+				v.Mode = "MUTUAL"
+			}
+			v.SNI = o.SNI
 		}
 		for _, id := range e.tls.sans {
 			v.SANs = append(v.SANs, id.String())

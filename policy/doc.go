@@ -7,18 +7,24 @@
 // A Store loads the directory (*.yaml, *.yml, *.json; multi-document files
 // and `kind: List` allowed; dot-entries skipped and symlinks followed, so a
 // mounted Kubernetes ConfigMap reads as plain files), watches it with
-// fsnotify plus a periodic content check, and swaps snapshots atomically. A
-// directory is applied as a whole or not at all: a bad file is logged and
-// counted (meshproxy_config_reloads_total{kind="policy",result="failure"}),
-// and the last good snapshot stays in force.
+// fsnotify plus a periodic content check, and swaps snapshots atomically.
+//
+// Documents are loaded one by one (Load: a function of file names and
+// bytes, so a Kubernetes mirror can feed it too). Each is applied, applied
+// with warnings (a field narrowed or ignored, named with its reason),
+// dry-run, or rejected alone: invalid by Istio's own validation, or a
+// feature that cannot be honoured safely. A rejected document is logged
+// with its file, index, field and reason, counted in
+// meshproxy_config_documents{kind,result}, listed by GET /config, and
+// fails closed for what it selects (a DENY or CUSTOM policy denies, an
+// ALLOW policy allows nothing, a STRICT PeerAuthentication stays STRICT, a
+// TLS-origination DestinationRule refuses); the other documents apply.
+// WithStrictConfig restores all-or-nothing loading.
 //
 // Documents are decoded strictly. Errors read
 // "FILE: document K: line N: ..." for YAML syntax (N counted from the top of
 // the file) and "FILE: document K (Kind namespace/name): FIELD.PATH: ..." for
-// content. Fields meshproxy recognises but cannot enforce — L7 attributes
-// such as methods, paths or when, JWT request principals, IP blocks,
-// load-balancing settings — are errors naming the field, never silently
-// ignored. Other kinds are ignored.
+// content. Other kinds are ignored.
 //
 // Semantics follow Istio's:
 //   - PeerAuthentication: mesh (root namespace, no selector) → namespace →
@@ -26,7 +32,16 @@
 //     inherits; the oldest policy (then name) wins a tie.
 //   - AuthorizationPolicy: policies of the workload's namespace and the root
 //     namespace whose selector matches; DENY first, then, if any ALLOW policy
-//     applies, one must match. A peer without mesh mTLS has no principal or
+//     applies, one must match. Istio's TCP semantics: every L4 attribute is
+//     honoured (principals, namespaces, trustDomains, serviceAccounts,
+//     ipBlocks and remoteIpBlocks on the peer address, ports, and `when` on
+//     source.ip, remote.ip, source.namespace, source.principal,
+//     source.trustDomain, source.serviceAccount, destination.ip,
+//     destination.port, connection.sni); an ALLOW rule needing an HTTP-only
+//     attribute never matches, a DENY rule is applied without it; AUDIT
+//     decides nothing; CUSTOM is rejected and denies what its rules cover;
+//     istio.io/dry-run policies are evaluated and counted
+//     (meshproxy_authz_dry_run_total), never enforced. A peer without mesh mTLS has no principal or
 //     namespace: it never matches principals/namespaces, and so always
 //     satisfies notPrincipals/notNamespaces (Istio's "require mTLS" DENY
 //     policy, notPrincipals: ["*"], refuses it). A namespace admits only

@@ -19,11 +19,11 @@ func isForeign(r Request) bool {
 
 // authorizeForeign allows a foreign peer only by an ALLOW rule whose
 // matching source names the peer's trust domain.
-func (a *authzPolicies) authorizeForeign(p peer, r Request) Decision {
+func (a *authzPolicies) authorizeForeign(k *conn, r Request) Decision {
 	td := r.Peer.TrustDomain().Name()
 	for _, al := range a.allow {
 		for i := range al.rules {
-			if al.rules[i].matchNaming(p, r.Port, td) {
+			if al.rules[i].matchNaming(k, td) {
 				return Decision{Allowed: true, Reason: ReasonAllowed, Policy: al.id()}
 			}
 		}
@@ -32,26 +32,37 @@ func (a *authzPolicies) authorizeForeign(p peer, r Request) Decision {
 }
 
 // matchNaming is match, with the further condition that the matching
-// source names trust domain td in one of its matching principals.
-func (r *authzRuleMatch) matchNaming(p peer, port uint16, td string) bool {
-	if !r.match(p, port, false) {
+// source names trust domain td in one of its matching principals or
+// trustDomains.
+func (r *authzRuleMatch) matchNaming(k *conn, td string) bool {
+	if !r.match(k, false) {
 		return false
 	}
-	for i := range r.from {
-		s := &r.from[i]
-		if s.match(p, false) && namesTrustDomain(s.principals, p.principal, td) {
+	for _, s := range r.from {
+		if s.match(k, false) && s.namesTrustDomain(k.principal, td) {
 			return true
 		}
 	}
 	return false
 }
 
-// namesTrustDomain reports whether one of ps matches principal and spells
-// out td as its trust domain.
-func namesTrustDomain(ps []pattern, principal, td string) bool {
-	for _, pt := range ps {
-		if !pt.suffix && strings.HasPrefix(pt.s, td+"/") && pt.match(principal) {
-			return true
+// namesTrustDomain reports whether one of the source's principals matches
+// principal and spells out td as its trust domain, or one of its
+// trustDomains is exactly td.
+func (cs conds) namesTrustDomain(principal, td string) bool {
+	for _, c := range cs {
+		for _, v := range c.in {
+			pt := v.pat
+			switch c.attr {
+			case attrPrincipal:
+				if !pt.suffix && pt.re == nil && strings.HasPrefix(pt.s, td+"/") && pt.match(principal) {
+					return true
+				}
+			case attrTrustDomain:
+				if !pt.prefix && !pt.suffix && pt.s == td {
+					return true
+				}
+			}
 		}
 	}
 	return false

@@ -37,20 +37,22 @@ func FuzzLoad(f *testing.F) {
 	wl := Workload{Namespace: "prod", Labels: map[string]string{"app": "payments"}}
 	peers := []spiffeid.ID{{}, spiffeid.RequireFromString("spiffe://cluster.local/ns/prod/sa/checkout")}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		set, err := newLoader(wl.Namespace, o.td, o.log).load([]file{{name: "fuzz.yaml", data: data}})
-		if err != nil {
-			if !strings.HasPrefix(err.Error(), "fuzz.yaml: ") {
-				t.Fatalf("error does not name the file: %q", err)
+		cfg := newLoader(wl.Namespace, o.td, o.log).load([]File{{Name: "fuzz.yaml", Data: data}})
+		if err := cfg.Err(); err != nil && !strings.HasPrefix(err.Error(), "fuzz.yaml: ") {
+			t.Fatalf("error does not name the file: %q", err)
+		}
+		for _, d := range cfg.Documents {
+			if d.File != "fuzz.yaml" || d.Index < 1 || d.Result == "" || (d.Result != ResultApplied && len(d.Messages) == 0) {
+				t.Fatalf("document without its place, result or reason: %+v", d)
 			}
-			return
 		}
 		resolved := map[string][]netip.Addr{}
-		for _, d := range set.dests {
+		for _, d := range cfg.set.dests {
 			if d.name != "" {
 				resolved[d.name] = []netip.Addr{netip.MustParseAddr("10.1.2.3"), netip.MustParseAddr("fd00::1")}
 			}
 		}
-		snap := buildSnapshot(1, set, wl, &o, resolved)
+		snap := buildSnapshot(1, cfg, wl, &o, resolved)
 		for _, port := range []uint16{0, 80, 8080, 65535} {
 			if m := snap.InboundMode(port); m == ModeUnset {
 				t.Fatalf("InboundMode(%d) is UNSET", port)
@@ -67,10 +69,7 @@ func FuzzLoad(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		again, err := newLoader(wl.Namespace, o.td, o.log).load([]file{{name: "fuzz.yaml", data: data}})
-		if err != nil {
-			t.Fatalf("second load of the same bytes failed: %v", err)
-		}
+		again := newLoader(wl.Namespace, o.td, o.log).load([]File{{Name: "fuzz.yaml", Data: data}})
 		second, err := json.Marshal(buildSnapshot(1, again, wl, &o, resolved))
 		if err != nil {
 			t.Fatal(err)

@@ -22,12 +22,14 @@ func writeFile(t *testing.T, dir, name, content string) string {
 	return path
 }
 
-// loadYAML loads content as the only file policy.yaml of a fresh directory.
+// loadYAML loads content as the only file policy.yaml of a fresh directory,
+// with --strict-config (any rejected document is an error) unless opts say
+// otherwise.
 func loadYAML(t *testing.T, wl Workload, content string, opts ...Option) (*Store, error) {
 	t.Helper()
 	dir := t.TempDir()
 	writeFile(t, dir, "policy.yaml", content)
-	return NewStore(dir, wl, append([]Option{quiet}, opts...)...)
+	return NewStore(dir, wl, append([]Option{quiet, WithStrictConfig(true)}, opts...)...)
 }
 
 func mustLoad(t *testing.T, wl Workload, content string, opts ...Option) *Snapshot {

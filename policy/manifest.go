@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -37,20 +38,25 @@ type peerAuthMTLS struct {
 	Mode string `json:"mode"`
 }
 
-// AuthorizationPolicy (security.istio.io/v1, v1beta1), L4 subset.
+// AuthorizationPolicy (security.istio.io/v1, v1beta1): every field of the
+// API is read; compileAuthz decides what each means for TCP traffic.
 type authzSpec struct {
-	Selector   *workloadSelector    `json:"selector"`
-	TargetRef  manifest.Unsupported `json:"targetRef" why:"targetRef(s) attach policy to gateways and waypoints, not sidecars; use selector"`
-	TargetRefs manifest.Unsupported `json:"targetRefs" why:"targetRef(s) attach policy to gateways and waypoints, not sidecars; use selector"`
-	Action     string               `json:"action"`
-	Provider   manifest.Unsupported `json:"provider" why:"CUSTOM (external) authorization"`
-	Rules      []authzRule          `json:"rules"`
+	Selector   *workloadSelector `json:"selector"`
+	TargetRef  json.RawMessage   `json:"targetRef"`
+	TargetRefs []json.RawMessage `json:"targetRefs"`
+	Action     string            `json:"action"`
+	Provider   *authzProvider    `json:"provider"`
+	Rules      []*authzRule      `json:"rules"`
+}
+
+type authzProvider struct {
+	Name string `json:"name"`
 }
 
 type authzRule struct {
-	From []authzFrom          `json:"from"`
-	To   []authzTo            `json:"to"`
-	When manifest.Unsupported `json:"when" why:"conditions are L7 (request) attributes; meshproxy enforces L4 only"`
+	From []*authzFrom      `json:"from"`
+	To   []*authzTo        `json:"to"`
+	When []*authzCondition `json:"when"`
 }
 
 type authzFrom struct {
@@ -62,45 +68,52 @@ type authzTo struct {
 }
 
 type authzSource struct {
-	Principals           []string             `json:"principals"`
-	NotPrincipals        []string             `json:"notPrincipals"`
-	Namespaces           []string             `json:"namespaces"`
-	NotNamespaces        []string             `json:"notNamespaces"`
-	RequestPrincipals    manifest.Unsupported `json:"requestPrincipals" why:"request principals come from JWTs (L7); meshproxy enforces L4 only"`
-	NotRequestPrincipals manifest.Unsupported `json:"notRequestPrincipals" why:"request principals come from JWTs (L7); meshproxy enforces L4 only"`
-	IPBlocks             manifest.Unsupported `json:"ipBlocks" why:"IP blocks need the peer address, which meshproxy does not authorize on"`
-	NotIPBlocks          manifest.Unsupported `json:"notIpBlocks" why:"IP blocks need the peer address, which meshproxy does not authorize on"`
-	RemoteIPBlocks       manifest.Unsupported `json:"remoteIpBlocks" why:"remote IP blocks come from X-Forwarded-For (L7); meshproxy enforces L4 only"`
-	NotRemoteIPBlocks    manifest.Unsupported `json:"notRemoteIpBlocks" why:"remote IP blocks come from X-Forwarded-For (L7); meshproxy enforces L4 only"`
-	ServiceAccounts      manifest.Unsupported `json:"serviceAccounts" why:"use principals (cluster.local/ns/NS/sa/SA) instead"`
-	NotServiceAccounts   manifest.Unsupported `json:"notServiceAccounts" why:"use notPrincipals (cluster.local/ns/NS/sa/SA) instead"`
+	Principals           []string `json:"principals"`
+	NotPrincipals        []string `json:"notPrincipals"`
+	RequestPrincipals    []string `json:"requestPrincipals"`
+	NotRequestPrincipals []string `json:"notRequestPrincipals"`
+	Namespaces           []string `json:"namespaces"`
+	NotNamespaces        []string `json:"notNamespaces"`
+	ServiceAccounts      []string `json:"serviceAccounts"`
+	NotServiceAccounts   []string `json:"notServiceAccounts"`
+	TrustDomains         []string `json:"trustDomains"`
+	NotTrustDomains      []string `json:"notTrustDomains"`
+	IPBlocks             []string `json:"ipBlocks"`
+	NotIPBlocks          []string `json:"notIpBlocks"`
+	RemoteIPBlocks       []string `json:"remoteIpBlocks"`
+	NotRemoteIPBlocks    []string `json:"notRemoteIpBlocks"`
 }
 
 type authzOperation struct {
-	Ports      []portValue          `json:"ports"`
-	NotPorts   []portValue          `json:"notPorts"`
-	Hosts      manifest.Unsupported `json:"hosts" why:"L7 (request) attribute; meshproxy enforces L4 only"`
-	NotHosts   manifest.Unsupported `json:"notHosts" why:"L7 (request) attribute; meshproxy enforces L4 only"`
-	Methods    manifest.Unsupported `json:"methods" why:"L7 (request) attribute; meshproxy enforces L4 only"`
-	NotMethods manifest.Unsupported `json:"notMethods" why:"L7 (request) attribute; meshproxy enforces L4 only"`
-	Paths      manifest.Unsupported `json:"paths" why:"L7 (request) attribute; meshproxy enforces L4 only"`
-	NotPaths   manifest.Unsupported `json:"notPaths" why:"L7 (request) attribute; meshproxy enforces L4 only"`
+	Ports      []portString `json:"ports"`
+	NotPorts   []portString `json:"notPorts"`
+	Hosts      []string     `json:"hosts"`
+	NotHosts   []string     `json:"notHosts"`
+	Methods    []string     `json:"methods"`
+	NotMethods []string     `json:"notMethods"`
+	Paths      []string     `json:"paths"`
+	NotPaths   []string     `json:"notPaths"`
 }
 
-// portValue is a port number written as Istio does ("8080") or as a bare
-// YAML integer.
-type portValue uint16
+type authzCondition struct {
+	Key       string   `json:"key"`
+	Values    []string `json:"values"`
+	NotValues []string `json:"notValues"`
+}
 
-func (p *portValue) UnmarshalJSON(b []byte) error {
+// portString is an AuthorizationPolicy port: Istio's API types it as a
+// string ("8080"); a bare YAML integer is accepted too. It is checked when
+// the policy is compiled, so the error names the field.
+type portString string
+
+func (p *portString) UnmarshalJSON(b []byte) error {
 	s := strings.TrimSpace(string(b))
 	if uq, err := strconv.Unquote(s); err == nil {
 		s = uq
+	} else if _, err := strconv.ParseUint(s, 10, 64); err != nil {
+		return fmt.Errorf("want a port number, got %s", b)
 	}
-	n, err := strconv.ParseUint(s, 10, 16)
-	if err != nil || n == 0 {
-		return fmt.Errorf("want a port number 1-65535, got %s", b)
-	}
-	*p = portValue(n)
+	*p = portString(s)
 	return nil
 }
 
@@ -114,22 +127,27 @@ type destRuleSpec struct {
 }
 
 type trafficPolicy struct {
-	TLS               *clientTLS           `json:"tls"`
-	PortLevelSettings []portTrafficPolicy  `json:"portLevelSettings"`
-	LoadBalancer      manifest.Unsupported `json:"loadBalancer" why:"load balancing and connection management are not done by meshproxy (it forwards to the original destination)"`
-	ConnectionPool    manifest.Unsupported `json:"connectionPool" why:"load balancing and connection management are not done by meshproxy (it forwards to the original destination)"`
-	OutlierDetection  manifest.Unsupported `json:"outlierDetection" why:"load balancing and connection management are not done by meshproxy (it forwards to the original destination)"`
-	Tunnel            manifest.Unsupported `json:"tunnel" why:"tunnel settings are not supported"`
-	ProxyProtocol     manifest.Unsupported `json:"proxyProtocol" why:"PROXY protocol is not supported"`
-	RetryBudget       manifest.Unsupported `json:"retryBudget" why:"retries are L7"`
+	TLS               *clientTLS          `json:"tls"`
+	PortLevelSettings []portTrafficPolicy `json:"portLevelSettings"`
+	LoadBalancer      json.RawMessage     `json:"loadBalancer"`
+	ConnectionPool    *connectionPool     `json:"connectionPool"`
+	OutlierDetection  json.RawMessage     `json:"outlierDetection"`
+	Tunnel            json.RawMessage     `json:"tunnel"`
+	ProxyProtocol     json.RawMessage     `json:"proxyProtocol"`
+	RetryBudget       json.RawMessage     `json:"retryBudget"`
 }
 
 type portTrafficPolicy struct {
-	Port             *portSelector        `json:"port"`
-	TLS              *clientTLS           `json:"tls"`
-	LoadBalancer     manifest.Unsupported `json:"loadBalancer" why:"load balancing and connection management are not done by meshproxy (it forwards to the original destination)"`
-	ConnectionPool   manifest.Unsupported `json:"connectionPool" why:"load balancing and connection management are not done by meshproxy (it forwards to the original destination)"`
-	OutlierDetection manifest.Unsupported `json:"outlierDetection" why:"load balancing and connection management are not done by meshproxy (it forwards to the original destination)"`
+	Port             *portSelector   `json:"port"`
+	TLS              *clientTLS      `json:"tls"`
+	LoadBalancer     json.RawMessage `json:"loadBalancer"`
+	ConnectionPool   *connectionPool `json:"connectionPool"`
+	OutlierDetection json.RawMessage `json:"outlierDetection"`
+}
+
+type connectionPool struct {
+	TCP  json.RawMessage `json:"tcp"`
+	HTTP json.RawMessage `json:"http"`
 }
 
 type portSelector struct {
@@ -137,22 +155,22 @@ type portSelector struct {
 }
 
 type clientTLS struct {
-	Mode               string               `json:"mode"`
-	SubjectAltNames    []string             `json:"subjectAltNames"`
-	ClientCertificate  manifest.Unsupported `json:"clientCertificate" why:"only ISTIO_MUTUAL and DISABLE are supported; TLS origination with own certificates is not"`
-	PrivateKey         manifest.Unsupported `json:"privateKey" why:"only ISTIO_MUTUAL and DISABLE are supported; TLS origination with own certificates is not"`
-	CACertificates     manifest.Unsupported `json:"caCertificates" why:"only ISTIO_MUTUAL and DISABLE are supported; TLS origination with own certificates is not"`
-	CACrl              manifest.Unsupported `json:"caCrl" why:"only ISTIO_MUTUAL and DISABLE are supported; TLS origination with own certificates is not"`
-	CredentialName     manifest.Unsupported `json:"credentialName" why:"only ISTIO_MUTUAL and DISABLE are supported; TLS origination with own certificates is not"`
-	SNI                manifest.Unsupported `json:"sni" why:"meshproxy chooses the mesh SNI itself"`
-	InsecureSkipVerify manifest.Unsupported `json:"insecureSkipVerify" why:"peers are always verified by SPIFFE ID"`
+	Mode               string          `json:"mode"`
+	SubjectAltNames    []string        `json:"subjectAltNames"`
+	ClientCertificate  string          `json:"clientCertificate"`
+	PrivateKey         string          `json:"privateKey"`
+	CACertificates     string          `json:"caCertificates"`
+	CACrl              string          `json:"caCrl"`
+	CredentialName     string          `json:"credentialName"`
+	SNI                string          `json:"sni"`
+	InsecureSkipVerify json.RawMessage `json:"insecureSkipVerify"`
 }
 
-// destRuleSubset is accepted for its name and labels (routing targets of
-// VirtualServices, which a sidecar does not route); a per-subset traffic
-// policy would need endpoint labels and is refused.
+// destRuleSubset is read for its name (routing targets of VirtualServices,
+// which a sidecar does not route); its labels and traffic policy need
+// endpoint labels meshproxy does not know, and are ignored with a warning.
 type destRuleSubset struct {
-	Name          string               `json:"name"`
-	Labels        manifest.Ignored     `json:"labels"`
-	TrafficPolicy manifest.Unsupported `json:"trafficPolicy" why:"per-subset policies need endpoint labels, which meshproxy does not know"`
+	Name          string           `json:"name"`
+	Labels        manifest.Ignored `json:"labels"`
+	TrafficPolicy json.RawMessage  `json:"trafficPolicy"`
 }

@@ -11,10 +11,16 @@ type peerAuthPolicy struct {
 	selector map[string]string // nil: namespace- or mesh-wide
 	mode     Mode
 	ports    map[uint16]Mode
+	// failClosed: the STRICT stand-in of a rejected document; it wins its
+	// level, so a rejection never loosens mTLS.
+	failClosed bool
 }
 
-func compilePeerAuth(m meta, spec *peerAuthSpec) (*peerAuthPolicy, error) {
+func compilePeerAuth(m meta, spec *peerAuthSpec, warn func(field, format string, args ...any)) (*peerAuthPolicy, error) {
 	p := &peerAuthPolicy{meta: m, selector: spec.Selector.labels()}
+	if err := validateSelector("spec.selector", spec.Selector, warn); err != nil {
+		return nil, err
+	}
 	if spec.Mtls != nil {
 		mode, err := ParseMode(spec.Mtls.Mode)
 		if err != nil {
@@ -68,12 +74,13 @@ func (p *peerAuthn) modeFor(port uint16) Mode {
 // selector) → namespace (our namespace, no selector) → workload (our
 // namespace, selector matching our labels) → port level of the workload
 // policy, each level overriding the one before unless UNSET. At each level
-// the oldest policy (then the first by name) wins. Selector policies in the
+// the oldest policy (then the first by name) wins, after the stand-in of a
+// rejected STRICT policy. Selector policies in the
 // root namespace are not workload policies and, as in Istio, do not apply.
 func resolvePeerAuth(all []*peerAuthPolicy, wl Workload, rootNS string, def Mode) peerAuthn {
 	var mesh, ns, workload *peerAuthPolicy
 	pick := func(cur **peerAuthPolicy, p *peerAuthPolicy) {
-		if *cur == nil || p.meta.before((*cur).meta) {
+		if *cur == nil || p.failClosed && !(*cur).failClosed || p.failClosed == (*cur).failClosed && p.meta.before((*cur).meta) {
 			*cur = p
 		}
 	}

@@ -7,8 +7,17 @@ import (
 )
 
 // buildSnapshot resolves a directory's documents for one workload.
-func buildSnapshot(gen uint64, set *docSet, wl Workload, o *options, resolved map[string][]netip.Addr) *Snapshot {
+func buildSnapshot(gen uint64, cfg *Config, wl Workload, o *options, resolved map[string][]netip.Addr) *Snapshot {
+	set := &cfg.set
+	var docs []Document
+	for _, d := range cfg.Documents {
+		if d.Result != ResultApplied {
+			docs = append(docs, d)
+		}
+	}
 	return &Snapshot{
+		docs:        docs,
+		log:         o.log,
 		gen:         gen,
 		wl:          Workload{Namespace: wl.Namespace, Labels: maps.Clone(wl.Labels)},
 		rootNS:      o.rootNS,
@@ -30,6 +39,14 @@ type snapshotView struct {
 	Authorization      []authzView         `json:"authorization_policies"`
 	DestinationRules   []destView          `json:"destination_rules"`
 	ResolvedHosts      map[string][]string `json:"resolved_hosts,omitempty"`
+	// Documents are the documents not applied as written: warned,
+	// dry-run and rejected, with their messages.
+	Documents []documentView `json:"documents"`
+}
+
+type documentView struct {
+	Where string `json:"where"`
+	Document
 }
 
 func (s *Snapshot) view() snapshotView {
@@ -42,6 +59,10 @@ func (s *Snapshot) view() snapshotView {
 		PeerAuthentication: s.peer.view(),
 		Authorization:      s.authz.view(),
 		DestinationRules:   s.dests.view(),
+	}
+	v.Documents = []documentView{}
+	for _, d := range s.docs {
+		v.Documents = append(v.Documents, documentView{Where: d.Where(), Document: d})
 	}
 	if v.Labels == nil {
 		v.Labels = map[string]string{}

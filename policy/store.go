@@ -63,7 +63,7 @@ func NewStore(dir string, wl Workload, opts ...Option) (*Store, error) {
 // apply. Its Run only waits for the context.
 func Static(wl Workload, opts ...Option) *Store {
 	s := newStore("", wl, opts)
-	s.docs = &docSet{}
+	s.docs = &Config{}
 	s.cur.Store(buildSnapshot(1, s.docs, s.wl, &s.opts, nil))
 	return s
 }
@@ -98,12 +98,13 @@ func (s *Store) reload(ctx context.Context) error {
 		return s.failedErr
 	}
 	if err == nil {
-		var set *docSet
-		if set, err = newLoader(s.wl.Namespace, s.opts.td, s.opts.log).load(files); err == nil {
-			s.publish(set, s.resolve(ctx, set))
-			s.docs, s.hash, s.failed, s.failedErr = set, sum, [sha256.Size]byte{}, nil
+		cfg := newLoader(s.wl.Namespace, s.opts.td, s.opts.log).load(files)
+		if err = cfg.Err(); err == nil || !s.opts.strict {
+			s.publish(cfg, s.resolve(ctx, &cfg.set))
+			s.docs, s.hash, s.failed, s.failedErr = cfg, sum, [sha256.Size]byte{}, nil
+			countDocuments(cfg.Documents)
 			metrics.ConfigReloads.WithLabelValues("policy", "success").Inc()
-			s.opts.log.Info("policy loaded", "dir", s.dir, "generation", s.cur.Load().gen, "files", len(files))
+			s.opts.log.Info("policy loaded", "dir", s.dir, "generation", s.cur.Load().gen, "files", len(files), "documents", len(cfg.Documents), "rejected", cfg.Rejected())
 			return nil
 		}
 	}
@@ -116,7 +117,7 @@ func (s *Store) reload(ctx context.Context) error {
 }
 
 // publish swaps in a new snapshot of set with the given name answers. s.mu is held.
-func (s *Store) publish(set *docSet, resolved map[string][]netip.Addr) {
+func (s *Store) publish(set *Config, resolved map[string][]netip.Addr) {
 	s.resolved = resolved
 	var gen uint64 = 1
 	if cur := s.cur.Load(); cur != nil {
@@ -132,7 +133,7 @@ func (s *Store) refresh(ctx context.Context) {
 	if s.docs == nil {
 		return
 	}
-	if fresh := s.resolve(ctx, s.docs); !maps.EqualFunc(s.resolved, fresh, slices.Equal) {
+	if fresh := s.resolve(ctx, &s.docs.set); !maps.EqualFunc(s.resolved, fresh, slices.Equal) {
 		s.publish(s.docs, fresh)
 	}
 }

@@ -70,7 +70,7 @@ func TestHotReloadAppliesNewFiles(t *testing.T) {
 func TestBadFileKeepsLastGoodPolicy(t *testing.T) {
 	dir := t.TempDir()
 	path := writeFile(t, dir, "authz.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-all\n  namespace: shop\nspec:\n  action: DENY\n  rules: [{}]\n")
-	st, err := NewStore(dir, Workload{Namespace: "shop"}, quiet)
+	st, err := NewStore(dir, Workload{Namespace: "shop"}, quiet, WithStrictConfig(true))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,10 +79,11 @@ func TestBadFileKeepsLastGoodPolicy(t *testing.T) {
 	stop := runStore(t, st)
 	defer stop()
 
-	// A second file is broken: the directory is applied all or nothing, so
-	// the good change in the first file must not apply either.
+	// A second file is broken: under --strict-config the directory is
+	// applied all or nothing, so the good change in the first file must not
+	// apply either.
 	writeFile(t, dir, "authz.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-all\n  namespace: shop\nspec:\n  action: DENY\n")
-	writeFile(t, dir, "broken.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: l7\n  namespace: shop\nspec:\n  rules:\n  - to:\n    - operation:\n        methods: [GET]\n")
+	writeFile(t, dir, "broken.yaml", "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: l7\n  namespace: shop\nspec:\n  action: REJECT\n")
 	waitFor(t, "the failure to be counted", func() bool { return reloads("failure") > failures })
 	if st.Current() != good {
 		t.Fatal("snapshot replaced by a bad directory")
@@ -100,7 +101,7 @@ func TestBadFileKeepsLastGoodPolicy(t *testing.T) {
 
 func TestFailureIsCountedOncePerBadContent(t *testing.T) {
 	dir := t.TempDir()
-	st, err := NewStore(dir, Workload{Namespace: "shop"}, quiet)
+	st, err := NewStore(dir, Workload{Namespace: "shop"}, quiet, WithStrictConfig(true))
 	if err != nil {
 		t.Fatal(err)
 	}

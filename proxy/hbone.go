@@ -357,7 +357,7 @@ func (p *Proxy) handleHBONEStream(l *listener, t *conntrack.Conn, s *hb.Stream, 
 		return
 	}
 	s.SetFailStatus(http.StatusForbidden)
-	if !p.authorize(t, p.pol.Current(), dest, port, ModeHBONE, peer) {
+	if !p.authorize(t, p.pol.Current(), dest, port, ModeHBONE, peer, "") {
 		return
 	}
 	s.SetFailStatus(http.StatusServiceUnavailable)

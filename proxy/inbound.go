@@ -38,7 +38,7 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	mode := snap.InboundMode(port)
 	if mode == policy.ModeDisable {
 		// Not inspected at all: the first byte goes to the app as it came.
-		p.authorizeAndForward(l, t, snap, c, dest, port, mesh.ModePassthrough, spiffeid.ID{})
+		p.authorizeAndForward(l, t, snap, c, dest, port, mesh.ModePassthrough, spiffeid.ID{}, "")
 		return
 	}
 
@@ -78,22 +78,22 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 			p.serveHBONEConn(l, t, tc, peer, cork, arrived)
 			return
 		}
-		p.authorizeAndForward(l, t, snap, corkedTLS{tc, cork}, dest, port, mesh.ModeMTLS, peer)
+		p.authorizeAndForward(l, t, snap, corkedTLS{tc, cork}, dest, port, mesh.ModeMTLS, peer, res.SNI)
 	default:
 		m := res.Kind.String()
 		if mode == policy.ModeStrict {
 			p.refuse(t, refusal{mode: m, decision: DecisionMTLSRequired, dest: dest})
 			return
 		}
-		p.authorizeAndForward(l, t, snap, sc, dest, port, m, spiffeid.ID{})
+		p.authorizeAndForward(l, t, snap, sc, dest, port, m, spiffeid.ID{}, res.SNI)
 	}
 }
 
 // authorizeAndForward applies the AuthorizationPolicies to the peer (zero
 // for anything but mesh mTLS) and, if allowed, connects to the app (see
 // dialApp for the source address).
-func (p *Proxy) authorizeAndForward(l *listener, t *conntrack.Conn, snap *policy.Snapshot, down net.Conn, dest string, port uint16, mode string, peer spiffeid.ID) {
-	if !p.authorize(t, snap, dest, port, mode, peer) {
+func (p *Proxy) authorizeAndForward(l *listener, t *conntrack.Conn, snap *policy.Snapshot, down net.Conn, dest string, port uint16, mode string, peer spiffeid.ID, sni string) {
+	if !p.authorize(t, snap, dest, port, mode, peer, sni) {
 		return
 	}
 	up, err := p.dialApp(l, t, dest)
@@ -107,8 +107,17 @@ func (p *Proxy) authorizeAndForward(l *listener, t *conntrack.Conn, snap *policy
 // authorize applies the AuthorizationPolicies of snap to a connection from
 // peer (zero for anything but mesh mTLS) to port; a denial is counted,
 // logged and the connection refused. The :15006 and HBONE paths share it.
-func (p *Proxy) authorize(t *conntrack.Conn, snap *policy.Snapshot, dest string, port uint16, mode string, peer spiffeid.ID) bool {
-	req := policy.Request{Peer: peer, Port: port}
+// The peer's address (ipBlocks, remoteIpBlocks) is the accepted socket's
+// remote address (with TPROXY the real client); the destination address is
+// dest (the original destination, or an explicit listener's app address).
+func (p *Proxy) authorize(t *conntrack.Conn, snap *policy.Snapshot, dest string, port uint16, mode string, peer spiffeid.ID, sni string) bool {
+	req := policy.Request{Peer: peer, Port: port, SNI: sni}
+	if ap, err := netip.ParseAddrPort(t.Source); err == nil {
+		req.Source = ap.Addr().Unmap()
+	}
+	if ap, err := netip.ParseAddrPort(dest); err == nil {
+		req.Dest = ap.Addr().Unmap()
+	}
 	if !peer.IsZero() {
 		// A peer of a federated trust domain needs a policy naming it.
 		req.TrustDomain, _ = p.trustDomain()

@@ -42,6 +42,8 @@ type options struct {
 	inboundDialer InboundDialFunc
 	hbone         hboneOptions // see hbone.go
 	keyExchange   mesh.KeyExchange
+	// credentialsDir holds the files of DestinationRule credentialNames.
+	credentialsDir string
 }
 
 func defaultOptions() options {

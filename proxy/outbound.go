@@ -1,13 +1,16 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"fmt"
 	"net"
 	"net/netip"
 	"slices"
+	"strconv"
 
+	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	hb "github.com/meshproxy/meshproxy/proxy/hbone"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
@@ -23,7 +26,7 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		if !l.spec.id.IsZero() {
 			ids = []spiffeid.ID{l.spec.id}
 		}
-		p.originate(t, c, l.spec.target, l.sni, ids, ids == nil)
+		p.originate(t, c, l.spec.target, l.sni, ids, ids == nil, nil)
 		return
 	}
 	dst, err := p.opts.originalDst(c)
@@ -37,13 +40,32 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionLoop, dest: dst.String()})
 		return
 	}
-	rule := p.pol.Current().Outbound(dst)
+	snap := p.pol.Current()
+	inCIDRs := slices.ContainsFunc(p.opts.meshCIDRs, func(pfx netip.Prefix) bool { return pfx.Contains(dst.Addr()) })
+	rule := snap.Outbound(dst)
+	if inCIDRs { // mesh-wide DestinationRule hosts (*.local) cover mesh destinations
+		rule = snap.OutboundMesh(dst)
+	}
+	if rule.Refuse {
+		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionDestinationRuleRejected, dest: dst.String()})
+		return
+	}
 	inMesh := rule.MTLS
 	if !rule.Matched {
-		inMesh = slices.ContainsFunc(p.opts.meshCIDRs, func(pfx netip.Prefix) bool { return pfx.Contains(dst.Addr()) })
+		inMesh = inCIDRs
+	}
+	release, ok := p.pools.acquire(rule.Pool)
+	if !ok {
+		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionConnectionPoolFull, dest: dst.String()})
+		return
+	}
+	defer release()
+	if rule.Originate != nil {
+		p.originateTLS(t, c, dst.String(), rule.Originate, rule.Pool)
+		return
 	}
 	if !inMesh {
-		up, err := p.dial(t, dst.String())
+		up, err := p.dialPool(t, dst.String(), rule.Pool)
 		if err != nil {
 			p.refuse(t, refusal{mode: mesh.ModePassthrough, decision: DecisionUnreachable, dest: dst.String(), err: err})
 			return
@@ -55,17 +77,17 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	if rule.Matched {
 		sans = rule.SANs
 	}
-	p.originate(t, c, dst.String(), "", sans, false)
+	p.originate(t, c, dst.String(), "", sans, false, rule.Pool)
 }
 
 // originate connects to dest and runs a mesh mTLS handshake, accepting a
 // server presenting one of ids, or any member of our trust domain if ids is
 // empty. With ruleSANs, ids come from the DestinationRule covering the
 // address actually reached (an explicit destination may be a host name).
-// In HBONE auto mode it first looks for a pooled connection to dest with
-// room for a stream, and offers the HBONE ALPN on a new connection (see
-// hbone.go).
-func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
+// pool (nil for none) sets the dial's timeout and TCP keepalive. In HBONE
+// auto mode it first looks for a pooled connection to dest with room for a
+// stream, and offers the HBONE ALPN on a new connection (see hbone.go).
+func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool, pool *policy.TCPPool) {
 	if p.opts.hbone.mode == HBONEAlways {
 		p.originateHBONE(t, down, dest, sni, ids, ruleSANs)
 		return
@@ -102,16 +124,25 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 	if auto {
 		// Not owned by this app connection until it proves direct: a
 		// pooled connection outlives it.
-		up, err = p.dialShared(t, dest)
+		up, err = p.dialShared(t, dest, pool)
 	} else {
-		up, err = p.dial(t, dest)
+		up, err = p.dialPool(t, dest, pool)
 	}
 	if err != nil {
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionUnreachable, dest: dest, err: err})
 		return
 	}
 	if ruleSANs {
-		if rule := p.pol.Current().Outbound(mesh.AddrPort(up.RemoteAddr())); rule.Matched && rule.MTLS {
+		rule := p.pol.Current().Outbound(mesh.AddrPort(up.RemoteAddr()))
+		if host, port, ok := nameAndPort(dest); ok && !rule.Matched {
+			rule = p.pol.Current().OutboundName(host, port) // an explicit destination by name, or a wildcard host
+		}
+		if rule.Refuse || rule.Originate != nil { // an explicit destination always gets mesh mTLS
+			_ = up.Close()
+			p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionDestinationRuleRejected, dest: dest})
+			return
+		}
+		if rule.Matched && rule.MTLS {
 			ids = rule.SANs
 		}
 	}
@@ -150,14 +181,21 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 	p.pipe(t, down, corkedTLS{tc, cork}, dest, mesh.ModeMTLS, peer)
 }
 
-// dialShared opens a connection to addr for t without registering it for
-// t's abort; the caller closes it on failure.
-func (p *Proxy) dialShared(t *conntrack.Conn, addr string) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(t.Context(), mesh.DefaultDialTimeout)
+// dialShared opens a connection to addr for t, as dialPool does, without
+// registering it for t's abort; the caller closes it on failure.
+func (p *Proxy) dialShared(t *conntrack.Conn, addr string, pool *policy.TCPPool) (net.Conn, error) {
+	timeout := mesh.DefaultDialTimeout
+	if pool != nil {
+		timeout = cmp.Or(pool.ConnectTimeout, timeout)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), timeout)
 	defer cancel()
 	c, err := p.opts.Dialer.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	if pool != nil {
+		applyKeepalive(c, pool)
 	}
 	return c, nil
 }
@@ -182,4 +220,21 @@ func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Co
 	}
 	pooled()
 	p.pipeStream(t, down, s, hc, dest, authority)
+}
+
+// nameAndPort splits an explicit destination HOST:PORT whose host is a
+// name, not an address.
+func nameAndPort(dest string) (string, uint16, bool) {
+	host, port, err := net.SplitHostPort(dest)
+	if err != nil {
+		return "", 0, false
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return "", 0, false
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return "", 0, false
+	}
+	return host, uint16(n), true
 }

@@ -33,6 +33,10 @@ const (
 	DecisionLoop            = "loop"                 // destination is loopback or this listener
 	DecisionUnreachable     = "upstream_unreachable" // dialing the app or destination failed
 	DecisionNoIdentity      = "no_identity"          // no SVID loaded to originate mTLS
+	// DecisionDestinationRuleRejected: the DestinationRule covering the
+	// destination asked for TLS origination and was rejected; sending the
+	// connection in plaintext instead would expose it.
+	DecisionDestinationRuleRejected = "destination_rule_rejected"
 )
 
 type listenerKind int
@@ -87,6 +91,7 @@ type Proxy struct {
 	listeners []*listener
 
 	inboundFallback sync.Once // logs the first inbound dial that cannot use the client's address
+	pools           poolLimits
 }
 
 // New returns a Proxy serving src's identity under pol's policy. Nothing is

@@ -210,6 +210,12 @@ func TestTransparentOutboundChoosesMTLSOrPassthrough(t *testing.T) {
 		{"DISABLE rule inside mesh cidrs passes through", destRule("10.1.0.0/16", "DISABLE", ""),
 			fmt.Sprintf("10.1.0.5:%d", appPort), mesh.ModePassthrough, DecisionAllow, true},
 		{"loopback destination is a loop", "", a.addr(), mesh.ModeUnknown, DecisionLoop, false},
+		{"mesh-wide wildcard host covers a mesh destination", destRule(`"*.svc.cluster.local"`, "DISABLE", ""),
+			fmt.Sprintf("10.1.0.5:%d", appPort), mesh.ModePassthrough, DecisionAllow, true},
+		{"mesh-wide wildcard host leaves other destinations alone", destRule(`"*.local"`, "ISTIO_MUTUAL", ""),
+			fmt.Sprintf("10.200.0.5:%d", appPort), mesh.ModePassthrough, DecisionAllow, true},
+		{"a rejected TLS-origination rule refuses rather than send plaintext", destRule("10.200.0.0/16", "SIMPLE\n      caCrl: /crl.pem", ""),
+			fmt.Sprintf("10.200.0.5:%d", appPort), mesh.ModeUnknown, DecisionDestinationRuleRejected, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

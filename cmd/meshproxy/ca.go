@@ -127,6 +127,7 @@ type caServeFlags struct {
 	logLevel, logFormat                 string
 	signer                              signerFlags
 	rotation                            caRotationFlags
+	mirror                              caMirrorFlags
 
 	td spiffeid.TrustDomain // parsed --trust-domain, set by validate
 }
@@ -136,7 +137,7 @@ func (f *caServeFlags) register(fl *pflag.FlagSet) {
 	fl.StringVar(&f.listen, "listen", ports.Any(ports.CA), "address of the CA gRPC API (TLS)")
 	fl.StringSliceVar(&f.auth, "auth", []string{"kubernetes"}, "caller authentication methods, tried in order: token, kubernetes, jwks")
 	fl.StringVar(&f.tokens, "tokens", "", "token file for --auth token: one \"TOKEN SPIFFE-ID\" a line")
-	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig of the API server for --auth kubernetes (default: in-cluster config); also used to fetch a --jwks URL")
+	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig of the API server for --auth kubernetes and --mirror-istio-config (default: in-cluster config); also used to fetch a --jwks URL")
 	fl.StringVar(&f.jwks, "jwks", "", "JWKS for --auth jwks: a file, or an https URL such as https://API-SERVER/openid/v1/jwks")
 	fl.StringVar(&f.jwtIssuer, "jwt-issuer", "", "required iss claim for --auth jwks, e.g. https://kubernetes.default.svc.cluster.local")
 	fl.DurationVar(&f.defaultTTL, "default-ttl", ca.DefaultTTL, "validity of certificates whose request asks for none")
@@ -148,6 +149,7 @@ func (f *caServeFlags) register(fl *pflag.FlagSet) {
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	f.signer.register(fl)
 	f.rotation.register(fl)
+	f.mirror.register(fl)
 }
 
 // validate checks the flags that need no file or network.
@@ -196,10 +198,10 @@ func (f *caServeFlags) validate() error {
 		return usagef("--auth jwks needs --jwt-issuer")
 	case !uses("jwks") && (f.jwks != "" || f.jwtIssuer != ""):
 		return usagef("--jwks/--jwt-issuer are set but --auth does not include jwks")
-	case !uses("kubernetes") && !uses("jwks") && f.kubeconfig != "":
-		return usagef("--kubeconfig is set but --auth includes neither kubernetes nor jwks")
+	case !uses("kubernetes") && !uses("jwks") && !f.mirror.enabled && f.kubeconfig != "":
+		return usagef("--kubeconfig is set but neither --auth kubernetes|jwks nor --mirror-istio-config uses it")
 	}
-	return nil
+	return f.mirror.validate()
 }
 
 func newCAServeCmd() *cobra.Command {
@@ -235,7 +237,7 @@ The TLS serving certificate is issued by the CA itself for the DNS names
 istiod.istio-system.svc, meshproxy-ca.istio-system.svc, localhost, the
 --serving-dns names, and 127.0.0.1 and ::1; it is renewed at half its life.
 SIGTERM or SIGINT stops the server gracefully.
-` + signerHelp + caServeRotationHelp,
+` + signerHelp + caServeRotationHelp + caMirrorHelp,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runCA(cmd.Context(), &f, cmd.ErrOrStderr())
@@ -276,6 +278,11 @@ func runCA(ctx context.Context, f *caServeFlags, logTo io.Writer) error {
 	if err != nil {
 		return usagef("--serving-dns: %v", err)
 	}
+	stopMirror, err := f.mirror.start(ctx, srv, f.kubeconfig, log)
+	if err != nil {
+		return err
+	}
+	defer stopMirror()
 	return serveCA(ctx, srv, f.listen, f.metrics, log)
 }
 

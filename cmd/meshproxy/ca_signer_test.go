@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	pb "istio.io/api/security/v1alpha1"
 
+	"github.com/meshproxy/meshproxy/ca/awspca/awspcatest"
 	"github.com/meshproxy/meshproxy/ca/stepca/stepcatest"
 	"github.com/meshproxy/meshproxy/ca/vault/vaulttest"
 	"github.com/meshproxy/meshproxy/internal/testpki"
@@ -67,6 +68,18 @@ func TestCAServeSignerUsageErrorsNameTheFlag(t *testing.T) {
 		{"vault without role", vaultOK[:6], "--vault-role"},
 		{"vault empty mount", append(vaultOK, "--vault-mount", ""), "--vault-mount"},
 		{"vault with dir", append(vaultOK, "--dir", dir), "--dir"},
+		{"awspca flags with vault", append(vaultOK, "--awspca-region", "eu-west-1"), "--awspca-region"},
+		{"awspca without arn", []string{"--signer", "awspca"}, "--awspca-ca-arn"},
+		{"awspca empty template", []string{"--signer", "awspca", "--awspca-ca-arn", "arn:aws:acm-pca:eu-west-1:1:certificate-authority/x",
+			"--awspca-template-arn", ""}, "--awspca-template-arn"},
+		{"googlecas without pool", []string{"--signer", "googlecas"}, "--googlecas-pool"},
+		{"googlecas flags with awspca", []string{"--signer", "awspca", "--awspca-ca-arn", "arn:aws:acm-pca:eu-west-1:1:certificate-authority/x",
+			"--googlecas-ca", "ca-1"}, "--googlecas-ca"},
+		{"googlecas bad pool", []string{"--signer", "googlecas", "--googlecas-pool", "mesh"}, "--googlecas-pool"},
+		{"certmanager without issuer", []string{"--signer", "certmanager"}, "--certmanager-issuer"},
+		{"certmanager without root", []string{"--signer", "certmanager", "--certmanager-issuer", "mesh-ca"}, "--certmanager-root"},
+		{"certmanager flags with builtin", []string{"--dir", dir, "--certmanager-approve"}, "--certmanager-approve"},
+		{"awspca with dir", []string{"--signer", "awspca", "--awspca-ca-arn", "arn:aws:acm-pca:eu-west-1:1:certificate-authority/x", "--dir", dir}, "--dir"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -129,7 +142,7 @@ func issueFrom(t *testing.T, addr string, args []string) [][]*x509.Certificate {
 	t.Helper()
 	var rootFile string
 	for i, a := range args {
-		if a == "--stepca-root" || a == "--vault-root" {
+		if strings.HasPrefix(a, "--") && strings.HasSuffix(a, "-root") {
 			rootFile = args[i+1]
 		}
 	}
@@ -206,6 +219,27 @@ func TestCAServeSignerVault(t *testing.T) {
 		if c.Token != "hvs.cmd-test" {
 			t.Fatalf("Vault got token %q, want the token file's", c.Token)
 		}
+	}
+}
+
+// TestCAServeSignerAWSPCA: `ca serve --signer awspca` against a stand-in
+// private CA speaking ACM PCA's API, with credentials from the AWS SDK's
+// default chain (here the AWS_* variables) and its TLS trusted through
+// AWS_CA_BUNDLE.
+func TestCAServeSignerAWSPCA(t *testing.T) {
+	dir := t.TempDir()
+	pki := testpki.NewWithTTL(t, "cluster.local", 7*24*time.Hour)
+	pca := awspcatest.Start(t, pki)
+	tokens := filepath.Join(dir, "tokens")
+	caWriteFile(t, tokens, "client-token spiffe://cluster.local/ns/demo/sa/client\n")
+	caWriteFile(t, filepath.Join(dir, "root.pem"), string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: pki.Root.Raw})))
+	chain := serveAndIssue(t, tokens, "--signer", "awspca", "--awspca-ca-arn", pca.CAARN, "--awspca-endpoint", pca.URL,
+		"--awspca-root", filepath.Join(dir, "root.pem"))
+	if !chain[1][0].Equal(pki.Intermediate) || !chain[2][0].Equal(pki.Root) {
+		t.Fatal("chain is not the private CA and its root")
+	}
+	if n := len(pca.Calls("IssueCertificate")); n != 2 {
+		t.Fatalf("IssueCertificate called %d times, want 2 (the CA's serving certificate, the client's)", n)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/gateway"
 	"github.com/meshproxy/meshproxy/internal/serve"
+	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 )
 
@@ -20,10 +21,12 @@ type gatewayFlags struct {
 	serveFlags
 
 	configDir, credentialsDir string
+	strictConfig              bool
 	listenHost                string
 	namespace, labelsFile     string
 	rootNamespace             string
 	trustDomain               string
+	configServer              configServerFlags
 }
 
 func newGatewayCmd() *cobra.Command {
@@ -66,7 +69,9 @@ SIGTERM stops accepting and lets open connections finish for up to --drain-timeo
 	fl := cmd.Flags()
 	f.identityFlags.register(fl)
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio YAML: Gateway, VirtualService, DestinationRule, AuthorizationPolicy (watched; required)")
+	f.configServer.register(fl)
 	fl.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of credentialName files NAME.crt, NAME.key, NAME-ca.crt (watched; required)")
+	fl.BoolVar(&f.strictConfig, "strict-config", false, "refuse to start (and keep the last good config on reload) when any --config-dir document is rejected; by default a rejected document is reported and left out, failing closed, and the others apply")
 	fl.StringVar(&f.listenHost, "listen-host", "", "address every Gateway port binds to (default: all addresses)")
 	fl.StringVar(&f.namespace, "namespace", gateway.DefaultNamespace, "the gateway's namespace: default for manifests without one, and for exportTo and policy selection")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the gateway's labels (downward-API format); when given, Gateway selectors must match them")
@@ -85,6 +90,9 @@ func (f *gatewayFlags) options() ([]gateway.Option, error) {
 		return nil, usagef("--credentials-dir is required: the directory of NAME.crt / NAME.key files")
 	}
 	if err := f.serveFlags.validate(); err != nil {
+		return nil, err
+	}
+	if err := f.configServer.validate(f.configDir); err != nil {
 		return nil, err
 	}
 	opts := []gateway.Option{
@@ -134,11 +142,14 @@ func runGateway(ctx context.Context, f *gatewayFlags, logTo io.Writer) error {
 	}
 
 	return f.start(ctx, &f.identityFlags, td, nil, log, "gateway started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
-		store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log), log)
+		if err := f.configServer.follow(ctx, src, td, f.configDir, log); err != nil {
+			return serve.Built{}, err
+		}
+		store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log, policy.WithStrictConfig(f.strictConfig)), log)
 		if err != nil {
 			return serve.Built{}, err
 		}
-		gw, err := gateway.New(src, store, f.configDir, f.credentialsDir, gopts...)
+		gw, err := gateway.New(src, store, f.configDir, f.credentialsDir, append(gopts, gateway.WithStrictConfig(f.strictConfig))...)
 		if err != nil {
 			return serve.Built{}, fmt.Errorf("--config-dir / --credentials-dir: %w", err)
 		}

@@ -52,7 +52,7 @@ func TestGatewayCommandErrorsNameFlagAndFile(t *testing.T) {
 	cert, key, bundle := ca.WriteSVID(t, dir, ca.Issue(t, "spiffe://cluster.local/ns/istio-system/sa/ingress", time.Hour))
 	files := []string{"--cert-file", cert, "--key-file", key, "--bundle-file", bundle, "--admin", "off", "--metrics", "off", "--health", "off"}
 	configDir := t.TempDir()
-	gwWriteFile(t, filepath.Join(configDir, "gw.yaml"), "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: ISTIO_MUTUAL}\n")
+	gwWriteFile(t, filepath.Join(configDir, "gw.yaml"), "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [\"*\"]\n    tls: {mode: MUTUAL_ISTIO}\n")
 	tests := []struct {
 		name string
 		args []string
@@ -63,8 +63,8 @@ func TestGatewayCommandErrorsNameFlagAndFile(t *testing.T) {
 		{"no credentials dir", append([]string{"gateway", "--config-dir", configDir}, files...), 2, []string{"--credentials-dir"}},
 		{"no identity", []string{"gateway", "--config-dir", configDir, "--credentials-dir", dir}, 2, []string{"identity source"}},
 		{"admin not loopback", append([]string{"gateway", "--config-dir", configDir, "--credentials-dir", dir}, append(files, "--admin", "0.0.0.0:15000")...), 2, []string{"--admin"}},
-		{"unsupported field", append([]string{"gateway", "--config-dir", configDir, "--credentials-dir", dir}, files...), 1,
-			[]string{"gw.yaml", "spec.servers[0].tls.mode", "ISTIO_MUTUAL"}},
+		{"invalid field with --strict-config", append([]string{"gateway", "--config-dir", configDir, "--credentials-dir", dir, "--strict-config"}, files...), 1,
+			[]string{"gw.yaml", "spec.servers[0].tls.mode", "MUTUAL_ISTIO"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

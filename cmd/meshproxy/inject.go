@@ -15,6 +15,7 @@ import (
 func newInjectCmd() *cobra.Command {
 	var (
 		file, output, image, caAddr, mode, ebpfCgroup string
+		configServer                                  string
 		meshCIDRs, exclPorts, exclCIDRs               []string
 		proxyUID                                      int64
 		native                                        bool
@@ -26,14 +27,20 @@ func newInjectCmd() *cobra.Command {
 adds to every Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob
 (also inside kind: List) the init container meshproxy-init (meshproxy redirect
 install) and the meshproxy sidecar (meshproxy run), with their volumes and
-annotations. Workloads annotated or labelled sidecar.meshproxy.io/inject: "false"
+annotations. The application's httpGet, tcpSocket and grpc probes are rewritten,
+as Istio does, to the sidecar's health port 15021 at
+/app-health/CONTAINER/livez|readyz|startupz, where the sidecar runs the original
+probes against the app (under STRICT the kubelet's plaintext probes would be
+refused). Workloads annotated or labelled sidecar.meshproxy.io/inject: "false"
 or sidecar.istio.io/inject: "false" are left alone, as is every other document,
 byte for byte. Injecting an injected manifest again changes nothing; with new
 flags it updates what was injected.
 
 Workloads are decoded strictly: an unknown field is an error naming the document
 and the field. Each namespace needs the ConfigMap meshproxy-ca-root (key
-root-cert.pem) and may have meshproxy-policy (Istio policy YAML).
+root-cert.pem) and may have meshproxy-policy (Istio policy YAML); with
+--config-server the sidecars follow the cluster's Istio custom resources
+through the CA instead (ca serve --mirror-istio-config).
 
 What happened to each workload is reported on stderr; the manifest goes to
 stdout or to -o FILE.`,
@@ -85,6 +92,11 @@ stdout or to -o FILE.`,
 					return e
 				}
 			}
+			if configServer != "" {
+				if err := add("config-server", inject.WithConfigServer(configServer)); err != nil {
+					return err
+				}
+			}
 			if ebpfCgroup != "" {
 				if err := add("ebpf-cgroup", inject.WithEBPFCgroup(ebpfCgroup), inject.WithMode(m)); err != nil {
 					return err
@@ -125,6 +137,7 @@ stdout or to -o FILE.`,
 	f.StringVarP(&output, "output", "o", "", "write the injected manifest to FILE instead of stdout")
 	f.StringVar(&image, "image", inject.DefaultImage(version), "meshproxy image for the init and sidecar containers")
 	f.StringVar(&caAddr, "ca-addr", inject.DefaultCAAddr(), "CA address the sidecar requests certificates from")
+	f.StringVar(&configServer, "config-server", "", "HOST:PORT of the CA's Istio config mirror, e.g. meshproxy-ca.istio-system.svc:15011: sidecars follow the cluster's Istio CRs (run --config-server) instead of the meshproxy-policy ConfigMap")
 	f.StringSliceVar(&meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS (CIDR,...), e.g. the pod and service ranges")
 	f.StringSliceVar(&exclPorts, "exclude-inbound-ports", nil, "inbound ports left uncaptured (PORT,...)")
 	f.StringSliceVar(&exclCIDRs, "exclude-outbound-cidrs", nil, "outbound destinations left uncaptured (CIDR,...)")

@@ -80,6 +80,7 @@ Exit status: 0 ok, 1 runtime failure, 2 usage error.`,
 		newIdentityCmd(),
 		newPeersCmd(),
 		newInspectCmd(),
+		newCheckCmd(),
 		newInjectCmd(),
 		newDemoCmd(),
 	)

@@ -20,6 +20,7 @@ import (
 	"github.com/meshproxy/meshproxy/internal/serve"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
+	"github.com/meshproxy/meshproxy/proxy/apphealth"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -29,6 +30,7 @@ import (
 // identityFlags choose the identity source; run and gateway share them.
 type identityFlags struct {
 	caAddr, caRoot, tokenFile, caServerName string
+	caSPIFFEID                              string
 	workloadAPI                             string
 	certFile, keyFile, bundleFile           string
 	certTTL                                 time.Duration
@@ -40,6 +42,7 @@ func (f *identityFlags) register(fl *pflag.FlagSet) {
 	fl.StringVar(&f.caRoot, "ca-root", "", "PEM root(s) that sign the CA's serving certificate")
 	fl.StringVar(&f.tokenFile, "token-file", "", "bearer token file sent to the CA (re-read on every request)")
 	fl.StringVar(&f.caServerName, "ca-server-name", "", "name expected in the CA's certificate (default: the host of --ca-addr)")
+	fl.StringVar(&f.caSPIFFEID, "ca-spiffe-id", "", "SPIFFE ID to name in every CSR to --ca-addr (needed by a CA with --signer certmanager, which signs the CSR as it is); the CA still decides the identity")
 	fl.DurationVar(&f.certTTL, "cert-ttl", 0, "certificate lifetime to request from the CA (0: the CA's default)")
 	fl.StringVar(&f.workloadAPI, "workload-api", "", "SPIFFE Workload API address, e.g. unix:///run/spire/agent.sock")
 	fl.StringVar(&f.certFile, "cert-file", "", "PEM certificate chain (leaf first) of a mounted SVID")
@@ -57,6 +60,8 @@ type runFlags struct {
 	outboundExplicit  []string
 	meshCIDRs         []string
 	configDir, mode   string
+	strictConfig      bool
+	credentialsDir    string
 	namespace         string
 	labelsFile        string
 	rootNamespace     string
@@ -67,6 +72,8 @@ type runFlags struct {
 	hboneListen       string
 	hbonePeers        []string
 	keyExchange       string
+	appProbers        string
+	configServer      configServerFlags
 }
 
 // hboneFlag is --hbone: auto, always or never. The boolean spellings of
@@ -170,7 +177,7 @@ AuthorizationPolicy names its trust domain in a principal (e.g.
 "other.org/ns/web/sa/client" or "other.org/*"); otherwise it is refused with
 reason foreign_trust_domain. Outbound, a foreign server must be named by its
 SPIFFE ID (--outbound-explicit ...#spiffe://other.org/... or a DestinationRule's
-subjectAltNames).`,
+subjectAltNames).` + runConfigServerHelp,
 		Example: `  meshproxy run --ca-addr 127.0.0.1:15012 --ca-root root-cert.pem --token-file token \
       --inbound-explicit :8443=127.0.0.1:8080 --mode STRICT
   meshproxy run --cert-file svid.pem --key-file key.pem --bundle-file bundle.pem \
@@ -195,12 +202,16 @@ subjectAltNames).`,
 	fl.BoolVar(&f.tproxy, "tproxy", false, "inbound capture is TPROXY: listen transparently and reach the app from the client's address (must match 'redirect install --tproxy'; needs CAP_NET_ADMIN)")
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
+	fl.StringVar(&f.credentialsDir, "credentials-dir", "", "directory of DestinationRule tls.credentialName files for TLS origination: NAME.crt, NAME.key, NAME-ca.crt")
+	fl.BoolVar(&f.strictConfig, "strict-config", false, "refuse to start (and keep the last good policy on reload) when any --config-dir document is rejected; by default a rejected document is reported and fails closed alone")
+	f.configServer.register(fl)
 	fl.StringVar(&f.mode, "mode", "PERMISSIVE", "mesh-wide mTLS mode when no PeerAuthentication applies: STRICT, PERMISSIVE or DISABLE")
 	fl.StringVar(&f.namespace, "namespace", "default", "the workload's namespace (for policy selection)")
 	fl.StringVar(&f.labelsFile, "labels-file", "", "the workload's labels, Kubernetes downward-API format (key=\"value\" lines)")
 	fl.StringVar(&f.rootNamespace, "root-namespace", "istio-system", "namespace whose policies apply mesh-wide")
 	fl.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the mesh (default: that of the workload's SVID)")
 	f.serveFlags.register(fl, "how long inbound waits for a client's first bytes before treating it as plaintext")
+	fl.StringVar(&f.appProbers, "app-probers", "", "JSON of the application's original probes, served on the health port at /app-health/CONTAINER/livez|readyz|startupz (written by 'meshproxy inject')")
 	fl.StringSliceVar(&f.federateWith, "federate-with", nil, "TD=URL[#ENDPOINT-SPIFFE-ID][@BUNDLE-FILE]: trust the foreign trust domain TD, its bundle fetched from its bundle endpoint URL (repeatable; see above)")
 	return cmd
 }
@@ -254,9 +265,20 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if err := f.configServer.validate(f.configDir); err != nil {
+		return err
+	}
+	probers, err := apphealth.Parse([]byte(f.appProbers))
+	if err != nil {
+		return usagef("--app-probers (env MESHPROXY_APP_PROBERS): %v", err)
+	}
+	f.appHealth = apphealth.New(probers, apphealth.WithLogger(log))
 
-	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode))
+	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode), policy.WithStrictConfig(f.strictConfig))
 	return f.start(ctx, &f.identityFlags, td, feds, log, "sidecar started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
+		if err := f.configServer.follow(ctx, src, td, f.configDir, log); err != nil {
+			return serve.Built{}, err
+		}
 		var store *policy.Store
 		if f.configDir == "" {
 			store = policy.Static(wl, polOpts...)
@@ -282,6 +304,7 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 		proxy.WithIdleTimeout(f.idleTimeout),
 		proxy.WithMaxConnections(f.maxConnections),
 		proxy.WithOriginalDst(redirect.OriginalDst),
+		proxy.WithCredentialsDir(f.credentialsDir),
 	}
 	if err := f.serveFlags.validate(); err != nil {
 		return nil, err
@@ -401,6 +424,9 @@ func (f *identityFlags) identitySource(ctx context.Context, td spiffeid.TrustDom
 	if count != 1 {
 		return nil, usagef("give exactly one identity source: --ca-addr/--ca-root/--token-file, --workload-api, or --cert-file/--key-file/--bundle-file")
 	}
+	if f.caSPIFFEID != "" && !caSet {
+		return nil, usagef("--ca-spiffe-id is for the CA identity source (--ca-addr)")
+	}
 	var topts []tlsmgr.Option
 	topts = append(topts, tlsmgr.WithLogger(log))
 	if !td.IsZero() {
@@ -432,6 +458,13 @@ func (f *identityFlags) identitySource(ctx context.Context, td spiffeid.TrustDom
 		}
 		if f.certTTL > 0 {
 			topts = append(topts, tlsmgr.WithTTL(f.certTTL))
+		}
+		if f.caSPIFFEID != "" {
+			id, err := spiffeid.FromString(f.caSPIFFEID)
+			if err != nil {
+				return nil, usagef("--ca-spiffe-id %q: %v", f.caSPIFFEID, err)
+			}
+			topts = append(topts, tlsmgr.WithID(id))
 		}
 		if f.bundleFile != "" {
 			topts = append(topts, tlsmgr.WithBundleFile(f.bundleFile))
@@ -511,6 +544,7 @@ type serveFlags struct {
 	drainTimeout           time.Duration
 	maxConnections         int
 	logLevel, logFormat    string
+	appHealth              *apphealth.Handler // run only: the app's probes on the health port
 }
 
 // register adds the shared flags to fl; detectUsage says what
@@ -561,6 +595,7 @@ func (f *serveFlags) start(ctx context.Context, idf *identityFlags, td spiffeid.
 	cfg := serve.Config{
 		Admin: f.admin, Metrics: f.metrics, Health: f.health,
 		DrainTimeout: f.drainTimeout, Logger: log, Started: started,
+		WrapHealth: f.appHealth.Wrap,
 	}
 	return serve.Run(ctx, cfg, src, func(ctx context.Context) (serve.Built, error) { return build(ctx, src) })
 }

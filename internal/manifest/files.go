@@ -91,6 +91,8 @@ func Hash(files []File) [sha256.Size]byte {
 // Doc is one object of a manifest file, converted to JSON.
 type Doc struct {
 	Where string // "FILE: document N" or "FILE: document N: items[i]"
+	File  string // the file's name
+	Index int    // N: 1-based, counting the file's documents with content
 	JSON  []byte
 }
 
@@ -144,7 +146,7 @@ func Documents(files []File) ([]Doc, []error) {
 // Objects yields the objects of every file in order, as Documents returns
 // them, each with a nil error, and each problem (a YAML syntax error with
 // the file and line, or a `kind: List` without a list of items) in its
-// place among them with a zero Doc.
+// place among them with a Doc that has only its place (Where, File, Index).
 func Objects(files []File) iter.Seq2[Doc, error] {
 	return func(yield func(Doc, error) bool) {
 		for _, f := range files {
@@ -152,12 +154,12 @@ func Objects(files []File) iter.Seq2[Doc, error] {
 				where := fmt.Sprintf("%s: document %d", f.Name, part.Index)
 				j, err := yaml.YAMLToJSONStrict(part.Data)
 				if err != nil {
-					if !yield(Doc{}, fmt.Errorf("%s: %w", where, syntaxError(err, part.Line))) {
+					if !yield(Doc{Where: where, File: f.Name, Index: part.Index}, fmt.Errorf("%s: %w", where, syntaxError(err, part.Line))) {
 						return
 					}
 					continue
 				}
-				if !yieldObject(Doc{Where: where, JSON: j}, yield) {
+				if !yieldObject(Doc{Where: where, File: f.Name, Index: part.Index, JSON: j}, yield) {
 					return
 				}
 			}
@@ -178,10 +180,10 @@ func yieldObject(d Doc, yield func(Doc, error) bool) bool {
 		Items []json.RawMessage `json:"items"`
 	}
 	if err := json.Unmarshal(d.JSON, &list); err != nil {
-		return yield(Doc{}, fmt.Errorf("%s: items: want a list of objects", d.Where))
+		return yield(Doc{Where: d.Where, File: d.File, Index: d.Index}, fmt.Errorf("%s: items: want a list of objects", d.Where))
 	}
 	for i, item := range list.Items {
-		if !yieldObject(Doc{Where: fmt.Sprintf("%s: items[%d]", d.Where, i), JSON: item}, yield) {
+		if !yieldObject(Doc{Where: fmt.Sprintf("%s: items[%d]", d.Where, i), File: d.File, Index: d.Index, JSON: item}, yield) {
 			return false
 		}
 	}

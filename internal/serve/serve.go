@@ -53,6 +53,9 @@ type Config struct {
 	DrainTimeout           time.Duration // how long open connections may finish
 	Logger                 *slog.Logger
 	Started                string // the log message once everything listens
+	// WrapHealth, if set, wraps the health handler (the sidecar adds the
+	// application's rewritten probes under /app-health/).
+	WrapHealth func(http.Handler) http.Handler
 }
 
 // Run runs src's loop, calls build (which starts the data plane), serves the
@@ -71,10 +74,14 @@ func Run(ctx context.Context, cfg Config, src Source, build func(ctx context.Con
 		return err
 	}
 	dp := b.Plane
+	var health http.Handler = admin.HealthHandler(dp)
+	if cfg.WrapHealth != nil {
+		health = cfg.WrapHealth(health)
+	}
 	servers, err := startHTTP(log, []endpoint{
 		{"admin", cfg.Admin, admin.Handler(src, dp)},
 		{"metrics", cfg.Metrics, metrics.Handler()},
-		{"health", cfg.Health, admin.HealthHandler(dp)},
+		{"health", cfg.Health, health},
 	})
 	if err != nil {
 		shutdownCtx, c := context.WithTimeout(context.Background(), time.Second)

@@ -137,13 +137,25 @@ func TestMalformedPolicyNamesFileAndLine(t *testing.T) {
 	if err := os.WriteFile(bad, []byte("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: x\n  namespace: default\nspec:\n  mtls:\n    mode: [STRICT\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	r := runCmd(t, nil, append([]string{"run", "--config-dir", dir,
+	// --strict-config: refuses to start, naming the file and line.
+	r := runCmd(t, nil, append([]string{"run", "--config-dir", dir, "--strict-config",
 		"--inbound-explicit", freeAddr(t) + "=127.0.0.1:1", "--admin", "off", "--health", "off", "--metrics", "off"}, fileIdentity(t, pki, serverID)...)...)
 	if r.code != 1 {
 		t.Fatalf("exit %d, want 1; stderr: %s", r.code, r.stderr)
 	}
 	if !strings.Contains(r.stderr, "peer.yaml") || !strings.Contains(r.stderr, "line") {
 		t.Fatalf("error does not name the file and line: %s", r.stderr)
+	}
+	// By default: starts, and GET /config lists the rejection with its file
+	// and line.
+	a := newSidecarAddrs(t)
+	start(t, append(append([]string{"run", "--config-dir", dir, "--inbound-explicit", freeAddr(t) + "=127.0.0.1:1"}, a.flags()...), fileIdentity(t, pki, serverID)...)...)
+	a.waitReady(t)
+	code, body, err := httpGet("http://" + a.admin + "/config")
+	compact := strings.ReplaceAll(body, " ", "")
+	if err != nil || code != http.StatusOK || !strings.Contains(compact, `"result":"rejected"`) || !strings.Contains(compact, "peer.yaml:document1") ||
+		!strings.Contains(compact, "line8") {
+		t.Fatalf("GET /config: %d %v %s", code, err, body)
 	}
 }
 
