@@ -40,6 +40,10 @@ var (
 		Namespace: ns, Name: "connections_active",
 		Help: "Connections open now, by direction.",
 	}, []string{"direction"}))
+	MeshConnections = register(prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: ns, Name: "mesh_connections_active",
+		Help: "Mesh mTLS connections open now, by direction and transport: pooled (HBONE, many app connections as streams) or direct (one app connection each).",
+	}, []string{"direction", "transport"}))
 	Bytes = newCounterVec("bytes_total",
 		"Bytes forwarded by direction (inbound, outbound).", "direction")
 	PolicyDenials = newCounterVec("policy_denials_total",

@@ -1,15 +1,30 @@
-//lint:file-ignore SA1019 the issue mandates golang.org/x/net/http2: net/http has no ServeConn or NewClientConn over a TLS connection we handshake (and count) ourselves
-
 package proxy
 
 // HBONE: app connections carried as HTTP/2 CONNECT streams over one mesh
-// mTLS connection per peer pair, as Istio's ztunnel does, so a new app
-// connection costs a stream, not a handshake.
+// mTLS connection per peer pair (proxy/hbone is the data path), so a new
+// app connection costs a stream, not a handshake.
 //
-// Inbound (WithHBONE, :15008): TLS 1.3 mesh mTLS with ALPN "h2", then an
-// HTTP/2 server; each CONNECT stream is one app connection whose
-// :authority is the original destination. HBONE must not become an open
-// relay, so the authority is only accepted when it names this workload:
+// How a pooled connection comes to be (HBONEMode):
+//
+//   - auto (the command's default): the client offers ALPN
+//     "meshproxy-hbone" before "istio" on its normal mesh mTLS connection.
+//     A meshproxy server selects it and the connection becomes a pooled
+//     HBONE connection; the app connection that made it rides as stream 1,
+//     so there is no extra round trip. An Envoy/Istio sidecar never
+//     selects it: the connection stays per-connection mTLS, as before.
+//     Later app connections to the same destination (and expected
+//     identity) open streams on the pooled connections while they have
+//     room, and make a new one otherwise.
+//   - always: outbound mesh traffic goes to the peer's HBONE listener
+//     (port 15008 of the destination, ALPN h2, Istio's own format) with no
+//     fallback, as ztunnel does.
+//   - never: per-connection mTLS only, and the negotiation is not offered
+//     nor accepted.
+//
+// Inbound, a stream arrives on the HBONE listener (WithHBONE, :15008, ALPN
+// h2) or on a mesh connection to :15006 or an explicit inbound listener
+// that negotiated "meshproxy-hbone". HBONE must not become an open relay,
+// so the :authority is only accepted when it names this workload:
 //
 //   - an explicit inbound listener (WithInboundExplicit) by its bound
 //     address (with an unspecified bind address: the IP the HBONE
@@ -17,39 +32,23 @@ package proxy
 //     stream goes to that listener's app and policy is evaluated for the
 //     app's port, as on the listener itself;
 //   - with the transparent inbound listener (WithInboundTransparent): the
-//     IP the HBONE connection arrived on (the pod IP, since clients send
-//     CONNECT to DEST_IP:15008) and any port except Istio's reserved
-//     15000-15099 and this proxy's own listener ports; loopback and
-//     unspecified addresses never. The stream goes to that address and
-//     policy is evaluated for its port, as on :15006.
+//     IP the HBONE connection arrived on (the pod IP) and any port except
+//     Istio's reserved 15000-15099 and this proxy's own listener ports;
+//     loopback and unspecified addresses never. The stream goes to that
+//     address and policy is evaluated for its port, as on :15006.
 //
 // Anything else is refused with 403 (decision bad_destination). Each
 // accepted stream then passes the same AuthorizationPolicy check as a mesh
 // mTLS connection on :15006 (Proxy.authorize: same policy_denials_total
 // reasons, log line and connections_total decision), with the peer's
 // SPIFFE ID from the HBONE connection. HBONE is mesh mTLS, so STRICT and
-// PERMISSIVE accept it; DISABLE accepts it too, as ztunnel does: DISABLE
-// means mTLS is not required, not that it is refused, and unlike an
-// opaque TLS stream on :15006 the tunnel is terminated here, so the app
-// gets plaintext either way. Denied: 403; app unreachable: 503.
+// PERMISSIVE accept it; DISABLE accepts it too, as ztunnel does. Denied:
+// 403; app unreachable: 503.
 //
-// Outbound (WithHBONEOutbound): where a connection gets mesh mTLS, it is
-// sent as a CONNECT stream instead, to the peer's HBONE listener: the
-// destination IP's port 15008 (transparent, as ztunnel assumes), DEST's
-// host:15008 (explicit), or the address WithHBONEPeer names for DEST.
-// One pooled HTTP/2 connection is kept per (HBONE address, SNI, expected
-// server identity), verified exactly as the direct mTLS path verifies a
-// server; a connection past the server's SETTINGS_MAX_CONCURRENT_STREAMS
-// opens another, dead ones are dropped and redialed, idle ones closed
-// after the pool idle timeout. There is no fallback, neither to
-// plaintext nor to direct mTLS: if the peer's HBONE listener cannot be
-// reached or refuses the stream, the app connection is refused.
-//
-// Half-close: the client may end its direction first (END_STREAM) and the
-// server's reply keeps flowing. The HTTP/2 libraries cannot end the
-// server's direction alone, so when the app half-closes first the stream
-// is finished: the client sees the end of the reply, and data it sends
-// after that is discarded.
+// Half-close works both ways: either side may end its direction first
+// (END_STREAM) and the other keeps flowing. An abort resets the stream
+// (RST_STREAM), never a clean end. Shutdown sends GOAWAY: open streams
+// finish, new ones go elsewhere.
 
 import (
 	"context"
@@ -60,23 +59,31 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/ports"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	hb "github.com/meshproxy/meshproxy/proxy/hbone"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/net/http2"
 )
 
 // HBONEPort is the port of a peer's HBONE listener (docs/CONTRACT.md: 15008).
 const HBONEPort = ports.HBONE
 
 // ModeHBONE is the mode label and PeerInfo.Mode of app connections carried
-// over HBONE (HTTP/2 CONNECT over mesh mTLS).
+// over HBONE (HTTP/2 CONNECT streams on a pooled mesh mTLS connection).
 const ModeHBONE = "hbone"
+
+// Transports of mesh connections (the transport label of
+// meshproxy_mesh_connections_active).
+const (
+	TransportPooled = "pooled" // an HBONE connection carrying app connections as streams
+	TransportDirect = "direct" // one mesh mTLS connection per app connection
+)
 
 // Decisions of HBONE streams, besides the common ones.
 const (
@@ -85,14 +92,36 @@ const (
 	DecisionPeerRefused    = "peer_refused"    // outbound: the peer's HBONE listener answered the CONNECT with an error
 )
 
+// HBONEMode is when outbound mesh traffic is pooled over HBONE.
+type HBONEMode string
+
+// HBONE modes (see the notes above).
+const (
+	HBONEAuto   HBONEMode = "auto"   // negotiated on the mesh connection; per-connection mTLS with peers that do not speak it
+	HBONEAlways HBONEMode = "always" // to the peer's HBONE listener (15008), no fallback
+	HBONENever  HBONEMode = "never"  // per-connection mTLS only
+)
+
+// ParseHBONEMode parses auto, always or never.
+func ParseHBONEMode(s string) (HBONEMode, error) {
+	switch m := HBONEMode(s); m {
+	case HBONEAuto, HBONEAlways, HBONENever:
+		return m, nil
+	}
+	return "", fmt.Errorf("hbone mode %q: want auto, always or never", s)
+}
+
 // Defaults of HBONE.
 const (
-	DefaultHBONEMaxStreams = 100              // streams one inbound HBONE connection carries at once
-	DefaultHBONEPoolIdle   = 90 * time.Second // an outbound pooled connection with no streams is closed after this
+	DefaultHBONEMaxStreams = hb.DefaultMaxStreams // streams one inbound HBONE connection carries at once
+	DefaultHBONEPoolIdle   = 90 * time.Second     // an outbound pooled connection with no streams is closed after this
 	// hboneServerIdle is longer than the pool's idle timeout so the
 	// client, which knows when it stops using a connection, closes first.
 	hboneServerIdle = 10 * time.Minute
 	hboneALPN       = "h2"
+	// hboneKeepAlive finds a peer that vanished without closing (PING
+	// after this long without a frame while streams are open).
+	hboneKeepAlive = 30 * time.Second
 )
 
 // reservedPorts are Istio's own ports (15000-15099), never an HBONE target
@@ -100,14 +129,14 @@ const (
 func reservedPort(port uint16) bool { return port >= 15000 && port <= 15099 }
 
 type hboneOptions struct {
-	outbound   bool
+	mode       HBONEMode
 	peers      map[string]string // destination → its HBONE listener
 	maxStreams uint32
 	poolIdle   time.Duration
 }
 
 func defaultHBONEOptions() hboneOptions {
-	return hboneOptions{maxStreams: DefaultHBONEMaxStreams, poolIdle: DefaultHBONEPoolIdle}
+	return hboneOptions{mode: HBONENever, maxStreams: DefaultHBONEMaxStreams, poolIdle: DefaultHBONEPoolIdle}
 }
 
 // WithHBONE adds the inbound HBONE listener on addr (":15008" in a pod):
@@ -121,11 +150,20 @@ func WithHBONE(addr string) Option {
 	}
 }
 
-// WithHBONEOutbound makes outbound connections that get mesh mTLS travel as
-// HBONE streams over pooled connections to the peer's HBONE listener
-// (port 15008 of the destination, unless WithHBONEPeer says otherwise).
+// WithHBONEMode sets when outbound mesh traffic is pooled over HBONE, and
+// whether inbound mesh connections may negotiate it (not with never). The
+// package default is never; meshproxy run defaults to auto.
+func WithHBONEMode(m HBONEMode) Option {
+	return func(o *options) { o.hbone.mode = m }
+}
+
+// WithHBONEOutbound is WithHBONEMode(HBONEAlways) when on, else
+// WithHBONEMode(HBONENever).
 func WithHBONEOutbound(on bool) Option {
-	return func(o *options) { o.hbone.outbound = on }
+	if on {
+		return WithHBONEMode(HBONEAlways)
+	}
+	return WithHBONEMode(HBONENever)
 }
 
 // WithHBONEPeer says that the HBONE listener for the destination dest
@@ -163,47 +201,70 @@ func WithHBONEPoolIdle(d time.Duration) Option {
 	}
 }
 
-// hbone is a Proxy's HBONE state: the inbound HTTP/2 server and the
-// outbound connection pool.
+// hbone is a Proxy's HBONE state: the inbound connections (for GOAWAY at
+// shutdown) and the outbound pool.
 type hbone struct {
-	serverTLS *tls.Config
-	h2s       *http2.Server
-	// hs exists only so Shutdown can ask every served HTTP/2 connection
-	// for a graceful GOAWAY (http2.ConfigureServer registers that hook).
-	hs   *http.Server
-	pool *hbonePool
+	serverTLS *tls.Config // the HBONE listener's (ALPN h2)
+	server    hb.Options
+	pool      *hbonePool
+
+	mu       sync.Mutex
+	inbound  map[*hb.Conn]struct{}
+	draining bool
 }
 
 func newHBONE(src tlsmgr.Source, pol mesh.PolicySource, o options) *hbone {
 	cfg := mesh.ServerConfig(src, pol)
 	cfg.NextProtos = []string{hboneALPN}
-	h := &hbone{
+	applyKeyExchange(cfg, o.keyExchange)
+	return &hbone{
 		serverTLS: cfg,
-		h2s: &http2.Server{
-			MaxConcurrentStreams: o.hbone.maxStreams,
-			IdleTimeout:          hboneServerIdle,
-		},
-		hs: &http.Server{ReadHeaderTimeout: o.HandshakeTimeout},
+		server: hb.Options{MaxStreams: o.hbone.maxStreams, IdleTimeout: hboneServerIdle,
+			PrefaceTimeout: o.HandshakeTimeout, KeepAlive: hboneKeepAlive},
+		pool:    newHBONEPool(hb.Options{IdleTimeout: o.hbone.poolIdle, KeepAlive: hboneKeepAlive}, o.Log.With("component", "proxy")),
+		inbound: make(map[*hb.Conn]struct{}),
 	}
-	// Only fails for a TLS config with bad cipher suites; hs has none.
-	_ = http2.ConfigureServer(h.hs, h.h2s)
-	h.pool = newHBONEPool(o.hbone.poolIdle)
-	return h
+}
+
+// track registers an inbound connection until it closes; false if the
+// proxy is shutting down.
+func (h *hbone) track(c *hb.Conn) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.draining {
+		return false
+	}
+	h.inbound[c] = struct{}{}
+	return true
+}
+
+func (h *hbone) untrack(c *hb.Conn) {
+	h.mu.Lock()
+	delete(h.inbound, c)
+	h.mu.Unlock()
 }
 
 // shutdown asks every inbound HBONE connection to finish (GOAWAY: open
 // streams complete, no new ones) and returns at once.
 func (h *hbone) shutdown() {
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel() // hs has no connections of its own to wait for
-	_ = h.hs.Shutdown(ctx)
+	h.mu.Lock()
+	h.draining = true
+	cs := make([]*hb.Conn, 0, len(h.inbound))
+	for c := range h.inbound {
+		cs = append(cs, c)
+	}
+	h.mu.Unlock()
+	for _, c := range cs {
+		c.Shutdown()
+	}
 }
 
-// serveHBONE runs the mesh mTLS handshake on an accepted HBONE connection
-// and serves its CONNECT streams until it closes.
+// serveHBONE runs the mesh mTLS handshake on an accepted HBONE listener
+// connection and serves its CONNECT streams until it closes.
 func (p *Proxy) serveHBONE(l *listener, t *conntrack.Conn, c net.Conn) {
 	start := time.Now()
-	tc := tls.Server(c, p.hbone.serverTLS)
+	cork := hb.NewCorkConn(c)
+	tc := tls.Server(cork, p.hbone.serverTLS)
 	ctx, cancel := context.WithTimeout(t.Context(), p.opts.HandshakeTimeout)
 	err := tc.HandshakeContext(ctx)
 	cancel()
@@ -222,79 +283,94 @@ func (p *Proxy) serveHBONE(l *listener, t *conntrack.Conn, c net.Conn) {
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionHandshakeFailed, err: err})
 		return
 	}
-	local := mesh.AddrPort(c.LocalAddr()).Addr()
+	p.serveHBONEConn(l, t, tc, peer, cork, mesh.AddrPort(tc.LocalAddr()).Addr())
+}
+
+// serveHBONEConn serves the CONNECT streams of an inbound pooled
+// connection, handshaken already (on the HBONE listener, or negotiated on
+// a mesh listener), until it closes. cork is the socket under tc; local
+// is the address the connection was made to (for a redirected one, its
+// original destination's: REDIRECT may hand it over on another address of
+// the interface).
+func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, peer spiffeid.ID, cork *hb.CorkConn, local netip.Addr) {
+	// The carrier is not an app connection: its streams are counted, it is
+	// counted as a pooled mesh connection instead.
+	active := metrics.ConnectionsActive.WithLabelValues(mesh.DirInbound)
+	active.Dec()
+	defer active.Inc()
+	opts := p.hbone.server
+	opts.Cork = cork
+	hc := hb.NewServer(tc, opts)
+	if !p.hbone.track(hc) {
+		return
+	}
+	defer p.hbone.untrack(hc)
+	gauge := metrics.MeshConnections.WithLabelValues(mesh.DirInbound, TransportPooled)
+	gauge.Inc()
+	defer gauge.Dec()
 	p.log.Debug("hbone connection open", "source", t.Source, "peer", peer.String())
-	p.hbone.h2s.ServeConn(tc, &http2.ServeConnOpts{
-		Context:    t.Context(),
-		BaseConfig: p.hbone.hs,
-		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			p.serveHBONEStream(l, tc, local, peer, w, r)
-		}),
-	})
+	stop := context.AfterFunc(t.Context(), func() { hc.Close() })
+	defer stop()
+	_ = hc.Serve(func(s *hb.Stream) { p.serveHBONEStream(l, s, local, peer) })
+	if err := hc.Err(); err != nil {
+		p.log.Warn("hbone connection failed", "source", t.Source, "peer", peer.String(), "err", err.Error())
+		return
+	}
 	p.log.Debug("hbone connection closed", "source", t.Source, "peer", peer.String())
 }
 
 // serveHBONEStream tracks one CONNECT stream as a connection of its own
 // (limits, /peers, drain) and answers it.
-func (p *Proxy) serveHBONEStream(l *listener, tc *tls.Conn, local netip.Addr, peer spiffeid.ID, w http.ResponseWriter, r *http.Request) {
-	sc := newHBONEServerStream(w, r, tc)
-	finished := make(chan struct{})
-	err := p.conns.Admit(p.base, mesh.DirInbound, sc, metrics.ConnectionsActive.WithLabelValues(mesh.DirInbound), func(t *conntrack.Conn) {
-		defer close(finished)
-		p.handleHBONEStream(l, t, sc, local, peer, r)
+func (p *Proxy) serveHBONEStream(l *listener, s *hb.Stream, local netip.Addr, peer spiffeid.ID) {
+	err := p.conns.Admit(p.base, mesh.DirInbound, s, metrics.ConnectionsActive.WithLabelValues(mesh.DirInbound), func(t *conntrack.Conn) {
+		p.handleHBONEStream(l, t, s, local, peer)
 	})
 	if err != nil {
 		if errors.Is(err, conntrack.ErrOverLimit) {
 			metrics.Connections.WithLabelValues(mesh.DirInbound, ModeHBONE, DecisionOverLimit).Inc()
-			p.refusals.Warn(DecisionOverLimit, "connection refused", "direction", mesh.DirInbound, "listener", l.name, "source", sc.RemoteAddr().String(),
+			p.refusals.Warn(DecisionOverLimit, "connection refused", "direction", mesh.DirInbound, "listener", l.name, "source", s.RemoteAddr().String(),
 				"mode", ModeHBONE, "peer", peer.String(), "reason", DecisionOverLimit, "max_connections", p.opts.MaxConns)
 		}
-		sc.finish(http.StatusServiceUnavailable)
-		return
+		s.SetFailStatus(http.StatusServiceUnavailable)
+		s.Close()
 	}
-	select {
-	case <-finished:
-	case <-sc.writeDone:
-		// The app ended its direction: END_STREAM now (see the notes above);
-		// the copy loop winds down on its own.
-	}
-	sc.finish(0)
 }
 
 // handleHBONEStream checks a CONNECT stream's destination and the policy,
-// then connects it to the app.
-func (p *Proxy) handleHBONEStream(l *listener, t *conntrack.Conn, sc *hboneServerStream, local netip.Addr, peer spiffeid.ID, r *http.Request) {
-	if r.Method != http.MethodConnect {
-		sc.setFailStatus(http.StatusMethodNotAllowed)
-		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionBadRequest, dest: r.Host, peer: peer,
-			err: fmt.Errorf("method %q, want CONNECT", r.Method)})
+// then connects it to the app. A refusal closes the stream, which answers
+// its fail status.
+func (p *Proxy) handleHBONEStream(l *listener, t *conntrack.Conn, s *hb.Stream, local netip.Addr, peer spiffeid.ID) {
+	if s.Method() != http.MethodConnect {
+		s.SetFailStatus(http.StatusMethodNotAllowed)
+		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionBadRequest, dest: s.Authority(), peer: peer,
+			err: fmt.Errorf("method %q, want CONNECT", s.Method())})
 		return
 	}
-	dest, port, err := p.hboneTarget(r.Host, local)
+	dest, port, err := p.hboneTarget(s.Authority(), local)
 	if err != nil {
 		decision, status := DecisionBadDestination, http.StatusForbidden
 		if errors.Is(err, errBadAuthority) {
 			decision, status = DecisionBadRequest, http.StatusBadRequest
 		}
-		sc.setFailStatus(status)
-		p.refuse(t, refusal{mode: ModeHBONE, decision: decision, dest: r.Host, peer: peer, err: err})
+		s.SetFailStatus(status)
+		p.refuse(t, refusal{mode: ModeHBONE, decision: decision, dest: s.Authority(), peer: peer, err: err})
 		return
 	}
-	sc.setFailStatus(http.StatusForbidden)
+	s.SetFailStatus(http.StatusForbidden)
 	if !p.authorize(t, p.pol.Current(), dest, port, ModeHBONE, peer, "") {
 		return
 	}
-	sc.setFailStatus(http.StatusServiceUnavailable)
-	up, err := p.dial(t, dest)
+	s.SetFailStatus(http.StatusServiceUnavailable)
+	up, err := p.dialApp(l, t, dest)
 	if err != nil {
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
 		return
 	}
-	if err := sc.accept(); err != nil {
+	if err := s.Respond(http.StatusOK); err != nil {
 		p.log.Debug("hbone stream gone before it was answered", "source", t.Source, "destination", dest, "err", err)
 		return
 	}
-	p.pipe(t, sc, up, dest, ModeHBONE, peer)
+	p.pipe(t, s, up, dest, ModeHBONE, peer)
 }
 
 var errBadAuthority = errors.New("malformed :authority")

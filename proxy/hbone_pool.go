@@ -1,5 +1,3 @@
-//lint:file-ignore SA1019 the issue mandates golang.org/x/net/http2: net/http has no ServeConn or NewClientConn over a TLS connection we handshake (and count) ourselves
-
 package proxy
 
 import (
@@ -7,28 +5,28 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"sync"
 	"time"
 
+	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	hb "github.com/meshproxy/meshproxy/proxy/hbone"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/net/http2"
 )
 
 // maxPoolAttempts bounds how often one app connection looks for a pooled
 // connection (waiting for a dial in progress, or redialing a dead one).
 const maxPoolAttempts = 8
 
-// hboneConn is one pooled mesh mTLS connection speaking HTTP/2.
+// hboneConn is one pooled outbound mesh mTLS connection speaking HBONE.
 type hboneConn struct {
-	cc     *http2.ClientConn
+	c      *hb.Conn
 	peer   spiffeid.ID
 	local  net.Addr
 	remote net.Addr
@@ -41,36 +39,134 @@ type hboneDial struct {
 	err  error
 }
 
-// hbonePool keeps the outbound HBONE connections, several per key once one
-// is full (the server's SETTINGS_MAX_CONCURRENT_STREAMS).
+// hbonePool keeps the outbound HBONE connections by key (where to, and
+// which server identity was verified), several per key once one is full.
 type hbonePool struct {
-	tr *http2.Transport
+	opts hb.Options
+	log  *slog.Logger
 
 	mu     sync.Mutex
 	conns  map[string][]*hboneConn
 	dials  map[string]*hboneDial
 	cfgs   map[string]*tls.Config
+	direct map[string]time.Time // auto mode: keys whose last dial did not pool, and when
 	closed bool
 }
 
-func newHBONEPool(idle time.Duration) *hbonePool {
+// directMemory is how long auto mode remembers that a destination's last
+// dial did not become a pooled connection (a peer that does not speak
+// HBONE, or a failed dial), so connections to it dial at once instead of
+// queueing behind each other's handshakes.
+const directMemory = 30 * time.Second
+
+func newHBONEPool(opts hb.Options, log *slog.Logger) *hbonePool {
 	return &hbonePool{
-		tr: &http2.Transport{
-			IdleConnTimeout: idle,
-			// Find a dead peer before an app connection does.
-			ReadIdleTimeout: 30 * time.Second,
-			PingTimeout:     15 * time.Second,
-		},
-		conns: make(map[string][]*hboneConn),
-		dials: make(map[string]*hboneDial),
-		cfgs:  make(map[string]*tls.Config),
+		opts:   opts,
+		log:    log,
+		conns:  make(map[string][]*hboneConn),
+		dials:  make(map[string]*hboneDial),
+		cfgs:   make(map[string]*tls.Config),
+		direct: make(map[string]time.Time),
+	}
+}
+
+// joinDial is auto mode's way to a pooled connection for key when none
+// has room: if another app connection is dialing one (and key is not
+// known to stay direct), it returns a channel closed when that dial is
+// done; otherwise it registers the caller's own dial and returns finish,
+// to be called as soon as the handshake is over, with whether it pooled.
+func (pl *hbonePool) joinDial(key string) (wait <-chan struct{}, finish func(pooled bool)) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if at, ok := pl.direct[key]; ok && time.Since(at) < directMemory {
+		return nil, func(bool) {}
+	}
+	if d, ok := pl.dials[key]; ok {
+		return d.done, nil
+	}
+	d := &hboneDial{done: make(chan struct{})}
+	pl.dials[key] = d
+	return nil, func(pooled bool) {
+		pl.mu.Lock()
+		defer pl.mu.Unlock()
+		if pl.dials[key] == d {
+			delete(pl.dials, key)
+		}
+		if pooled {
+			delete(pl.direct, key)
+		} else {
+			if len(pl.direct) >= mesh.MaxClientConfigs {
+				clear(pl.direct)
+			}
+			pl.direct[key] = time.Now()
+		}
+		close(d.done)
 	}
 }
 
 var errPoolClosed = errors.New("hbone pool closed")
 
-// get returns a pooled connection for key with a stream reserved on it,
-// dialing one (once, however many callers wait) if none has room.
+// pick returns the pooled connection for key with the most room for a
+// stream, or nil; closed and full connections are skipped (closed ones
+// dropped). Called with mu held.
+func (pl *hbonePool) pick(key string) *hboneConn {
+	var best *hboneConn
+	room := 0
+	live := pl.conns[key][:0]
+	for _, c := range pl.conns[key] {
+		select {
+		case <-c.c.Done():
+			continue
+		default:
+		}
+		live = append(live, c)
+		if n := c.c.Available(); n > room {
+			best, room = c, n
+		}
+	}
+	clear(pl.conns[key][len(live):])
+	if len(live) == 0 {
+		delete(pl.conns, key)
+	} else {
+		pl.conns[key] = live
+	}
+	return best
+}
+
+// lookup returns a pooled connection for key with room for a stream, or nil.
+func (pl *hbonePool) lookup(key string) *hboneConn {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if pl.closed {
+		return nil
+	}
+	return pl.pick(key)
+}
+
+// add pools c under key, counted in the pooled gauge until it closes.
+func (pl *hbonePool) add(key string, c *hboneConn) error {
+	pl.mu.Lock()
+	if pl.closed {
+		pl.mu.Unlock()
+		c.c.Close()
+		return errPoolClosed
+	}
+	pl.conns[key] = append(pl.conns[key], c)
+	pl.mu.Unlock()
+	gauge := metrics.MeshConnections.WithLabelValues(mesh.DirOutbound, TransportPooled)
+	gauge.Inc()
+	go func() {
+		<-c.c.Done()
+		gauge.Dec()
+		if err := c.c.Err(); err != nil {
+			pl.log.Warn("pooled hbone connection failed", "peer", c.peer.String(), "remote", c.remote.String(), "err", err.Error())
+		}
+	}()
+	return nil
+}
+
+// get returns a pooled connection for key with room for a stream, dialing
+// one (once, however many callers wait) if none has room.
 func (pl *hbonePool) get(ctx context.Context, key string, dial func() (*hboneConn, error)) (*hboneConn, error) {
 	for range maxPoolAttempts {
 		pl.mu.Lock()
@@ -78,26 +174,9 @@ func (pl *hbonePool) get(ctx context.Context, key string, dial func() (*hboneCon
 			pl.mu.Unlock()
 			return nil, errPoolClosed
 		}
-		live := pl.conns[key][:0]
-		var found *hboneConn
-		for _, c := range pl.conns[key] {
-			if c.cc.State().Closed {
-				continue
-			}
-			live = append(live, c)
-			if found == nil && c.cc.ReserveNewRequest() {
-				found = c
-			}
-		}
-		clear(pl.conns[key][len(live):])
-		if len(live) == 0 {
-			delete(pl.conns, key)
-		} else {
-			pl.conns[key] = live
-		}
-		if found != nil {
+		if c := pl.pick(key); c != nil {
 			pl.mu.Unlock()
-			return found, nil
+			return c, nil
 		}
 		if d, ok := pl.dials[key]; ok {
 			pl.mu.Unlock()
@@ -120,29 +199,28 @@ func (pl *hbonePool) get(ctx context.Context, key string, dial func() (*hboneCon
 		delete(pl.dials, key)
 		d.err = err
 		close(d.done)
-		if err == nil && pl.closed {
-			err = errPoolClosed
-			c.cc.Close()
-		}
+		pl.mu.Unlock()
 		if err != nil {
-			pl.mu.Unlock()
 			return nil, err
 		}
-		pl.conns[key] = append(pl.conns[key], c)
-		pl.mu.Unlock()
+		if err := pl.add(key, c); err != nil {
+			return nil, err
+		}
 		// Others may have taken its streams meanwhile: look again.
 	}
 	return nil, fmt.Errorf("no hbone connection with a free stream after %d attempts", maxPoolAttempts)
 }
 
-// size is the number of pooled connections, for tests.
+// size is the number of open pooled connections, for tests.
 func (pl *hbonePool) size() int {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	n := 0
 	for _, cs := range pl.conns {
 		for _, c := range cs {
-			if !c.cc.State().Closed {
+			select {
+			case <-c.c.Done():
+			default:
 				n++
 			}
 		}
@@ -159,22 +237,23 @@ func (pl *hbonePool) close() {
 	pl.mu.Unlock()
 	for _, cs := range all {
 		for _, c := range cs {
-			c.cc.Close()
+			c.c.Close()
 		}
 	}
 }
 
-// clientConfig is the HBONE (ALPN h2) variant of the direct path's client
-// config for the same SNI and expected identities.
-func (pl *hbonePool) clientConfig(base *mesh.ClientConfigs, sni string, ids []spiffeid.ID, td spiffeid.TrustDomain) *tls.Config {
-	key := sni + "|" + mesh.JoinIDs(ids) + "|" + td.String()
+// clientConfig is a variant of the direct path's client config for the
+// same SNI and expected identities with other ALPN protocols: h2 for a
+// peer's HBONE listener, or the negotiation offer.
+func (pl *hbonePool) clientConfig(base *mesh.ClientConfigs, sni string, ids []spiffeid.ID, td spiffeid.TrustDomain, alpn ...string) *tls.Config {
+	key := sni + "|" + mesh.JoinIDs(ids) + "|" + td.String() + "|" + fmt.Sprint(alpn)
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	if cfg, ok := pl.cfgs[key]; ok {
 		return cfg
 	}
 	cfg := base.Get(sni, ids, td).Clone()
-	cfg.NextProtos = []string{hboneALPN}
+	cfg.NextProtos = alpn
 	if len(pl.cfgs) >= mesh.MaxClientConfigs {
 		clear(pl.cfgs)
 	}
@@ -182,11 +261,88 @@ func (pl *hbonePool) clientConfig(base *mesh.ClientConfigs, sni string, ids []sp
 	return cfg
 }
 
+// hboneKey names the pooled connections that may carry a stream to dest:
+// same address, SNI and verified server identity, made under the current
+// identity generation (our SVID and trust bundles: after a rotation or a
+// trust change new streams go to a connection handshaken under it, and the
+// old ones idle out). With ruleSANs the expected ids are read from the
+// DestinationRules when a connection is made, so the key carries the
+// policy generation: a connection verified under rules no longer in force
+// is not reused.
+func (p *Proxy) hboneKey(addr, sni string, ids []spiffeid.ID, td spiffeid.TrustDomain, ruleSANs bool) string {
+	key := addr + "|" + sni + "|" + mesh.JoinIDs(ids) + "|" + td.String() + fmt.Sprintf("|gen@%d", p.src.Generation())
+	if ruleSANs {
+		key += fmt.Sprintf("|rule@%d", p.pol.Current().Generation())
+	}
+	return key
+}
+
+// openStream opens a CONNECT stream for dest on hc. ok false with a nil
+// error means the connection had no room after all (try another).
+func (p *Proxy) openStream(t *conntrack.Conn, hc *hboneConn, dest string) (*hb.Stream, string, error) {
+	authority := dest
+	if _, err := netip.ParseAddrPort(dest); err != nil {
+		// A host name: CONNECT to the address actually reached.
+		_, destPort, _ := splitHostPort(dest)
+		authority = netip.AddrPortFrom(mesh.AddrPort(hc.remote).Addr(), destPort).String()
+	}
+	s, err := hc.c.Open(t.Context(), authority)
+	if err != nil {
+		return nil, authority, fmt.Errorf("hbone CONNECT %s via %s: %w", authority, hc.remote, err)
+	}
+	return s, authority, nil
+}
+
+// retryable reports whether a stream failed before the peer processed it,
+// so it may be opened again elsewhere (nothing was read from the app yet).
+func retryable(err error) bool {
+	return errors.Is(err, hb.ErrFull) || errors.Is(err, hb.ErrUnavailable) || errors.Is(err, hb.ErrRefused)
+}
+
+// pipeStream forwards down over an opened stream, or refuses it if the
+// peer answered with an error.
+func (p *Proxy) pipeStream(t *conntrack.Conn, down net.Conn, s *hb.Stream, hc *hboneConn, dest, authority string) {
+	if s.Status() != http.StatusOK {
+		s.Close()
+		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionPeerRefused, dest: dest, peer: hc.peer,
+			err: fmt.Errorf("hbone peer %s answered CONNECT %s with %d %s", hc.remote, authority, s.Status(), http.StatusText(s.Status()))})
+		return
+	}
+	if !t.AddSocket(s) {
+		return
+	}
+	p.pipe(t, down, s, dest, ModeHBONE, hc.peer)
+}
+
+// originatePooled sends down as a stream on an existing pooled connection
+// for key, if one has room (auto mode); false if none did, and down is
+// still untouched.
+func (p *Proxy) originatePooled(t *conntrack.Conn, down net.Conn, key, dest string) bool {
+	for range maxPoolAttempts {
+		hc := p.hbone.pool.lookup(key)
+		if hc == nil {
+			return false
+		}
+		s, authority, err := p.openStream(t, hc, dest)
+		if err != nil {
+			if retryable(err) && t.Context().Err() == nil {
+				continue
+			}
+			p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: hc.peer, err: err})
+			return true
+		}
+		p.pipeStream(t, down, s, hc, dest, authority)
+		return true
+	}
+	return false
+}
+
 // originateHBONE sends one outbound connection as a CONNECT stream for dest
-// over a pooled HBONE connection, verifying the server as originate does:
-// it must present one of ids, or, if ids is empty, be a member of our trust
-// domain; with ruleSANs the ids come from the DestinationRule covering the
-// address reached (checked when the pooled connection is made).
+// to the peer's HBONE listener (always mode), verifying the server as
+// originate does: it must present one of ids, or, if ids is empty, be a
+// member of our trust domain; with ruleSANs the ids come from the
+// DestinationRule covering the address reached (checked when the pooled
+// connection is made).
 func (p *Proxy) originateHBONE(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool) {
 	addr, err := p.hbonePeerAddr(dest)
 	if err != nil {
@@ -198,23 +354,16 @@ func (p *Proxy) originateHBONE(t *conntrack.Conn, down net.Conn, dest, sni strin
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionNoIdentity, dest: dest, err: tdErr})
 		return
 	}
-	key := addr + "|" + sni + "|" + mesh.JoinIDs(ids) + "|" + td.String()
-	if ruleSANs {
-		// The expected ids are read from the DestinationRules when a pooled
-		// connection is made, so one made under another policy generation
-		// may have verified the server against rules no longer in force.
-		key += fmt.Sprintf("|rule@%d", p.pol.Current().Generation())
-	}
+	key := "listener|" + p.hboneKey(addr, sni, ids, td, ruleSANs)
 	_, destPort, _ := splitHostPort(dest)
 	dial := func() (*hboneConn, error) {
 		return p.dialHBONE(addr, sni, ids, ruleSANs, destPort, td, tdErr)
 	}
-
-	// A pooled connection can die between get and the request (idle close,
-	// GOAWAY, peer restart); nothing was read from the app yet, so try a
-	// fresh one once.
+	// A pooled connection can go away between get and the stream (idle
+	// close, GOAWAY, peer restart); nothing was read from the app yet, so
+	// try another.
 	var lastErr error
-	for attempt := 0; attempt < 2; attempt++ {
+	for range maxPoolAttempts {
 		hc, err := p.hbone.pool.get(t.Context(), key, dial)
 		if err != nil {
 			var he *mesh.HandshakeError
@@ -228,65 +377,24 @@ func (p *Proxy) originateHBONE(t *conntrack.Conn, down net.Conn, dest, sni strin
 			p.refuse(t, refusal{mode: ModeHBONE, decision: decision, dest: dest, err: err})
 			return
 		}
-		authority := dest
-		if _, err := netip.ParseAddrPort(dest); err != nil {
-			// A host name: CONNECT to the address actually reached.
-			authority = netip.AddrPortFrom(mesh.AddrPort(hc.remote).Addr(), destPort).String()
-		}
-		up, resp, err := p.connectStream(t, hc, authority)
+		s, authority, err := p.openStream(t, hc, dest)
 		if err != nil {
 			lastErr = err
-			if t.Context().Err() != nil {
-				break
+			if retryable(err) && t.Context().Err() == nil {
+				continue
 			}
-			continue
+			break
 		}
-		if resp.StatusCode != http.StatusOK {
-			resp.Body.Close()
-			p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionPeerRefused, dest: dest, peer: hc.peer,
-				err: fmt.Errorf("hbone peer %s answered CONNECT %s with %s", addr, authority, resp.Status)})
-			return
-		}
-		if !t.AddSocket(up) {
-			return
-		}
-		p.pipe(t, down, up, dest, ModeHBONE, hc.peer)
+		p.pipeStream(t, down, s, hc, dest, authority)
 		return
 	}
 	p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, err: lastErr})
 }
 
-// connectStream opens a CONNECT stream for authority on hc.
-func (p *Proxy) connectStream(t *conntrack.Conn, hc *hboneConn, authority string) (*hboneClientStream, *http.Response, error) {
-	ctx, cancel := context.WithCancel(t.Context())
-	pr, pw := io.Pipe()
-	req := (&http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: authority},
-		Host:          authority,
-		Header:        make(http.Header),
-		Body:          pr,
-		ContentLength: -1,
-		Proto:         "HTTP/2.0",
-		ProtoMajor:    2,
-	}).WithContext(ctx)
-	resp, err := hc.cc.RoundTrip(req)
-	if err != nil {
-		cancel()
-		pw.CloseWithError(err)
-		return nil, nil, fmt.Errorf("hbone CONNECT %s via %s: %w", authority, hc.remote, err)
-	}
-	s := &hboneClientStream{pw: pw, body: resp.Body, cancel: cancel, local: hc.local, remote: hc.remote}
-	if resp.StatusCode != http.StatusOK {
-		pw.CloseWithError(net.ErrClosed)
-		cancel()
-	}
-	return s, resp, nil
-}
-
-// dialHBONE makes a new pooled connection: TCP to addr, mesh mTLS with
-// ALPN h2 (counted in handshakes_total like any outbound handshake), and
-// HTTP/2 up to the server's first SETTINGS, so its stream limit is known.
+// dialHBONE makes a new pooled connection to a peer's HBONE listener: TCP
+// to addr, mesh mTLS with ALPN h2 (counted in handshakes_total like any
+// outbound handshake), and HTTP/2 up to the server's first SETTINGS, so
+// its stream limit is known.
 func (p *Proxy) dialHBONE(addr, sni string, ids []spiffeid.ID, ruleSANs bool, destPort uint16, td spiffeid.TrustDomain, tdErr error) (*hboneConn, error) {
 	// Not tied to one app connection: others wait for this dial and use it.
 	ctx, cancel := context.WithTimeout(p.base, mesh.DefaultDialTimeout+p.opts.HandshakeTimeout)
@@ -307,7 +415,8 @@ func (p *Proxy) dialHBONE(addr, sni string, ids []spiffeid.ID, ruleSANs bool, de
 		raw.Close()
 		return nil, tdErr
 	}
-	tc, peer, err := mesh.Originate(ctx, raw, p.hbone.pool.clientConfig(p.clientTLS, sni, ids, td), p.opts.HandshakeTimeout)
+	cork := hb.NewCorkConn(raw)
+	tc, peer, err := mesh.Originate(ctx, cork, p.hbone.pool.clientConfig(p.clientTLS, sni, ids, td, hboneALPN), p.opts.HandshakeTimeout)
 	var he *mesh.HandshakeError
 	switch {
 	case errors.As(err, &he):
@@ -320,14 +429,12 @@ func (p *Proxy) dialHBONE(addr, sni string, ids []spiffeid.ID, ruleSANs bool, de
 		raw.Close()
 		return nil, &mesh.HandshakeError{Result: mesh.ResultOther, Err: err}
 	}
-	cc, err := p.hbone.pool.tr.NewClientConn(tc)
-	if err != nil {
-		raw.Close()
+	opts := p.hbone.pool.opts
+	opts.Cork = cork
+	c := hb.NewClient(tc, opts)
+	if err := c.WaitSettings(ctx); err != nil {
+		c.Close()
 		return nil, fmt.Errorf("hbone %s: %w", addr, err)
 	}
-	if err := cc.Ping(ctx); err != nil {
-		cc.Close()
-		return nil, fmt.Errorf("hbone %s: first ping: %w", addr, err)
-	}
-	return &hboneConn{cc: cc, peer: peer, local: raw.LocalAddr(), remote: raw.RemoteAddr()}, nil
+	return &hboneConn{c: c, peer: peer, local: raw.LocalAddr(), remote: raw.RemoteAddr()}, nil
 }

@@ -209,7 +209,7 @@ func TestHBONEReconnectsAfterPooledConnectionDies(t *testing.T) {
 	c.client.hbone.pool.mu.Lock()
 	for _, cs := range c.client.hbone.pool.conns {
 		for _, hc := range cs {
-			hc.cc.Close() // as if the peer had gone away
+			hc.c.Close() // as if the peer had gone away
 		}
 	}
 	c.client.hbone.pool.mu.Unlock()

@@ -10,6 +10,7 @@ import (
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	hb "github.com/meshproxy/meshproxy/proxy/hbone"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/proxy/sniff"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -51,7 +52,8 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	switch res.Kind {
 	case sniff.MeshTLS:
 		start := time.Now()
-		tc := tls.Server(sc, p.serverTLS)
+		cork := hb.NewCorkConn(sc)
+		tc := tls.Server(cork, p.serverTLS)
 		ctx, cancel := context.WithTimeout(t.Context(), p.opts.HandshakeTimeout)
 		err := tc.HandshakeContext(ctx)
 		cancel()
@@ -66,7 +68,17 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 			p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
 			return
 		}
-		p.authorizeAndForward(l, t, snap, tc, dest, port, mesh.ModeMTLS, peer, res.SNI)
+		if tc.ConnectionState().NegotiatedProtocol == hb.ALPN {
+			// A meshproxy client pools app connections on this one: each
+			// stream names its destination and is authorized on its own.
+			arrived := mesh.AddrPort(c.LocalAddr()).Addr()
+			if ap, err := netip.ParseAddrPort(dest); err == nil && l.spec.kind == inboundTransparent {
+				arrived = mesh.Unmap(ap).Addr()
+			}
+			p.serveHBONEConn(l, t, tc, peer, cork, arrived)
+			return
+		}
+		p.authorizeAndForward(l, t, snap, corkedTLS{tc, cork}, dest, port, mesh.ModeMTLS, peer, res.SNI)
 	default:
 		m := res.Kind.String()
 		if mode == policy.ModeStrict {

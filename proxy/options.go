@@ -41,6 +41,7 @@ type options struct {
 	inboundListen ListenFunc
 	inboundDialer InboundDialFunc
 	hbone         hboneOptions // see hbone.go
+	keyExchange   mesh.KeyExchange
 	// credentialsDir holds the files of DestinationRule credentialNames.
 	credentialsDir string
 }
@@ -95,6 +96,12 @@ func WithMeshCIDRs(cidrs []netip.Prefix) Option {
 // original destination.
 func WithOriginalDst(fn OriginalDstFunc) Option {
 	return func(o *options) { o.originalDst = fn }
+}
+
+// WithKeyExchange sets the TLS key exchange of mesh connections, both
+// ways (default mesh.KeyExchangeHybridPQ).
+func WithKeyExchange(kx mesh.KeyExchange) Option {
+	return func(o *options) { o.keyExchange = kx }
 }
 
 // WithDetectTimeout sets how long inbound sniffing waits for the first

@@ -1,6 +1,10 @@
 package proxy
 
 import (
+	"cmp"
+	"context"
+	"crypto/tls"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -8,7 +12,9 @@ import (
 
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	hb "github.com/meshproxy/meshproxy/proxy/hbone"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
+	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -78,13 +84,50 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 // server presenting one of ids, or any member of our trust domain if ids is
 // empty. With ruleSANs, ids come from the DestinationRule covering the
 // address actually reached (an explicit destination may be a host name).
-// pool (nil for none) sets the dial's timeout and TCP keepalive.
+// pool (nil for none) sets the dial's timeout and TCP keepalive. In HBONE
+// auto mode it first looks for a pooled connection to dest with room for a
+// stream, and offers the HBONE ALPN on a new connection (see hbone.go).
 func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool, pool *policy.TCPPool) {
-	if p.opts.hbone.outbound {
+	if p.opts.hbone.mode == HBONEAlways {
 		p.originateHBONE(t, down, dest, sni, ids, ruleSANs)
 		return
 	}
-	up, err := p.dialPool(t, dest, pool)
+	auto := p.opts.hbone.mode == HBONEAuto
+	var key string
+	// finish ends this connection's dial for key (auto mode): app
+	// connections that waited for it look at the pool again.
+	finish := func(bool) {}
+	if auto {
+		td, _ := p.trustDomain()
+		key = p.hboneKey(dest, sni, ids, td, ruleSANs)
+		for range maxPoolAttempts {
+			if p.originatePooled(t, down, key, dest) {
+				return
+			}
+			wait, f := p.hbone.pool.joinDial(key)
+			if wait == nil {
+				finish = f
+				break
+			}
+			select {
+			case <-wait:
+			case <-t.Context().Done():
+				p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionUnreachable, dest: dest, err: t.Context().Err()})
+				return
+			}
+		}
+	}
+	pooled := false
+	defer func() { finish(pooled) }()
+	var up net.Conn
+	var err error
+	if auto {
+		// Not owned by this app connection until it proves direct: a
+		// pooled connection outlives it.
+		up, err = p.dialShared(t, dest, pool)
+	} else {
+		up, err = p.dialPool(t, dest, pool)
+	}
 	if err != nil {
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionUnreachable, dest: dest, err: err})
 		return
@@ -105,16 +148,78 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 	}
 	td, err := p.trustDomain()
 	if err != nil && len(ids) == 0 {
+		if auto {
+			up.Close()
+		}
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionNoIdentity, dest: dest, err: err})
 		return
 	}
 
-	tc, peer, err := mesh.Originate(t.Context(), up, p.clientTLS.Get(sni, ids, td), p.opts.HandshakeTimeout)
+	cfg := p.clientTLS.Get(sni, ids, td)
+	if auto {
+		cfg = p.hbone.pool.clientConfig(p.clientTLS, sni, ids, td, hb.ALPN, tlsmgr.ALPNIstio)
+	}
+	cork := hb.NewCorkConn(up)
+	tc, peer, err := mesh.Originate(t.Context(), cork, cfg, p.opts.HandshakeTimeout)
 	if err != nil {
+		if auto {
+			up.Close()
+		}
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
 		return
 	}
-	p.pipe(t, down, tc, dest, mesh.ModeMTLS, peer)
+	if auto && tc.ConnectionState().NegotiatedProtocol == hb.ALPN {
+		pooled = true
+		p.originateNegotiated(t, down, tc, cork, peer, key, dest, func() { finish(true); finish = func(bool) {} })
+		return
+	}
+	finish(false)
+	finish = func(bool) {}
+	if auto && !t.AddSocket(up) {
+		return
+	}
+	p.pipe(t, down, corkedTLS{tc, cork}, dest, mesh.ModeMTLS, peer)
+}
+
+// dialShared opens a connection to addr for t, as dialPool does, without
+// registering it for t's abort; the caller closes it on failure.
+func (p *Proxy) dialShared(t *conntrack.Conn, addr string, pool *policy.TCPPool) (net.Conn, error) {
+	timeout := mesh.DefaultDialTimeout
+	if pool != nil {
+		timeout = cmp.Or(pool.ConnectTimeout, timeout)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), timeout)
+	defer cancel()
+	c, err := p.opts.Dialer.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	if pool != nil {
+		applyKeepalive(c, pool)
+	}
+	return c, nil
+}
+
+// originateNegotiated turns a mesh connection whose server selected the
+// HBONE ALPN into a pooled connection, with this app connection as its
+// first stream; pooled is called once others may use it.
+func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Conn, cork *hb.CorkConn, peer spiffeid.ID, key, dest string, pooled func()) {
+	opts := p.hbone.pool.opts
+	opts.Cork = cork
+	hc := &hboneConn{c: hb.NewClient(tc, opts), peer: peer, local: tc.LocalAddr(), remote: tc.RemoteAddr()}
+	s, authority, err := p.openStream(t, hc, dest)
+	if err != nil {
+		hc.c.Close()
+		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
+		return
+	}
+	if err := p.hbone.pool.add(key, hc); err != nil {
+		s.Close()
+		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
+		return
+	}
+	pooled()
+	p.pipeStream(t, down, s, hc, dest, authority)
 }
 
 // nameAndPort splits an explicit destination HOST:PORT whose host is a

@@ -59,10 +59,15 @@ func (p *Proxy) dialPool(t *conntrack.Conn, addr string, pool *policy.TCPPool) (
 	if err != nil {
 		return nil, err
 	}
+	applyKeepalive(c, pool)
+	return c, nil
+}
+
+// applyKeepalive sets pool's TCP keepalive, if any, on c.
+func applyKeepalive(c net.Conn, pool *policy.TCPPool) {
 	if k := pool.Keepalive; k != nil {
 		if tc, ok := c.(*net.TCPConn); ok {
 			_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: k.Time, Interval: k.Interval, Count: k.Probes})
 		}
 	}
-	return c, nil
 }

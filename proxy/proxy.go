@@ -17,6 +17,7 @@ import (
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
 	fwd "github.com/meshproxy/meshproxy/proxy/forward"
+	hb "github.com/meshproxy/meshproxy/proxy/hbone"
 	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/meshproxy/meshproxy/tlsmgr"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -103,17 +104,32 @@ func New(src tlsmgr.Source, pol mesh.PolicySource, opts ...Option) *Proxy {
 		opt(&o)
 	}
 	log := o.Log.With("component", "proxy")
+	serverTLS := mesh.ServerConfig(src, pol)
+	applyKeyExchange(serverTLS, o.keyExchange)
+	if o.hbone.mode != HBONENever {
+		// Server preference: a client offering it gets a pooled connection.
+		serverTLS.NextProtos = append([]string{hb.ALPN}, serverTLS.NextProtos...)
+	}
+	clientTLS := mesh.NewClientConfigs(src)
+	clientTLS.UseKeyExchange(o.keyExchange)
 	return &Proxy{
 		src:       src,
 		pol:       pol,
 		opts:      o,
 		log:       log,
 		refusals:  ratelog.New(log, 0),
-		serverTLS: mesh.ServerConfig(src, pol),
-		clientTLS: mesh.NewClientConfigs(src),
+		serverTLS: serverTLS,
+		clientTLS: clientTLS,
 		hbone:     newHBONE(src, pol, o),
 		conns:     conntrack.NewTable(log, o.MaxConns),
 	}
+}
+
+// applyKeyExchange sets cfg's key exchange to kx's (none: the default),
+// and full-size records from the first byte (see mesh.ClientConfigs).
+func applyKeyExchange(cfg *tls.Config, kx mesh.KeyExchange) {
+	cfg.CurvePreferences = kx.Curves()
+	cfg.DynamicRecordSizingDisabled = true
 }
 
 // Start binds every listener and serves in the background until Shutdown.
@@ -404,6 +420,11 @@ func (p *Proxy) pipe(t *conntrack.Conn, down, up net.Conn, dest, mode string, pe
 		peerID = peer.String()
 	}
 	metrics.Connections.WithLabelValues(t.Direction, mode, DecisionAllow).Inc()
+	if mode == mesh.ModeMTLS {
+		direct := metrics.MeshConnections.WithLabelValues(t.Direction, TransportDirect)
+		direct.Inc()
+		defer direct.Dec()
+	}
 	t.Establish(dest, mode, peerID)
 	p.log.Debug("connection open", "direction", t.Direction, "source", t.Source, "destination", dest, "mode", mode, "peer", peerID)
 	err := fwd.Forward(down, up, &t.Stats, p.opts.IdleTimeout, t.Abort, metrics.Bytes.WithLabelValues(t.Direction))
@@ -425,4 +446,21 @@ func (p *Proxy) pipe(t *conntrack.Conn, down, up net.Conn, dest, mode string, pe
 func isSelf(l *listener, c net.Conn, dst netip.AddrPort) bool {
 	local := mesh.AddrPort(c.LocalAddr())
 	return dst.Port() == l.port && dst.Addr().Unmap() == local.Addr().Unmap()
+}
+
+// corkedTLS is a mesh TLS connection whose every Write reaches the socket
+// in one write, however many records it takes (crypto/tls writes each
+// record on its own).
+type corkedTLS struct {
+	*tls.Conn
+	cork *hb.CorkConn
+}
+
+func (c corkedTLS) Write(p []byte) (int, error) {
+	c.cork.Cork()
+	n, err := c.Conn.Write(p)
+	if uerr := c.cork.Uncork(); err == nil {
+		err = uerr
+	}
+	return n, err
 }

@@ -136,8 +136,11 @@ type Sample struct {
 	// RSSBefore and RSSAfter are the client and server proxy's VmRSS in
 	// KiB before and while holding Held idle connections (ScenarioIdle).
 	RSSBefore, RSSAfter [2]int64
-	Held                int
-	Err                 error
+	// PrivBefore and PrivAfter are their private memory (Proc.PrivateKiB)
+	// at the same moments.
+	PrivBefore, PrivAfter [2]int64
+	Held                  int
+	Err                   error
 }
 
 // Report is a comparison run's samples.
@@ -254,6 +257,10 @@ func runIdle(ctx context.Context, cfg *Config, pair *Pair, s *Sample) error {
 	if err != nil {
 		return err
 	}
+	privBefore, err := privateKiB(pair)
+	if err != nil {
+		return err
+	}
 	held, err := HoldIdle(ctx, pair.Addr, cfg.IdleConns)
 	if err != nil {
 		return fmt.Errorf("hold %d connections: %w", cfg.IdleConns, err)
@@ -266,7 +273,12 @@ func runIdle(ctx context.Context, cfg *Config, pair *Pair, s *Sample) error {
 	if err != nil {
 		return err
 	}
+	privAfter, err := privateKiB(pair)
+	if err != nil {
+		return err
+	}
 	s.RSSBefore, s.RSSAfter, s.Held = before, after, held.Len()
+	s.PrivBefore, s.PrivAfter = privBefore, privAfter
 	return nil
 }
 
@@ -293,10 +305,15 @@ func cpuTimes(p *Pair) ([2]time.Duration, error) {
 	return out, nil
 }
 
-func rssKiB(p *Pair) ([2]int64, error) {
+func rssKiB(p *Pair) ([2]int64, error) { return perProc(p, (*Proc).RSSKiB) }
+
+func privateKiB(p *Pair) ([2]int64, error) { return perProc(p, (*Proc).PrivateKiB) }
+
+// perProc reads one memory figure of the client and the server proxy.
+func perProc(p *Pair, read func(*Proc) (int64, error)) ([2]int64, error) {
 	var out [2]int64
 	for i, pr := range p.Procs() {
-		v, err := pr.RSSKiB()
+		v, err := read(pr)
 		if err != nil {
 			return out, err
 		}
@@ -343,7 +360,9 @@ func (s *Sample) summary() string {
 		return "ERROR: " + first
 	}
 	if s.Scenario == ScenarioIdle {
-		return fmt.Sprintf("idle RSS %d+%d KiB, with %d conns %d+%d KiB", s.RSSBefore[0], s.RSSBefore[1], s.Held, s.RSSAfter[0], s.RSSAfter[1])
+		return fmt.Sprintf("idle RSS %d+%d KiB (private %d+%d), with %d conns %d+%d KiB (private %d+%d)",
+			s.RSSBefore[0], s.RSSBefore[1], s.PrivBefore[0], s.PrivBefore[1], s.Held,
+			s.RSSAfter[0], s.RSSAfter[1], s.PrivAfter[0], s.PrivAfter[1])
 	}
 	r := s.Result
 	cpu := s.CPU[0] + s.CPU[1]

@@ -23,13 +23,23 @@ const (
 	// MeshproxyB is a second meshproxy binary (Binaries.MeshproxyB), for
 	// measuring a change against the baseline in the same interleaved run.
 	MeshproxyB Peer = "meshproxy-b"
-	// MeshproxyHBONE is the meshproxy pair with --hbone: app connections
-	// travel as HTTP/2 CONNECT streams over one pooled mTLS connection.
+	// MeshproxyDirect is the meshproxy pair with --hbone=never: one mesh
+	// mTLS connection per app connection, what meshproxy does with a peer
+	// that does not speak HBONE (an Envoy/Istio sidecar).
+	MeshproxyDirect Peer = "meshproxy-direct"
+	// MeshproxyHBONE is the meshproxy pair with --hbone=always: app
+	// connections travel as HTTP/2 CONNECT streams to the server's HBONE
+	// listener in Istio's format (ALPN h2), over pooled mTLS connections.
 	MeshproxyHBONE Peer = "meshproxy-hbone"
+	// MeshproxyX25519 is MeshproxyDirect with --tls-key-exchange x25519:
+	// classical key exchange instead of X25519MLKEM768.
+	MeshproxyX25519 Peer = "meshproxy-x25519"
 )
 
-// AllPeers lists the peers of the comparison (MeshproxyB is opt-in).
-var AllPeers = []Peer{Meshproxy, HAProxy, Stunnel}
+// AllPeers lists the peers of the comparison (the other meshproxy
+// variants are opt-in). Meshproxy runs with its defaults, so its two
+// sidecars negotiate HBONE.
+var AllPeers = []Peer{Meshproxy, MeshproxyDirect, HAProxy, Stunnel}
 
 // Title is the peer's display name.
 func (p Peer) Title() string {
@@ -41,16 +51,18 @@ func (p Peer) Title() string {
 	}
 }
 
-func (p Peer) isMeshproxy() bool { return p == Meshproxy || p == MeshproxyB || p == MeshproxyHBONE }
+func (p Peer) isMeshproxy() bool {
+	return p == Meshproxy || p == MeshproxyB || p == MeshproxyHBONE || p == MeshproxyDirect || p == MeshproxyX25519
+}
 
 // ParsePeer validates a peer name.
 func ParsePeer(s string) (Peer, error) {
-	for _, p := range []Peer{Meshproxy, HAProxy, Stunnel, MeshproxyB, MeshproxyHBONE} {
+	for _, p := range []Peer{Meshproxy, HAProxy, Stunnel, MeshproxyB, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519} {
 		if string(p) == strings.ToLower(strings.TrimSpace(s)) {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("unknown peer %q (want meshproxy, haproxy, stunnel, meshproxy-b or meshproxy-hbone)", s)
+	return "", fmt.Errorf("unknown peer %q (want meshproxy, haproxy, stunnel, meshproxy-b, meshproxy-direct, meshproxy-hbone or meshproxy-x25519)", s)
 }
 
 // readyTimeout bounds how long a pair may take to carry its first request.
@@ -73,7 +85,7 @@ type Binaries struct {
 // Path returns the binary of peer p, or "" if it is unavailable.
 func (b Binaries) Path(p Peer) string {
 	switch p {
-	case Meshproxy, MeshproxyHBONE:
+	case Meshproxy, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519:
 		return b.Meshproxy
 	case MeshproxyB:
 		return b.MeshproxyB
@@ -214,10 +226,19 @@ func (e *Env) startPair(ctx context.Context, peer Peer, opt PairOptions) (*Pair,
 		p.Admin = fmt.Sprintf("127.0.0.1:%d", ports[2])
 	}
 	serverArgv, clientArgv, err := e.argv(peer, clientAddr, serverAddr, p.Admin)
-	if err == nil && peer == MeshproxyHBONE {
-		hbone := fmt.Sprintf("127.0.0.1:%d", ports[3])
-		serverArgv = append(serverArgv, "--hbone", "--hbone-listen", hbone)
-		clientArgv = append(clientArgv, "--hbone", "--hbone-listen", "off", "--hbone-peer", serverAddr+"="+hbone)
+	if err == nil {
+		switch peer {
+		case MeshproxyHBONE:
+			hbone := fmt.Sprintf("127.0.0.1:%d", ports[3])
+			serverArgv = append(serverArgv, "--hbone=always", "--hbone-listen", hbone)
+			clientArgv = append(clientArgv, "--hbone=always", "--hbone-listen", "off", "--hbone-peer", serverAddr+"="+hbone)
+		case MeshproxyDirect:
+			serverArgv = append(serverArgv, "--hbone=never")
+			clientArgv = append(clientArgv, "--hbone=never")
+		case MeshproxyX25519:
+			serverArgv = append(serverArgv, "--hbone=never", "--tls-key-exchange", "x25519")
+			clientArgv = append(clientArgv, "--hbone=never", "--tls-key-exchange", "x25519")
+		}
 	}
 	if err != nil {
 		return nil, err
@@ -273,7 +294,7 @@ func (p *Pair) waitReady(ctx context.Context) error {
 func (e *Env) argv(peer Peer, clientAddr, serverAddr, admin string) (server, client []string, err error) {
 	k := e.PKI
 	switch peer {
-	case Meshproxy, MeshproxyB, MeshproxyHBONE:
+	case Meshproxy, MeshproxyB, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519:
 		bin := e.Bins.Path(peer)
 		if admin == "" {
 			admin = "off"

@@ -125,6 +125,40 @@ func (p *Proc) RSSKiB() (int64, error) {
 	return 0, fmt.Errorf("%s: no VmRSS in /proc/%d/status", p.Name, p.PID())
 }
 
+// PrivateKiB is the process's private memory in KiB: Anonymous (from
+// /proc/PID/smaps_rollup) plus RssShmem (from /proc/PID/status). Unlike
+// VmRSS it leaves out the binary's file-backed pages, which every process
+// of the same binary shares.
+func (p *Proc) PrivateKiB() (int64, error) {
+	anon, err := procField(fmt.Sprintf("/proc/%d/smaps_rollup", p.PID()), "Anonymous:")
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", p.Name, err)
+	}
+	shmem, err := procField(fmt.Sprintf("/proc/%d/status", p.PID()), "RssShmem:")
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", p.Name, err)
+	}
+	return anon + shmem, nil
+}
+
+// procField reads a "Name:   123 kB" line of a /proc file, in KiB.
+func procField(path, name string) (int64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, name); ok {
+			f := strings.Fields(v)
+			if len(f) != 2 || f[1] != "kB" {
+				return 0, fmt.Errorf("%s: unexpected line %q", path, line)
+			}
+			return strconv.ParseInt(f[0], 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("%s: no %s line", path, name)
+}
+
 // CPUTime is the user+system CPU time the process (all its threads) used.
 func (p *Proc) CPUTime() (time.Duration, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.PID()))

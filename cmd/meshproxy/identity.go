@@ -79,7 +79,8 @@ func newPeersCmd() *cobra.Command {
 		Short: "List the sidecar's live connections with each peer's SPIFFE ID, mode and bytes",
 		Long: `peers asks a running sidecar's admin API for its open connections: direction,
 source and destination addresses, the peer's SPIFFE ID (empty for plaintext or
-passed-through connections), the mode (mtls, tls, plaintext, passthrough),
+passed-through connections), the mode (hbone: a stream of a pooled mesh
+connection; mtls: a mesh connection of its own; tls, plaintext, passthrough),
 when it started and the bytes moved each way.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

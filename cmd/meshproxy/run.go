@@ -70,11 +70,40 @@ type runFlags struct {
 	trustDomain       string
 	federateWith      []string
 	tproxy            bool
-	hbone             bool
+	hbone             hboneFlag
 	hboneListen       string
 	hbonePeers        []string
+	keyExchange       string
 	appProbers        string
 	configServer      configServerFlags
+}
+
+// hboneFlag is --hbone: auto, always or never. The boolean spellings of
+// the flag it replaces still parse: --hbone alone or =true is always,
+// =false is never.
+type hboneFlag struct{ mode proxy.HBONEMode }
+
+func (h *hboneFlag) String() string { return string(h.mode) }
+
+// Type names the values in --help.
+func (h *hboneFlag) Type() string { return "auto|always|never" }
+
+// Set parses a value.
+func (h *hboneFlag) Set(v string) error {
+	switch v = strings.ToLower(strings.TrimSpace(v)); v {
+	case "true", "1":
+		h.mode = proxy.HBONEAlways
+		return nil
+	case "false", "0":
+		h.mode = proxy.HBONENever
+		return nil
+	}
+	m, err := proxy.ParseHBONEMode(v)
+	if err != nil {
+		return err
+	}
+	h.mode = m
+	return nil
 }
 
 func newRunCmd() *cobra.Command {
@@ -101,14 +130,22 @@ Listeners (at least one):
   --inbound-explicit LISTEN=APP_ADDR         terminate mesh mTLS, forward to the app
   --outbound-explicit LISTEN=DEST[#SPIFFE-ID] plaintext in, mesh mTLS to DEST
 
-With --hbone the sidecar also listens for HBONE (HTTP/2 CONNECT over mesh
-mTLS) on --hbone-listen (:15008): a stream's :authority must be one of this
-workload's inbound listeners or apps (explicit), or the pod address it
-arrived on (transparent; never loopback or ports 15000-15099), and the same
-PeerAuthentication/AuthorizationPolicy as on the other inbound paths
-applies. Outbound mesh connections then travel as CONNECT streams over one
-pooled mTLS connection per peer, to the destination's port 15008 or the
-address --hbone-peer DEST=HBONE_ADDR gives; there is no fallback.
+HBONE (HTTP/2 CONNECT streams over pooled mesh mTLS connections), --hbone:
+  auto (default)  offer ALPN meshproxy-hbone on each new mesh connection; a
+                  meshproxy peer selects it and the connection is pooled for
+                  later app connections to the same destination; an
+                  Envoy/Istio peer does not, and the connection stays
+                  per-connection mTLS. Inbound, the offer is accepted.
+  always          send outbound mesh traffic as CONNECT streams to the
+                  destination's port 15008 (or --hbone-peer DEST=HBONE_ADDR),
+                  Istio's HBONE format, no fallback; listen on --hbone-listen
+  never           per-connection mTLS only; the offer is not accepted
+A stream's :authority must be one of this workload's inbound listeners or
+apps (explicit), or the pod address it arrived on (transparent; never
+loopback or ports 15000-15099), and the same PeerAuthentication and
+AuthorizationPolicy as on the other inbound paths apply.
+--tls-key-exchange picks the key exchange of mesh TLS: hybrid-pq (default,
+X25519MLKEM768) or x25519 (cheaper handshakes, no post-quantum protection).
 
 With --tproxy the inbound listener is transparent (IP_TRANSPARENT) and the
 proxy connects to the app from the client's own address, so the app sees the
@@ -158,9 +195,12 @@ subjectAltNames).` + runConfigServerHelp,
 	fl.StringVar(&f.outbound, "outbound", "", "transparent outbound listener, e.g. :15001 (needs 'meshproxy redirect')")
 	fl.StringArrayVar(&f.inboundExplicit, "inbound-explicit", nil, "LISTEN=APP_ADDR: terminate mesh mTLS on LISTEN, forward to APP_ADDR (repeatable)")
 	fl.StringArrayVar(&f.outboundExplicit, "outbound-explicit", nil, "LISTEN=DEST[#SPIFFE-ID]: plaintext on LISTEN, mesh mTLS to DEST (repeatable)")
-	fl.BoolVar(&f.hbone, "hbone", false, "HBONE: accept HTTP/2 CONNECT over mesh mTLS on --hbone-listen, and send outbound mesh traffic as CONNECT streams over one pooled connection per peer to its port 15008 (no fallback)")
-	fl.StringVar(&f.hboneListen, "hbone-listen", ports.Any(ports.HBONE), "with --hbone: the inbound HBONE listener address ('off': outbound HBONE only)")
-	fl.StringArrayVar(&f.hbonePeers, "hbone-peer", nil, "with --hbone: DEST=HBONE_ADDR, the peer HBONE listener for destination DEST when it is not DEST's host port 15008 (repeatable)")
+	f.hbone.mode = proxy.HBONEAuto
+	fl.Var(&f.hbone, "hbone", "HBONE: auto (negotiated with meshproxy peers on the mesh connection, per-connection mTLS with others), always (CONNECT to the peer's port 15008, no fallback) or never; --hbone alone is always")
+	fl.Lookup("hbone").NoOptDefVal = string(proxy.HBONEAlways)
+	fl.StringVar(&f.hboneListen, "hbone-listen", ports.Any(ports.HBONE), "with --hbone=always: the inbound HBONE listener address ('off': outbound HBONE only)")
+	fl.StringArrayVar(&f.hbonePeers, "hbone-peer", nil, "with --hbone=always: DEST=HBONE_ADDR, the peer HBONE listener for destination DEST when it is not DEST's host port 15008 (repeatable)")
+	fl.StringVar(&f.keyExchange, "tls-key-exchange", string(mesh.KeyExchangeHybridPQ), "key exchange of mesh TLS: hybrid-pq (X25519MLKEM768, X25519 for peers without it) or x25519 (about a quarter cheaper handshakes, no post-quantum protection)")
 	fl.BoolVar(&f.tproxy, "tproxy", false, "inbound capture is TPROXY: listen transparently and reach the app from the client's address (must match 'redirect install --tproxy'; needs CAP_NET_ADMIN)")
 	fl.StringSliceVar(&f.meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS unless a DestinationRule says otherwise")
 	fl.StringVar(&f.configDir, "config-dir", "", "directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy, DestinationRule), watched")
@@ -352,15 +392,20 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 	return opts, nil
 }
 
-// hboneOptions validates --hbone, --hbone-listen and --hbone-peer.
+// hboneOptions validates --hbone, --hbone-listen, --hbone-peer and
+// --tls-key-exchange.
 func (f *runFlags) hboneOptions() ([]proxy.Option, error) {
-	if !f.hbone {
-		if len(f.hbonePeers) > 0 {
-			return nil, usagef("--hbone-peer needs --hbone")
-		}
-		return nil, nil
+	kx, err := mesh.ParseKeyExchange(f.keyExchange)
+	if err != nil {
+		return nil, usagef("--tls-key-exchange: %v", err)
 	}
-	opts := []proxy.Option{proxy.WithHBONEOutbound(true)}
+	opts := []proxy.Option{proxy.WithKeyExchange(kx), proxy.WithHBONEMode(f.hbone.mode)}
+	if f.hbone.mode != proxy.HBONEAlways {
+		if len(f.hbonePeers) > 0 {
+			return nil, usagef("--hbone-peer needs --hbone=always")
+		}
+		return opts, nil
+	}
 	switch {
 	case f.hboneListen == "off":
 	case isHostPort(f.hboneListen):

@@ -3,6 +3,7 @@ package mesh
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"net"
 	"sync"
 	"time"
@@ -34,8 +35,18 @@ type ClientConfigs struct {
 	// sessions resumes TLS 1.3 sessions; it forgets them all when src's
 	// generation changes, and VerifyConnection re-checks every resumed peer.
 	sessions tls.ClientSessionCache
+	curves   []tls.CurveID // nil: crypto/tls's default (hybrid post-quantum first)
 	mu       sync.Mutex
 	m        map[string]*tls.Config
+}
+
+// UseKeyExchange sets the key exchange of the configs Get returns from now
+// on; call it before the first Get.
+func (c *ClientConfigs) UseKeyExchange(kx KeyExchange) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.curves = kx.Curves()
+	clear(c.m)
 }
 
 // NewClientConfigs returns an empty cache of configs presenting src's SVID.
@@ -68,11 +79,46 @@ func (c *ClientConfigs) Get(sni string, ids []spiffeid.ID, td spiffeid.TrustDoma
 	cfg := tlsmgr.ClientConfig(c.src, authz, tlsmgr.ALPNIstio)
 	cfg.ServerName = sni
 	cfg.ClientSessionCache = c.sessions
+	cfg.CurvePreferences = c.curves
+	// Full-size records from the first byte: the slow-start concern behind
+	// small first records does not apply between sidecars, and each record
+	// costs a write syscall in crypto/tls.
+	cfg.DynamicRecordSizingDisabled = true
 	if len(c.m) >= MaxClientConfigs {
 		clear(c.m)
 	}
 	c.m[key] = cfg
 	return cfg
+}
+
+// KeyExchange is the TLS 1.3 key exchange of mesh connections.
+type KeyExchange string
+
+// Key exchanges (--tls-key-exchange).
+const (
+	// KeyExchangeHybridPQ is X25519MLKEM768 (post-quantum hybrid) first,
+	// X25519 for peers without it: crypto/tls's default.
+	KeyExchangeHybridPQ KeyExchange = "hybrid-pq"
+	// KeyExchangeX25519 is X25519 only: cheaper handshakes, no
+	// post-quantum protection.
+	KeyExchangeX25519 KeyExchange = "x25519"
+)
+
+// ParseKeyExchange parses hybrid-pq or x25519.
+func ParseKeyExchange(s string) (KeyExchange, error) {
+	switch k := KeyExchange(s); k {
+	case KeyExchangeHybridPQ, KeyExchangeX25519:
+		return k, nil
+	}
+	return "", fmt.Errorf("key exchange %q: want hybrid-pq or x25519", s)
+}
+
+// Curves is the tls.Config.CurvePreferences of kx (nil: the default).
+func (kx KeyExchange) Curves() []tls.CurveID {
+	if kx == KeyExchangeX25519 {
+		return []tls.CurveID{tls.X25519}
+	}
+	return nil
 }
 
 // ServerConfig builds the mesh server config that terminates mesh mTLS,

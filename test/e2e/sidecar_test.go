@@ -331,7 +331,8 @@ func TestIdentityPeersAndInspectCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	r = runCmd(t, nil, "peers", "--admin", sa.admin)
-	if r.code != 0 || !strings.Contains(r.stdout, clientID) || !strings.Contains(r.stdout, "mtls") {
+	// Two meshproxy sidecars pool their connections (HBONE negotiated by default).
+	if r.code != 0 || !strings.Contains(r.stdout, clientID) || !strings.Contains(r.stdout, "hbone") {
 		t.Fatalf("peers: exit %d\n%s%s", r.code, r.stdout, r.stderr)
 	}
 	r = runCmd(t, nil, "peers", "--admin", sa.admin, "-o", "json")

@@ -1,0 +1,987 @@
+package hbone
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// ALPN is the protocol a meshproxy client offers first on a mesh mTLS
+// connection; a meshproxy server that selects it speaks HBONE on that
+// connection. Istio's own HBONE listener (15008) uses "h2".
+const ALPN = "meshproxy-hbone"
+
+// Defaults of a Conn.
+const (
+	// DefaultMaxStreams is how many streams a server lets a client open at
+	// once (SETTINGS_MAX_CONCURRENT_STREAMS).
+	DefaultMaxStreams = 100
+	// DefaultStreamWindow is each stream's receive window: what the peer
+	// may send ahead of the app reading it, so also the most a stream
+	// buffers. A bulk stream is refilled after a quarter is read, so on a
+	// fast link it never waits for WINDOW_UPDATE.
+	DefaultStreamWindow = 1 << 20
+	// DefaultPrefaceTimeout bounds how long a server waits for the client
+	// preface.
+	DefaultPrefaceTimeout = 10 * time.Second
+)
+
+const (
+	initialWindow = 65535 // RFC 9113 6.9.2
+	// connWindow is the connection receive window granted at once and kept
+	// topped up as data arrives: each stream's own window bounds what it
+	// buffers, so the connection level only has to stay out of the way.
+	connWindow = 1 << 30
+	// maxFrame is the DATA payload size we accept and send (the default
+	// SETTINGS_MAX_FRAME_SIZE, one TLS record).
+	maxFrame = 16 << 10
+	// maxWriteBuffer is how much framed data may wait for the socket before
+	// a stream's Write waits for it to drain.
+	maxWriteBuffer = 256 << 10
+	// maxControlBacklog is how much a peer may make us queue without
+	// reading it (ping and settings acks, resets) before the connection is
+	// closed.
+	maxControlBacklog = 4 << 20
+	// maxPooledBuffer is the largest write buffer returned to the pool.
+	maxPooledBuffer = 512 << 10
+	// leadRounds is how many writes a stream's Write makes on behalf of
+	// others before it hands the rest to the connection's writer.
+	leadRounds = 4
+	// lingerTimeout is how long a connection we closed waits for the
+	// peer to close its side.
+	lingerTimeout = 5 * time.Second
+	// maxHeaderList bounds a decoded header block.
+	maxHeaderList = 16 << 10
+)
+
+// Errors of a Conn and its streams.
+var (
+	// ErrUnavailable means the connection takes no new streams: it is
+	// closed or going away. Another connection may.
+	ErrUnavailable = errors.New("hbone connection takes no new streams")
+	// ErrFull means the connection carries as many streams as the peer
+	// allows.
+	ErrFull = errors.New("hbone connection is at the peer's stream limit")
+	// ErrRefused means the peer did not process the stream (REFUSED_STREAM,
+	// or above a GOAWAY's last stream): it is safe to retry elsewhere.
+	ErrRefused = errors.New("hbone stream refused before it was processed")
+)
+
+// ResetError is a stream reset by the peer (RST_STREAM) with its code.
+type ResetError struct{ Code http2.ErrCode }
+
+func (e *ResetError) Error() string { return "hbone stream reset by peer: " + e.Code.String() }
+
+// Options tune a Conn; the zero value takes the defaults.
+type Options struct {
+	// MaxStreams is what a server advertises as
+	// SETTINGS_MAX_CONCURRENT_STREAMS (default DefaultMaxStreams).
+	MaxStreams uint32
+	// StreamWindow is each stream's receive window (default
+	// DefaultStreamWindow).
+	StreamWindow uint32
+	// IdleTimeout closes the connection (GOAWAY) after it carried no stream
+	// for this long; zero never does.
+	IdleTimeout time.Duration
+	// PrefaceTimeout bounds the wait for the client preface (server only;
+	// default DefaultPrefaceTimeout).
+	PrefaceTimeout time.Duration
+	// KeepAlive sends a PING when nothing was read for this long while
+	// streams are open, and closes the connection if nothing arrives
+	// within another KeepAlive: a peer that vanished without a FIN is
+	// found before an app connection waits on it for good. Zero: never.
+	KeepAlive time.Duration
+	// Cork, if set, is the socket under the connection's TLS: each flush
+	// then reaches the socket in one write, however many TLS records it
+	// takes.
+	Cork *CorkConn
+}
+
+func (o Options) withDefaults() Options {
+	if o.MaxStreams == 0 {
+		o.MaxStreams = DefaultMaxStreams
+	}
+	if o.StreamWindow == 0 {
+		o.StreamWindow = DefaultStreamWindow
+	}
+	if o.PrefaceTimeout == 0 {
+		o.PrefaceTimeout = DefaultPrefaceTimeout
+	}
+	return o
+}
+
+// Conn is one HTTP/2 connection carrying CONNECT streams, client or server
+// side. Make one with NewClient or NewServer on an established (mTLS)
+// connection.
+type Conn struct {
+	nc     net.Conn
+	server bool
+	opts   Options
+	fr     *http2.Framer
+	done   chan struct{} // closed when the connection is closed
+	wake   chan struct{} // wakes the writer goroutine
+
+	// Write side. wmu is never held during I/O, so the reader may take it.
+	wmu         sync.Mutex
+	wcond       *sync.Cond // space in wbuf, or a write failed
+	wbuf        []byte     // frames waiting for the socket
+	flushing    bool       // a goroutine is writing
+	werr        error
+	henc        *hpack.Encoder
+	hbuf        bytes.Buffer
+	nextID      uint32 // client: the next stream ID
+	closeWhen   bool   // close the socket once wbuf is written
+	closedWrite bool   // our direction of the socket is closed
+
+	mu             sync.Mutex
+	streams        map[uint32]*Stream
+	active         int   // streams not yet released
+	sendWindow     int64 // connection window for our DATA
+	peerWindow     int64 // peer's SETTINGS_INITIAL_WINDOW_SIZE
+	peerMaxStreams uint32
+	gotSettings    bool
+	settingsc      chan struct{} // closed on the peer's first SETTINGS
+	lastPeerID     uint32        // server: highest stream the client opened
+	draining       bool          // GOAWAY sent or received
+	goAwayID       uint32
+	closed         bool
+	err            error
+	lastOpened     uint32 // client: highest stream we opened
+	recvUnacked    int64  // connection window consumed, not yet returned
+	idle           *time.Timer
+	handler        func(*Stream) // server: runs each new stream
+
+	lastRead  atomic.Int64 // unix nanoseconds of the last frame read
+	keepAlive *time.Timer
+	pinged    bool // a keepalive PING is unanswered; guarded by mu
+}
+
+// NewClient starts the client side of an HBONE connection on nc: the
+// preface is queued (it goes out with the first stream) and the reader and
+// writer goroutines run until the connection closes.
+func NewClient(nc net.Conn, opts Options) *Conn {
+	c := newConn(nc, false, opts)
+	c.nextID = 1
+	c.wbuf = append(c.wbuf, http2.ClientPreface...)
+	c.wbuf = appendSettings(c.wbuf,
+		http2.Setting{ID: http2.SettingEnablePush, Val: 0},
+		http2.Setting{ID: http2.SettingInitialWindowSize, Val: c.opts.StreamWindow})
+	c.wbuf = appendWindowUpdate(c.wbuf, 0, connWindow-initialWindow)
+	c.armIdle()
+	c.startKeepAlive()
+	go c.writeLoop()
+	go func() { _ = c.readLoop() }()
+	return c
+}
+
+// startKeepAlive runs the keepalive check every KeepAlive.
+func (c *Conn) startKeepAlive() {
+	if c.opts.KeepAlive <= 0 {
+		return
+	}
+	c.lastRead.Store(time.Now().UnixNano())
+	c.mu.Lock()
+	c.keepAlive = time.AfterFunc(c.opts.KeepAlive, c.checkAlive)
+	c.mu.Unlock()
+}
+
+// checkAlive pings a connection with open streams that went quiet, and
+// closes one whose ping went unanswered.
+func (c *Conn) checkAlive() {
+	quiet := time.Since(time.Unix(0, c.lastRead.Load()))
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	ping, dead := false, false
+	switch {
+	case quiet < c.opts.KeepAlive:
+		c.pinged = false
+	case c.pinged:
+		dead = true
+	case c.active > 0:
+		c.pinged, ping = true, true
+	}
+	c.mu.Unlock()
+	if dead {
+		c.fail(fmt.Errorf("peer silent for %s, keepalive ping unanswered", quiet.Round(time.Second)))
+		return
+	}
+	if ping {
+		c.queue(false, func(b []byte) []byte { return appendPing(b, false, [8]byte{'k', 'e', 'e', 'p'}) })
+	}
+	c.keepAlive.Reset(c.opts.KeepAlive)
+}
+
+// NewServer prepares the server side of an HBONE connection on nc; Serve
+// runs it.
+func NewServer(nc net.Conn, opts Options) *Conn {
+	return newConn(nc, true, opts)
+}
+
+func newConn(nc net.Conn, server bool, opts Options) *Conn {
+	c := &Conn{
+		nc:             nc,
+		server:         server,
+		opts:           opts.withDefaults(),
+		done:           make(chan struct{}),
+		wake:           make(chan struct{}, 1),
+		streams:        make(map[uint32]*Stream),
+		sendWindow:     initialWindow,
+		peerWindow:     initialWindow,
+		peerMaxStreams: math.MaxUint32,
+		settingsc:      make(chan struct{}),
+	}
+	c.wcond = sync.NewCond(&c.wmu)
+	c.henc = hpack.NewEncoder(&c.hbuf)
+	var r io.Reader = nc
+	if _, ok := nc.(*tls.Conn); !ok {
+		// crypto/tls buffers a record already; a plain socket needs it.
+		r = bufio.NewReaderSize(nc, 32<<10)
+	}
+	c.fr = http2.NewFramer(nil, r)
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.fr.MaxHeaderListSize = maxHeaderList
+	c.fr.SetMaxReadFrameSize(maxFrame)
+	return c
+}
+
+// Serve reads the client preface and serves streams, calling handle in a
+// goroutine of its own for each new one, until the connection closes. The
+// handler must answer the stream (Respond) and Close it. Serve returns nil
+// when the client closed the connection cleanly.
+func (c *Conn) Serve(handle func(*Stream)) error {
+	go c.writeLoop()
+	_ = c.nc.SetReadDeadline(time.Now().Add(c.opts.PrefaceTimeout))
+	var preface [len(http2.ClientPreface)]byte
+	if _, err := io.ReadFull(c.nc, preface[:]); err != nil {
+		err = fmt.Errorf("read hbone client preface: %w", err)
+		c.fail(err)
+		return err
+	}
+	if string(preface[:]) != http2.ClientPreface {
+		err := errors.New("not an HTTP/2 client preface")
+		c.fail(err)
+		return err
+	}
+	_ = c.nc.SetReadDeadline(time.Time{})
+	c.queue(false, func(b []byte) []byte {
+		b = appendSettings(b,
+			http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: c.opts.MaxStreams},
+			http2.Setting{ID: http2.SettingInitialWindowSize, Val: c.opts.StreamWindow})
+		return appendWindowUpdate(b, 0, connWindow-initialWindow)
+	})
+	c.handler = handle
+	c.armIdle()
+	c.startKeepAlive()
+	err := c.readLoop()
+	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
+// Done is closed when the connection has closed.
+func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// Err is why the connection closed: nil while it is open or after a clean
+// close (ours, or the peer's end of stream).
+func (c *Conn) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if errors.Is(c.err, net.ErrClosed) || errors.Is(c.err, io.EOF) {
+		return nil
+	}
+	return c.err
+}
+
+// Close closes the connection at once; open streams fail.
+func (c *Conn) Close() error {
+	c.fail(net.ErrClosed)
+	return nil
+}
+
+// Shutdown starts a graceful close: GOAWAY tells the peer no new streams
+// are taken, streams already open finish, and the connection closes when
+// the last one does.
+func (c *Conn) Shutdown() {
+	c.mu.Lock()
+	if c.closed || c.draining {
+		c.mu.Unlock()
+		return
+	}
+	c.draining = true
+	last, idle := c.lastPeerID, c.active == 0
+	c.mu.Unlock()
+	c.queue(false, func(b []byte) []byte { return appendGoAway(b, last, http2.ErrCodeNo) })
+	if idle {
+		c.closeAfterFlush()
+	}
+}
+
+// Available is how many more streams the client may open now: zero when
+// the connection is closed, going away or full. Before the server's
+// SETTINGS arrive, one (the stream that rides with the preface).
+func (c *Conn) Available() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.draining {
+		return 0
+	}
+	limit := int64(c.peerMaxStreams)
+	if !c.gotSettings {
+		limit = 1
+	}
+	return int(max(0, limit-int64(c.active)))
+}
+
+// Active is the number of streams open on the connection.
+func (c *Conn) Active() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.active
+}
+
+// WaitSettings waits for the peer's first SETTINGS, which carry its stream
+// limit, flushing our preface first.
+func (c *Conn) WaitSettings(ctx context.Context) error {
+	c.kick()
+	select {
+	case <-c.settingsc:
+		return nil
+	case <-c.done:
+		return c.closeErr()
+	case <-ctx.Done():
+		return fmt.Errorf("wait for hbone settings: %w", ctx.Err())
+	}
+}
+
+func (c *Conn) closeErr() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return fmt.Errorf("hbone connection closed: %w", c.err)
+	}
+	return ErrUnavailable
+}
+
+// Open starts a CONNECT stream for authority (client side) and waits for
+// the server's answer. A stream is returned whatever the status (see
+// Stream.Status); the caller closes it.
+func (c *Conn) Open(ctx context.Context, authority string) (*Stream, error) {
+	c.mu.Lock()
+	switch {
+	case c.closed || c.draining:
+		c.mu.Unlock()
+		return nil, ErrUnavailable
+	case c.active >= int(c.peerMaxStreams) || !c.gotSettings && c.active >= 1:
+		c.mu.Unlock()
+		return nil, ErrFull
+	}
+	c.active++
+	c.stopIdle()
+	c.mu.Unlock()
+
+	var s *Stream
+	err := c.queue(true, func(b []byte) []byte {
+		id := c.nextID
+		if id > math.MaxInt32 {
+			// Stream IDs are used up: new streams go to a new connection.
+			c.mu.Lock()
+			c.draining = true
+			c.mu.Unlock()
+			return b
+		}
+		c.nextID += 2
+		s = c.newStream(id)
+		c.mu.Lock()
+		s.sendWindow = c.peerWindow
+		c.streams[id] = s
+		c.lastOpened = id
+		c.mu.Unlock()
+		c.hbuf.Reset()
+		_ = c.henc.WriteField(hpack.HeaderField{Name: ":method", Value: "CONNECT"})
+		_ = c.henc.WriteField(hpack.HeaderField{Name: ":authority", Value: authority})
+		return appendHeaders(b, id, c.hbuf.Bytes(), false)
+	})
+	if s == nil {
+		c.mu.Lock()
+		drained := c.release()
+		c.mu.Unlock()
+		if drained {
+			c.closeAfterFlush()
+		}
+		if err == nil {
+			err = ErrUnavailable
+		}
+		return nil, err
+	}
+	select {
+	case <-s.respDone:
+	case <-ctx.Done():
+		s.Close()
+		return nil, fmt.Errorf("hbone CONNECT %s: %w", authority, ctx.Err())
+	}
+	c.mu.Lock()
+	status, serr := s.status, s.err
+	if s.rstErr != nil {
+		serr = s.rstErr
+	}
+	c.mu.Unlock()
+	if status == 0 {
+		s.Close()
+		return nil, fmt.Errorf("hbone CONNECT %s: %w", authority, serr)
+	}
+	return s, nil
+}
+
+// queue appends frames built by build to the write buffer. With lead, a
+// stream's goroutine writes the buffer itself when no write is in
+// progress (no hand-off), after waiting for room; without, the writer
+// goroutine is woken and the caller never blocks (the reader, Close).
+func (c *Conn) queue(lead bool, build func([]byte) []byte) error {
+	c.wmu.Lock()
+	if lead {
+		for len(c.wbuf) >= maxWriteBuffer && c.werr == nil {
+			c.wcond.Wait()
+		}
+	}
+	if c.werr != nil {
+		err := c.werr
+		c.wmu.Unlock()
+		return err
+	}
+	if c.wbuf == nil {
+		c.wbuf = getBuffer()
+	}
+	c.wbuf = build(c.wbuf)
+	if !lead && len(c.wbuf) > maxControlBacklog {
+		c.wmu.Unlock()
+		c.fail(errors.New("peer does not read what it asks for"))
+		return ErrUnavailable
+	}
+	if !lead || c.flushing {
+		c.wmu.Unlock()
+		if !lead {
+			c.kick()
+		}
+		return nil
+	}
+	return c.flushLocked(leadRounds)
+}
+
+func (c *Conn) kick() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// flushLocked writes the buffer until it is empty (or after rounds writes
+// hands the rest to the writer goroutine; rounds < 0: no limit). Called
+// with wmu held and no write in progress; returns with it released.
+func (c *Conn) flushLocked(rounds int) error {
+	c.flushing = true
+	for i := 0; len(c.wbuf) > 0; i++ {
+		if i == rounds {
+			c.flushing = false
+			c.wmu.Unlock()
+			c.kick()
+			return nil
+		}
+		buf := c.wbuf
+		c.wbuf = nil // the next frame takes a buffer from the pool
+		c.wmu.Unlock()
+		err := c.write(buf)
+		c.wmu.Lock()
+		putBuffer(buf)
+		c.wcond.Broadcast()
+		if err != nil {
+			c.flushing = false
+			c.wmu.Unlock()
+			err = fmt.Errorf("hbone write: %w", err)
+			c.fail(err)
+			return err
+		}
+	}
+	c.flushing = false
+	closeNow := c.closeWhen
+	c.wmu.Unlock()
+	if closeNow {
+		c.closeSocket()
+	}
+	return nil
+}
+
+// closeSocket ends a connection that has nothing more to say: our
+// direction is closed (TLS close_notify or FIN) and the reader runs on
+// until the peer closes too, so nothing it sent last is lost to a reset;
+// a peer that never closes is cut off after lingerTimeout.
+func (c *Conn) closeSocket() {
+	c.wmu.Lock()
+	once := !c.closedWrite
+	c.closedWrite = true
+	c.wmu.Unlock()
+	if !once {
+		return
+	}
+	if cw, ok := c.nc.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+		time.AfterFunc(lingerTimeout, func() { c.fail(net.ErrClosed) })
+		return
+	}
+	c.fail(net.ErrClosed)
+}
+
+// write sends buf on the connection, corked if it can be.
+func (c *Conn) write(buf []byte) error {
+	if c.opts.Cork == nil {
+		_, err := c.nc.Write(buf)
+		return err
+	}
+	c.opts.Cork.Cork()
+	_, err := c.nc.Write(buf)
+	if uerr := c.opts.Cork.Uncork(); err == nil {
+		err = uerr
+	}
+	return err
+}
+
+// writeLoop writes what the reader and Close queue, and what a leading
+// Write handed over.
+func (c *Conn) writeLoop() {
+	for {
+		select {
+		case <-c.wake:
+		case <-c.done:
+			return
+		}
+		c.wmu.Lock()
+		if c.flushing {
+			c.wmu.Unlock()
+			continue
+		}
+		if len(c.wbuf) == 0 {
+			closeNow := c.closeWhen
+			c.wmu.Unlock()
+			if closeNow {
+				c.closeSocket()
+			}
+			continue
+		}
+		_ = c.flushLocked(-1)
+	}
+}
+
+// closeAfterFlush closes the socket once everything queued is written.
+func (c *Conn) closeAfterFlush() {
+	c.wmu.Lock()
+	c.closeWhen = true
+	c.wmu.Unlock()
+	c.kick()
+}
+
+// fail closes the connection: every stream not finished fails with err.
+func (c *Conn) fail(err error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	c.err = err
+	for _, s := range c.streams {
+		if s.err == nil {
+			s.err = fmt.Errorf("hbone connection closed: %w", err)
+		}
+		s.wake()
+	}
+	if c.idle != nil {
+		c.idle.Stop()
+	}
+	if c.keepAlive != nil {
+		c.keepAlive.Stop()
+	}
+	c.mu.Unlock()
+	close(c.done)
+	c.nc.Close()
+	c.wmu.Lock()
+	if c.werr == nil {
+		c.werr = fmt.Errorf("hbone connection closed: %w", err)
+	}
+	c.wbuf = nil
+	c.wcond.Broadcast()
+	c.wmu.Unlock()
+}
+
+// armIdle starts the idle timer if there is one and no stream is open.
+// Called with mu held, or before the connection is shared.
+func (c *Conn) armIdle() {
+	if c.opts.IdleTimeout <= 0 || c.active > 0 || c.closed {
+		return
+	}
+	if c.idle == nil {
+		c.idle = time.AfterFunc(c.opts.IdleTimeout, c.idleExpired)
+		return
+	}
+	c.idle.Reset(c.opts.IdleTimeout)
+}
+
+func (c *Conn) stopIdle() {
+	if c.idle != nil {
+		c.idle.Stop()
+	}
+}
+
+func (c *Conn) idleExpired() {
+	c.mu.Lock()
+	idle := c.active == 0 && !c.closed
+	c.mu.Unlock()
+	if idle {
+		c.Shutdown()
+	}
+}
+
+// release accounts for a stream going away; drained reports that it was
+// the last one of a connection going away, which the caller then closes
+// (closeAfterFlush) once its own frames are queued. Called with mu held.
+func (c *Conn) release() (drained bool) {
+	c.active--
+	if c.active > 0 {
+		return false
+	}
+	if c.draining && !c.closed {
+		return true
+	}
+	c.armIdle()
+	return false
+}
+
+// readLoop reads and handles frames until the connection fails.
+func (c *Conn) readLoop() error {
+	for {
+		f, err := c.fr.ReadFrame()
+		if c.opts.KeepAlive > 0 {
+			c.lastRead.Store(time.Now().UnixNano())
+		}
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				c.resetStream(se.StreamID, se.Code, &ResetError{Code: se.Code})
+				continue
+			}
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				c.goAwayAndClose(http2.ErrCode(ce), err)
+				return err
+			}
+			c.fail(err)
+			return err
+		}
+		if err := c.handle(f); err != nil {
+			c.goAwayAndClose(http2.ErrCodeProtocol, err)
+			return err
+		}
+	}
+}
+
+func (c *Conn) goAwayAndClose(code http2.ErrCode, err error) {
+	c.mu.Lock()
+	last := c.lastPeerID
+	c.mu.Unlock()
+	c.queue(false, func(b []byte) []byte { return appendGoAway(b, last, code) })
+	c.closeAfterFlush()
+	// Bounded: the peer must not keep the connection open by not reading.
+	time.AfterFunc(lingerTimeout, func() { c.fail(err) })
+}
+
+func (c *Conn) handle(f http2.Frame) error {
+	switch f := f.(type) {
+	case *http2.DataFrame:
+		return c.onData(f)
+	case *http2.MetaHeadersFrame:
+		return c.onHeaders(f)
+	case *http2.WindowUpdateFrame:
+		return c.onWindowUpdate(f)
+	case *http2.SettingsFrame:
+		return c.onSettings(f)
+	case *http2.RSTStreamFrame:
+		c.mu.Lock()
+		s := c.streams[f.StreamID]
+		if s != nil {
+			s.peerReset(f.ErrCode)
+		}
+		c.mu.Unlock()
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			c.queue(false, func(b []byte) []byte { return appendPing(b, true, f.Data) })
+		}
+	case *http2.GoAwayFrame:
+		c.onGoAway(f)
+	case *http2.PushPromiseFrame:
+		return errors.New("push promise, which we disabled")
+	}
+	return nil // PRIORITY and unknown frames are ignored
+}
+
+func (c *Conn) onSettings(f *http2.SettingsFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	var (
+		window       int64 = -1
+		tableSize    uint32
+		setTableSize bool
+	)
+	err := f.ForeachSetting(func(s http2.Setting) error {
+		if err := s.Valid(); err != nil {
+			return err
+		}
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			window = int64(s.Val)
+		case http2.SettingMaxConcurrentStreams:
+			c.mu.Lock()
+			c.peerMaxStreams = s.Val
+			c.mu.Unlock()
+		case http2.SettingHeaderTableSize:
+			tableSize, setTableSize = s.Val, true
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("settings: %w", err)
+	}
+	if setTableSize {
+		c.wmu.Lock()
+		c.henc.SetMaxDynamicTableSizeLimit(tableSize)
+		c.wmu.Unlock()
+	}
+	c.mu.Lock()
+	if window >= 0 {
+		delta := window - c.peerWindow
+		c.peerWindow = window
+		for _, s := range c.streams {
+			s.sendWindow += delta
+			s.wcond.Broadcast()
+		}
+	}
+	if !c.gotSettings {
+		c.gotSettings = true
+		close(c.settingsc)
+	}
+	c.mu.Unlock()
+	c.queue(false, appendSettingsAck)
+	return nil
+}
+
+func (c *Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if f.StreamID == 0 {
+		c.sendWindow += int64(f.Increment)
+		if c.sendWindow > math.MaxInt32 {
+			return errors.New("connection window overflow")
+		}
+		for _, s := range c.streams {
+			s.wcond.Broadcast()
+		}
+		return nil
+	}
+	if s := c.streams[f.StreamID]; s != nil {
+		s.sendWindow += int64(f.Increment)
+		s.wcond.Broadcast()
+	}
+	return nil
+}
+
+func (c *Conn) onGoAway(f *http2.GoAwayFrame) {
+	c.mu.Lock()
+	c.draining = true
+	c.goAwayID = f.LastStreamID
+	if !c.server {
+		for id, s := range c.streams {
+			if id > f.LastStreamID && s.err == nil {
+				s.err = ErrRefused
+				s.wake()
+			}
+		}
+	}
+	idle := c.active == 0
+	c.mu.Unlock()
+	if idle {
+		c.closeAfterFlush()
+	}
+}
+
+// onData delivers a DATA frame to its stream. The connection window is
+// returned at once; the stream's only as the app reads.
+func (c *Conn) onData(f *http2.DataFrame) error {
+	n := int64(f.Header().Length)
+	data := f.Data()
+	var connInc uint32
+	c.mu.Lock()
+	c.recvUnacked += n
+	if c.recvUnacked >= connWindow/4 {
+		connInc, c.recvUnacked = uint32(c.recvUnacked), 0
+	}
+	s := c.streams[f.StreamID]
+	var rst http2.ErrCode
+	var streamInc uint32
+	switch {
+	case s == nil:
+		if f.StreamID > c.highestID() {
+			c.mu.Unlock()
+			return fmt.Errorf("data on idle stream %d", f.StreamID)
+		}
+		// A stream we released or reset: drop it.
+	case s.recvEnd:
+		rst = http2.ErrCodeStreamClosed
+	case n > s.recvWindow:
+		rst = http2.ErrCodeFlowControl
+	case !c.server && s.status == 0:
+		rst = http2.ErrCodeProtocol
+	default:
+		s.recvWindow -= n
+		if pad := n - int64(len(data)); pad > 0 {
+			s.recvWindow += pad
+			streamInc = uint32(pad)
+		}
+		if s.rstErr == nil {
+			s.deliver(data)
+		}
+		if f.StreamEnded() {
+			s.recvEnd = true
+		}
+		s.rcond.Signal()
+	}
+	if rst != 0 {
+		s.resetLocal(rst)
+	}
+	c.mu.Unlock()
+	if connInc > 0 || streamInc > 0 || rst != 0 {
+		c.queue(false, func(b []byte) []byte {
+			if connInc > 0 {
+				b = appendWindowUpdate(b, 0, connInc)
+			}
+			if streamInc > 0 {
+				b = appendWindowUpdate(b, f.StreamID, streamInc)
+			}
+			if rst != 0 {
+				b = s.appendRST(b, rst)
+			}
+			return b
+		})
+	}
+	return nil
+}
+
+// highestID is the highest stream ID in use either way. Called with mu held.
+func (c *Conn) highestID() uint32 {
+	if c.server {
+		return c.lastPeerID
+	}
+	return c.lastOpened
+}
+
+func (c *Conn) onHeaders(f *http2.MetaHeadersFrame) error {
+	id := f.StreamID
+	c.mu.Lock()
+	if s := c.streams[id]; s != nil {
+		defer c.mu.Unlock()
+		if !c.server && s.status == 0 {
+			code, err := strconv.Atoi(f.PseudoValue("status"))
+			if err != nil || code < 100 || code > 999 {
+				s.resetLocal(http2.ErrCodeProtocol)
+				go c.queue(false, func(b []byte) []byte { return s.appendRST(b, http2.ErrCodeProtocol) })
+				return nil
+			}
+			if code < 200 && !f.StreamEnded() {
+				return nil // informational: the final answer follows
+			}
+			s.status = code
+			s.respond()
+		}
+		if f.StreamEnded() { // the response or trailers end the stream
+			s.recvEnd = true
+			s.rcond.Signal()
+		}
+		return nil
+	}
+	if !c.server || id%2 == 0 || id <= c.lastPeerID {
+		c.mu.Unlock()
+		if !c.server || id%2 == 0 {
+			return fmt.Errorf("headers on stream %d that we did not open", id)
+		}
+		return nil // trailers of a stream already released
+	}
+	c.lastPeerID = id
+	refuse := http2.ErrCode(0)
+	switch {
+	case c.draining || c.closed:
+		refuse = http2.ErrCodeRefusedStream
+	case c.active >= int(c.opts.MaxStreams):
+		refuse = http2.ErrCodeRefusedStream
+	case f.Truncated:
+		refuse = http2.ErrCodeProtocol
+	}
+	if refuse != 0 {
+		c.mu.Unlock()
+		c.queue(false, func(b []byte) []byte { return appendRST(b, id, refuse) })
+		return nil
+	}
+	s := c.newStream(id)
+	s.sendWindow = c.peerWindow
+	s.method = f.PseudoValue("method")
+	s.authority = f.PseudoValue("authority")
+	s.recvEnd = f.StreamEnded()
+	c.streams[id] = s
+	c.active++
+	c.stopIdle()
+	c.mu.Unlock()
+	go c.handler(s)
+	return nil
+}
+
+// resetStream resets stream id with code after a stream-level error.
+func (c *Conn) resetStream(id uint32, code http2.ErrCode, err error) {
+	c.mu.Lock()
+	if s := c.streams[id]; s != nil {
+		s.resetLocal(code)
+		if s.err == nil {
+			s.err = err
+		}
+	}
+	c.mu.Unlock()
+	c.queue(false, func(b []byte) []byte { return appendRST(b, id, code) })
+}
+
+// Write buffers are shared by every connection through a pool, so an idle
+// connection holds none.
+var buffers = sync.Pool{New: func() any {
+	b := make([]byte, 0, 16<<10)
+	return &b
+}}
+
+func getBuffer() []byte { return (*buffers.Get().(*[]byte))[:0] }
+
+func putBuffer(b []byte) {
+	if cap(b) == 0 || cap(b) > maxPooledBuffer {
+		return
+	}
+	b = b[:0]
+	buffers.Put(&b)
+}

@@ -1,0 +1,24 @@
+// Package hbone is a purpose-built HTTP/2 CONNECT data path: one mesh mTLS
+// connection carries many app connections as CONNECT streams, in Istio's
+// HBONE wire format (ztunnel's, on 15008 with ALPN h2), so a standard
+// HTTP/2 client or server interoperates with it.
+//
+// It speaks only what HBONE needs, on x/net/http2's Framer (reading) and
+// hpack (header blocks), not its generic server and transport:
+//
+//   - no goroutine hand-off per frame: one reader goroutine per connection
+//     delivers DATA into the stream's buffer; a stream's Write frames its
+//     bytes and, when no one else is writing, writes them itself;
+//   - write coalescing: frames that streams queue while a write is in
+//     progress go out together in the next one (one TLS record batch, one
+//     syscall);
+//   - windows large enough that a bulk stream does not wait for
+//     WINDOW_UPDATE on a fast link; the connection window is returned as
+//     data arrives, so one stream that is not read never stalls the others
+//     (each stream's buffer is bounded by its own window);
+//   - half-close both ways (END_STREAM in either direction first, the other
+//     keeps flowing), RST_STREAM on abort, GOAWAY drain.
+//
+// A Stream is a net.Conn with CloseWrite, so the proxy's forwarder moves
+// its bytes as it does a TCP or TLS connection's.
+package hbone

@@ -1,0 +1,503 @@
+//lint:file-ignore SA1019 the interop tests use x/net/http2's own client and server, as Istio's HBONE peers do
+
+package hbone
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+const wait = 30 * time.Second // generous: the machine is shared and loaded
+
+// pair connects a client Conn to a server Conn over loopback TCP; the
+// server answers 200 to every CONNECT and runs handle on the stream.
+func pair(t *testing.T, opts Options, handle func(*Stream)) (*Conn, *Conn) {
+	t.Helper()
+	cs, ss := tcpPair(t)
+	server := NewServer(ss, opts)
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = server.Serve(func(s *Stream) {
+			defer s.Close()
+			if s.Method() != http.MethodConnect {
+				s.SetFailStatus(http.StatusMethodNotAllowed)
+				return
+			}
+			if err := s.Respond(http.StatusOK); err != nil {
+				return
+			}
+			handle(s)
+		})
+	}()
+	client := NewClient(cs, opts)
+	t.Cleanup(func() {
+		client.Close()
+		server.Close()
+		<-served
+	})
+	return client, server
+}
+
+func tcpPair(t testing.TB) (net.Conn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- c
+	}()
+	cs, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ss, ok := <-accepted
+	if !ok {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { cs.Close(); ss.Close() })
+	return cs, ss
+}
+
+func open(t *testing.T, c *Conn, authority string) *Stream {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	s, err := c.Open(ctx, authority)
+	if err != nil {
+		t.Fatalf("open %s: %v", authority, err)
+	}
+	if s.Status() != http.StatusOK {
+		t.Fatalf("open %s: status %d", authority, s.Status())
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// echo copies the stream back to itself and ends its direction after the
+// client's end.
+func echo(s *Stream) {
+	if _, err := io.Copy(s, s); err != nil {
+		return
+	}
+	_ = s.CloseWrite()
+	_, _ = io.Copy(io.Discard, s)
+}
+
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	r := rand.NewChaCha8([32]byte{byte(n), byte(n >> 8), byte(n >> 16)})
+	_, _ = r.Read(b)
+	return b
+}
+
+func TestClientHalfCloseThenServerKeepsSending(t *testing.T) {
+	c, _ := pair(t, Options{}, func(s *Stream) {
+		n, err := io.Copy(io.Discard, s) // until the client's END_STREAM
+		if err != nil {
+			return
+		}
+		for i := range 100 { // then answer at length
+			if _, err := fmt.Fprintf(s, "line %d of the answer to %d bytes\n", i, n); err != nil {
+				return
+			}
+		}
+		_ = s.CloseWrite()
+	})
+	s := open(t, c, "10.0.0.1:80")
+	if _, err := s.Write(randomBytes(300 << 10)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(s)
+	if err != nil {
+		t.Fatalf("read answer after our half-close: %v", err)
+	}
+	var want bytes.Buffer
+	for i := range 100 {
+		fmt.Fprintf(&want, "line %d of the answer to %d bytes\n", i, 300<<10)
+	}
+	if !bytes.Equal(got, want.Bytes()) {
+		t.Fatalf("answer differs: got %d bytes, want %d", len(got), want.Len())
+	}
+}
+
+// The app behind the server ends its direction first (a banner, then
+// close); what the client sends after that must still reach it.
+func TestServerHalfCloseThenClientKeepsSending(t *testing.T) {
+	received := make(chan []byte, 1)
+	c, _ := pair(t, Options{}, func(s *Stream) {
+		if _, err := io.WriteString(s, "220 banner\r\n"); err != nil {
+			return
+		}
+		if err := s.CloseWrite(); err != nil {
+			return
+		}
+		got, err := io.ReadAll(s)
+		if err != nil {
+			got = append(got, "<error: "+err.Error()+">"...)
+		}
+		received <- got
+	})
+	s := open(t, c, "10.0.0.1:25")
+	banner, err := io.ReadAll(s) // the server's END_STREAM ends our reads
+	if err != nil || string(banner) != "220 banner\r\n" {
+		t.Fatalf("banner %q, %v", banner, err)
+	}
+	payload := randomBytes(2<<20 + 5)
+	if _, err := s.Write(payload); err != nil {
+		t.Fatalf("write after the server's half-close: %v", err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case got := <-received:
+		if !bytes.Equal(got, payload) {
+			t.Fatalf("server got %d bytes, want %d identical", len(got), len(payload))
+		}
+	case <-time.After(wait):
+		t.Fatal("server never got the data sent after its half-close")
+	}
+}
+
+func TestManyConcurrentStreamsRandomSizes(t *testing.T) {
+	c, _ := pair(t, Options{StreamWindow: 64 << 10}, echo) // small windows: many WINDOW_UPDATEs
+	open(t, c, "10.0.0.0:80")                              // the stream that rides with the preface
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if err := c.WaitSettings(ctx); err != nil { // the server's stream limit
+		t.Fatal(err)
+	}
+	const streams = 48
+	var wg sync.WaitGroup
+	errs := make(chan error, streams)
+	for i := range streams {
+		wg.Go(func() {
+			size := rand.IntN(1 << 20)
+			if i%8 == 0 {
+				size = rand.IntN(64)
+			}
+			payload := randomBytes(size)
+			ctx, cancel := context.WithTimeout(context.Background(), wait)
+			defer cancel()
+			s, err := c.Open(ctx, fmt.Sprintf("10.0.0.%d:80", i))
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer s.Close()
+			go func() {
+				_, _ = s.Write(payload)
+				_ = s.CloseWrite()
+			}()
+			h := sha256.New()
+			n, err := io.Copy(h, s)
+			if err != nil {
+				errs <- fmt.Errorf("stream %d: read: %w", i, err)
+				return
+			}
+			if want := sha256.Sum256(payload); n != int64(size) || !bytes.Equal(h.Sum(nil), want[:]) {
+				errs <- fmt.Errorf("stream %d: echo of %d bytes differs (got %d)", i, size, n)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+func TestClientCloseResetsServerStream(t *testing.T) {
+	got := make(chan error, 1)
+	c, _ := pair(t, Options{}, func(s *Stream) {
+		_, err := io.Copy(io.Discard, s)
+		got <- err
+	})
+	s := open(t, c, "10.0.0.1:80")
+	if _, err := s.Write([]byte("partial")); err != nil {
+		t.Fatal(err)
+	}
+	s.Close() // an abort: no END_STREAM
+	select {
+	case err := <-got:
+		var re *ResetError
+		if !errors.As(err, &re) || re.Code != http2.ErrCodeCancel {
+			t.Fatalf("server read ended with %v, want a CANCEL reset", err)
+		}
+	case <-time.After(wait):
+		t.Fatal("server read never ended")
+	}
+}
+
+func TestServerCloseResetsClientStream(t *testing.T) {
+	c, _ := pair(t, Options{}, func(s *Stream) {
+		_, _ = io.WriteString(s, "half an answer")
+		// returning closes the stream without END_STREAM: an abort
+	})
+	s := open(t, c, "10.0.0.1:80")
+	_, err := io.ReadAll(s)
+	var re *ResetError
+	if !errors.As(err, &re) {
+		t.Fatalf("read ended with %v, want a reset, never a clean EOF", err)
+	}
+}
+
+func TestGoAwayDrainsStreamsInFlight(t *testing.T) {
+	release := make(chan struct{})
+	c, server := pair(t, Options{}, func(s *Stream) {
+		<-release
+		echo(s)
+	})
+	const inFlight = 5
+	streams := make([]*Stream, inFlight)
+	for i := range streams {
+		streams[i] = open(t, c, "10.0.0.1:80")
+	}
+	server.Shutdown()
+	deadline := time.Now().Add(wait)
+	for c.Available() > 0 { // the GOAWAY reaches the client
+		if time.Now().After(deadline) {
+			t.Fatal("client never saw the GOAWAY")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := c.Open(context.Background(), "10.0.0.1:80"); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("open after GOAWAY: %v, want ErrUnavailable", err)
+	}
+	close(release)
+	var wg sync.WaitGroup
+	for i, s := range streams {
+		wg.Go(func() {
+			payload := randomBytes(100<<10 + i)
+			go func() {
+				_, _ = s.Write(payload)
+				_ = s.CloseWrite()
+			}()
+			got, err := io.ReadAll(s)
+			if err != nil || !bytes.Equal(got, payload) {
+				t.Errorf("stream %d in flight at GOAWAY: %d bytes, %v", i, len(got), err)
+			}
+			s.Close()
+		})
+	}
+	wg.Wait()
+	select {
+	case <-server.Done():
+	case <-time.After(wait):
+		t.Fatal("server connection still open after its last stream")
+	}
+}
+
+func TestStreamNotReadDoesNotStallOthers(t *testing.T) {
+	stuck := make(chan struct{})
+	c, _ := pair(t, Options{StreamWindow: 64 << 10}, func(s *Stream) {
+		if s.Authority() == "stuck:1" {
+			<-stuck // never reads
+			return
+		}
+		echo(s)
+	})
+	defer close(stuck)
+	a := open(t, c, "stuck:1")
+	writeDone := make(chan error, 1)
+	go func() {
+		_, err := a.Write(randomBytes(1 << 20)) // far past the window: blocks
+		writeDone <- err
+	}()
+
+	b := open(t, c, "echo:1")
+	payload := randomBytes(4 << 20)
+	go func() {
+		_, _ = b.Write(payload)
+		_ = b.CloseWrite()
+	}()
+	got, err := io.ReadAll(b)
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("stream beside a stuck one: %d bytes, %v", len(got), err)
+	}
+	select {
+	case err := <-writeDone:
+		t.Fatalf("write to a stream that is not read returned early: %v", err)
+	default:
+	}
+	a.Close()
+	select {
+	case err := <-writeDone:
+		if err == nil {
+			t.Fatal("write to a closed stream succeeded")
+		}
+	case <-time.After(wait):
+		t.Fatal("write blocked on the window did not return after Close")
+	}
+}
+
+func TestServerRefusesPastMaxStreams(t *testing.T) {
+	hold := make(chan struct{})
+	c, _ := pair(t, Options{MaxStreams: 2}, func(s *Stream) { <-hold; echo(s) })
+	defer close(hold)
+	open(t, c, "a:1")
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if err := c.WaitSettings(ctx); err != nil {
+		t.Fatal(err)
+	}
+	open(t, c, "b:1")
+	if n := c.Available(); n != 0 {
+		t.Fatalf("available %d with 2 of 2 streams open", n)
+	}
+	if _, err := c.Open(ctx, "c:1"); !errors.Is(err, ErrFull) {
+		t.Fatalf("third stream: %v, want ErrFull", err)
+	}
+}
+
+// TestStandardClientInterop speaks to the server with x/net/http2's own
+// client, as Istio's HBONE peers do: CONNECT, data both ways, half-close,
+// and a refused method.
+func TestStandardClientInterop(t *testing.T) {
+	cs, ss := tcpPair(t)
+	server := NewServer(ss, Options{})
+	go func() {
+		_ = server.Serve(func(s *Stream) {
+			defer s.Close()
+			if s.Method() != http.MethodConnect {
+				s.SetFailStatus(http.StatusMethodNotAllowed)
+				return
+			}
+			if s.Authority() != "10.0.0.9:8080" {
+				s.SetFailStatus(http.StatusForbidden)
+				return
+			}
+			if s.Respond(http.StatusOK) == nil {
+				echo(s)
+			}
+		})
+	}()
+	t.Cleanup(func() { server.Close() })
+	cc, err := (&http2.Transport{}).NewClientConn(cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	do := func(method, authority string, body io.Reader) *http.Response {
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		t.Cleanup(cancel)
+		req, err := http.NewRequestWithContext(ctx, method, "http://"+authority, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if method == http.MethodConnect {
+			req.URL = &url.URL{Host: authority}
+		}
+		resp, err := cc.RoundTrip(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, authority, err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	pr, pw := io.Pipe()
+	resp := do(http.MethodConnect, "10.0.0.9:8080", pr)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("CONNECT status %d", resp.StatusCode)
+	}
+	payload := randomBytes(1<<20 + 3)
+	go func() {
+		_, _ = pw.Write(payload)
+		pw.Close() // END_STREAM
+	}()
+	got, err := io.ReadAll(resp.Body)
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("echo over CONNECT: %d bytes, %v", len(got), err)
+	}
+	if r := do(http.MethodConnect, "10.0.0.10:22", http.NoBody); r.StatusCode != http.StatusForbidden {
+		t.Fatalf("refused CONNECT: status %d", r.StatusCode)
+	}
+	if r := do(http.MethodGet, "10.0.0.9:8080", nil); r.StatusCode != http.StatusMethodNotAllowed {
+		t.Fatalf("GET: status %d", r.StatusCode)
+	}
+}
+
+// TestStandardServerInterop opens streams with our client on x/net/http2's
+// own server.
+func TestStandardServerInterop(t *testing.T) {
+	cs, ss := tcpPair(t)
+	h2s := &http2.Server{}
+	go h2s.ServeConn(ss, &http2.ServeConnOpts{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodConnect {
+			w.WriteHeader(http.StatusMethodNotAllowed)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := r.Body.Read(buf)
+			if n > 0 {
+				if _, werr := w.Write(buf[:n]); werr != nil {
+					return
+				}
+				w.(http.Flusher).Flush()
+			}
+			if err != nil {
+				return
+			}
+		}
+	})})
+	c := NewClient(cs, Options{})
+	defer c.Close()
+	s := open(t, c, "10.0.0.9:8080")
+	payload := randomBytes(1<<20 + 7)
+	go func() {
+		_, _ = s.Write(payload)
+		_ = s.CloseWrite()
+	}()
+	got, err := io.ReadAll(s)
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("echo through x/net's server: %d bytes, %v", len(got), err)
+	}
+}
+
+// A peer that stops answering without closing (no FIN, no RST) is found by
+// the keepalive, and streams waiting on it fail instead of hanging.
+func TestKeepAliveClosesSilentPeer(t *testing.T) {
+	cs, ss := tcpPair(t)
+	// The "server" reads the preface and then nothing: it never answers.
+	go func() { _, _ = io.Copy(io.Discard, io.LimitReader(ss, 1<<20)) }()
+	c := NewClient(cs, Options{KeepAlive: 50 * time.Millisecond})
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if _, err := c.Open(ctx, "10.0.0.1:80"); err == nil {
+		t.Fatal("a stream opened on a silent peer")
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(wait):
+		t.Fatal("connection to a silent peer still open")
+	}
+}
