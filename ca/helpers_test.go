@@ -134,9 +134,15 @@ func caTemplate(cn string) *x509.Certificate {
 	}
 }
 
+// writeFile replaces path atomically (write, rename), as Kubernetes updates a
+// mounted Secret: a watcher sees one new state, never a truncated file.
 func writeFile(t testing.TB, path string, data []byte) {
 	t.Helper()
-	if err := os.WriteFile(path, data, 0o600); err != nil {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
 		t.Fatal(err)
 	}
 }
