@@ -1,0 +1,138 @@
+package cluster
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// probedApp is a workload with its own HTTP and TCP probes on its app port,
+// as users write them: under STRICT the kubelet's plaintext probes reach the
+// app only if inject rewrites them to the sidecar's health port.
+const probedApp = `apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: %[1]s
+  namespace: probes
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: %[1]s
+  namespace: probes
+  labels: {app: %[1]s}
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: %[1]s}
+  template:
+    metadata:
+      labels: {app: %[1]s}
+    spec:
+      serviceAccountName: %[1]s
+      automountServiceAccountToken: false
+      containers:
+      - name: app
+        image: meshproxy-demo-app:dev
+        imagePullPolicy: IfNotPresent
+        args: ["serve", "-listen=:8080", "-text=probed"]
+        ports:
+        - {name: http, containerPort: 8080}
+        startupProbe:
+          httpGet: {path: /started, port: 8080}
+          periodSeconds: 2
+          failureThreshold: 30
+        readinessProbe:
+          httpGet: {path: /ready, port: http}
+          periodSeconds: 2
+        livenessProbe:
+          tcpSocket: {port: 8080}
+          periodSeconds: 5
+          failureThreshold: 3
+        securityContext:
+          runAsNonRoot: true
+          runAsUser: 65532
+          allowPrivilegeEscalation: false
+          readOnlyRootFilesystem: true
+          capabilities: {drop: [ALL]}
+`
+
+// testProbesUnderStrict (item 2): workloads injected in every capture mode,
+// as native and as classic sidecars, reach Ready under mesh-wide STRICT with
+// their own HTTP and TCP startup, readiness and liveness probes, and do not
+// restart.
+func testProbesUnderStrict(t *testing.T) {
+	needCluster(t)
+	dumpOnFailure(t, "probes")
+	if _, err := kubectl("get", "namespace", "probes"); err != nil {
+		mustKubectl(t, "create", "namespace", "probes")
+	}
+	root := mustKubectl(t, "-n", "demo", "get", "configmap", "meshproxy-ca-root", "-o", `jsonpath={.data.root-cert\.pem}`)
+	tmp := t.TempDir()
+	rootFile := filepath.Join(tmp, "root-cert.pem")
+	if err := os.WriteFile(rootFile, []byte(root), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cm, err := kubectl("-n", "probes", "create", "configmap", "meshproxy-ca-root", "--from-file=root-cert.pem="+rootFile, "--dry-run=client", "-o", "yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	applyYAML(t, cm)
+	cm, err = kubectl("-n", "probes", "create", "configmap", "meshproxy-policy",
+		"--from-file="+filepath.Join(repoRoot, "deploy/kubernetes/samples/policy/mesh-peerauthentication.yaml"), "--dry-run=client", "-o", "yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	applyYAML(t, cm)
+
+	apiIP := strings.TrimSpace(mustKubectl(t, "-n", "default", "get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"))
+	type workload struct{ name, mode, native string }
+	var all []workload
+	for _, mode := range []string{"nftables", "iptables", "ebpf"} {
+		for _, native := range []string{"true", "false"} {
+			kind := map[string]string{"true": "native", "false": "classic"}[native]
+			w := workload{name: "probed-" + mode + "-" + kind, mode: mode, native: native}
+			all = append(all, w)
+			src := filepath.Join(tmp, w.name+".yaml")
+			if err := os.WriteFile(src, fmt.Appendf(nil, probedApp, w.name), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			injected := filepath.Join(tmp, w.name+"-injected.yaml")
+			out, err := exec.Command(meshproxyCLI, "inject", "-f", src, "-o", injected,
+				"--image", "meshproxy:dev", "--mode", mode, "--native-sidecar="+native,
+				"--mesh-cidrs", "10.244.0.0/16,10.96.0.0/16",
+				"--exclude-outbound-cidrs", apiIP+"/32,"+clusterEnv["CLUSTER_DNS_IP"]+"/32").CombinedOutput()
+			if err != nil {
+				t.Fatalf("inject %s: %v\n%s", w.name, err, out)
+			}
+			mustKubectl(t, "apply", "-f", injected)
+		}
+	}
+	for _, w := range all {
+		t.Run(w.name, func(t *testing.T) {
+			waitFor(t, w.name+" Ready under STRICT with its own probes", 3*time.Minute, func() error {
+				out, err := kubectl("-n", "probes", "get", "pods", "-l", "app="+w.name, "-o",
+					`jsonpath={range .items[*]}{.metadata.name} ready={.status.conditions[?(@.type=="Ready")].status} restarts={.status.containerStatuses[*].restartCount}{"\n"}{end}`)
+				if err != nil {
+					return err
+				}
+				if !strings.Contains(out, "ready=True") {
+					return fmt.Errorf("%w: %s", errNotYet, out)
+				}
+				return nil
+			})
+			restarts := mustKubectl(t, "-n", "probes", "get", "pods", "-l", "app="+w.name, "-o", "jsonpath={.items[*].status.containerStatuses[*].restartCount}")
+			for f := range strings.FieldsSeq(restarts) {
+				if f != "0" {
+					t.Errorf("%s restarted (restart counts %s): a probe failed", w.name, restarts)
+					break
+				}
+			}
+		})
+	}
+	mustKubectl(t, "delete", "namespace", "probes", "--wait=false")
+}
