@@ -216,6 +216,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   # No CAP_SYS_RESOURCE here: without this every sandbox fails in runc.
   restrict_oom_score_adj = true
   enable_selinux = false
+  # Pod network namespaces under the state directory, not /run/netns.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
