@@ -25,6 +25,7 @@ func TestCluster(t *testing.T) {
 		{"Demo", testDemo},
 		{"1_CAAuthenticatesPodsByTokenReview", testIdentities},
 		{"3_ServiceTrafficIsMTLSOnTheWire", testMTLSOnTheWire},
+		{"5_RotationUnderLoad", testRotationUnderLoad},
 		{"2_ProbesPassUnderStrict", testProbesUnderStrict},
 		{"8_DownRestoresMachine", testDownRestoresMachine},
 	}
