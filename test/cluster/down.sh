@@ -82,6 +82,25 @@ for t in "inet $CLUSTER_GUARD_TABLE" "ip kube-proxy" "ip6 kube-proxy"; do
 	fi
 done
 restore="$CLUSTER_STATE/restore"
+# The kubelet's iptables chains, then tables that only they filled.
+for ipt in iptables ip6tables; do
+	command -v "$ipt" >/dev/null || continue
+	for t in mangle nat filter; do
+		mapfile -t chains < <("$ipt" -t "$t" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}')
+		for c in "${chains[@]}"; do "$ipt" -t "$t" -F "$c" 2>/dev/null || true; done
+		for c in "${chains[@]}"; do "$ipt" -t "$t" -X "$c" 2>/dev/null && log "deleted $ipt chain $t/$c"; done
+	done
+done
+if [[ -f "$restore" ]]; then
+	while read -r family name; do
+		grep -qx "table=$family $name" "$restore" && continue
+		case "$name" in filter | nat | mangle) ;; *) continue ;; esac
+		# Rules carry a handle; chain declarations' type lines do not.
+		if ! nft -a list table "$family" "$name" | grep -Pq '^\t\t(?!type ).*# handle \d+$'; then
+			nft delete table "$family" "$name" && log "deleted empty nftables table $family $name"
+		fi
+	done < <(nft list tables | sed -n 's/^table //p')
+fi
 if [[ -f "$restore" ]]; then
 	v="$(sed -n 's/^ip_forward=//p' "$restore")"
 	[[ -n "$v" ]] && echo "$v" >/proc/sys/net/ipv4/ip_forward

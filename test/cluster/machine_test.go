@@ -21,6 +21,7 @@ type machineState struct {
 	ipForward, bridgeNF string
 	bridge              bool     // the pod bridge exists
 	nftTables           []string // the cluster's nftables tables that exist
+	allTables           string   // every nftables table in the host's namespace
 	mounts              []string // mounts under the cluster's directories and its netns
 	cgroups             []string // the cluster's cgroup directories
 	dirs                []string // the cluster's state directories that exist
@@ -37,6 +38,9 @@ func snapshotMachine() machineState {
 		if exec.Command("nft", "list", "table", t[0], t[1]).Run() == nil {
 			s.nftTables = append(s.nftTables, strings.Join(t, " "))
 		}
+	}
+	if out, err := exec.Command("nft", "list", "tables").Output(); err == nil {
+		s.allTables = strings.TrimSpace(string(out))
 	}
 	state, run := clusterEnv["CLUSTER_STATE"], clusterEnv["CLUSTER_RUN"]
 	if f, err := os.Open("/proc/self/mountinfo"); err == nil {
@@ -149,7 +153,8 @@ func testDownRestoresMachine(t *testing.T) {
 		{"ip_forward", before.ipForward, after.ipForward},
 		{"bridge-nf-call-iptables", before.bridgeNF, after.bridgeNF},
 		{"pod bridge " + clusterEnv["CLUSTER_BRIDGE"], before.bridge, after.bridge},
-		{"nftables tables", before.nftTables, after.nftTables},
+		{"the cluster's nftables tables", before.nftTables, after.nftTables},
+		{"nftables tables (iptables-nft included)", before.allTables, after.allTables},
 		{"mounts", before.mounts, after.mounts},
 		{"cgroups", before.cgroups, after.cgroups},
 		{"state directories", before.dirs, after.dirs},

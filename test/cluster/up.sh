@@ -65,8 +65,11 @@ chmod 0700 "$CLUSTER_STATE" "$CLUSTER_STATE/pki"
 	echo "ip_forward=$(cat /proc/sys/net/ipv4/ip_forward)"
 	echo "bridge_nf_call_iptables=$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo absent)"
 	for d in /var/log/pods /var/log/containers /run/netns /var/lib/cni /etc/cni /opt/cni; do
-		[[ -e "$d" ]] && echo "existed=$d"
+		if [[ -e "$d" ]]; then echo "existed=$d"; fi
 	done
+	# The kubelet adds iptables chains (KUBE-IPTABLES-HINT, KUBE-KUBELET-CANARY);
+	# with iptables-nft their tables may be new.
+	nft list tables | sed 's/^table /table=/'
 } >"$CLUSTER_STATE/restore"
 echo starting >"$CLUSTER_STATE/up"
 
@@ -103,6 +106,12 @@ echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables
 for h in /sys/fs/cgroup/*/; do
 	[[ -f "$h/cgroup.procs" ]] || continue
 	mkdir -p "$h$CLUSTER_CGROUP/daemons"
+	if [[ -f "${h}cpuset.cpus" ]]; then # a v1 cpuset admits no task until it has CPUs and memory nodes
+		for c in "$CLUSTER_CGROUP" "$CLUSTER_CGROUP/daemons"; do
+			cat "$(dirname "$h$c")/cpuset.cpus" >"$h$c/cpuset.cpus"
+			cat "$(dirname "$h$c")/cpuset.mems" >"$h$c/cpuset.mems"
+		done
+	fi
 done
 if [[ -f /sys/fs/cgroup/cgroup.procs && -f /sys/fs/cgroup/cgroup.controllers ]]; then
 	mkdir -p "/sys/fs/cgroup/$CLUSTER_CGROUP/daemons" # cgroup v2 only
@@ -114,7 +123,9 @@ start() {
 	shift
 	(
 		for h in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
-			[[ -f "$h$CLUSTER_CGROUP/daemons/cgroup.procs" ]] && echo "$BASHPID" >"$h$CLUSTER_CGROUP/daemons/cgroup.procs"
+			if [[ -f "$h$CLUSTER_CGROUP/daemons/cgroup.procs" ]]; then
+				echo "$BASHPID" >"$h$CLUSTER_CGROUP/daemons/cgroup.procs" || true
+			fi
 		done
 		exec "$@"
 	) </dev/null >"$CLUSTER_STATE/logs/$name.log" 2>&1 &
@@ -194,7 +205,7 @@ log "etcd"
 start etcd etcd --name default --data-dir "$CLUSTER_STATE/etcd" \
 	--listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
 	--listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-	--initial-cluster default=http://127.0.0.1:2380 --listen-metrics-urls ''
+	--initial-cluster default=http://127.0.0.1:2380
 wait_for "etcd on 127.0.0.1:2379" curl -sf http://127.0.0.1:2379/health
 
 log "containerd"
