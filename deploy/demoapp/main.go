@@ -2,6 +2,7 @@
 // image so the demo needs no image from a registry:
 //
 //	demoapp serve -listen :5678 -text "hello"   answer every HTTP request with the text
+//	    [-tls-cert F -tls-key F]                over TLS with that certificate
 //	demoapp get [-method POST] URL              one request; body to stdout, exit 1 unless 2xx
 //	demoapp loop [-every 5s] URL                request URL forever, one line per result
 //	demoapp sleep                               wait for SIGTERM (a pod to exec into)
@@ -45,10 +46,15 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 	case "serve":
 		listen := fs.String("listen", ":5678", "address to serve HTTP on")
 		text := fs.String("text", "hello", "body of every response")
+		cert := fs.String("tls-cert", "", "serve HTTPS with this PEM certificate chain (with -tls-key)")
+		key := fs.String("tls-key", "", "PEM private key of -tls-cert")
 		if err := fs.Parse(args[1:]); err != nil {
 			return err
 		}
-		return serve(ctx, *listen, *text)
+		if (*cert == "") != (*key == "") {
+			return errors.New("serve: -tls-cert and -tls-key go together")
+		}
+		return serve(ctx, *listen, *text, *cert, *key)
 	case "get":
 		method := fs.String("method", http.MethodGet, "HTTP method")
 		timeout := fs.Duration("timeout", 10*time.Second, "time limit for the request")
@@ -84,7 +90,7 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 	return errors.New(usage)
 }
 
-func serve(ctx context.Context, listen, text string) error {
+func serve(ctx context.Context, listen, text, certFile, keyFile string) error {
 	srv := &http.Server{
 		Addr:              listen,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -93,8 +99,14 @@ func serve(ctx context.Context, listen, text string) error {
 		}),
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.ListenAndServe() }()
-	slog.Info("serving", "listen", listen)
+	go func() {
+		if certFile != "" {
+			errc <- srv.ListenAndServeTLS(certFile, keyFile)
+			return
+		}
+		errc <- srv.ListenAndServe()
+	}()
+	slog.Info("serving", "listen", listen, "tls", certFile != "")
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serve %s: %w", listen, err)
