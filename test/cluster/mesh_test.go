@@ -26,6 +26,7 @@ func TestCluster(t *testing.T) {
 		{"1_CAAuthenticatesPodsByTokenReview", testIdentities},
 		{"3_ServiceTrafficIsMTLSOnTheWire", testMTLSOnTheWire},
 		{"5_RotationUnderLoad", testRotationUnderLoad},
+		{"6_GatewayNodePort", testGatewayNodePort},
 		{"2_ProbesPassUnderStrict", testProbesUnderStrict},
 		{"8_DownRestoresMachine", testDownRestoresMachine},
 	}
