@@ -2,8 +2,11 @@
 # Build images and import them into the test cluster's containerd:
 #   pause      the pod sandbox image (test/cluster/image/pause);
 #   coredns    the cluster DNS, from the CoreDNS make cluster-tools built;
-#   meshproxy  and demoapp: deploy/kind/images.sh, the demo's images.
-# Usage: images.sh NAME... (default: all four).
+#   meshproxy  and demoapp: deploy/kind/images.sh, the demo's images;
+#   meshproxy-iptables  meshproxy:dev-iptables, meshproxy plus this host's
+#              iptables-nft tools and their libraries, for --mode iptables
+#              (deploy/Dockerfile's iptables target, without a base image).
+# Usage: images.sh NAME... (default: all five).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,7 +21,7 @@ if [[ ! -x "$tool" ]]; then
 fi
 
 names=("$@")
-((${#names[@]} > 0)) || names=(pause coredns meshproxy demoapp)
+((${#names[@]} > 0)) || names=(pause coredns meshproxy demoapp meshproxy-iptables)
 demo_built=false
 for n in "${names[@]}"; do
 	case "$n" in
@@ -40,8 +43,28 @@ for n in "${names[@]}"; do
 		fi
 		ctr images import "$out/$n.tar" >/dev/null
 		;;
+	meshproxy-iptables)
+		if ! $demo_built; then
+			"$here/../../deploy/kind/images.sh" "$out"
+			demo_built=true
+		fi
+		multi="$(readlink -f "$(command -v iptables-nft-restore)")"
+		adds=(-add "$out/bin/meshproxy=/usr/local/bin/meshproxy")
+		for tool in iptables-nft-restore iptables-nft-save ip6tables-nft-restore ip6tables-nft-save; do
+			adds+=(-add "$multi=/usr/local/bin/$tool") # one multi-call binary, run by name
+		done
+		while read -r lib; do
+			adds+=(-add "$(readlink -f "$lib")=$lib")
+		done < <(ldd "$multi" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+		for m in /usr/lib/x86_64-linux-gnu/xtables/*.so /usr/lib/*/xtables/*.so; do
+			[[ -f "$m" ]] && adds+=(-add "$(readlink -f "$m")=$m")
+		done
+		"$tool" -tag meshproxy:dev-iptables -out "$out/meshproxy-iptables.tar" -user 1337:1337 -user-name meshproxy \
+			"${adds[@]}" -entrypoint /usr/local/bin/meshproxy
+		ctr images import "$out/meshproxy-iptables.tar" >/dev/null
+		;;
 	*)
-		echo "images: unknown image $n (pause, coredns, meshproxy, demoapp)" >&2
+		echo "images: unknown image $n (pause, coredns, meshproxy, demoapp, meshproxy-iptables)" >&2
 		exit 1
 		;;
 	esac

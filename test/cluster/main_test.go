@@ -124,6 +124,9 @@ func setUp() error {
 		}
 		return fmt.Errorf("up.sh: %w\n%s", err, out)
 	}
+	if out, err := runScript(10*time.Minute, "images.sh", "meshproxy-iptables"); err != nil {
+		return fmt.Errorf("images.sh meshproxy-iptables: %w\n%s", err, out)
+	}
 	tmp, err := os.MkdirTemp("", "meshproxy-cluster-cli-")
 	if err != nil {
 		return err

@@ -102,8 +102,12 @@ func testProbesUnderStrict(t *testing.T) {
 				t.Fatal(err)
 			}
 			injected := filepath.Join(tmp, w.name+"-injected.yaml")
+			image := "meshproxy:dev"
+			if mode == "iptables" {
+				image = "meshproxy:dev-iptables" // the image with iptables-restore (images.sh)
+			}
 			args := []string{"inject", "-f", src, "-o", injected,
-				"--image", "meshproxy:dev", "--mode", mode, "--native-sidecar=" + native,
+				"--image", image, "--mode", mode, "--native-sidecar=" + native,
 				"--mesh-cidrs", "10.244.0.0/16,10.96.0.0/16",
 				"--exclude-outbound-cidrs", apiIP + "/32," + clusterEnv["CLUSTER_DNS_IP"] + "/32"}
 			if mode == "ebpf" {
