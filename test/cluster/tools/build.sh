@@ -3,12 +3,14 @@
 # into the shared cache, ${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}/k8s-v1.37.2/bin,
 # outside the repository so a fresh clone on the same machine reuses them.
 # Rebuilds only what is missing or older than this module's go.mod/go.sum.
+# BUILD_FLAGS adds go build flags (e.g. "-p 4").
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 k8s_version=v1.37.2
 cache="${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}"
 bin="$cache/k8s-$k8s_version/bin"
 GO="${GO:-go}"
+read -ra build_flags <<<"${BUILD_FLAGS:-}"
 mkdir -p "$bin"
 
 major="${k8s_version#v}"; major="${major%%.*}"
@@ -31,7 +33,7 @@ for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl k
 done
 if [ "${#want[@]}" -gt 0 ]; then
 	echo "cluster-tools: building ${want[*]##*/} into $bin"
-	(cd "$here" && CGO_ENABLED=0 "$GO" build -trimpath -ldflags "$ldflags" -o "$bin/" "${want[@]}")
+	(cd "$here" && CGO_ENABLED=0 "$GO" build "${build_flags[@]}" -trimpath -ldflags "$ldflags" -o "$bin/" "${want[@]}")
 fi
 if stale coredns "$here/coredns"; then
 	echo "cluster-tools: building coredns into $bin"
