@@ -340,7 +340,6 @@ mode: nftables
 clientConnection: {kubeconfig: $pki/kube-proxy.kubeconfig}
 hostnameOverride: $CLUSTER_NODE
 clusterCIDR: $CLUSTER_POD_CIDR
-bindAddress: $CLUSTER_NODE_IP
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
 # NodePorts answer on the node address only (the bridge), never on other
