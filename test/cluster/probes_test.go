@@ -111,14 +111,9 @@ func testProbesUnderStrict(t *testing.T) {
 				"--mesh-cidrs", "10.244.0.0/16,10.96.0.0/16",
 				"--exclude-outbound-cidrs", apiIP + "/32," + clusterEnv["CLUSTER_DNS_IP"] + "/32"}
 			if mode == "ebpf" {
-				// This node's pods: kubelet cgroupRoot /CLUSTER_CGROUP, and on
-				// hybrid cgroup v1 the v2 tree is mounted at .../unified.
-				// (Deriving this in the init container is item 7, not done.)
-				v2 := "/host/sys/fs/cgroup"
-				if _, err := os.Stat("/sys/fs/cgroup/unified/cgroup.procs"); err == nil {
-					v2 += "/unified"
-				}
-				args = append(args, "--ebpf-cgroup", v2+"/"+clusterEnv["CLUSTER_CGROUP"]+"/kubepods/burstable/pod$(POD_UID)")
+				// Item 7: the init container finds the pod's cgroup on this
+				// node (hybrid cgroup v1, cgroupfs, cgroupRoot /meshproxy-cluster).
+				args = append(args, "--ebpf-cgroup", "auto")
 			}
 			out, err := exec.Command(meshproxyCLI, args...).CombinedOutput()
 			if err != nil {
