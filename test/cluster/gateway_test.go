@@ -214,6 +214,7 @@ func testGatewayNodePort(t *testing.T) {
 	if _, err := kubectl("get", "namespace", "gw"); err != nil {
 		mustKubectl(t, "create", "namespace", "gw")
 	}
+	t.Cleanup(func() { kubectl("delete", "namespace", "gw", "--wait=false") })
 	tmp := t.TempDir()
 	write := func(name string, data []byte) string {
 		p := filepath.Join(tmp, name)
@@ -291,5 +292,4 @@ func testGatewayNodePort(t *testing.T) {
 			return nil
 		})
 	})
-	mustKubectl(t, "delete", "namespace", "gw", "--wait=false")
 }

@@ -122,9 +122,12 @@ func testProbesUnderStrict(t *testing.T) {
 			mustKubectl(t, "apply", "-f", injected)
 		}
 	}
+	// Wait for all at once: a failing case must not hold up the others.
+	t.Cleanup(func() { kubectl("delete", "namespace", "probes", "--wait=false") })
 	for _, w := range all {
 		t.Run(w.name, func(t *testing.T) {
-			waitFor(t, w.name+" Ready under STRICT with its own probes", 3*time.Minute, func() error {
+			t.Parallel()
+			waitFor(t, w.name+" Ready under STRICT with its own probes", 150*time.Second, func() error {
 				out, err := kubectl("-n", "probes", "get", "pods", "-l", "app="+w.name, "-o",
 					`jsonpath={range .items[*]}{.metadata.name} ready={.status.conditions[?(@.type=="Ready")].status} restarts={.status.containerStatuses[*].restartCount}{"\n"}{end}`)
 				if err != nil {
@@ -144,5 +147,4 @@ func testProbesUnderStrict(t *testing.T) {
 			}
 		})
 	}
-	mustKubectl(t, "delete", "namespace", "probes", "--wait=false")
 }
