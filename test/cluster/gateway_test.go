@@ -210,11 +210,11 @@ func selfSigned(t *testing.T, host string) (certPEM, keyPEM []byte) {
 // NodePort to a STRICT service, and TLS passed through by SNI.
 func testGatewayNodePort(t *testing.T) {
 	needCluster(t)
-	dumpOnFailure(t, "gw")
 	if _, err := kubectl("get", "namespace", "gw"); err != nil {
 		mustKubectl(t, "create", "namespace", "gw")
 	}
 	t.Cleanup(func() { kubectl("delete", "namespace", "gw", "--wait=false") })
+	dumpOnFailure(t, "gw") // runs before the delete
 	tmp := t.TempDir()
 	write := func(name string, data []byte) string {
 		p := filepath.Join(tmp, name)

@@ -67,7 +67,6 @@ spec:
 // restart.
 func testProbesUnderStrict(t *testing.T) {
 	needCluster(t)
-	dumpOnFailure(t, "probes")
 	if _, err := kubectl("get", "namespace", "probes"); err != nil {
 		mustKubectl(t, "create", "namespace", "probes")
 	}
@@ -124,6 +123,7 @@ func testProbesUnderStrict(t *testing.T) {
 	}
 	// Wait for all at once: a failing case must not hold up the others.
 	t.Cleanup(func() { kubectl("delete", "namespace", "probes", "--wait=false") })
+	dumpOnFailure(t, "probes") // runs before the delete
 	for _, w := range all {
 		t.Run(w.name, func(t *testing.T) {
 			t.Parallel()
