@@ -102,10 +102,11 @@ if [[ -f "$restore" ]]; then
 	done < <(nft list tables | sed -n 's/^table //p')
 fi
 if [[ -f "$restore" ]]; then
-	v="$(sed -n 's/^ip_forward=//p' "$restore")"
-	[[ -n "$v" ]] && echo "$v" >/proc/sys/net/ipv4/ip_forward
-	v="$(sed -n 's/^bridge_nf_call_iptables=//p' "$restore")"
-	[[ -n "$v" && "$v" != absent ]] && echo "$v" >/proc/sys/net/bridge/bridge-nf-call-iptables
+	while IFS='=' read -r s v; do
+		if [[ "$(cat "/proc/sys/$s" 2>/dev/null)" != "$v" ]]; then
+			echo "$v" >"/proc/sys/$s" && log "restored $s=$v"
+		fi
+	done < <(sed -n 's/^sysctl=//p' "$restore")
 	# Directories the kubelet and containerd create on the host; removed
 	# only if they were not there before up.sh.
 	for d in /var/log/pods /var/log/containers /run/netns /var/lib/cni /etc/cni /opt/cni; do

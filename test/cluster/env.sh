@@ -27,6 +27,10 @@ CLUSTER_CONTAINERD_SOCK="$CLUSTER_RUN/containerd/containerd.sock"
 CLUSTER_CGROUP=meshproxy-cluster
 CLUSTER_GUARD_TABLE=meshproxy-cluster-guard
 CLUSTER_PAUSE_IMAGE=docker.io/library/meshproxy-pause:dev
+# Host sysctls the node changes (ip_forward and bridge-nf-call-iptables by
+# up.sh; the rest the kubelet sets at start), which down.sh restores.
+CLUSTER_SYSCTLS=(net/ipv4/ip_forward net/bridge/bridge-nf-call-iptables vm/overcommit_memory vm/panic_on_oom
+	kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes)
 
 if [[ "${BASH_SOURCE[0]}" == "$0" && "${1:-}" == print ]]; then
 	for v in K8S_VERSION K8S_BIN CLUSTER_STATE CLUSTER_RUN CLUSTER_KUBECONFIG CLUSTER_NODE CLUSTER_BRIDGE \
@@ -34,4 +38,5 @@ if [[ "${BASH_SOURCE[0]}" == "$0" && "${1:-}" == print ]]; then
 		CLUSTER_CONTAINERD_SOCK CLUSTER_CGROUP CLUSTER_GUARD_TABLE; do
 		printf '%s=%s\n' "$v" "${!v}"
 	done
+	echo "CLUSTER_SYSCTLS=${CLUSTER_SYSCTLS[*]}"
 fi

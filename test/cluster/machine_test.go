@@ -18,7 +18,8 @@ import (
 // back: only things the cluster owns, since other test packages change the
 // host's links and tables at the same time.
 type machineState struct {
-	ipForward, bridgeNF string
+	ipForward           string
+	sysctls             string   // every sysctl the node changes, NAME=VALUE
 	bridge              bool     // the pod bridge exists
 	nftTables           []string // the cluster's nftables tables that exist
 	allTables           string   // every nftables table in the host's namespace
@@ -32,7 +33,11 @@ type machineState struct {
 func snapshotMachine() machineState {
 	var s machineState
 	s.ipForward = readTrim("/proc/sys/net/ipv4/ip_forward")
-	s.bridgeNF = readTrim("/proc/sys/net/bridge/bridge-nf-call-iptables")
+	var sysctls []string
+	for name := range strings.FieldsSeq(clusterEnv["CLUSTER_SYSCTLS"]) {
+		sysctls = append(sysctls, name+"="+readTrim("/proc/sys/"+name))
+	}
+	s.sysctls = strings.Join(sysctls, " ")
 	s.bridge = exec.Command("ip", "link", "show", clusterEnv["CLUSTER_BRIDGE"]).Run() == nil
 	for _, t := range [][]string{{"inet", clusterEnv["CLUSTER_GUARD_TABLE"]}, {"ip", "kube-proxy"}, {"ip6", "kube-proxy"}} {
 		if exec.Command("nft", "list", "table", t[0], t[1]).Run() == nil {
@@ -151,7 +156,7 @@ func testDownRestoresMachine(t *testing.T) {
 		before, got any
 	}{
 		{"ip_forward", before.ipForward, after.ipForward},
-		{"bridge-nf-call-iptables", before.bridgeNF, after.bridgeNF},
+		{"sysctls", before.sysctls, after.sysctls},
 		{"pod bridge " + clusterEnv["CLUSTER_BRIDGE"], before.bridge, after.bridge},
 		{"the cluster's nftables tables", before.nftTables, after.nftTables},
 		{"nftables tables (iptables-nft included)", before.allTables, after.allTables},

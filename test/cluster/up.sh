@@ -62,8 +62,9 @@ mkdir -p "$CLUSTER_STATE"/{pids,logs,pki,etcd,cni/net.d,cni/ipam,kubelet,bin,ima
 chmod 0700 "$CLUSTER_STATE" "$CLUSTER_STATE/pki"
 # What down.sh restores.
 {
-	echo "ip_forward=$(cat /proc/sys/net/ipv4/ip_forward)"
-	echo "bridge_nf_call_iptables=$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo absent)"
+	for s in "${CLUSTER_SYSCTLS[@]}"; do
+		if [[ -f "/proc/sys/$s" ]]; then echo "sysctl=$s=$(cat "/proc/sys/$s")"; fi
+	done
 	for d in /var/log/pods /var/log/containers /run/netns /var/lib/cni /etc/cni /opt/cni; do
 		if [[ -e "$d" ]]; then echo "existed=$d"; fi
 	done
