@@ -82,7 +82,8 @@ fail() {
 		tail -n 15 "$f" >&2
 	done
 }
-trap 'fail' ERR
+set -o errtrace
+trap fail ERR
 
 # Network: the bridge exists before the first pod so the API server and the
 # kubelet can bind the node address on it.
