@@ -50,8 +50,8 @@ for n in "${names[@]}"; do
 		fi
 		multi="$(readlink -f "$(command -v iptables-nft-restore)")"
 		adds=(-add "$out/bin/meshproxy=/usr/local/bin/meshproxy")
-		for tool in iptables-nft-restore iptables-nft-save ip6tables-nft-restore ip6tables-nft-save; do
-			adds+=(-add "$multi=/usr/local/bin/$tool") # one multi-call binary, run by name
+		for name in iptables-nft-restore iptables-nft-save ip6tables-nft-restore ip6tables-nft-save; do
+			adds+=(-add "$multi=/usr/local/bin/$name") # one multi-call binary, run by name
 		done
 		while read -r lib; do
 			adds+=(-add "$(readlink -f "$lib")=$lib")
