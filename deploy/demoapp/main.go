@@ -2,6 +2,7 @@
 // image so the demo needs no image from a registry:
 //
 //	demoapp serve -listen :5678 -text "hello"   answer every HTTP request with the text
+//	                                            (after ?hold=DURATION, at most 1m)
 //	    [-tls-cert F -tls-key F]                over TLS with that certificate
 //	demoapp get [-method POST] URL              one request; body to stdout, exit 1 unless 2xx
 //	demoapp loop [-every 5s] URL                request URL forever, one line per result
@@ -95,6 +96,15 @@ func serve(ctx context.Context, listen, text, certFile, keyFile string) error {
 		Addr:              listen,
 		ReadHeaderTimeout: 10 * time.Second,
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			// ?hold=DURATION (at most a minute) keeps the connection open
+			// before answering, so a test can see it among a proxy's peers.
+			if d, err := time.ParseDuration(r.URL.Query().Get("hold")); err == nil && d > 0 && d <= time.Minute {
+				select {
+				case <-time.After(d):
+				case <-r.Context().Done():
+					return
+				}
+			}
 			fmt.Fprintln(w, text)
 		}),
 	}

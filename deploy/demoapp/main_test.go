@@ -44,6 +44,10 @@ func TestServeAnswersWithText(t *testing.T) {
 	if gerr != nil || out.String() != "hi there\n" {
 		t.Fatalf("get = %q, %v; want the served text", out.String(), gerr)
 	}
+	out.Reset()
+	if err := run(context.Background(), []string{"get", "-timeout", "50ms", "http://" + addr + "/?hold=10s"}, &out); err == nil {
+		t.Errorf("?hold=10s answered within 50ms: %q", out.String())
+	}
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("serve after cancel: %v", err)

@@ -18,16 +18,16 @@ import (
 // back: only things the cluster owns, since other test packages change the
 // host's links and tables at the same time.
 type machineState struct {
-	ipForward           string
-	sysctls             string   // every sysctl the node changes, NAME=VALUE
-	bridge              bool     // the pod bridge exists
-	nftTables           []string // the cluster's nftables tables that exist
-	allTables           string   // every nftables table in the host's namespace
-	mounts              []string // mounts under the cluster's directories and its netns
-	cgroups             []string // the cluster's cgroup directories
-	dirs                []string // the cluster's state directories that exist
-	listening           []int    // the cluster's fixed ports with a listener
-	processes           []int    // processes in the cluster's cgroups
+	ipForward string
+	sysctls   string   // every sysctl the node changes, NAME=VALUE
+	bridge    bool     // the pod bridge exists
+	nftTables []string // the cluster's nftables tables that exist
+	allTables string   // every nftables table in the host's namespace
+	mounts    []string // mounts under the cluster's directories and its netns
+	cgroups   []string // the cluster's cgroup directories
+	dirs      []string // the cluster's state directories that exist
+	listening []int    // the cluster's fixed ports with a listener
+	processes []int    // processes in the cluster's cgroups
 }
 
 func snapshotMachine() machineState {

@@ -153,9 +153,13 @@ func testMTLSOnTheWire(t *testing.T) {
 	if mtls < 3 {
 		t.Errorf("%d TLS connections with ALPN istio to echo (%s) in the capture, want at least 3 (flows: %d)", mtls, echoIP, len(flows))
 	}
-	// The client requests echo every 5 seconds; one of its connections is
-	// live when peers looks.
-	waitFor(t, "the client's SPIFFE ID in echo's meshproxy peers", time.Minute, func() error {
+	// peers lists open connections: hold one open from the client.
+	held := make(chan error, 1)
+	go func() {
+		_, err := kubectl("-n", "demo", "exec", "deploy/client", "-c", "client", "--", "demoapp", "get", "-timeout", "40s", "http://echo.demo.svc/?hold=30s")
+		held <- err
+	}()
+	waitFor(t, "the client's SPIFFE ID in echo's meshproxy peers", 25*time.Second, func() error {
 		peers, err := kubectl("-n", "demo", "exec", "deploy/echo", "-c", "meshproxy", "--", "meshproxy", "peers")
 		if err != nil {
 			return err
@@ -165,6 +169,9 @@ func testMTLSOnTheWire(t *testing.T) {
 		}
 		return nil
 	})
+	if err := <-held; err != nil {
+		t.Errorf("the held request failed: %v", err)
+	}
 	// A pod without a sidecar is refused under STRICT.
 	if out, err := kubectl("-n", "demo", "exec", "deploy/plain", "-c", "plain", "--", "demoapp", "get", "-timeout", "5s", "http://echo.demo.svc/"); err == nil {
 		t.Errorf("a plaintext client reached echo under STRICT: %q", out)
