@@ -101,7 +101,7 @@ func testRotationUnderLoad(t *testing.T) {
 		t.Fatalf("inject: %v", err)
 	}
 	// Short-lived certificates: the sidecars rotate at half-life, every minute.
-	injected := strings.ReplaceAll(string(out), "    - run\n", "    - run\n    - --cert-ttl\n    - 2m\n")
+	injected := regexp.MustCompile(`(?m)^(\s*)- run\n`).ReplaceAllString(string(out), "${1}- run\n${1}- --cert-ttl\n${1}- 2m\n")
 	if strings.Count(injected, "--cert-ttl") != 2 {
 		t.Fatalf("could not set --cert-ttl on both sidecars:\n%s", injected)
 	}
