@@ -90,12 +90,12 @@ func testProbesUnderStrict(t *testing.T) {
 
 	apiIP := strings.TrimSpace(mustKubectl(t, "-n", "default", "get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"))
 	type workload struct{ name, mode, native string }
-	var all []workload
+	var cases []workload
 	for _, mode := range []string{"nftables", "iptables", "ebpf"} {
 		for _, native := range []string{"true", "false"} {
 			kind := map[string]string{"true": "native", "false": "classic"}[native]
 			w := workload{name: "probed-" + mode + "-" + kind, mode: mode, native: native}
-			all = append(all, w)
+			cases = append(cases, w)
 			src := filepath.Join(tmp, w.name+".yaml")
 			if err := os.WriteFile(src, fmt.Appendf(nil, probedApp, w.name), 0o600); err != nil {
 				t.Fatal(err)
@@ -124,20 +124,30 @@ func testProbesUnderStrict(t *testing.T) {
 	// Wait for all at once: a failing case must not hold up the others.
 	t.Cleanup(func() { kubectl("delete", "namespace", "probes", "--wait=false") })
 	dumpOnFailure(t, "probes") // runs before the delete
-	for _, w := range all {
+	status := map[string]string{}
+	ready := func(w workload) bool { return strings.Contains(status[w.name], "ready=True") }
+	deadline := time.Now().Add(150 * time.Second)
+	for time.Now().Before(deadline) {
+		all := true
+		for _, w := range cases {
+			out, err := kubectl("-n", "probes", "get", "pods", "-l", "app="+w.name, "-o",
+				`jsonpath={range .items[*]}{.metadata.name} ready={.status.conditions[?(@.type=="Ready")].status} restarts={.status.containerStatuses[*].restartCount}{"\n"}{end}`)
+			if err != nil {
+				out = err.Error()
+			}
+			status[w.name] = strings.TrimSpace(out)
+			all = all && ready(w)
+		}
+		if all {
+			break
+		}
+		time.Sleep(2 * time.Second)
+	}
+	for _, w := range cases {
 		t.Run(w.name, func(t *testing.T) {
-			t.Parallel()
-			waitFor(t, w.name+" Ready under STRICT with its own probes", 150*time.Second, func() error {
-				out, err := kubectl("-n", "probes", "get", "pods", "-l", "app="+w.name, "-o",
-					`jsonpath={range .items[*]}{.metadata.name} ready={.status.conditions[?(@.type=="Ready")].status} restarts={.status.containerStatuses[*].restartCount}{"\n"}{end}`)
-				if err != nil {
-					return err
-				}
-				if !strings.Contains(out, "ready=True") {
-					return fmt.Errorf("%w: %s", errNotYet, out)
-				}
-				return nil
-			})
+			if !ready(w) {
+				t.Fatalf("%s not Ready under STRICT with its own probes after 150s: %s", w.name, status[w.name])
+			}
 			restarts := mustKubectl(t, "-n", "probes", "get", "pods", "-l", "app="+w.name, "-o", "jsonpath={.items[*].status.containerStatuses[*].restartCount}")
 			for f := range strings.FieldsSeq(restarts) {
 				if f != "0" {
