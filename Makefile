@@ -5,7 +5,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 STATICCHECK ?= $(shell command -v staticcheck 2>/dev/null || echo $(shell $(GO) env GOPATH)/bin/staticcheck)
 
-.PHONY: help build test test-short tools fuzz-short soak lint fmt generate demo demo-netns bench bench-compare image kind-demo kind-down clean
+.PHONY: help build test test-short tools cluster-tools cluster-up cluster-down cluster-demo fuzz-short soak lint fmt generate demo demo-netns bench bench-compare image kind-demo kind-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -17,7 +17,7 @@ TOOLS   := $(CURDIR)/bin/tools
 export MESHPROXY_SPIRE_BIN  := $(TOOLS)
 export MESHPROXY_STEPCA_BIN := $(TOOLS)/step-ca
 
-test: lint tools ## everything: lint, every test (as root for the netns tests), a short fuzz of each target
+test: lint tools cluster-tools ## everything: lint, every test (as root for the netns and Kubernetes tests), a short fuzz of each target
 	$(GO) test -race -count=1 -timeout 25m ./...
 	$(MAKE) fuzz-short
 
@@ -30,6 +30,18 @@ $(TOOLS)/spire-server $(TOOLS)/spire-agent: test/spire/go.mod test/spire/go.sum
 $(TOOLS)/step-ca: test/stepca/go.mod test/stepca/go.sum
 	mkdir -p $(TOOLS)
 	cd test/stepca && CGO_ENABLED=0 $(GO) build -o $(TOOLS)/step-ca github.com/smallstep/certificates/cmd/step-ca
+
+cluster-tools: ## build Kubernetes v1.37.2 and CoreDNS into $$MESHPROXY_CACHE (default ~/.cache/meshproxy) if missing or out of date
+	GO=$(GO) test/cluster/tools/build.sh
+
+cluster-up: cluster-tools ## a single-node Kubernetes on this machine (root; test/cluster/up.sh)
+	test/cluster/up.sh
+
+cluster-down: ## stop the single-node cluster and remove everything it left (root; idempotent)
+	test/cluster/down.sh
+
+cluster-demo: cluster-tools ## the kind demo's steps on the single-node cluster (root; same script and manifests)
+	DEMO_PLATFORM=$(CURDIR)/test/cluster/platform.sh deploy/kind/demo.sh
 
 fuzz-short: ## run every fuzz target briefly (FUZZTIME each, default 7s)
 	./scripts/fuzz-short.sh

@@ -62,15 +62,20 @@ func TestKindConfigMatchesDemo(t *testing.T) {
 	if cfg.Kind != "Cluster" || cfg.APIVersion != "kind.x-k8s.io/v1alpha4" {
 		t.Errorf("kind-config.yaml: %s %s", cfg.APIVersion, cfg.Kind)
 	}
-	script, err := os.ReadFile("kind/demo.sh")
+	demo, err := os.ReadFile("kind/demo.sh")
 	if err != nil {
 		t.Fatal(err)
 	}
+	platform, err := os.ReadFile("kind/platform-kind.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := append(demo, platform...)
 	for _, want := range []string{
 		"POD_CIDR=" + cfg.Networking.PodSubnet + "\n",
 		"SVC_CIDR=" + cfg.Networking.ServiceSubnet + "\n",
 		`CLUSTER="${CLUSTER:-` + cfg.Name + `}"`,
-		"kind load docker-image",
+		"kind load image-archive",
 		"kubectl wait", // replaced below when rollout status is used
 	} {
 		if want == "kubectl wait" {
@@ -80,7 +85,7 @@ func TestKindConfigMatchesDemo(t *testing.T) {
 			continue
 		}
 		if !strings.Contains(string(script), want) {
-			t.Errorf("demo.sh lacks %q", want)
+			t.Errorf("demo.sh and platform-kind.sh lack %q", want)
 		}
 	}
 }

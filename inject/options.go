@@ -45,6 +45,9 @@ const (
 	// Burstable (the sidecar requests less than its limit), hence the QoS
 	// level. $(POD_UID) is expanded by the kubelet from the downward API.
 	DefaultEBPFCgroup = hostCgroupMount + "/kubepods/burstable/pod$(POD_UID)"
+	// EBPFCgroupAuto has the init container find the pod's cgroup itself
+	// (meshproxy redirect install --cgroup auto --pod-uid UID).
+	EBPFCgroupAuto = "auto"
 	// releaseRepository is where tagged releases of the image are published.
 	releaseRepository = "ghcr.io/meshproxy/meshproxy"
 )
@@ -195,9 +198,15 @@ func WithNativeSidecar(native bool) Option {
 
 // WithEBPFCgroup sets the --cgroup path the init container passes in ebpf
 // mode: the pod's cgroup v2 directory below the host cgroup mount
-// (/host/sys/fs/cgroup); $(POD_UID) is expanded by the kubelet.
+// (/host/sys/fs/cgroup); $(POD_UID) is expanded by the kubelet. "auto" has
+// the init container find the pod's cgroup by its UID, whatever the node's
+// cgroup driver, cgroupRoot and cgroup version layout.
 func WithEBPFCgroup(path string) Option {
 	return func(c *config) error {
+		if path == EBPFCgroupAuto {
+			c.ebpfCgroup = path
+			return nil
+		}
 		if !strings.HasPrefix(path, hostCgroupMount+"/") || strings.Contains(path, "..") {
 			return fmt.Errorf("ebpf cgroup %q: want a directory below %s (the host cgroup mount)", path, hostCgroupMount)
 		}

@@ -125,6 +125,9 @@ func (c *config) initContainer() corev1.Container {
 		sc.Capabilities.Add = append(sc.Capabilities.Add, "BPF", "SYS_ADMIN")
 		sc.AllowPrivilegeEscalation = nil
 		ctr.Args = append(ctr.Args, "--cgroup", c.ebpfCgroup)
+		if c.ebpfCgroup == EBPFCgroupAuto {
+			ctr.Args = append(ctr.Args, "--pod-uid", "$(POD_UID)", "--cgroup-root", hostCgroupMount)
+		}
 		ctr.Env = []corev1.EnvVar{fieldEnv("POD_UID", "metadata.uid")}
 		ctr.VolumeMounts = []corev1.VolumeMount{
 			{Name: cgroupVolume, MountPath: hostCgroupMount, ReadOnly: true},

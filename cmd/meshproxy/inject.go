@@ -160,7 +160,7 @@ stdout or to -o FILE.`,
 	f.Int64Var(&proxyUID, "proxy-uid", inject.DefaultProxyUID, "uid and gid the sidecar runs as; capture exempts its traffic")
 	f.BoolVar(&native, "native-sidecar", true, "inject the sidecar as a native sidecar (init container with restartPolicy Always, Kubernetes 1.29+); false: a regular container")
 	f.StringVar(&capture, "capture", string(inject.CaptureInit), "who installs capture: init (an init container with NET_ADMIN) or node (meshproxy's CNI plugin; no capability in the pod, restricted Pod Security)")
-	f.StringVar(&ebpfCgroup, "ebpf-cgroup", "", "ebpf mode: the pod's cgroup v2 path below the host cgroup mount; $(POD_UID) is expanded (default "+inject.DefaultEBPFCgroup+")")
+	f.StringVar(&ebpfCgroup, "ebpf-cgroup", "", "ebpf mode: the pod's cgroup v2 path below the host cgroup mount; $(POD_UID) is expanded; auto: the init container finds it (default "+inject.DefaultEBPFCgroup+")")
 	return cmd
 }
 

@@ -22,6 +22,8 @@ type redirectFlags struct {
 	excludeOutbound string
 	tproxy          bool
 	cgroup          string
+	cgroupRoot      string
+	podUID          string
 	iptablesBackend string
 }
 
@@ -35,7 +37,9 @@ func (f *redirectFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.excludeInbound, "exclude-inbound-ports", "", "comma-separated inbound ports left alone (the proxy's own ports always are)")
 	fl.StringVar(&f.excludeOutbound, "exclude-outbound-cidrs", "", "comma-separated destination CIDRs (IPv4 or IPv6) left alone")
 	fl.BoolVar(&f.tproxy, "tproxy", false, "capture inbound with TPROXY (the app sees the real client address) instead of REDIRECT")
-	fl.StringVar(&f.cgroup, "cgroup", "", "ebpf: the pod's cgroup v2 directory, e.g. /sys/fs/cgroup/kubepods.slice/...")
+	fl.StringVar(&f.cgroup, "cgroup", "", "ebpf: the pod's cgroup v2 directory, e.g. /sys/fs/cgroup/kubepods.slice/..., or auto: find the cgroup of --pod-uid below --cgroup-root")
+	fl.StringVar(&f.cgroupRoot, "cgroup-root", "/sys/fs/cgroup", "ebpf with --cgroup auto: the host's cgroup mount (cgroup v2 there or, on hybrid v1 hosts, in unified/)")
+	fl.StringVar(&f.podUID, "pod-uid", "", "ebpf with --cgroup auto: the pod's UID (the downward API's metadata.uid)")
 	fl.StringVar(&f.iptablesBackend, "iptables-backend", redirect.BackendAuto, "iptables: auto (the backend already in use, else nft), nft or legacy")
 }
 
@@ -78,6 +82,17 @@ func (f *redirectFlags) config(cmd *cobra.Command) (redirect.Config, error) {
 	if mode != redirect.ModeEBPF && f.cgroup != "" {
 		return redirect.Config{}, usagef("--cgroup is only used with --mode ebpf")
 	}
+	if (f.cgroup == redirect.CgroupAuto) != (f.podUID != "") {
+		return redirect.Config{}, usagef("--pod-uid goes with --cgroup auto, and --cgroup auto needs --pod-uid")
+	}
+	cgroup := f.cgroup
+	if cgroup == redirect.CgroupAuto {
+		found, err := redirect.FindPodCgroup(f.cgroupRoot, f.podUID)
+		if err != nil {
+			return redirect.Config{}, fmt.Errorf("--cgroup auto: %w", err)
+		}
+		cgroup = found
+	}
 	backend := ""
 	if mode == redirect.ModeIptables {
 		backend = f.iptablesBackend
@@ -93,7 +108,7 @@ func (f *redirectFlags) config(cmd *cobra.Command) (redirect.Config, error) {
 		Mode: mode, ProxyUID: f.proxyUID, ProxyGID: f.proxyGID,
 		InboundPort: f.inboundPort, OutboundPort: f.outboundPort,
 		ExcludeInboundPorts: ports, ExcludeOutboundCIDRs: cidrs,
-		TProxy: f.tproxy, CgroupPath: f.cgroup, IptablesBackend: backend,
+		TProxy: f.tproxy, CgroupPath: cgroup, IptablesBackend: backend,
 	}
 	if err := cfg.Validate(); err != nil {
 		if errors.Is(err, redirect.ErrInvalidConfig) {

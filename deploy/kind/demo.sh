@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# meshproxy on a local kind cluster, end to end:
-#   1. a kind cluster (deploy/kind/kind-config.yaml) and the meshproxy image in it;
+# meshproxy on a local Kubernetes cluster, end to end:
+#   1. a cluster and the meshproxy and demo app images in it;
 #   2. a CA made locally with `meshproxy ca init`, stored as Istio's cacerts
 #      Secret, and its root as the meshproxy-ca-root ConfigMap;
 #   3. the CA (deploy/kubernetes), then the sample workloads injected with
 #      `meshproxy inject`;
 #   4. a request over mesh mTLS, the identities, a plaintext client refused
 #      under STRICT, a meshed client refused by policy, and a forced rotation.
-# Run it again to re-deploy onto the same cluster; deploy/kind/down.sh
-# deletes the cluster.
+# Run it again to re-deploy onto the same cluster.
 #
-# Environment: CLUSTER (default meshproxy), IMAGE (meshproxy:dev),
+# What differs between clusters (creating one, loading images, the kubectl
+# context) lives in a platform file, so every cluster runs these same steps
+# on the same manifests: platform-kind.sh by default (make kind-demo;
+# deploy/kind/down.sh deletes it), test/cluster/platform.sh for the
+# single-node cluster of the test suite (make cluster-demo).
+#
+# Environment: DEMO_PLATFORM (the platform file), CLUSTER (default meshproxy,
+# kind only), IMAGE (meshproxy:dev), APP_IMAGE (meshproxy-demo-app:dev),
 # TIMEOUT for each wait (180s).
 set -euo pipefail
 
-CLUSTER="${CLUSTER:-meshproxy}"
 IMAGE="${IMAGE:-meshproxy:dev}"
+APP_IMAGE="${APP_IMAGE:-meshproxy-demo-app:dev}"
 TIMEOUT="${TIMEOUT:-180s}"
 TRUST_DOMAIN=cluster.local
-# Must match deploy/kind/kind-config.yaml.
+# Must match deploy/kind/kind-config.yaml (and contain test/cluster/env.sh's ranges).
 POD_CIDR=10.244.0.0/16
 SVC_CIDR=10.96.0.0/16
 
@@ -31,45 +37,25 @@ die() {
 	exit 1
 }
 
-check_tools() {
-	local missing=() tool
-	for tool in kind kubectl docker go; do
-		command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-	done
-	if ((${#missing[@]} > 0)); then
-		cat >&2 <<MSG
-demo: missing ${missing[*]}; install them and run again:
-  kind     https://kind.sigs.k8s.io/docs/user/quick-start/#installation
-  kubectl  https://kubernetes.io/docs/tasks/tools/
-  docker   https://docs.docker.com/get-docker/
-  go       https://go.dev/dl/ (1.26 or later, to build the local meshproxy)
-MSG
-		exit 1
-	fi
-	docker info >/dev/null 2>&1 || die "docker is installed but its daemon does not answer (is Docker running?)"
-}
+# The platform defines platform_check_tools, platform_cluster (create or
+# reuse), platform_load TARBALL... and k (kubectl for the cluster), and sets
+# ctx_hint (how to point kubectl at it, for the closing message).
+platform="${DEMO_PLATFORM:-$here/platform-kind.sh}"
+# shellcheck source-path=SCRIPTDIR source=platform-kind.sh
+. "$platform"
 
-check_tools
-
+platform_check_tools
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-ctx="kind-$CLUSTER"
-k() { kubectl --context "$ctx" "$@"; }
 
-step "kind cluster $CLUSTER"
-clusters="$(kind get clusters 2>/dev/null || true)"
-if grep -qx "$CLUSTER" <<<"$clusters"; then
-	echo "reusing the existing cluster"
-else
-	kind create cluster --name "$CLUSTER" --config "$here/kind-config.yaml" --wait 180s
-fi
+platform_cluster
 
-step "image $IMAGE"
-version="$(git -C "$root" describe --tags --always --dirty 2>/dev/null || echo dev)"
-docker build -f "$root/deploy/Dockerfile" --build-arg VERSION="$version" -t "$IMAGE" "$root"
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+step "images $IMAGE and $APP_IMAGE"
+IMAGE="$IMAGE" APP_IMAGE="$APP_IMAGE" "$here/images.sh" "$work/images"
+platform_load "$work/images/meshproxy.tar" "$work/images/demoapp.tar"
 
 step "local meshproxy binary (for ca init and inject)"
+version="$(git -C "$root" describe --tags --always --dirty 2>/dev/null || echo dev)"
 (cd "$root" && CGO_ENABLED=0 go build -trimpath -ldflags "-X main.version=$version" -o "$work/meshproxy" ./cmd/meshproxy)
 mp="$work/meshproxy"
 
@@ -123,13 +109,13 @@ k -n demo get pods -o wide
 step "client -> echo over mesh mTLS"
 ok=false
 for _ in $(seq 1 20); do
-	if k -n demo exec deploy/client -c client -- curl -sS --fail --max-time 10 http://echo.demo.svc/; then
+	if k -n demo exec deploy/client -c client -- demoapp get http://echo.demo.svc/; then
 		ok=true
 		break
 	fi
 	sleep 3
 done
-$ok || die "the client's request never succeeded; see: kubectl --context $ctx -n demo logs deploy/client -c meshproxy"
+$ok || die "the client's request never succeeded; see: $ctx_hint -n demo logs deploy/client -c meshproxy"
 
 step "the client's identity (meshproxy identity, in its sidecar)"
 k -n demo exec deploy/client -c meshproxy -- meshproxy identity
@@ -138,13 +124,13 @@ step "echo's live connections (meshproxy peers)"
 k -n demo exec deploy/echo -c meshproxy -- meshproxy peers
 
 step "a pod without a sidecar is refused under STRICT"
-if k -n demo exec deploy/plain -c plain -- curl -sS --fail --max-time 10 http://echo.demo.svc/; then
+if k -n demo exec deploy/plain -c plain -- demoapp get http://echo.demo.svc/; then
 	die "echo accepted a plaintext request under STRICT"
 fi
 echo "refused, as it should be"
 
 step "a meshed pod with another identity is refused by echo's AuthorizationPolicy"
-if k -n demo exec deploy/other -c other -- curl -sS --fail --max-time 10 http://echo.demo.svc/; then
+if k -n demo exec deploy/other -c other -- demoapp get http://echo.demo.svc/; then
 	die "echo accepted spiffe://$TRUST_DOMAIN/ns/demo/sa/other despite its AuthorizationPolicy"
 fi
 echo "refused, as it should be"
@@ -157,21 +143,21 @@ serial() {
 	echo "${serials%%$'\n'*}"
 }
 before="$(serial)"
-# The sidecar image has no shell or curl; the admin API listens on the pod's
+# The sidecar image has no shell or HTTP client; the admin API listens on the pod's
 # loopback, which the application container shares.
-k -n demo exec deploy/client -c client -- curl -sS --fail --max-time 30 -X POST http://127.0.0.1:15000/rotate
+k -n demo exec deploy/client -c client -- demoapp get -timeout 30s -method POST http://127.0.0.1:15000/rotate
 echo
 after="$(serial)"
 echo "serial before: $before"
 echo "serial after:  $after"
 [[ -n "$after" && "$after" != "$before" ]] || die "the serial did not change after POST /rotate"
-k -n demo exec deploy/client -c client -- curl -sS --fail --max-time 10 http://echo.demo.svc/
+k -n demo exec deploy/client -c client -- demoapp get http://echo.demo.svc/
 
 step "done"
 cat <<MSG
-The demo is running in cluster $CLUSTER (context $ctx). Try:
-  kubectl --context $ctx -n demo logs deploy/client -c client -f
-  kubectl --context $ctx -n demo exec deploy/echo -c meshproxy -- meshproxy peers
-  kubectl --context $ctx -n istio-system logs deploy/meshproxy-ca
-Delete it with deploy/kind/down.sh (make kind-down).
+The demo is running. Try:
+  $ctx_hint -n demo logs deploy/client -c client -f
+  $ctx_hint -n demo exec deploy/echo -c meshproxy -- meshproxy peers
+  $ctx_hint -n istio-system logs deploy/meshproxy-ca
+$platform_down_hint
 MSG
