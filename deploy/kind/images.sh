@@ -20,7 +20,7 @@ version="${VERSION:-$(git -C "$root" describe --tags --always --dirty 2>/dev/nul
 mkdir -p "$out/bin"
 
 # Pods run linux binaries whatever the workstation is.
-(cd "$root" && CGO_ENABLED=0 GOOS=linux GOARCH="$arch" go build -trimpath -tags noinject \
+(cd "$root" && CGO_ENABLED=0 GOOS=linux GOARCH="$arch" go build -trimpath -tags noinject,nocloudca \
 	-ldflags "-s -w -X main.version=$version" -o "$out/bin/meshproxy" ./cmd/meshproxy)
 (cd "$root" && CGO_ENABLED=0 GOOS=linux GOARCH="$arch" go build -trimpath -ldflags "-s -w" \
 	-o "$out/bin/demoapp" ./deploy/demoapp)
