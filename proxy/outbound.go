@@ -26,7 +26,7 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		if !l.spec.id.IsZero() {
 			ids = []spiffeid.ID{l.spec.id}
 		}
-		p.originate(t, c, l.spec.target, l.sni, ids, ids == nil, nil)
+		p.originate(t, c, l.spec.target, l.sni, ids, ids == nil, nil, true)
 		return
 	}
 	dst, err := p.opts.originalDst(c)
@@ -77,7 +77,12 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	if rule.Matched {
 		sans = rule.SANs
 	}
-	p.originate(t, c, dst.String(), "", sans, false, rule.Pool)
+	// A captured destination may be a Service VIP that kube-proxy maps to
+	// one endpoint per connection; the peer's inbound sees only the
+	// endpoint, so a pooled stream naming the VIP would not match it.
+	// Captured traffic stays per-connection mTLS until the pool learns
+	// endpoints.
+	p.originate(t, c, dst.String(), "", sans, false, rule.Pool, false)
 }
 
 // originate connects to dest and runs a mesh mTLS handshake, accepting a
@@ -86,13 +91,15 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 // address actually reached (an explicit destination may be a host name).
 // pool (nil for none) sets the dial's timeout and TCP keepalive. In HBONE
 // auto mode it first looks for a pooled connection to dest with room for a
-// stream, and offers the HBONE ALPN on a new connection (see hbone.go).
-func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool, pool *policy.TCPPool) {
+// stream, and offers the HBONE ALPN on a new connection (see hbone.go);
+// poolable false keeps this connection per-connection mTLS in any mode but
+// always.
+func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool, pool *policy.TCPPool, poolable bool) {
 	if p.opts.hbone.mode == HBONEAlways {
 		p.originateHBONE(t, down, dest, sni, ids, ruleSANs)
 		return
 	}
-	auto := p.opts.hbone.mode == HBONEAuto
+	auto := poolable && p.opts.hbone.mode == HBONEAuto
 	var key string
 	// finish ends this connection's dial for key (auto mode): app
 	// connections that waited for it look at the pool again.
