@@ -1,17 +1,17 @@
 package cluster
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshproxy/meshproxy/internal/e2eutil"
 )
 
 // TestCluster runs the suite's steps in order on one cluster: the demo
@@ -113,7 +113,7 @@ func testMTLSOnTheWire(t *testing.T) {
 	dump := exec.CommandContext(ctx, "tcpdump", "-i", clusterEnv["CLUSTER_BRIDGE"], "-nn", "-s", "0", "-U", "-w", pcap, "tcp and host "+echoIP)
 	dump.Cancel = func() error { return dump.Process.Signal(syscall.SIGINT) }
 	dump.WaitDelay = 5 * time.Second
-	stderr := &syncWriter{}
+	stderr := &e2eutil.Buffer{}
 	dump.Stderr = stderr
 	if err := dump.Start(); err != nil {
 		t.Fatalf("tcpdump: %v", err)
@@ -189,22 +189,4 @@ func firstBytes(b []byte, n int) []byte {
 		return b[:n]
 	}
 	return b
-}
-
-// syncWriter is a bytes.Buffer safe for a writing process and a reader.
-type syncWriter struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (w *syncWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.Write(p)
-}
-
-func (w *syncWriter) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.String()
 }
