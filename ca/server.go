@@ -231,6 +231,10 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener) error {
 	}
 	due, err := s.serving.renew(ctx)
 	if err != nil {
+		if ctx.Err() != nil {
+			// Asked to stop before the first serving certificate: a clean stop.
+			return nil
+		}
 		return fmt.Errorf("ca server: %w", err)
 	}
 	// After the first issuance: an external signer's chain is known only then.
