@@ -139,6 +139,24 @@ func testProbesUnderStrict(t *testing.T) {
 			if !ready(w) {
 				t.Fatalf("%s not Ready under STRICT with its own probes after 150s: %s", w.name, status[w.name])
 			}
+			// Item 7: the eBPF capture is in effect for the app's own
+			// cgroup, as the kernel records it, and only in eBPF mode.
+			uid := strings.TrimSpace(mustKubectl(t, "-n", "probes", "get", "pods", "-l", "app="+w.name, "-o", "jsonpath={.items[0].metadata.uid}"))
+			dir, err := podProcessCgroup(uid, "demoapp")
+			if err != nil {
+				t.Fatal(err)
+			}
+			n, err := connect4Programs(dir)
+			switch {
+			case err != nil:
+				t.Errorf("%s: %v", w.name, err)
+			case w.mode == "ebpf" && n == 0:
+				t.Errorf("%s: no cgroup/connect4 program in effect for the app's cgroup %s: the init container attached the capture elsewhere", w.name, dir)
+			case w.mode != "ebpf" && n != 0:
+				t.Errorf("%s: %d cgroup/connect4 programs in effect for the app's cgroup %s in %s mode", w.name, n, dir, w.mode)
+			default:
+				t.Logf("%s: %d connect4 programs in effect for %s", w.name, n, dir)
+			}
 			restarts := mustKubectl(t, "-n", "probes", "get", "pods", "-l", "app="+w.name, "-o", "jsonpath={.items[*].status.containerStatuses[*].restartCount}")
 			for f := range strings.FieldsSeq(restarts) {
 				if f != "0" {
