@@ -618,14 +618,27 @@ func (d *destRules) lookupName(name string, port uint16) Outbound {
 	if best == nil {
 		return Outbound{}
 	}
+	// One rule decides, as in Istio (the most specific host); its
+	// port-level settings before its rule-level ones.
+	var out Outbound
+	out.Pool = best.pool
+	if pp, ok := best.poolPort[port]; ok {
+		out.Pool = pp
+	}
 	t := best.tls
 	if pt, ok := best.ports[port]; ok && pt != nil {
 		t = pt
 	}
-	if t == nil {
-		return Outbound{}
+	if t != nil {
+		out.Matched, out.MTLS, out.SANs, out.Refuse, out.Originate = true, t.mtls, slices.Clone(t.sans), t.refuse, t.orig
 	}
-	return Outbound{Matched: true, MTLS: t.mtls, SANs: slices.Clone(t.sans), Refuse: t.refuse, Originate: t.orig}
+	return out
+}
+
+// matchesByName reports whether a visible rule's host can only be matched
+// by a destination's name: a wildcard host other than the mesh-wide forms.
+func (d *destRules) matchesByName() bool {
+	return slices.ContainsFunc(d.visible, func(r *destRule) bool { return r.wildcard != "" && !r.meshWide })
 }
 
 type destView struct {
