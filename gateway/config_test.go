@@ -338,3 +338,68 @@ func TestWhatTheGatewayDoesNotServeIsWarnedNotRefused(t *testing.T) {
 		})
 	}
 }
+
+// TestDestinationPortFromTheService: a destination without a port takes
+// the port of its Service when the configuration files carry that Service
+// and it has exactly one port (short name, name.namespace and the
+// .svc.cluster.local form alike); with several ports, or no Service, the
+// route is rejected alone.
+func TestDestinationPortFromTheService(t *testing.T) {
+	const gw = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\nspec:\n  servers:\n  - port: {number: 9000, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n"
+	const services = `---
+apiVersion: v1
+kind: Service
+metadata:
+  name: one
+  namespace: istio-system
+  labels: {app: one}
+spec:
+  selector: {app: one}
+  ports:
+  - port: 7000
+    targetPort: 8080
+    protocol: TCP
+---
+apiVersion: v1
+kind: Service
+metadata: {name: two, namespace: istio-system}
+spec:
+  ports: [{name: a, port: 7001}, {name: b, port: 7002}]
+`
+	vs := func(host string) string {
+		return "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: istio-system}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: " + host + "}}]\n"
+	}
+	tests := []struct {
+		host, want, reason string
+	}{
+		{"one", "one.istio-system:7000", ""},
+		{"one.istio-system", "one.istio-system:7000", ""},
+		{"one.istio-system.svc.cluster.local", "one.istio-system.svc.cluster.local:7000", ""},
+		{"two", "", "Service two.istio-system has 2 ports"},
+		{"three", "", "no Service three.istio-system"},
+		{"one.other", "", "no Service one.other"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.host, func(t *testing.T) {
+			cfg, warns, err := loadConfigWarn([]manifest.File{{Name: "gw.yaml", Data: []byte(gw + services + vs(tc.host))}}, workload{namespace: DefaultNamespace}, quietLog)
+			if err != nil {
+				t.Fatalf("refused: %v", err)
+			}
+			routes := cfg.ports[9000].servers[0].routes
+			if tc.want != "" {
+				if len(routes) != 1 || routes[0].dests[0].addr != tc.want {
+					t.Fatalf("routes %+v, want one to %s (warnings %+v)", routes, tc.want, warns)
+				}
+				return
+			}
+			if len(routes) != 0 {
+				t.Fatalf("route kept: %+v", routes[0].dests)
+			}
+			if !slices.ContainsFunc(warns, func(w warning) bool {
+				return w.field == "spec.tcp[0].route[0].destination.port.number" && strings.Contains(w.msg, tc.reason)
+			}) {
+				t.Fatalf("no rejection naming %q: %+v", tc.reason, warns)
+			}
+		})
+	}
+}
