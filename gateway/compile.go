@@ -361,6 +361,19 @@ func compileGateway(g *gatewayObj, warn func(field, format string, args ...any))
 	if len(g.Spec.Servers) == 0 {
 		return nil, manifest.Errorf("spec.servers", "required: at least one server")
 	}
+	if errs := validation.IsDNS1123Label(g.Metadata.Name); len(errs) > 0 {
+		return nil, manifest.Errorf("metadata.name", "%q: a Gateway's name is a DNS label (no dots): %s", g.Metadata.Name, strings.Join(errs, "; "))
+	}
+	names := map[string]bool{}
+	for i, ss := range g.Spec.Servers {
+		if ss.Port == nil {
+			continue // compileServer says why
+		}
+		if names[ss.Port.Name] {
+			return nil, manifest.Errorf(fmt.Sprintf("spec.servers[%d].port.name", i), "%q: port names must be unique among the servers", ss.Port.Name)
+		}
+		names[ss.Port.Name] = true
+	}
 	for k, v := range g.Spec.Selector {
 		if errs := validation.IsQualifiedName(k); len(errs) > 0 {
 			return nil, manifest.Errorf("spec.selector", "label key %q: %s", k, strings.Join(errs, "; "))
@@ -588,6 +601,9 @@ func compileService(v *serviceObj, services servicePorts, warn func(field, forma
 			return nil, manifest.Errorf(fmt.Sprintf("spec.exportTo[%d]", i), "%q: want \"*\", \".\" or a namespace", e)
 		}
 	}
+	if !vs.http && len(v.Spec.TLS) == 0 && len(v.Spec.TCP) == 0 {
+		return nil, manifest.Errorf("spec", "http, tcp or tls routes are required")
+	}
 	for i, r := range v.Spec.TLS {
 		path := fmt.Sprintf("spec.tls[%d]", i)
 		if len(r.Match) == 0 {
@@ -607,6 +623,9 @@ func compileService(v *serviceObj, services servicePorts, warn func(field, forma
 				h, err := parseHost(fmt.Sprintf("%s.sniHosts[%d]", mp, k), sh)
 				if err != nil {
 					return nil, err
+				}
+				if !slices.ContainsFunc(vs.hosts, h.subsetOf) {
+					return nil, manifest.Errorf(fmt.Sprintf("%s.sniHosts[%d]", mp, k), "%q is not within any of the VirtualService's hosts %v", sh, v.Spec.Hosts)
 				}
 				mc.sni = append(mc.sni, h)
 			}
@@ -695,6 +714,9 @@ func (rs *routeSpecCompiled) compileTargets(path string, targets []routeTargetSp
 		d.weight = int(t.Weight)
 		rs.weights += d.weight
 		rs.dests = append(rs.dests, d)
+	}
+	if len(targets) > 1 && rs.weights == 0 {
+		return manifest.Errorf(path+".route", "total destination weight = 0: give each destination a weight")
 	}
 	return nil
 }
