@@ -189,3 +189,21 @@ func TestCapturedOutboundMatchesDestinationRuleBySNI(t *testing.T) {
 		t.Fatalf("plaintext was refused by the *.example.com pool (%v → %v)", full, got)
 	}
 }
+
+// TestExplicitOutboundWithSPIFFEIDStaysMeshMTLS: a listener naming its
+// peer's SPIFFE ID (DEST#ID) reaches a mesh peer with mesh mTLS, even when
+// a DestinationRule for the address asks for TLS origination.
+func TestExplicitOutboundWithSPIFFEIDStaysMeshMTLS(t *testing.T) {
+	m := newMesh(t)
+	a := startApp(t, echo)
+	sst, _ := policyStore(t, peerAuth("STRICT"))
+	server := startProxy(t, m.identity(t, echoID), sst, WithInboundExplicit("127.0.0.1:0", a.addr()))
+	cst, _ := policyStore(t, originationRule("127.0.0.1", "    tls:\n      mode: SIMPLE\n      sni: db.example.com\n"))
+	client := startProxy(t, m.identity(t, webID), cst,
+		WithOutboundExplicit("127.0.0.1:0", server.Addrs()[0].String(), mustID(t, echoID)), WithHBONEMode(HBONENever))
+	before := connections(mesh.DirOutbound, mesh.ModeMTLS, DecisionAllow)
+	if err := plaintextClient(t, client.Addrs()[0].String()); err != nil {
+		t.Fatalf("mesh peer named by SPIFFE ID: %v", err)
+	}
+	eventually(t, "counted as mesh mTLS", func() bool { return connections(mesh.DirOutbound, mesh.ModeMTLS, DecisionAllow) == before+1 })
+}
