@@ -184,7 +184,9 @@ func (s *Snapshot) OutboundMesh(dst netip.AddrPort) Outbound { return s.dests.lo
 
 // OutboundName returns the DestinationRule setting for a destination known
 // by name (an SNI, an explicit outbound's host): the rule of that exact
-// host, else of the longest matching wildcard host, else of "*".
+// host, else of the longest matching wildcard host, else of "*" — its TLS
+// setting (Matched when it has one) and its connectionPool.tcp, port-level
+// first.
 func (s *Snapshot) OutboundName(name string, port uint16) Outbound {
 	return s.dests.lookupName(name, port)
 }
