@@ -436,6 +436,9 @@ func compileServer(g *gatewayObj, i int, ss *serverSpec, warn func(field, format
 	case "":
 		return nil, manifest.Errorf(path+".port.protocol", "required: TCP, TLS or HTTPS")
 	case "HTTP", "HTTP2", "GRPC", "GRPC-WEB":
+		if err := checkPlainHTTPTLS(path+".tls", ss.TLS); err != nil {
+			return nil, err
+		}
 		if len(ss.Hosts) == 0 {
 			return nil, manifest.Errorf(path+".hosts", "required: at least one host (\"*\" for any)")
 		}
@@ -471,6 +474,9 @@ func compileServer(g *gatewayObj, i int, ss *serverSpec, warn func(field, format
 }
 
 func (s *server) compileTLS(path string, t *serverTLSSpec, warn func(field, format string, args ...any)) error {
+	if err := checkServerTLS(path, t); err != nil {
+		return err
+	}
 	switch strings.ToUpper(t.Mode) {
 	case "", "PASSTHROUGH": // Istio's default mode
 		s.mode = modePassthrough

@@ -233,6 +233,9 @@ type keepaliveSpec struct {
 // compilePool reads connectionPool.tcp (connectionPool.http is warned
 // about by warnIgnored); nil when unset.
 func compilePool(path string, pool *connectionPool, key string, warn func(field, format string, args ...any)) (*TCPPool, error) {
+	if err := checkConnectionPool(path, pool); err != nil {
+		return nil, err
+	}
 	if pool == nil || isUnset(pool.TCP) {
 		return nil, nil
 	}

@@ -181,3 +181,46 @@ func checkOutlierDetection(path string, raw json.RawMessage) error {
 	}
 	return nil
 }
+
+// checkConnectionPool applies Istio's rules to a connectionPool beyond its
+// tcp part (compilePool): at least one of tcp or http, and the HTTP
+// settings meshproxy ignores still non-negative, with valid durations.
+func checkConnectionPool(path string, pool *connectionPool) error {
+	if pool == nil {
+		return nil
+	}
+	if isUnset(pool.TCP) && isUnset(pool.HTTP) {
+		return fieldErrorf(path, "set at least one of tcp or http")
+	}
+	if isUnset(pool.HTTP) {
+		return nil
+	}
+	var h struct {
+		HTTP1MaxPendingRequests  *int64  `json:"http1MaxPendingRequests"`
+		HTTP2MaxRequests         *int64  `json:"http2MaxRequests"`
+		MaxRequestsPerConnection *int64  `json:"maxRequestsPerConnection"`
+		MaxRetries               *int64  `json:"maxRetries"`
+		MaxConcurrentStreams     *int64  `json:"maxConcurrentStreams"`
+		IdleTimeout              *string `json:"idleTimeout"`
+		H2UpgradePolicy          string  `json:"h2UpgradePolicy"`
+		UseClientProtocol        bool    `json:"useClientProtocol"`
+	}
+	if err := json.Unmarshal(pool.HTTP, &h); err != nil {
+		return fieldErrorf(path+".http", "%v", err)
+	}
+	for name, v := range map[string]*int64{"http1MaxPendingRequests": h.HTTP1MaxPendingRequests, "http2MaxRequests": h.HTTP2MaxRequests,
+		"maxRequestsPerConnection": h.MaxRequestsPerConnection, "maxRetries": h.MaxRetries, "maxConcurrentStreams": h.MaxConcurrentStreams} {
+		if v != nil && *v < 0 {
+			return fieldErrorf(path+".http."+name, "%d: must not be negative", *v)
+		}
+	}
+	if d := h.IdleTimeout; d != nil {
+		if v, err := time.ParseDuration(*d); err != nil || v < time.Millisecond {
+			return fieldErrorf(path+".http.idleTimeout", "%q: want a duration of at least 1ms", *d)
+		}
+	}
+	if h.H2UpgradePolicy == "UPGRADE" && h.UseClientProtocol {
+		return fieldErrorf(path+".http.useClientProtocol", "must not be true with h2UpgradePolicy UPGRADE")
+	}
+	return nil
+}

@@ -32,6 +32,8 @@ func TestIstioValidationRules(t *testing.T) {
 		{"subset name not a DNS label", dr + "  subsets: [{name: V_1}]\n", "spec.subsets[0].name"},
 		{"maxEjectionPercent over 100", dr + "  trafficPolicy:\n    outlierDetection: {maxEjectionPercent: 200}\n", "spec.trafficPolicy.outlierDetection.maxEjectionPercent"},
 		{"port-level bad interval", dr + "  trafficPolicy:\n    portLevelSettings:\n    - port: {number: 80}\n      outlierDetection: {interval: 0s}\n", "portLevelSettings[0].outlierDetection.interval"},
+		{"empty connection pool", dr + "  trafficPolicy:\n    connectionPool: {}\n", "spec.trafficPolicy.connectionPool"},
+		{"negative HTTP pool setting", dr + "  trafficPolicy:\n    connectionPool: {http: {http1MaxPendingRequests: -1}}\n", "connectionPool.http.http1MaxPendingRequests"},
 		{"local origin failures without the split", dr + "  trafficPolicy:\n    outlierDetection: {consecutiveLocalOriginFailures: 3}\n", "outlierDetection.consecutiveLocalOriginFailures"},
 	}
 	for _, tt := range rejected {
@@ -47,6 +49,7 @@ func TestIstioValidationRules(t *testing.T) {
 		{"targetRefs to a Gateway and a Service", ap + "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: g}, {kind: Service, group: \"\", name: web}]\n"},
 		{"exportTo . and another namespace", dr + "  exportTo: [\".\", other]\n"},
 		{"workloadSelector exported to its namespace", dr + "  workloadSelector: {matchLabels: {app: web}}\n  exportTo: [\".\"]\n"},
+		{"HTTP pool settings", dr + "  trafficPolicy:\n    connectionPool: {http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1, idleTimeout: 30s}}\n"},
 		{"outlier detection within range", dr + "  trafficPolicy:\n    outlierDetection: {maxEjectionPercent: 100, interval: 1s, baseEjectionTime: 3m, splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 2}\n"},
 	}
 	for _, tt := range accepted {
