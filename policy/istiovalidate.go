@@ -169,11 +169,8 @@ func checkOutlierDetection(path string, raw json.RawMessage) error {
 		}
 	}
 	for name, d := range map[string]*string{"baseEjectionTime": od.BaseEjectionTime, "interval": od.Interval} {
-		if d == nil {
-			continue
-		}
-		if v, err := time.ParseDuration(*d); err != nil || v < time.Millisecond {
-			return fieldErrorf(path+"."+name, "%q: want a duration of at least 1ms", *d)
+		if err := checkDuration(path+"."+name, d); err != nil {
+			return err
 		}
 	}
 	if !od.SplitExternalLocalOriginErrors && od.ConsecutiveLocalOriginFailures != nil && *od.ConsecutiveLocalOriginFailures > 0 {
@@ -214,13 +211,23 @@ func checkConnectionPool(path string, pool *connectionPool) error {
 			return fieldErrorf(path+".http."+name, "%d: must not be negative", *v)
 		}
 	}
-	if d := h.IdleTimeout; d != nil {
-		if v, err := time.ParseDuration(*d); err != nil || v < time.Millisecond {
-			return fieldErrorf(path+".http.idleTimeout", "%q: want a duration of at least 1ms", *d)
-		}
+	if err := checkDuration(path+".http.idleTimeout", h.IdleTimeout); err != nil {
+		return err
 	}
 	if h.H2UpgradePolicy == "UPGRADE" && h.UseClientProtocol {
 		return fieldErrorf(path+".http.useClientProtocol", "must not be true with h2UpgradePolicy UPGRADE")
+	}
+	return nil
+}
+
+// checkDuration applies Istio's rule for a duration: at least 1ms. nil is
+// unset.
+func checkDuration(path string, d *string) error {
+	if d == nil {
+		return nil
+	}
+	if v, err := time.ParseDuration(*d); err != nil || v < time.Millisecond {
+		return fieldErrorf(path, "%q: want a duration of at least 1ms", *d)
 	}
 	return nil
 }
