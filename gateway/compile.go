@@ -38,6 +38,9 @@ type compiler struct {
 	errs  []error
 	seen  map[string]string // kind/namespace/name → where first defined
 	warns []warning
+	// services are the Services among the files, for destinations
+	// without a port (services.go).
+	services servicePorts
 }
 
 // warning is a field of a document that the gateway applies without, or
@@ -81,7 +84,7 @@ func loadConfigWarn(files []manifest.File, wl workload, log *slog.Logger) (*conf
 // left out (a rejected Gateway binds no server, a rejected VirtualService
 // routes nothing: closed), and returns the rejections as err.
 func loadIsolated(files []manifest.File, wl workload, log *slog.Logger) (*config, []warning, error) {
-	c := &compiler{wl: wl, log: log, seen: map[string]string{}}
+	c := &compiler{wl: wl, log: log, seen: map[string]string{}, services: servicePorts{}}
 	docs, errs := manifest.Documents(files)
 	c.errs = append(c.errs, errs...)
 	var gws []*gatewayObj
@@ -97,6 +100,8 @@ func loadIsolated(files []manifest.File, wl workload, log *slog.Logger) (*config
 			if v := decode[virtualServiceSpec](c, d); v != nil {
 				vss = append(vss, v)
 			}
+		case group == "" && kind == "Service":
+			c.services.addService(d, wl.namespace)
 		}
 	}
 	cfg := c.build(gws, vss)
@@ -195,7 +200,7 @@ func (c *compiler) build(gws []*gatewayObj, vss []*serviceObj) *config {
 			c.warn(where, "spec.gateways", "not bound to a Gateway of this gateway; ignored")
 			continue
 		}
-		vs, err := compileService(v, func(field, format string, args ...any) { c.warn(where, field, format, args...) })
+		vs, err := compileService(v, c.services, func(field, format string, args ...any) { c.warn(where, field, format, args...) })
 		if err != nil {
 			c.fail(fmt.Errorf("%s: %w", where, err))
 			continue
@@ -356,6 +361,19 @@ func compileGateway(g *gatewayObj, warn func(field, format string, args ...any))
 	if len(g.Spec.Servers) == 0 {
 		return nil, manifest.Errorf("spec.servers", "required: at least one server")
 	}
+	if errs := validation.IsDNS1123Label(g.Metadata.Name); len(errs) > 0 {
+		return nil, manifest.Errorf("metadata.name", "%q: a Gateway's name is a DNS label (no dots): %s", g.Metadata.Name, strings.Join(errs, "; "))
+	}
+	names := map[string]bool{}
+	for i, ss := range g.Spec.Servers {
+		if ss.Port == nil {
+			continue // compileServer says why
+		}
+		if names[ss.Port.Name] {
+			return nil, manifest.Errorf(fmt.Sprintf("spec.servers[%d].port.name", i), "%q: port names must be unique among the servers", ss.Port.Name)
+		}
+		names[ss.Port.Name] = true
+	}
 	for k, v := range g.Spec.Selector {
 		if errs := validation.IsQualifiedName(k); len(errs) > 0 {
 			return nil, manifest.Errorf("spec.selector", "label key %q: %s", k, strings.Join(errs, "; "))
@@ -418,6 +436,9 @@ func compileServer(g *gatewayObj, i int, ss *serverSpec, warn func(field, format
 	case "":
 		return nil, manifest.Errorf(path+".port.protocol", "required: TCP, TLS or HTTPS")
 	case "HTTP", "HTTP2", "GRPC", "GRPC-WEB":
+		if err := checkPlainHTTPTLS(path+".tls", ss.TLS); err != nil {
+			return nil, err
+		}
 		if len(ss.Hosts) == 0 {
 			return nil, manifest.Errorf(path+".hosts", "required: at least one host (\"*\" for any)")
 		}
@@ -453,6 +474,9 @@ func compileServer(g *gatewayObj, i int, ss *serverSpec, warn func(field, format
 }
 
 func (s *server) compileTLS(path string, t *serverTLSSpec, warn func(field, format string, args ...any)) error {
+	if err := checkServerTLS(path, t); err != nil {
+		return err
+	}
 	switch strings.ToUpper(t.Mode) {
 	case "", "PASSTHROUGH": // Istio's default mode
 		s.mode = modePassthrough
@@ -561,7 +585,7 @@ func tlsVersion(path, s string, def uint16) (uint16, error) {
 // compileService validates a VirtualService bound to this gateway. A route
 // the gateway cannot follow (a subset, a destination without a port) is
 // dropped alone, with a warning.
-func compileService(v *serviceObj, warn func(field, format string, args ...any)) (*vsCompiled, error) {
+func compileService(v *serviceObj, services servicePorts, warn func(field, format string, args ...any)) (*vsCompiled, error) {
 	vs := &vsCompiled{id: v.ID(), ns: v.Metadata.Namespace, exportTo: v.Spec.ExportTo}
 	vs.http = !manifest.IsNull(v.Spec.HTTP) && strings.TrimSpace(string(v.Spec.HTTP)) != "[]"
 	if len(v.Spec.Hosts) == 0 {
@@ -583,6 +607,9 @@ func compileService(v *serviceObj, warn func(field, format string, args ...any))
 			return nil, manifest.Errorf(fmt.Sprintf("spec.exportTo[%d]", i), "%q: want \"*\", \".\" or a namespace", e)
 		}
 	}
+	if !vs.http && len(v.Spec.TLS) == 0 && len(v.Spec.TCP) == 0 {
+		return nil, manifest.Errorf("spec", "http, tcp or tls routes are required")
+	}
 	for i, r := range v.Spec.TLS {
 		path := fmt.Sprintf("spec.tls[%d]", i)
 		if len(r.Match) == 0 {
@@ -603,11 +630,14 @@ func compileService(v *serviceObj, warn func(field, format string, args ...any))
 				if err != nil {
 					return nil, err
 				}
+				if !slices.ContainsFunc(vs.hosts, h.subsetOf) {
+					return nil, manifest.Errorf(fmt.Sprintf("%s.sniHosts[%d]", mp, k), "%q is not within any of the VirtualService's hosts %v", sh, v.Spec.Hosts)
+				}
 				mc.sni = append(mc.sni, h)
 			}
 			rs.matches = append(rs.matches, mc)
 		}
-		if err := rs.compileTargets(path, r.Route, vs.ns); err != nil {
+		if err := rs.compileTargets(path, r.Route, vs.ns, services); err != nil {
 			var rr routeRejected
 			if errors.As(err, &rr) {
 				warn(rr.field, "route %s rejected: %s", path, rr.why)
@@ -627,7 +657,7 @@ func compileService(v *serviceObj, warn func(field, format string, args ...any))
 			}
 			rs.matches = append(rs.matches, mc)
 		}
-		if err := rs.compileTargets(path, r.Route, vs.ns); err != nil {
+		if err := rs.compileTargets(path, r.Route, vs.ns, services); err != nil {
 			var rr routeRejected
 			if errors.As(err, &rr) {
 				warn(rr.field, "route %s rejected: %s", path, rr.why)
@@ -671,7 +701,7 @@ func gatewayRefs(path string, refs []string, ns string) ([]string, error) {
 	return out, nil
 }
 
-func (rs *routeSpecCompiled) compileTargets(path string, targets []routeTargetSpec, ns string) error {
+func (rs *routeSpecCompiled) compileTargets(path string, targets []routeTargetSpec, ns string, services servicePorts) error {
 	if len(targets) == 0 {
 		return manifest.Errorf(path+".route", "required: at least one destination")
 	}
@@ -680,7 +710,7 @@ func (rs *routeSpecCompiled) compileTargets(path string, targets []routeTargetSp
 		if t.Destination == nil {
 			return manifest.Errorf(tp+".destination", "required")
 		}
-		d, err := compileDestination(tp+".destination", t.Destination, ns)
+		d, err := compileDestination(tp+".destination", t.Destination, ns, services)
 		if err != nil {
 			return err
 		}
@@ -691,10 +721,13 @@ func (rs *routeSpecCompiled) compileTargets(path string, targets []routeTargetSp
 		rs.weights += d.weight
 		rs.dests = append(rs.dests, d)
 	}
+	if len(targets) > 1 && rs.weights == 0 {
+		return manifest.Errorf(path+".route", "total destination weight = 0: give each destination a weight")
+	}
 	return nil
 }
 
-func compileDestination(path string, d *destinationSpec, ns string) (destination, error) {
+func compileDestination(path string, d *destinationSpec, ns string, services servicePorts) (destination, error) {
 	var out destination
 	h := strings.TrimSuffix(strings.ToLower(strings.TrimSpace(d.Host)), ".")
 	if h == "" {
@@ -712,13 +745,23 @@ func compileDestination(path string, d *destinationSpec, ns string) (destination
 	if d.Subset != "" {
 		return out, routeRejected{path + ".subset", fmt.Sprintf("subset %q selects endpoints by label, which the gateway does not know; route to a host that reaches them", d.Subset)}
 	}
-	if d.Port == nil || d.Port.Number == 0 {
-		return out, routeRejected{path + ".port.number", "no port: the gateway does not know the service's ports; give destination.port.number"}
-	}
-	if d.Port.Number > 65535 {
+	var port uint16
+	switch {
+	case d.Port != nil && d.Port.Number > 65535:
 		return out, manifest.Errorf(path+".port.number", "want a port number 1-65535, got %d", d.Port.Number)
+	case d.Port != nil && d.Port.Number != 0:
+		port = uint16(d.Port.Number)
+	default:
+		ports, known := services.lookup(h)
+		switch {
+		case !known:
+			return out, routeRejected{path + ".port.number", "no port, and no Service " + h + " among the configuration files to take it from; give destination.port.number"}
+		case len(ports) != 1:
+			return out, routeRejected{path + ".port.number", fmt.Sprintf("no port, and Service %s has %d ports; give destination.port.number", h, len(ports))}
+		}
+		port = ports[0] // the Service's only port, as Istio does
 	}
-	out.host, out.port = h, uint16(d.Port.Number)
+	out.host, out.port = h, port
 	out.addr = joinHostPort(h, out.port)
 	return out, nil
 }

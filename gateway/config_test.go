@@ -111,6 +111,28 @@ func TestLoadConfigRejectsWithFileAndField(t *testing.T) {
 			[]string{"spec.tls[0].match[0].sniHosts", "required"}},
 		{"source labels", vs("  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - match: [{sourceLabels: {app: x}}]\n    route: [{destination: {host: a, port: {number: 1}}}]\n"),
 			[]string{"spec.tcp[0].match[0].sourceLabels"}},
+		{"SIMPLE without a certificate (Istio's validation)", gw("  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE}\n"),
+			[]string{"spec.servers[0].tls.serverCertificate", "requires a server certificate"}},
+		{"MUTUAL files without a client CA", gw("  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: MUTUAL, serverCertificate: /c.pem, privateKey: /k.pem}\n"),
+			[]string{"spec.servers[0].tls.caCertificates", "client CA bundle"}},
+		{"two certificate sources", gw("  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialName: x, serverCertificate: /c.pem, privateKey: /k.pem}\n"),
+			[]string{"spec.servers[0].tls", "only one of"}},
+		{"CRL with SIMPLE", gw("  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, serverCertificate: /c.pem, privateKey: /k.pem, caCrl: /crl.pem}\n"),
+			[]string{"spec.servers[0].tls.caCrl", "SIMPLE"}},
+		{"plain HTTP with TLS settings", gw("  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialName: x}\n"),
+			[]string{"spec.servers[0].tls", "plain-text HTTP"}},
+		{"duplicate port names", gw("  - port: {number: 9000, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n  - port: {number: 9001, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n"),
+			[]string{"spec.servers[1].port.name", "unique"}},
+		{"Gateway name with dots", strings.Replace(gw("  - port: {number: 9000, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n"), "name: gw,", "name: gw.example,", 1),
+			[]string{"metadata.name", "DNS label"}},
+		{"VirtualService without routes", vs("  hosts: [\"*\"]\n  gateways: [gw]\n"),
+			[]string{"(VirtualService istio-system/vs): spec: http, tcp or tls routes are required"}},
+		{"SNI host outside the hosts", vs("  hosts: [a.example.com]\n  gateways: [gw]\n  tls:\n  - match: [{sniHosts: [b.example.com]}]\n    route: [{destination: {host: a, port: {number: 1}}}]\n"),
+			[]string{"spec.tls[0].match[0].sniHosts[0]", "not within"}},
+		{"wildcard SNI host wider than the hosts", vs("  hosts: [\"*.a.example.com\"]\n  gateways: [gw]\n  tls:\n  - match: [{sniHosts: [\"*.example.com\"]}]\n    route: [{destination: {host: a, port: {number: 1}}}]\n"),
+			[]string{"spec.tls[0].match[0].sniHosts[0]", "not within"}},
+		{"total weight 0", vs("  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: a, port: {number: 1}}}, {destination: {host: b, port: {number: 1}}}]\n"),
+			[]string{"spec.tcp[0].route", "total destination weight = 0"}},
 		{"YAML syntax", "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw\n", []string{"gw.yaml: document 1", "line"}},
 		{"wrong version", "apiVersion: networking.istio.io/v2\nkind: Gateway\nmetadata: {name: gw}\nspec: {}\n", []string{"apiVersion", "v1, v1beta1"}},
 		{"defined twice", gw("  - port: {number: 9000, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n") + "---\n" + gw("  - port: {number: 9001, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n"),
@@ -309,7 +331,6 @@ func TestWhatTheGatewayDoesNotServeIsWarnedNotRefused(t *testing.T) {
 		{"OPTIONAL_MUTUAL server not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: OPTIONAL_MUTUAL, credentialName: x}\n"), "spec.servers[1]", 1, 0},
 		{"HTTP server not bound", gw(gwTCP + "  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*\"]\n"), "spec.servers[1]", 1, 0},
 		{"certificate file paths not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, serverCertificate: /etc/cert.pem, privateKey: /etc/key.pem}\n"), "spec.servers[1]", 1, 0},
-		{"SIMPLE without a credential not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE}\n"), "spec.servers[1]", 1, 0},
 		{"credential name escaping the directory not bound", gw(gwTCP + "  - port: {number: 443, name: tls, protocol: TLS}\n    hosts: [\"*\"]\n    tls: {mode: SIMPLE, credentialName: ../../etc/passwd}\n"), "spec.servers[1]", 1, 0},
 		{"HTTP routes not used", gw(gwTCP) + "---\n" + vs("  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: a}}]\n  tcp:\n  - route: [{destination: {host: a.example.com, port: {number: 1}}}]\n"), "spec.http", 1, 1},
 		{"route without a port rejected alone", gw(gwTCP) + "---\n" + vs("  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: a.example.com}}]\n  - route: [{destination: {host: b.example.com, port: {number: 2}}}]\n"), "spec.tcp[0].route[0].destination.port.number", 1, 1},
@@ -334,6 +355,71 @@ func TestWhatTheGatewayDoesNotServeIsWarnedNotRefused(t *testing.T) {
 			}
 			if pc := cfg.ports[9000]; pc == nil || len(pc.servers[0].routes) != tc.routes {
 				t.Errorf("routes on 9000: %+v, want %d", pc, tc.routes)
+			}
+		})
+	}
+}
+
+// TestDestinationPortFromTheService: a destination without a port takes
+// the port of its Service when the configuration files carry that Service
+// and it has exactly one port (short name, name.namespace and the
+// .svc.cluster.local form alike); with several ports, or no Service, the
+// route is rejected alone.
+func TestDestinationPortFromTheService(t *testing.T) {
+	const gw = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\nspec:\n  servers:\n  - port: {number: 9000, name: tcp, protocol: TCP}\n    hosts: [\"*\"]\n"
+	const services = `---
+apiVersion: v1
+kind: Service
+metadata:
+  name: one
+  namespace: istio-system
+  labels: {app: one}
+spec:
+  selector: {app: one}
+  ports:
+  - port: 7000
+    targetPort: 8080
+    protocol: TCP
+---
+apiVersion: v1
+kind: Service
+metadata: {name: two, namespace: istio-system}
+spec:
+  ports: [{name: a, port: 7001}, {name: b, port: 7002}]
+`
+	vs := func(host string) string {
+		return "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: istio-system}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  tcp:\n  - route: [{destination: {host: " + host + "}}]\n"
+	}
+	tests := []struct {
+		host, want, reason string
+	}{
+		{"one", "one.istio-system:7000", ""},
+		{"one.istio-system", "one.istio-system:7000", ""},
+		{"one.istio-system.svc.cluster.local", "one.istio-system.svc.cluster.local:7000", ""},
+		{"two", "", "Service two.istio-system has 2 ports"},
+		{"three", "", "no Service three.istio-system"},
+		{"one.other", "", "no Service one.other"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.host, func(t *testing.T) {
+			cfg, warns, err := loadConfigWarn([]manifest.File{{Name: "gw.yaml", Data: []byte(gw + services + vs(tc.host))}}, workload{namespace: DefaultNamespace}, quietLog)
+			if err != nil {
+				t.Fatalf("refused: %v", err)
+			}
+			routes := cfg.ports[9000].servers[0].routes
+			if tc.want != "" {
+				if len(routes) != 1 || routes[0].dests[0].addr != tc.want {
+					t.Fatalf("routes %+v, want one to %s (warnings %+v)", routes, tc.want, warns)
+				}
+				return
+			}
+			if len(routes) != 0 {
+				t.Fatalf("route kept: %+v", routes[0].dests)
+			}
+			if !slices.ContainsFunc(warns, func(w warning) bool {
+				return w.field == "spec.tcp[0].route[0].destination.port.number" && strings.Contains(w.msg, tc.reason)
+			}) {
+				t.Fatalf("no rejection naming %q: %+v", tc.reason, warns)
 			}
 		})
 	}

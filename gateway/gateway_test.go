@@ -622,3 +622,50 @@ func TestAdminAPIShowsGatewayConfigAndPeers(t *testing.T) {
 		t.Errorf("/identity = %s, want %s", id.SPIFFEID, gatewayID)
 	}
 }
+
+// shopDialer dials every NAME.shop:PORT destination at 127.0.0.1:PORT, as
+// cluster DNS would resolve a Service of namespace shop.
+type shopDialer struct{ net.Dialer }
+
+func (d *shopDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	if strings.HasSuffix(host, ".shop") {
+		addr = net.JoinHostPort("127.0.0.1", port)
+	}
+	return d.Dialer.DialContext(ctx, network, addr)
+}
+
+// TestRouteWithoutPortUsesTheServicePort: a VirtualService destination
+// without a port reaches its Service's only port, taken from the Service
+// document beside it (as `kubectl apply -f` of one file would create).
+func TestRouteWithoutPortUsesTheServicePort(t *testing.T) {
+	w := newWorld(t)
+	svc := startMeshService(t, w, shopID, startApp(t, echo).addr(), "")
+	config := gatewayYAML(`
+  - port: {number: 7000, name: tcp-shop, protocol: TCP}
+    hosts: ["*"]
+`) + fmt.Sprintf(`---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: shop}
+spec:
+  selector: {app: echo}
+  ports: [{name: tcp, port: %d, targetPort: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [istio-system/ingress]
+  tcp:
+  - route: [{destination: {host: echo}}]
+`, svc.port)
+	e := startGateway(t, w.identity(t, gatewayID), config, nil, WithDialer(&shopDialer{}))
+	if err := roundTrip(dial(t, e.addr(t, 7000)), "ping\n"); err != nil {
+		t.Fatalf("route to the Service's port: %v", err)
+	}
+}

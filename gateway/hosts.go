@@ -51,6 +51,23 @@ func (h host) matches(name string) bool {
 	return name == string(h)
 }
 
+// subsetOf reports whether every name h covers is covered by o too, as
+// Istio's host.Name.SubsetOf (an SNI host of a route within the
+// VirtualService's hosts).
+func (h host) subsetOf(o host) bool {
+	switch {
+	case o == anyHost:
+		return true
+	case h == anyHost:
+		return false
+	case h.wildcard() && o.wildcard():
+		return strings.HasSuffix(string(h[1:]), string(o[1:]))
+	case o.wildcard():
+		return o.matches(string(h))
+	}
+	return h == o
+}
+
 // intersects reports whether some name is covered by both patterns.
 func (h host) intersects(o host) bool {
 	switch {

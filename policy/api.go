@@ -184,10 +184,18 @@ func (s *Snapshot) OutboundMesh(dst netip.AddrPort) Outbound { return s.dests.lo
 
 // OutboundName returns the DestinationRule setting for a destination known
 // by name (an SNI, an explicit outbound's host): the rule of that exact
-// host, else of the longest matching wildcard host, else of "*".
+// host, else of the longest matching wildcard host, else of "*" — its TLS
+// setting (Matched when it has one) and its connectionPool.tcp, port-level
+// first.
 func (s *Snapshot) OutboundName(name string, port uint16) Outbound {
 	return s.dests.lookupName(name, port)
 }
+
+// MatchesByName reports whether a DestinationRule applies to this workload
+// whose host only a destination's name can match (a wildcard host such as
+// *.example.com, not a mesh-wide form): only then is it worth learning the
+// name of a captured destination from its TLS ClientHello.
+func (s *Snapshot) MatchesByName() bool { return s.dests.matchesByName() }
 
 // MarshalJSON renders the effective policy, for the admin API's GET /config.
 func (s *Snapshot) MarshalJSON() ([]byte, error) { return json.Marshal(s.view()) }

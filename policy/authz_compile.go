@@ -44,6 +44,12 @@ func compileAuthz(m meta, spec *authzSpec, td spiffeid.TrustDomain, warn func(fi
 	if targeted && spec.Selector != nil {
 		return nil, fieldErrorf("spec.targetRefs", "only one of targetRefs or selector can be set")
 	}
+	if len(spec.TargetRef) > 0 && len(spec.TargetRefs) > 0 {
+		return nil, fieldErrorf("spec.targetRefs", "only one of targetRef or targetRefs can be set")
+	}
+	if err := checkTargetRefs(spec.TargetRef, spec.TargetRefs); err != nil {
+		return nil, err
+	}
 	custom := false
 	switch spec.Action {
 	case "", "ALLOW":
@@ -304,6 +310,13 @@ func (c *authzCompiler) operation(path string, o *authzOperation, rule *authzRul
 	for _, f := range http {
 		if err := checkNonEmpty(path+"."+f.name, f.in); err != nil {
 			return nil, err
+		}
+		if f.name == "paths" || f.name == "notPaths" {
+			for i, p := range f.in {
+				if err := checkPathTemplate(fmt.Sprintf("%s.%s[%d]", path, f.name, i), p); err != nil {
+					return nil, err
+				}
+			}
 		}
 		if len(f.in) > 0 {
 			c.narrow(rule, path+"."+f.name, httpOnly)

@@ -107,21 +107,19 @@ func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string,
 	if err := d.parseHost(spec.Host); err != nil {
 		return nil, err
 	}
-	for i, e := range spec.ExportTo {
-		if e != "*" && e != "." && e != "~" && len(validation.IsDNS1123Label(e)) > 0 {
-			return nil, fieldErrorf(fmt.Sprintf("spec.exportTo[%d]", i), "%q: want \"*\", \".\", \"~\" or a namespace", e)
-		}
+	if err := checkExportTo(m.namespace, spec.ExportTo, spec.WorkloadSelector != nil); err != nil {
+		return nil, err
 	}
 	d.exportTo = spec.ExportTo
 	d.selector = spec.WorkloadSelector.labels()
 	if err := validateSelector("spec.workloadSelector", spec.WorkloadSelector, warn); err != nil {
 		return nil, err
 	}
+	if err := checkSubsets(spec.Subsets); err != nil {
+		return nil, err
+	}
 	for i, s := range spec.Subsets {
 		path := fmt.Sprintf("spec.subsets[%d]", i)
-		if s.Name == "" {
-			return nil, fieldErrorf(path+".name", "required")
-		}
 		if len(s.TrafficPolicy) > 0 && !manifest.IsNull(s.TrafficPolicy) {
 			warn(path+".trafficPolicy", "ignored: subsets need endpoint labels, which meshproxy does not know (it forwards to the original destination)")
 		}
@@ -133,6 +131,9 @@ func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string,
 	if tp.TLS == nil && tp.PortLevelSettings == nil && tp.ConnectionPool == nil && isUnset(tp.LoadBalancer) && isUnset(tp.OutlierDetection) &&
 		isUnset(tp.Tunnel) && isUnset(tp.ProxyProtocol) && isUnset(tp.RetryBudget) {
 		return nil, fieldErrorf("spec.trafficPolicy", "must set at least one field")
+	}
+	if err := checkOutlierDetection("spec.trafficPolicy.outlierDetection", tp.OutlierDetection); err != nil {
+		return nil, err
 	}
 	if err := validateLoadBalancer("spec.trafficPolicy.loadBalancer", tp.LoadBalancer); err != nil {
 		return nil, err
@@ -164,6 +165,9 @@ func compileDestRule(m meta, spec *destRuleSpec, warn func(field, format string,
 			return nil, fieldErrorf(path+".port.number", "want a port number 1-65535")
 		}
 		port := uint16(pl.Port.Number)
+		if err := checkOutlierDetection(path+".outlierDetection", pl.OutlierDetection); err != nil {
+			return nil, err
+		}
 		if err := validateLoadBalancer(path+".loadBalancer", pl.LoadBalancer); err != nil {
 			return nil, err
 		}
@@ -229,6 +233,9 @@ type keepaliveSpec struct {
 // compilePool reads connectionPool.tcp (connectionPool.http is warned
 // about by warnIgnored); nil when unset.
 func compilePool(path string, pool *connectionPool, key string, warn func(field, format string, args ...any)) (*TCPPool, error) {
+	if err := checkConnectionPool(path, pool); err != nil {
+		return nil, err
+	}
 	if pool == nil || isUnset(pool.TCP) {
 		return nil, nil
 	}
@@ -618,14 +625,27 @@ func (d *destRules) lookupName(name string, port uint16) Outbound {
 	if best == nil {
 		return Outbound{}
 	}
+	// One rule decides, as in Istio (the most specific host); its
+	// port-level settings before its rule-level ones.
+	var out Outbound
+	out.Pool = best.pool
+	if pp, ok := best.poolPort[port]; ok {
+		out.Pool = pp
+	}
 	t := best.tls
 	if pt, ok := best.ports[port]; ok && pt != nil {
 		t = pt
 	}
-	if t == nil {
-		return Outbound{}
+	if t != nil {
+		out.Matched, out.MTLS, out.SANs, out.Refuse, out.Originate = true, t.mtls, slices.Clone(t.sans), t.refuse, t.orig
 	}
-	return Outbound{Matched: true, MTLS: t.mtls, SANs: slices.Clone(t.sans), Refuse: t.refuse, Originate: t.orig}
+	return out
+}
+
+// matchesByName reports whether a visible rule's host can only be matched
+// by a destination's name: a wildcard host other than the mesh-wide forms.
+func (d *destRules) matchesByName() bool {
+	return slices.ContainsFunc(d.visible, func(r *destRule) bool { return r.wildcard != "" && !r.meshWide })
 }
 
 type destView struct {

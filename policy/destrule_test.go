@@ -198,3 +198,27 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestOutboundNameCarriesThePool: a rule matched by name gives its
+// connection pool (port-level first) with or without a TLS setting, and
+// MatchesByName tells whether any rule needs a name to match.
+func TestOutboundNameCarriesThePool(t *testing.T) {
+	snap := mustLoad(t, Workload{Namespace: "shop"}, docs(
+		destRuleYAML("shop", "wild", "*.example.com", "  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 3}\n    portLevelSettings:\n    - port: {number: 443}\n      connectionPool:\n        tcp: {maxConnections: 1}\n"),
+	))
+	if !snap.MatchesByName() {
+		t.Error("MatchesByName false with a *.example.com host")
+	}
+	for port, want := range map[uint16]int{80: 3, 443: 1} {
+		o := snap.OutboundName("db.example.com", port)
+		if o.Matched || o.Pool == nil || o.Pool.MaxConnections != want {
+			t.Errorf("port %d: %+v, want no TLS setting and maxConnections %d", port, o, want)
+		}
+	}
+	if o := snap.OutboundName("db.example.org", 80); o.Pool != nil || o.Matched {
+		t.Errorf("another name matched: %+v", o)
+	}
+	if mustLoad(t, Workload{Namespace: "shop"}, destRuleYAML("shop", "mesh", "*.local", "  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n")).MatchesByName() {
+		t.Error("MatchesByName true for the mesh-wide *.local form, which matches by address")
+	}
+}

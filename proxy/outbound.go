@@ -22,11 +22,7 @@ import (
 // destination is in the mesh, untouched otherwise.
 func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	if l.spec.kind == outboundExplicit {
-		var ids []spiffeid.ID
-		if !l.spec.id.IsZero() {
-			ids = []spiffeid.ID{l.spec.id}
-		}
-		p.originate(t, c, l.spec.target, l.sni, ids, ids == nil, nil, true)
+		p.handleOutboundExplicit(l, t, c) // outbound_rules.go
 		return
 	}
 	dst, err := p.opts.originalDst(c)
@@ -45,6 +41,12 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 	rule := snap.Outbound(dst)
 	if inCIDRs { // mesh-wide DestinationRule hosts (*.local) cover mesh destinations
 		rule = snap.OutboundMesh(dst)
+	}
+	if !inCIDRs && !rule.Matched && rule.Pool == nil && snap.MatchesByName() {
+		var ok bool
+		if c, rule, ok = p.ruleBySNI(t, c, dst, rule); !ok { // outbound_rules.go
+			return
+		}
 	}
 	if rule.Refuse {
 		p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionDestinationRuleRejected, dest: dst.String()})

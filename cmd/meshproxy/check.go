@@ -54,6 +54,10 @@ document one of:
 With --namespace or --labels-file it also prints the effective policy of that
 workload: the mTLS mode per port and the authorization policies in force.
 
+With --for gateway, Kubernetes Services among the files (kind: Service, as
+kubectl apply takes them) are not listed but give their port to a
+VirtualService destination that omits it, when the Service has exactly one.
+
 Exit status: 0 when nothing is rejected, 1 when a document is rejected, 2 on
 a usage error.`,
 		Example: `  meshproxy check --config-dir ./policy

@@ -283,6 +283,14 @@ func EchoApp(t testing.TB) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ServeEcho(t, ln)
+	return ln.Addr().String()
+}
+
+// ServeEcho echoes every byte of each connection accepted on ln (plain TCP
+// or TLS) back, and half-closes when the client does; ln is closed at
+// cleanup.
+func ServeEcho(t testing.TB, ln net.Listener) {
 	t.Cleanup(func() { ln.Close() })
 	go func() {
 		for {
@@ -293,11 +301,10 @@ func EchoApp(t testing.TB) string {
 			go func() {
 				defer c.Close()
 				_, _ = io.Copy(c, c)
-				if tc, ok := c.(*net.TCPConn); ok {
-					_ = tc.CloseWrite()
+				if cw, ok := c.(interface{ CloseWrite() error }); ok {
+					_ = cw.CloseWrite()
 				}
 			}()
 		}
 	}()
-	return ln.Addr().String()
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -124,9 +125,12 @@ func startSidecar(t *testing.T, pod *netns.Pod, cgroup string, mode string, iden
 func startSidecarAs(t *testing.T, pod *netns.Pod, as netns.As, mode string, identity []string, extra ...string) *sidecar {
 	t.Helper()
 	args := append([]string{"run"}, identity...)
-	args = append(args, "--inbound", ":15006", "--outbound", ":15001", "--mesh-cidrs", meshCIDRs,
+	args = append(args, "--inbound", ":15006", "--outbound", ":15001",
 		"--mode", mode, "--detect-timeout", "1s", "--drain-timeout", "1s",
 		"--admin", "127.0.0.1:15000", "--metrics", ":15020", "--health", ":15021")
+	if !slices.Contains(extra, "--mesh-cidrs") {
+		args = append(args, "--mesh-cidrs", meshCIDRs)
+	}
 	args = append(args, extra...)
 	s := &sidecar{pod: pod, cmd: pod.Command(t, as, bin, args...), out: &syncBuffer{}, done: make(chan error, 1)}
 	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
