@@ -156,6 +156,27 @@ patches:
 		t.Fatalf("the CA Deployment's args %s lack --signer certmanager", args)
 	}
 	rollout(t, cmCANamespace, cmCAService)
+	// Least privilege: the CA's service account may handle its
+	// CertificateRequests and nothing else of cert-manager's, nor Secrets.
+	sa := "system:serviceaccount:" + cmCANamespace + ":" + cmCAService
+	for _, c := range []struct {
+		verb, resource, sub string
+		want                string
+	}{
+		{"create", "certificaterequests.cert-manager.io", "", "yes"},
+		{"get", "certificaterequests.cert-manager.io", "", "yes"},
+		{"delete", "certificaterequests.cert-manager.io", "", "yes"},
+		{"list", "certificaterequests.cert-manager.io", "", "no"},
+		{"update", "certificaterequests.cert-manager.io", "", "no"},
+		{"patch", "certificaterequests.cert-manager.io", "status", "no"}, // approval: only with --certmanager-approve
+		{"get", "issuers.cert-manager.io", "", "no"},
+		{"get", "secrets", "", "no"},
+	} {
+		out, _ := kubectl("auth", "can-i", "--as", sa, "-n", cmCANamespace, c.verb, c.resource, "--subresource="+c.sub)
+		if got := strings.TrimSpace(out); got != c.want {
+			t.Errorf("%s may %s %s (subresource %q): %q, want %s", sa, c.verb, c.resource, c.sub, got, c.want)
+		}
+	}
 
 	// The workloads, injected for that CA.
 	in := filepath.Join(t.TempDir(), "workloads.yaml")
