@@ -53,7 +53,7 @@ func testCertManagerSigner(t *testing.T) {
 	t.Cleanup(func() {
 		// Cluster-scoped objects by name; the namespaces take the rest.
 		_, _ = kubectl("delete", "--wait=false", "--ignore-not-found", "clusterrolebinding,clusterrole",
-			"meshproxy-ca-tokenreview-cm", "meshproxy-ca-istio-config-cm")
+			"meshproxy-ca-tokenreview-cm", "meshproxy-ca-istio-config-cm", "meshproxy-ca-certmanager-approve-cm")
 		_, _ = kubectl("delete", "--wait=false", "--ignore-not-found", "namespace", cmAppNamespace, cmCANamespace)
 	})
 
@@ -123,34 +123,8 @@ spec:
 		return nil
 	})
 
-	// The second CA: deploy/kubernetes/certmanager-signer as users apply it,
-	// moved to its own namespace with one replica and its Service's name
-	// in its serving certificate.
-	kdir := t.TempDir()
-	overlay, err := filepath.Rel(kdir, filepath.Join(repoRoot, "deploy", "kubernetes", "certmanager-signer"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kustomization := fmt.Sprintf(`apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-namespace: %s
-nameSuffix: -cm
-resources:
-- %s
-patches:
-- target: {kind: Deployment, name: meshproxy-ca}
-  patch: |-
-    - op: replace
-      path: /spec/replicas
-      value: 1
-    - op: add
-      path: /spec/template/spec/containers/0/args/-
-      value: --serving-dns=%s.%s.svc
-`, cmCANamespace, overlay, cmCAService, cmCANamespace)
-	if err := os.WriteFile(filepath.Join(kdir, "kustomization.yaml"), []byte(kustomization), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	mustKubectl(t, "apply", "-k", kdir)
+	// The second CA: deploy/kubernetes/certmanager-signer as users apply it.
+	applyCertManagerCA(t, "certmanager-signer")
 	args := mustKubectl(t, "-n", cmCANamespace, "get", "deploy/"+cmCAService, "-o", "jsonpath={.spec.template.spec.containers[0].args}")
 	if !strings.Contains(args, `"--signer","certmanager"`) {
 		t.Fatalf("the CA Deployment's args %s lack --signer certmanager", args)
@@ -228,6 +202,29 @@ patches:
 		t.Errorf("a pod without a sidecar reached the server under STRICT: %q", out)
 	}
 
+	// Without cert-manager's approver, the CA approves its own requests:
+	// deploy/kubernetes/certmanager-signer-approve (--certmanager-approve and
+	// the status patch it needs). The new CA pod's serving certificate and a
+	// restarted client's SVID come only through its approval.
+	controller.Stop(t, 30*time.Second)
+	e2eutil.Start(t, cm.Controller, nil, "--kubeconfig", clusterEnv["CLUSTER_KUBECONFIG"],
+		"--namespace", cmCANamespace, "--cluster-resource-namespace", cmCANamespace,
+		"--controllers", "issuers,certificaterequests-issuer-ca")
+	applyCertManagerCA(t, "certmanager-signer-approve")
+	if out, _ := kubectl("auth", "can-i", "--as", sa, "-n", cmCANamespace, "patch", "certificaterequests.cert-manager.io", "--subresource=status"); strings.TrimSpace(out) != "yes" {
+		t.Errorf("with certmanager-signer-approve %s may not patch certificaterequests/status: %q", sa, out)
+	}
+	rollout(t, cmCANamespace, cmCAService)
+	mustKubectl(t, "-n", cmAppNamespace, "rollout", "restart", "deploy/client")
+	rollout(t, cmAppNamespace, "client")
+	waitFor(t, "the restarted client's SVID from cert-manager", time.Minute, func() error {
+		return checkCertManagerSVID("client", "spiffe://cluster.local/ns/"+cmAppNamespace+"/sa/client", pki)
+	})
+	if out, err := kubectl("-n", cmAppNamespace, "exec", "deploy/client", "-c", "client", "--",
+		"demoapp", "get", "-timeout", "10s", "http://server."+cmAppNamespace+".svc/"); err != nil || !strings.Contains(out, cmServerText) {
+		t.Errorf("the restarted client -> server: %q, %v", out, err)
+	}
+
 	// One CertificateRequest per CSR, each deleted once the CA had its
 	// certificate: the watch saw them come and go, and none is left.
 	waitFor(t, "no CertificateRequest left", time.Minute, func() error {
@@ -244,18 +241,27 @@ patches:
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, app := range []string{"client", "server"} {
-		id := "spiffe://cluster.local/ns/" + cmAppNamespace + "/sa/" + app
-		if !slices.ContainsFunc(seen, func(r watchedRequest) bool { return r.id == id }) {
-			t.Errorf("no CertificateRequest for %s's CSR among %+v", id, seen)
-		}
-	}
+	// Approved by cert-manager's approver first, by meshproxy after: the
+	// two phases' requests, in the order they were created.
+	approvers := map[string][]string{}
 	for _, r := range seen {
 		if !r.deleted {
 			t.Errorf("CertificateRequest %s (%s) was never deleted", r.name, r.id)
 		}
 		if r.issuer != cmIssuer {
 			t.Errorf("CertificateRequest %s names issuer %q, want %s", r.name, r.issuer, cmIssuer)
+		}
+		approvers[r.id] = append(approvers[r.id], r.approvedBy)
+	}
+	clientID := "spiffe://cluster.local/ns/" + cmAppNamespace + "/sa/client"
+	serverID := "spiffe://cluster.local/ns/" + cmAppNamespace + "/sa/server"
+	for id, want := range map[string][]string{
+		"":       {"cert-manager.io", "meshproxy.io"}, // the CA's serving certificate, per CA pod
+		clientID: {"cert-manager.io", "meshproxy.io"},
+		serverID: {"cert-manager.io"},
+	} {
+		if got := approvers[id]; !slices.Equal(got, want) {
+			t.Errorf("CertificateRequests for %q approved by %q, want one per CSR approved by %q", id, got, want)
 		}
 	}
 	t.Logf("CertificateRequests created and deleted: %+v", seen)
@@ -412,6 +418,7 @@ func parseCerts(p string) ([]*x509.Certificate, error) {
 type watchedRequest struct {
 	name, issuer string
 	id           string // the CSR's URI SAN; empty for the CA's serving certificate
+	approvedBy   string // the Approved condition's reason
 	deleted      bool
 }
 
@@ -428,6 +435,9 @@ func parseRequestWatch(stream string) ([]watchedRequest, error) {
 				Spec     struct {
 					Request   string
 					IssuerRef struct{ Name string } `json:"issuerRef"`
+				}
+				Status struct {
+					Conditions []struct{ Type, Status, Reason string }
 				}
 			}
 		}
@@ -457,6 +467,11 @@ func parseRequestWatch(stream string) ([]watchedRequest, error) {
 			}
 			seen = append(seen, r)
 			i = len(seen) - 1
+		}
+		for _, c := range ev.Object.Status.Conditions {
+			if c.Type == "Approved" && c.Status == "True" {
+				seen[i].approvedBy = c.Reason
+			}
 		}
 		if ev.Type == "DELETED" {
 			seen[i].deleted = true
@@ -494,6 +509,38 @@ func watchRequests(t *testing.T) func() string {
 		}
 	})
 	return stop
+}
+
+// applyCertManagerCA applies deploy/kubernetes/OVERLAY as users do, moved
+// to the step's CA namespace with suffix -cm, one replica and its Service's
+// name in its serving certificate.
+func applyCertManagerCA(t *testing.T, overlay string) {
+	t.Helper()
+	kdir := t.TempDir()
+	rel, err := filepath.Rel(kdir, filepath.Join(repoRoot, "deploy", "kubernetes", overlay))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kustomization := fmt.Sprintf(`apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: %s
+nameSuffix: -cm
+resources:
+- %s
+patches:
+- target: {kind: Deployment, name: meshproxy-ca}
+  patch: |-
+    - op: replace
+      path: /spec/replicas
+      value: 1
+    - op: add
+      path: /spec/template/spec/containers/0/args/-
+      value: --serving-dns=%s.%s.svc
+`, cmCANamespace, rel, cmCAService, cmCANamespace)
+	if err := os.WriteFile(filepath.Join(kdir, "kustomization.yaml"), []byte(kustomization), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustKubectl(t, "apply", "-k", kdir)
 }
 
 // rollout waits, bounded, for a Deployment's rollout.
