@@ -42,7 +42,8 @@ const (
 // --csr-trust-domain to use that CA. Their sidecars hold SVIDs the issuer's
 // intermediate signed, one CertificateRequest is created and deleted per
 // CSR, the client reaches the server under STRICT and a pod without a
-// sidecar does not.
+// sidecar does not. Then, with cert-manager's approver stopped, the CA of
+// deploy/kubernetes/certmanager-signer-approve approves its own requests.
 func testCertManagerSigner(t *testing.T) {
 	needCluster(t)
 	dumpOnFailure(t, cmCANamespace, cmAppNamespace)
