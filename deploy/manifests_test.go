@@ -34,6 +34,14 @@ type kustomization struct {
 	GeneratorOptions *struct {
 		DisableNameSuffixHash bool `json:"disableNameSuffixHash"`
 	} `json:"generatorOptions,omitempty"`
+	// Patches are inline JSON 6902 patches of one target each.
+	Patches []struct {
+		Target struct {
+			Kind string `json:"kind"`
+			Name string `json:"name"`
+		} `json:"target"`
+		Patch string `json:"patch"`
+	} `json:"patches,omitempty"`
 	ConfigMapGenerator []struct {
 		Name      string   `json:"name"`
 		Namespace string   `json:"namespace,omitempty"`
@@ -131,7 +139,7 @@ func TestKustomizationsReferenceEveryFile(t *testing.T) {
 			dirs[filepath.Dir(f)] = true
 		}
 	}
-	for _, want := range []string{kubeDir, kubeDir + "/base", kubeDir + "/samples", kubeDir + "/istiod-alias", kubeDir + "/node-agent"} {
+	for _, want := range []string{kubeDir, kubeDir + "/base", kubeDir + "/samples", kubeDir + "/istiod-alias", kubeDir + "/node-agent", kubeDir + "/certmanager-signer", kubeDir + "/certmanager-signer-approve"} {
 		if !dirs[want] {
 			t.Errorf("%s/kustomization.yaml missing", want)
 		}
@@ -197,7 +205,7 @@ func TestKustomizeBuildDecodesStrictly(t *testing.T) {
 	if _, err := exec.LookPath("kubectl"); err != nil {
 		t.Skip("kubectl not installed: kustomize output not checked (the files themselves are, by TestEveryManifestDecodesStrictly)")
 	}
-	for _, dir := range []string{kubeDir, kubeDir + "/samples", kubeDir + "/istiod-alias", kubeDir + "/node-agent"} {
+	for _, dir := range []string{kubeDir, kubeDir + "/samples", kubeDir + "/istiod-alias", kubeDir + "/node-agent", kubeDir + "/certmanager-signer", kubeDir + "/certmanager-signer-approve"} {
 		out := kustomizeBuild(t, dir)
 		if out == nil {
 			t.Skip("this kubectl has no kustomize")

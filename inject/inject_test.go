@@ -757,6 +757,38 @@ func TestConfigServerReplacesThePolicyConfigMap(t *testing.T) {
 	}
 }
 
+// A sidecar injected for a CA that signs CSRs as they are (--signer
+// certmanager) names spiffe://TD/ns/NS/sa/SA in its CSR: the kubelet expands
+// the two variables from the downward API of the pod's own fields.
+func TestCSRTrustDomainNamesThePodsIdentity(t *testing.T) {
+	pod := []byte("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  serviceAccountName: web\n  containers: [{name: app, image: a}]\n")
+	out, _ := mustInject(t, newInjector(t, WithCSRTrustDomain("mesh.example")), pod)
+	_, spec := template(t, docsOf(t, out)[0].obj)
+	sc, _ := container(spec, SidecarName)
+	got, _ := argValue(sc.Args, "--ca-spiffe-id")
+	if want := "spiffe://mesh.example/ns/$(POD_NAMESPACE)/sa/$(POD_SERVICE_ACCOUNT)"; got != want {
+		t.Fatalf("--ca-spiffe-id = %q, want %q", got, want)
+	}
+	fields := map[string]string{}
+	for _, e := range sc.Env {
+		if e.ValueFrom != nil && e.ValueFrom.FieldRef != nil {
+			fields[e.Name] = e.ValueFrom.FieldRef.FieldPath
+		}
+	}
+	if fields["POD_NAMESPACE"] != "metadata.namespace" || fields["POD_SERVICE_ACCOUNT"] != "spec.serviceAccountName" {
+		t.Errorf("sidecar env %+v: want POD_NAMESPACE and POD_SERVICE_ACCOUNT from the pod's namespace and service account", sc.Env)
+	}
+	out, _ = mustInject(t, newInjector(t), pod)
+	if bytes.Contains(out, []byte("--ca-spiffe-id")) || bytes.Contains(out, []byte("POD_SERVICE_ACCOUNT")) {
+		t.Error("--ca-spiffe-id injected without WithCSRTrustDomain")
+	}
+	for _, bad := range []string{"", "spiffe://mesh.example", "Mesh.Example", "mesh example"} {
+		if _, err := New(WithCSRTrustDomain(bad)); err == nil {
+			t.Errorf("trust domain %q accepted", bad)
+		}
+	}
+}
+
 func TestDefaultImageFollowsTheVersion(t *testing.T) {
 	for v, want := range map[string]string{"dev": "meshproxy:dev", "": "meshproxy:dev", "v0.3.0": "ghcr.io/meshproxy/meshproxy:v0.3.0"} {
 		if got := DefaultImage(v); got != want {

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/meshproxy/meshproxy/internal/ports"
 )
 
@@ -80,6 +82,7 @@ type config struct {
 	imageSet             bool
 	capture              Capture
 	ebpfCgroupSet        bool
+	csrTrustDomain       string
 }
 
 // WithImage sets the image of both injected containers.
@@ -100,6 +103,20 @@ func WithCAAddr(addr string) Option {
 			return fmt.Errorf("ca address: %w", err)
 		}
 		c.caAddr = addr
+		return nil
+	}
+}
+
+// WithCSRTrustDomain makes the sidecar name its SPIFFE ID,
+// spiffe://TD/ns/NAMESPACE/sa/SERVICE-ACCOUNT, in every CSR to the CA
+// (run --ca-spiffe-id), as Istio's agents do. A CA with --signer
+// certmanager needs it: cert-manager signs the CSR as it is.
+func WithCSRTrustDomain(td string) Option {
+	return func(c *config) error {
+		if _, err := spiffeid.TrustDomainFromString(td); err != nil || strings.Contains(td, "://") {
+			return fmt.Errorf("csr trust domain %q: want a trust domain name such as cluster.local", td)
+		}
+		c.csrTrustDomain = td
 		return nil
 	}
 }

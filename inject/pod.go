@@ -152,6 +152,10 @@ func (c *config) sidecar() corev1.Container {
 	if c.configServer != "" {
 		args = append(args, "--config-server", c.configServer)
 	}
+	if c.csrTrustDomain != "" {
+		// The kubelet expands both from the container's environment.
+		args = append(args, "--ca-spiffe-id", "spiffe://"+c.csrTrustDomain+"/ns/$(POD_NAMESPACE)/sa/$(POD_SERVICE_ACCOUNT)")
+	}
 	args = append(args,
 		"--config-dir", policyDir,
 		"--namespace", "$(POD_NAMESPACE)",
@@ -210,6 +214,9 @@ func (c *config) sidecar() corev1.Container {
 			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
 			SeccompProfile:           &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
 		},
+	}
+	if c.csrTrustDomain != "" {
+		ctr.Env = append(ctr.Env, fieldEnv("POD_SERVICE_ACCOUNT", "spec.serviceAccountName"))
 	}
 	if c.native {
 		ctr.RestartPolicy = ptr(corev1.ContainerRestartPolicyAlways)

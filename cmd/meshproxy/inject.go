@@ -15,7 +15,7 @@ import (
 func newInjectCmd() *cobra.Command {
 	var (
 		file, output, image, caAddr, mode, ebpfCgroup string
-		capture, configServer                         string
+		capture, configServer, csrTrustDomain         string
 		meshCIDRs, exclPorts, exclCIDRs               []string
 		proxyUID                                      int64
 		native                                        bool
@@ -112,6 +112,11 @@ stdout or to -o FILE.`,
 					return err
 				}
 			}
+			if csrTrustDomain != "" {
+				if err := add("csr-trust-domain", inject.WithCSRTrustDomain(csrTrustDomain)); err != nil {
+					return err
+				}
+			}
 			if ebpfCgroup != "" {
 				if err := add("ebpf-cgroup", inject.WithEBPFCgroup(ebpfCgroup), inject.WithMode(m)); err != nil {
 					return err
@@ -153,6 +158,7 @@ stdout or to -o FILE.`,
 	f.StringVar(&image, "image", inject.DefaultImage(version), "meshproxy image for the init and sidecar containers")
 	f.StringVar(&caAddr, "ca-addr", inject.DefaultCAAddr(), "CA address the sidecar requests certificates from")
 	f.StringVar(&configServer, "config-server", "", "HOST:PORT of the CA's Istio config mirror, e.g. meshproxy-ca.istio-system.svc:15011: sidecars follow the cluster's Istio CRs (run --config-server) instead of the meshproxy-policy ConfigMap")
+	f.StringVar(&csrTrustDomain, "csr-trust-domain", "", "sidecars name spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT in their CSRs (run --ca-spiffe-id), as a CA with --signer certmanager needs, e.g. cluster.local")
 	f.StringSliceVar(&meshCIDRs, "mesh-cidrs", nil, "outbound destinations that get mesh mTLS (CIDR,...), e.g. the pod and service ranges")
 	f.StringSliceVar(&exclPorts, "exclude-inbound-ports", nil, "inbound ports left uncaptured (PORT,...)")
 	f.StringSliceVar(&exclCIDRs, "exclude-outbound-cidrs", nil, "outbound destinations left uncaptured (CIDR,...)")

@@ -8,13 +8,13 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/meshproxy/meshproxy/internal/certmanagerbin"
 	"github.com/meshproxy/meshproxy/internal/e2eutil"
 )
 
 // Versions of what the test runs.
 const (
-	kubeVersion        = "v1.37.2"
-	certManagerVersion = "v1.21.2"
+	kubeVersion = "v1.37.2"
 	// certManagerModuleDir is test/certmanager, relative to this package.
 	certManagerModuleDir = "../certmanager"
 )
@@ -36,18 +36,10 @@ func TestMain(m *testing.M) {
 	e2eutil.Main(m, "certmanagerint", &bins.meshproxy)
 }
 
-func cacheDir() string {
-	if d := os.Getenv("MESHPROXY_CACHE"); d != "" {
-		return d
-	}
-	home, _ := os.UserHomeDir()
-	return filepath.Join(home, ".cache", "meshproxy")
-}
-
-// findBinaries locates etcd and kube-apiserver and builds cert-manager's
-// controller into the cache when it is not there yet.
+// findBinaries locates etcd and kube-apiserver, and cert-manager's
+// controller, built into the cache when it is not there yet.
 func findBinaries() error {
-	cache := cacheDir()
+	cache := certmanagerbin.CacheDir()
 	bins.apiserver = filepath.Join(cache, "k8s-"+kubeVersion, "bin", "kube-apiserver")
 	if _, err := os.Stat(bins.apiserver); err != nil {
 		bins.missing = fmt.Sprintf("kube-apiserver %s is not built at %s (build it with the test/cluster tools module)", kubeVersion, bins.apiserver)
@@ -57,55 +49,10 @@ func findBinaries() error {
 		bins.missing = "etcd is not on PATH (install Debian's etcd-server)"
 	}
 	bins.etcd = etcd
-	dir := filepath.Join(cache, "cert-manager-"+certManagerVersion)
-	bins.certManager = filepath.Join(dir, "cert-manager-controller")
-	bins.crds = filepath.Join(dir, "crds")
-	if stale(bins.certManager, filepath.Join(certManagerModuleDir, "main.go"), filepath.Join(certManagerModuleDir, "go.sum")) {
-		fmt.Fprintf(os.Stderr, "certmanagerint: building cert-manager %s's controller into %s\n", certManagerVersion, dir)
-		cmd := exec.Command("go", "build", "-trimpath", "-o", bins.certManager, ".")
-		cmd.Dir, cmd.Env = certManagerModuleDir, append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("build cert-manager controller: %w\n%s", err, out)
-		}
-	}
-	if _, err := os.Stat(bins.crds); err != nil {
-		cmd := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/cert-manager/cert-manager")
-		cmd.Dir = certManagerModuleDir
-		out, err := cmd.Output()
-		if err != nil {
-			return fmt.Errorf("find cert-manager's module: %w", err)
-		}
-		src := filepath.Join(string(out[:len(out)-1]), "deploy", "crds")
-		if err := os.MkdirAll(bins.crds, 0o755); err != nil {
-			return err
-		}
-		files, err := filepath.Glob(filepath.Join(src, "*.yaml"))
-		if err != nil || len(files) == 0 {
-			return fmt.Errorf("no CRDs in %s", src)
-		}
-		for _, f := range files {
-			data, err := os.ReadFile(f)
-			if err != nil {
-				return err
-			}
-			if err := os.WriteFile(filepath.Join(bins.crds, filepath.Base(f)), data, 0o644); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
-}
-
-// stale reports whether bin is missing or older than one of its sources.
-func stale(bin string, sources ...string) bool {
-	b, err := os.Stat(bin)
+	cm, err := certmanagerbin.Find(certManagerModuleDir)
 	if err != nil {
-		return true
+		return err
 	}
-	for _, src := range sources {
-		if s, err := os.Stat(src); err != nil || s.ModTime().After(b.ModTime()) {
-			return true
-		}
-	}
-	return false
+	bins.certManager, bins.crds = cm.Controller, cm.CRDs
+	return nil
 }

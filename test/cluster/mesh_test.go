@@ -30,6 +30,7 @@ func TestCluster(t *testing.T) {
 		{"5_RotationUnderLoad", testRotationUnderLoad},
 		{"6_GatewayNodePort", testGatewayNodePort},
 		{"2_ProbesPassUnderStrict", testProbesUnderStrict},
+		{"18_CertManagerSigner", testCertManagerSigner},
 		{"8_DownRestoresMachine", testDownRestoresMachine},
 	}
 	for _, s := range steps {
