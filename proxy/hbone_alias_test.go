@@ -101,26 +101,37 @@ func TestHBONEAutoPoolsThroughAServiceVIP(t *testing.T) {
 		WithHBONEMode(HBONEAuto), func(o *options) { o.hbone.maxPoolStreams = bound })
 	entry := client.Addrs()[0].String()
 	out := handshakes(mesh.DirOutbound, mesh.ResultOK)
+	pooledOut := pooled(mesh.DirOutbound)
 	viaHBONE := connections(mesh.DirOutbound, ModeHBONE, DecisionAllow)
 	viaDirect := connections(mesh.DirOutbound, mesh.ModeMTLS, DecisionAllow)
 
-	const n = 4 * bound
+	var mu sync.Mutex
 	served := map[string]int{}
-	for i := range n {
+	exchange := func(i int) error {
 		c := dial(t, entry)
+		defer c.Close() // the app connection ends: its stream is released
 		msg := fmt.Sprintf("hello-%d", i)
 		if _, err := io.WriteString(c, msg); err != nil {
-			t.Fatal(err)
+			return err
 		}
 		got, err := io.ReadAll(c)
 		if err != nil {
-			t.Fatalf("connection %d: %v", i, err)
+			return fmt.Errorf("connection %d: %w", i, err)
 		}
 		var name, echoed string
 		if _, err := fmt.Sscan(string(got), &name, &echoed); err != nil || echoed != msg {
-			t.Fatalf("connection %d: answer %q", i, got)
+			return fmt.Errorf("connection %d: answer %q", i, got)
 		}
+		mu.Lock()
 		served[name]++
+		mu.Unlock()
+		return nil
+	}
+	const n = 4 * bound
+	for i := range n {
+		if err := exchange(i); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if served["ep1"] == 0 || served["ep2"] == 0 || served["ep1"]+served["ep2"] != n {
 		t.Errorf("served %v: want both endpoints, %d in all", served, n)
@@ -134,6 +145,31 @@ func TestHBONEAutoPoolsThroughAServiceVIP(t *testing.T) {
 	if d := handshakes(mesh.DirOutbound, mesh.ResultOK) - out; d != n/bound {
 		t.Errorf("%v handshakes for %d app connections, want one per %d streams (%d)", d, n, bound, n/bound)
 	}
+
+	// Concurrent app connections across many bounds: streams ride a
+	// retired connection while its successor is dialed, none is lost.
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for w := range 8 {
+		wg.Go(func() {
+			for i := range 10 {
+				if err := exchange(n + w*10 + i); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if d := connections(mesh.DirOutbound, ModeHBONE, DecisionAllow) - viaHBONE; d != n+80 {
+		t.Errorf("%v app connections pooled, want all %d", d, n+80)
+	}
+	// Retired connections close once their streams are done: one is left.
+	eventually(t, "retired pooled connections closed", func() bool { return pooled(mesh.DirOutbound)-pooledOut == 1 })
 }
 
 // negotiated opens a pooled connection to addr as a meshproxy client
