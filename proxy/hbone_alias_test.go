@@ -345,6 +345,12 @@ func streamFor(t *testing.T, id uint32, authority string) *hb.Stream {
 // echoes on per-connection mesh mTLS. It reports the ALPN protocols each
 // client offered.
 func oldServer(t *testing.T, src tlsmgr.Source) (string, <-chan []string) {
+	return refusingServer(t, src, func(*hb.Stream) bool { return true })
+}
+
+// refusingServer is oldServer refusing the streams refuse picks, and
+// echoing on the others.
+func refusingServer(t *testing.T, src tlsmgr.Source, refuse func(*hb.Stream) bool) (string, <-chan []string) {
 	t.Helper()
 	offers := make(chan []string, 16)
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
@@ -380,8 +386,14 @@ func oldServer(t *testing.T, src tlsmgr.Source) (string, <-chan []string) {
 				}
 				hc := hb.NewServer(tc, hb.Options{})
 				_ = hc.Serve(func(s *hb.Stream) {
-					s.SetFailStatus(http.StatusForbidden)
-					s.Close()
+					defer s.Close()
+					if refuse(s) {
+						s.SetFailStatus(http.StatusForbidden)
+						return
+					}
+					if s.Respond(http.StatusOK) == nil {
+						echo(s)
+					}
 				})
 			})
 		}
@@ -424,4 +436,51 @@ func TestHBONEAutoFallsBackWhenThePeerRefusesPooledDestinations(t *testing.T) {
 	if d := connections(mesh.DirOutbound, ModeHBONE, DecisionPeerRefused) - refused; d != 0 {
 		t.Errorf("%v app connections refused, want none", d)
 	}
+}
+
+// A later stream of a pooled connection refused the same way (stream 1
+// was served) also goes per-connection, and the pooled connection takes no
+// new streams: the next app connections are per-connection too.
+func TestHBONEAutoFallsBackWhenAPooledStreamIsRefused(t *testing.T) {
+	m := newMesh(t)
+	addr, offers := refusingServer(t, m.identity(t, echoID), func(s *hb.Stream) bool { return s.ID() > 1 })
+	cst, _ := policyStore(t, "")
+	client := startProxy(t, m.identity(t, webID), cst, WithOutboundExplicit("127.0.0.1:0", addr, mustID(t, echoID)), WithHBONEMode(HBONEAuto))
+	entry := client.Addrs()[0].String()
+	viaHBONE := connections(mesh.DirOutbound, ModeHBONE, DecisionAllow)
+	viaDirect := connections(mesh.DirOutbound, mesh.ModeMTLS, DecisionAllow)
+	pooledOut := pooled(mesh.DirOutbound)
+
+	first := dial(t, entry)
+	if err := roundTrip(first, "stream 1\n"); err != nil {
+		t.Fatalf("stream 1: %v", err)
+	}
+	for i := range 2 {
+		if err := roundTrip(dial(t, entry), fmt.Sprintf("then %d\n", i)); err != nil {
+			t.Fatalf("connection %d after stream 1: %v", i, err)
+		}
+	}
+	if d := connections(mesh.DirOutbound, ModeHBONE, DecisionAllow) - viaHBONE; d != 1 {
+		t.Errorf("%v app connections pooled, want 1 (stream 1)", d)
+	}
+	if d := connections(mesh.DirOutbound, mesh.ModeMTLS, DecisionAllow) - viaDirect; d != 2 {
+		t.Errorf("%v app connections per-connection, want 2", d)
+	}
+	if len(offers) != 3 {
+		t.Fatalf("%d handshakes, want 3", len(offers))
+	}
+	if o := <-offers; !slices.Contains(o, hb.ALPN) {
+		t.Errorf("first handshake offered %v, want HBONE", o)
+	}
+	for range 2 {
+		if o := <-offers; slices.Contains(o, hb.ALPN) {
+			t.Errorf("offered %v after the refusal, want no HBONE", o)
+		}
+	}
+	// Stream 1 still flows on the retired connection, which then closes.
+	if err := roundTrip(first, "still\n"); err != nil {
+		t.Errorf("stream 1 after its connection was retired: %v", err)
+	}
+	first.Close()
+	eventually(t, "the retired pooled connection closed", func() bool { return pooled(mesh.DirOutbound) == pooledOut })
 }
