@@ -14,7 +14,15 @@ package proxy
 //     selects it: the connection stays per-connection mTLS, as before.
 //     Later app connections to the same destination (and expected
 //     identity) open streams on the pooled connections while they have
-//     room, and make a new one otherwise.
+//     room, and make a new one otherwise. Captured destinations pool
+//     too (a Service VIP:port is the key; the server's alias below maps
+//     it to the endpoint). A pooled connection takes no new streams after
+//     hbonePoolMaxAge or hbonePoolMaxStreams, so app connections to a
+//     Service spread over its endpoints as kube-proxy picks one per new
+//     connection. A pooled stream refused with 403 bad_destination, or
+//     403 without a decision (a meshproxy server without aliases), is
+//     retried per-connection before any app byte is sent, and that
+//     destination stays per-connection for refusedMemory.
 //   - always: outbound mesh traffic goes to the peer's HBONE listener
 //     (port 15008 of the destination, ALPN h2, Istio's own format) with no
 //     fallback, as ztunnel does.
@@ -37,13 +45,32 @@ package proxy
 //     loopback and unspecified addresses never. The stream goes to that
 //     address and policy is evaluated for its port, as on :15006.
 //
+// A pooled connection negotiated on :15006 or an explicit inbound
+// listener also has an alias, because for captured traffic the client
+// names what its app dialed (a Service VIP:port) while kube-proxy sent the
+// TCP connection to one endpoint (this pod's IP and the target port, which
+// may differ). The :authority of stream 1 stands for the destination the
+// connection itself reached: on :15006 its original destination, checked
+// by the transparent rules above; on an explicit listener, that listener's
+// app. Stream 1 and every later stream on the same connection naming the
+// same IP:PORT go there, with the same policy evaluation (port = the real
+// target port). Other authorities follow the rules above unchanged. This
+// is no open relay: the alias reaches only where the kernel already routed
+// this client's connection (what a per-connection mesh connection would
+// reach), and only on that connection. Streams opened before stream 1 get
+// no alias, and the HBONE listener (:15008, Istio's format) has none: no
+// captured connection arrives there. The client keys pooled connections by
+// destination, so VIP:80 and VIP:81 never share one.
+//
 // Anything else is refused with 403 (decision bad_destination). Each
 // accepted stream then passes the same AuthorizationPolicy check as a mesh
 // mTLS connection on :15006 (Proxy.authorize: same policy_denials_total
 // reasons, log line and connections_total decision), with the peer's
 // SPIFFE ID from the HBONE connection. HBONE is mesh mTLS, so STRICT and
-// PERMISSIVE accept it; DISABLE accepts it too, as ztunnel does. Denied:
-// 403; app unreachable: 503.
+// PERMISSIVE accept it; DISABLE accepts it too on :15008, as ztunnel does
+// (a DISABLE port of :15006 is not sniffed, so nothing is negotiated
+// there). Denied: 403; app unreachable: 503. A refusal's answer carries
+// the decision in the meshproxy-decision header (hb.DecisionHeader).
 //
 // Half-close works both ways: either side may end its direction first
 // (END_STREAM) and the other keeps flowing. An abort resets the stream
@@ -133,10 +160,15 @@ type hboneOptions struct {
 	peers      map[string]string // destination → its HBONE listener
 	maxStreams uint32
 	poolIdle   time.Duration
+	// a pooled outbound connection's bounds (hbonePoolMaxAge,
+	// hbonePoolMaxStreams; tests shorten them)
+	maxAge         time.Duration
+	maxPoolStreams int
 }
 
 func defaultHBONEOptions() hboneOptions {
-	return hboneOptions{mode: HBONENever, maxStreams: DefaultHBONEMaxStreams, poolIdle: DefaultHBONEPoolIdle}
+	return hboneOptions{mode: HBONENever, maxStreams: DefaultHBONEMaxStreams, poolIdle: DefaultHBONEPoolIdle,
+		maxAge: hbonePoolMaxAge, maxPoolStreams: hbonePoolMaxStreams}
 }
 
 // WithHBONE adds the inbound HBONE listener on addr (":15008" in a pod):
@@ -221,7 +253,8 @@ func newHBONE(src tlsmgr.Source, pol mesh.PolicySource, o options) *hbone {
 		serverTLS: cfg,
 		server: hb.Options{MaxStreams: o.hbone.maxStreams, IdleTimeout: hboneServerIdle,
 			PrefaceTimeout: o.HandshakeTimeout, KeepAlive: hboneKeepAlive},
-		pool:    newHBONEPool(hb.Options{IdleTimeout: o.hbone.poolIdle, KeepAlive: hboneKeepAlive}, o.Log.With("component", "proxy")),
+		pool: newHBONEPool(hb.Options{IdleTimeout: o.hbone.poolIdle, KeepAlive: hboneKeepAlive}, o.Log.With("component", "proxy"),
+			o.hbone.maxAge, o.hbone.maxPoolStreams),
 		inbound: make(map[*hb.Conn]struct{}),
 	}
 }
@@ -283,7 +316,9 @@ func (p *Proxy) serveHBONE(l *listener, t *conntrack.Conn, c net.Conn) {
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionHandshakeFailed, err: err})
 		return
 	}
-	p.serveHBONEConn(l, t, tc, peer, cork, mesh.AddrPort(tc.LocalAddr()).Addr())
+	// No alias here: nothing routed this connection to an app, its
+	// streams name their destinations themselves.
+	p.serveHBONEConn(l, t, tc, peer, cork, mesh.AddrPort(tc.LocalAddr()).Addr(), "")
 }
 
 // serveHBONEConn serves the CONNECT streams of an inbound pooled
@@ -291,8 +326,10 @@ func (p *Proxy) serveHBONE(l *listener, t *conntrack.Conn, c net.Conn) {
 // a mesh listener), until it closes. cork is the socket under tc; local
 // is the address the connection was made to (for a redirected one, its
 // original destination's: REDIRECT may hand it over on another address of
-// the interface).
-func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, peer spiffeid.ID, cork *hb.CorkConn, local netip.Addr) {
+// the interface). reached is where the connection itself was going (its
+// original destination, or the explicit listener's app), the target of
+// stream 1's alias; "" for none (the HBONE listener).
+func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, peer spiffeid.ID, cork *hb.CorkConn, local netip.Addr, reached string) {
 	// The carrier is not an app connection: its streams are counted, it is
 	// counted as a pooled mesh connection instead.
 	active := metrics.ConnectionsActive.WithLabelValues(mesh.DirInbound)
@@ -311,7 +348,8 @@ func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, pee
 	p.log.Debug("hbone connection open", "source", t.Source, "peer", peer.String())
 	stop := context.AfterFunc(t.Context(), func() { hc.Close() })
 	defer stop()
-	_ = hc.Serve(func(s *hb.Stream) { p.serveHBONEStream(l, s, local, peer) })
+	alias := &hboneAlias{to: reached}
+	_ = hc.Serve(func(s *hb.Stream) { p.serveHBONEStream(l, s, local, peer, alias) })
 	if err := hc.Err(); err != nil {
 		p.log.Warn("hbone connection failed", "source", t.Source, "peer", peer.String(), "err", err.Error())
 		return
@@ -321,9 +359,9 @@ func (p *Proxy) serveHBONEConn(l *listener, t *conntrack.Conn, tc *tls.Conn, pee
 
 // serveHBONEStream tracks one CONNECT stream as a connection of its own
 // (limits, /peers, drain) and answers it.
-func (p *Proxy) serveHBONEStream(l *listener, s *hb.Stream, local netip.Addr, peer spiffeid.ID) {
+func (p *Proxy) serveHBONEStream(l *listener, s *hb.Stream, local netip.Addr, peer spiffeid.ID, alias *hboneAlias) {
 	err := p.conns.Admit(p.base, mesh.DirInbound, s, metrics.ConnectionsActive.WithLabelValues(mesh.DirInbound), func(t *conntrack.Conn) {
-		p.handleHBONEStream(l, t, s, local, peer)
+		p.handleHBONEStream(l, t, s, local, peer, alias)
 	})
 	if err != nil {
 		if errors.Is(err, conntrack.ErrOverLimit) {
@@ -332,35 +370,43 @@ func (p *Proxy) serveHBONEStream(l *listener, s *hb.Stream, local netip.Addr, pe
 				"mode", ModeHBONE, "peer", peer.String(), "reason", DecisionOverLimit, "max_connections", p.opts.MaxConns)
 		}
 		s.SetFailStatus(http.StatusServiceUnavailable)
+		s.SetFailReason(DecisionOverLimit)
 		s.Close()
 	}
 }
 
 // handleHBONEStream checks a CONNECT stream's destination and the policy,
 // then connects it to the app. A refusal closes the stream, which answers
-// its fail status.
-func (p *Proxy) handleHBONEStream(l *listener, t *conntrack.Conn, s *hb.Stream, local netip.Addr, peer spiffeid.ID) {
+// its fail status and, in hb.DecisionHeader, the decision.
+func (p *Proxy) handleHBONEStream(l *listener, t *conntrack.Conn, s *hb.Stream, local netip.Addr, peer spiffeid.ID, alias *hboneAlias) {
 	if s.Method() != http.MethodConnect {
 		s.SetFailStatus(http.StatusMethodNotAllowed)
+		s.SetFailReason(DecisionBadRequest)
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionBadRequest, dest: s.Authority(), peer: peer,
 			err: fmt.Errorf("method %q, want CONNECT", s.Method())})
 		return
 	}
-	dest, port, err := p.hboneTarget(s.Authority(), local)
+	authority, aliased := alias.resolve(s)
+	dest, port, err := p.hboneTarget(authority, local)
 	if err != nil {
 		decision, status := DecisionBadDestination, http.StatusForbidden
 		if errors.Is(err, errBadAuthority) {
 			decision, status = DecisionBadRequest, http.StatusBadRequest
 		}
+		if aliased {
+			err = fmt.Errorf("carried to this connection's own destination: %w", err)
+		}
 		s.SetFailStatus(status)
+		s.SetFailReason(decision)
 		p.refuse(t, refusal{mode: ModeHBONE, decision: decision, dest: s.Authority(), peer: peer, err: err})
 		return
 	}
 	s.SetFailStatus(http.StatusForbidden)
-	if !p.authorize(t, p.pol.Current(), dest, port, ModeHBONE, peer, "") {
+	if !p.authorizeOr(t, p.pol.Current(), dest, port, ModeHBONE, peer, "", s.SetFailReason) {
 		return
 	}
 	s.SetFailStatus(http.StatusServiceUnavailable)
+	s.SetFailReason(DecisionUnreachable)
 	up, err := p.dialApp(l, t, dest)
 	if err != nil {
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
@@ -371,6 +417,41 @@ func (p *Proxy) handleHBONEStream(l *listener, t *conntrack.Conn, s *hb.Stream, 
 		return
 	}
 	p.pipe(t, s, up, dest, ModeHBONE, peer)
+}
+
+// hboneAlias is what a pooled connection negotiated on a mesh listener
+// learns from its stream 1: the :authority the client named (for a
+// captured connection, what the client's app dialed, such as a Service
+// VIP) stands for the destination the connection itself reached (its
+// original destination: the endpoint the client's kernel picked, or the
+// explicit listener's app). See the notes at the top of this file.
+type hboneAlias struct {
+	to string // the connection's own destination; "" for no alias
+
+	mu   sync.Mutex
+	from netip.AddrPort // stream 1's :authority, once seen
+}
+
+// resolve returns the authority to check for s: the connection's own
+// destination if s is stream 1 or names what stream 1 named, else s's.
+func (a *hboneAlias) resolve(s *hb.Stream) (authority string, aliased bool) {
+	if a == nil || a.to == "" {
+		return s.Authority(), false
+	}
+	ap, err := netip.ParseAddrPort(s.Authority())
+	if err != nil || ap.Port() == 0 {
+		return s.Authority(), false
+	}
+	ap = mesh.Unmap(ap)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if s.ID() == 1 && !a.from.IsValid() {
+		a.from = ap
+	}
+	if a.from.IsValid() && ap == a.from {
+		return a.to, true
+	}
+	return s.Authority(), false
 }
 
 var errBadAuthority = errors.New("malformed :authority")

@@ -24,12 +24,40 @@ import (
 // connection (waiting for a dial in progress, or redialing a dead one).
 const maxPoolAttempts = 8
 
+// Bounds of one pooled connection's life. A pooled connection pins every
+// stream of its key to the endpoint the kernel picked when it was made (a
+// Service VIP is DNATed to one pod per TCP connection), so it stops taking
+// new streams after hbonePoolMaxAge or hbonePoolMaxStreams, whichever
+// comes first, and the next app connection makes a new one: app
+// connections spread over the endpoints as kube-proxy picks one for each
+// new connection. Streams already open finish (GOAWAY). The age bounds a
+// quiet client's pinning; the count a busy one's. Cost: in
+// BenchmarkDirectNewConnection an app connection with its own handshake
+// takes 1.52 ms against 0.46 ms as a stream (BenchmarkHBONENewConnection),
+// so one handshake per 1000 streams adds ~1 µs a stream (0.2%); at 2000
+// app connections/s a Service's endpoints are picked again every 0.5 s.
+// App connections arriving while the successor is dialed ride the retired
+// connection rather than wait for its handshake.
+const (
+	hbonePoolMaxAge     = 30 * time.Second
+	hbonePoolMaxStreams = 1000
+)
+
 // hboneConn is one pooled outbound mesh mTLS connection speaking HBONE.
 type hboneConn struct {
 	c      *hb.Conn
 	peer   spiffeid.ID
 	local  net.Addr
 	remote net.Addr
+	born   time.Time
+
+	// Guarded by hbonePool.mu.
+	streams int  // streams handed out by the pool (stream 1 included)
+	retired bool // past its bounds: no new streams once a successor is dialed
+}
+
+func newHBONEConn(c *hb.Conn, peer spiffeid.ID, local, remote net.Addr) *hboneConn {
+	return &hboneConn{c: c, peer: peer, local: local, remote: remote, born: time.Now(), streams: 1}
 }
 
 // hboneDial is a dial in progress that other app connections for the same
@@ -42,16 +70,28 @@ type hboneDial struct {
 // hbonePool keeps the outbound HBONE connections by key (where to, and
 // which server identity was verified), several per key once one is full.
 type hbonePool struct {
-	opts hb.Options
-	log  *slog.Logger
+	opts       hb.Options
+	log        *slog.Logger
+	maxAge     time.Duration // a connection's bounds (hbonePoolMaxAge, hbonePoolMaxStreams)
+	maxStreams int
 
 	mu     sync.Mutex
 	conns  map[string][]*hboneConn
 	dials  map[string]*hboneDial
 	cfgs   map[string]*tls.Config
 	direct map[string]time.Time // auto mode: keys whose last dial did not pool, and when
-	closed bool
+	// auto mode: keys whose peer refused a pooled stream's destination (a
+	// meshproxy server without aliases), and until when they stay
+	// per-connection without offering HBONE
+	refused map[string]time.Time
+	closed  bool
 }
+
+// refusedMemory is how long a key whose peer refused a pooled stream's
+// destination stays per-connection mTLS: such a server refuses every
+// captured Service destination, and is replaced by a rolling update in
+// minutes.
+const refusedMemory = 5 * time.Minute
 
 // directMemory is how long auto mode remembers that a destination's last
 // dial did not become a pooled connection (a peer that does not speak
@@ -59,14 +99,67 @@ type hbonePool struct {
 // queueing behind each other's handshakes.
 const directMemory = 30 * time.Second
 
-func newHBONEPool(opts hb.Options, log *slog.Logger) *hbonePool {
+func newHBONEPool(opts hb.Options, log *slog.Logger, maxAge time.Duration, maxStreams int) *hbonePool {
 	return &hbonePool{
-		opts:   opts,
-		log:    log,
-		conns:  make(map[string][]*hboneConn),
-		dials:  make(map[string]*hboneDial),
-		cfgs:   make(map[string]*tls.Config),
-		direct: make(map[string]time.Time),
+		opts:       opts,
+		log:        log,
+		maxAge:     maxAge,
+		maxStreams: maxStreams,
+		conns:      make(map[string][]*hboneConn),
+		dials:      make(map[string]*hboneDial),
+		cfgs:       make(map[string]*tls.Config),
+		direct:     make(map[string]time.Time),
+		refused:    make(map[string]time.Time),
+	}
+}
+
+// refusedRecently reports whether key's peer refused a pooled stream's
+// destination less than refusedMemory ago.
+func (pl *hbonePool) refusedRecently(key string) bool {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	until, ok := pl.refused[key]
+	if ok && time.Now().After(until) {
+		delete(pl.refused, key)
+		return false
+	}
+	return ok
+}
+
+// refuse remembers that key's peer refused a pooled stream's destination,
+// and retires key's pooled connections (their open streams finish). first
+// reports that key was not remembered already.
+func (pl *hbonePool) refuse(key string) (first bool) {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	_, known := pl.refused[key]
+	if !known && len(pl.refused) >= mesh.MaxClientConfigs {
+		clear(pl.refused)
+	}
+	pl.refused[key] = time.Now().Add(refusedMemory)
+	for _, c := range pl.conns[key] {
+		c.retired = true
+	}
+	pl.retireLocked(key)
+	return !known
+}
+
+// retireLocked sends GOAWAY on key's retired connections and forgets them:
+// open streams finish, then they close. Called with mu held.
+func (pl *hbonePool) retireLocked(key string) {
+	live := pl.conns[key][:0]
+	for _, c := range pl.conns[key] {
+		if c.retired {
+			c.c.Shutdown()
+			continue
+		}
+		live = append(live, c)
+	}
+	clear(pl.conns[key][len(live):])
+	if len(live) == 0 {
+		delete(pl.conns, key)
+	} else {
+		pl.conns[key] = live
 	}
 }
 
@@ -92,6 +185,9 @@ func (pl *hbonePool) joinDial(key string) (wait <-chan struct{}, finish func(poo
 		if pl.dials[key] == d {
 			delete(pl.dials, key)
 		}
+		// Connections past their bounds carried streams while this dial
+		// ran; now new streams go to its connection, or direct.
+		pl.retireLocked(key)
 		if pooled {
 			delete(pl.direct, key)
 		} else {
@@ -106,10 +202,20 @@ func (pl *hbonePool) joinDial(key string) (wait <-chan struct{}, finish func(poo
 
 var errPoolClosed = errors.New("hbone pool closed")
 
+// dialing reports whether a connection for key is being dialed.
+func (pl *hbonePool) dialing(key string) bool {
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	_, ok := pl.dials[key]
+	return ok
+}
+
 // pick returns the pooled connection for key with the most room for a
-// stream, or nil; closed and full connections are skipped (closed ones
-// dropped). Called with mu held.
-func (pl *hbonePool) pick(key string) *hboneConn {
+// stream, or nil, and counts the stream. Closed connections are dropped;
+// full ones and retired ones (past their bounds, see hbonePoolMaxAge) are
+// skipped. With retired, it picks among the retired ones instead: they
+// carry streams while their successor is dialed. Called with mu held.
+func (pl *hbonePool) pick(key string, retired bool) *hboneConn {
 	var best *hboneConn
 	room := 0
 	live := pl.conns[key][:0]
@@ -120,6 +226,12 @@ func (pl *hbonePool) pick(key string) *hboneConn {
 		default:
 		}
 		live = append(live, c)
+		if !c.retired && (pl.maxAge > 0 && time.Since(c.born) >= pl.maxAge || pl.maxStreams > 0 && c.streams >= pl.maxStreams) {
+			c.retired = true
+		}
+		if c.retired != retired {
+			continue
+		}
 		if n := c.c.Available(); n > room {
 			best, room = c, n
 		}
@@ -130,17 +242,21 @@ func (pl *hbonePool) pick(key string) *hboneConn {
 	} else {
 		pl.conns[key] = live
 	}
+	if best != nil {
+		best.streams++
+	}
 	return best
 }
 
-// lookup returns a pooled connection for key with room for a stream, or nil.
-func (pl *hbonePool) lookup(key string) *hboneConn {
+// lookup returns a pooled connection for key with room for a stream, or
+// nil; with retired, one past its bounds (see pick).
+func (pl *hbonePool) lookup(key string, retired bool) *hboneConn {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	if pl.closed {
 		return nil
 	}
-	return pl.pick(key)
+	return pl.pick(key, retired)
 }
 
 // add pools c under key, counted in the pooled gauge until it closes.
@@ -152,6 +268,7 @@ func (pl *hbonePool) add(key string, c *hboneConn) error {
 		return errPoolClosed
 	}
 	pl.conns[key] = append(pl.conns[key], c)
+	pl.retireLocked(key) // c succeeds them
 	pl.mu.Unlock()
 	gauge := metrics.MeshConnections.WithLabelValues(mesh.DirOutbound, TransportPooled)
 	gauge.Inc()
@@ -174,7 +291,7 @@ func (pl *hbonePool) get(ctx context.Context, key string, dial func() (*hboneCon
 			pl.mu.Unlock()
 			return nil, errPoolClosed
 		}
-		if c := pl.pick(key); c != nil {
+		if c := pl.pick(key, false); c != nil {
 			pl.mu.Unlock()
 			return c, nil
 		}
@@ -315,13 +432,19 @@ func (p *Proxy) pipeStream(t *conntrack.Conn, down net.Conn, s *hb.Stream, hc *h
 }
 
 // originatePooled sends down as a stream on an existing pooled connection
-// for key, if one has room (auto mode); false if none did, and down is
-// still untouched.
-func (p *Proxy) originatePooled(t *conntrack.Conn, down net.Conn, key, dest string) bool {
+// for key, if one has room (auto mode); done false if none did, and down
+// is still untouched. fallback: the peer refused dest on its pooled
+// connection (see originate), down is untouched.
+func (p *Proxy) originatePooled(t *conntrack.Conn, down net.Conn, key, dest string) (done, fallback bool) {
 	for range maxPoolAttempts {
-		hc := p.hbone.pool.lookup(key)
+		hc := p.hbone.pool.lookup(key, false)
+		if hc == nil && p.hbone.pool.dialing(key) {
+			// Ride a connection past its bounds while its successor is
+			// dialed, rather than wait for the handshake.
+			hc = p.hbone.pool.lookup(key, true)
+		}
 		if hc == nil {
-			return false
+			return false, false
 		}
 		s, authority, err := p.openStream(t, hc, dest)
 		if err != nil {
@@ -329,12 +452,40 @@ func (p *Proxy) originatePooled(t *conntrack.Conn, down net.Conn, key, dest stri
 				continue
 			}
 			p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: hc.peer, err: err})
-			return true
+			return true, false
+		}
+		if refusedDestination(s) {
+			s.Close()
+			p.hboneFallback(key, dest, hc, s)
+			return false, true
 		}
 		p.pipeStream(t, down, s, hc, dest, authority)
-		return true
+		return true, false
 	}
-	return false
+	return false, false
+}
+
+// refusedDestination reports whether the peer refused s because it does
+// not serve its destination on that connection: 403 with decision
+// bad_destination, or with no decision at all (a meshproxy server older
+// than aliases, whose inbound refuses a stream naming a Service VIP). A
+// policy denial names its reason and is final.
+func refusedDestination(s *hb.Stream) bool {
+	if s.Status() != http.StatusForbidden {
+		return false
+	}
+	r := s.FailReason()
+	return r == "" || r == DecisionBadDestination
+}
+
+// hboneFallback remembers that key's peer refused dest's stream s on a
+// pooled connection, so key goes per-connection for refusedMemory.
+func (p *Proxy) hboneFallback(key, dest string, hc *hboneConn, s *hb.Stream) {
+	if p.hbone.pool.refuse(key) {
+		p.log.Info("hbone: peer refused a pooled stream's destination; per-connection mTLS to it for a while",
+			"destination", dest, "peer", hc.peer.String(), "remote", hc.remote.String(),
+			"status", s.Status(), "decision", s.FailReason(), "for", refusedMemory.String())
+	}
 }
 
 // originateHBONE sends one outbound connection as a CONNECT stream for dest
@@ -436,5 +587,5 @@ func (p *Proxy) dialHBONE(addr, sni string, ids []spiffeid.ID, ruleSANs bool, de
 		c.Close()
 		return nil, fmt.Errorf("hbone %s: %w", addr, err)
 	}
-	return &hboneConn{c: c, peer: peer, local: raw.LocalAddr(), remote: raw.RemoteAddr()}, nil
+	return newHBONEConn(c, peer, raw.LocalAddr(), raw.RemoteAddr()), nil
 }

@@ -75,7 +75,7 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 			if ap, err := netip.ParseAddrPort(dest); err == nil && l.spec.kind == inboundTransparent {
 				arrived = mesh.Unmap(ap).Addr()
 			}
-			p.serveHBONEConn(l, t, tc, peer, cork, arrived)
+			p.serveHBONEConn(l, t, tc, peer, cork, arrived, dest)
 			return
 		}
 		p.authorizeAndForward(l, t, snap, corkedTLS{tc, cork}, dest, port, mesh.ModeMTLS, peer, res.SNI)
@@ -111,6 +111,12 @@ func (p *Proxy) authorizeAndForward(l *listener, t *conntrack.Conn, snap *policy
 // remote address (with TPROXY the real client); the destination address is
 // dest (the original destination, or an explicit listener's app address).
 func (p *Proxy) authorize(t *conntrack.Conn, snap *policy.Snapshot, dest string, port uint16, mode string, peer spiffeid.ID, sni string) bool {
+	return p.authorizeOr(t, snap, dest, port, mode, peer, sni, nil)
+}
+
+// authorizeOr is authorize that calls denied (if not nil) with the denial's
+// reason before the connection is refused.
+func (p *Proxy) authorizeOr(t *conntrack.Conn, snap *policy.Snapshot, dest string, port uint16, mode string, peer spiffeid.ID, sni string, denied func(reason string)) bool {
 	req := policy.Request{Peer: peer, Port: port, SNI: sni}
 	if ap, err := netip.ParseAddrPort(t.Source); err == nil {
 		req.Source = ap.Addr().Unmap()
@@ -125,6 +131,9 @@ func (p *Proxy) authorize(t *conntrack.Conn, snap *policy.Snapshot, dest string,
 	dec := snap.Authorize(req)
 	if !dec.Allowed {
 		metrics.PolicyDenials.WithLabelValues(dec.Reason).Inc()
+		if denied != nil {
+			denied(dec.Reason)
+		}
 		p.refuse(t, refusal{mode: mode, decision: dec.Reason, dest: dest, peer: peer, policy: dec.Policy})
 		return false
 	}

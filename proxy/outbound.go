@@ -80,11 +80,10 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		sans = rule.SANs
 	}
 	// A captured destination may be a Service VIP that kube-proxy maps to
-	// one endpoint per connection; the peer's inbound sees only the
-	// endpoint, so a pooled stream naming the VIP would not match it.
-	// Captured traffic stays per-connection mTLS until the pool learns
-	// endpoints.
-	p.originate(t, c, dst.String(), "", sans, false, rule.Pool, false)
+	// one endpoint per TCP connection: a pooled connection is keyed by it,
+	// and the peer's inbound carries streams naming it to the endpoint the
+	// connection reached (the alias, see hbone.go).
+	p.originate(t, c, dst.String(), "", sans, false, rule.Pool)
 }
 
 // originate connects to dest and runs a mesh mTLS handshake, accepting a
@@ -93,25 +92,39 @@ func (p *Proxy) handleOutbound(l *listener, t *conntrack.Conn, c net.Conn) {
 // address actually reached (an explicit destination may be a host name).
 // pool (nil for none) sets the dial's timeout and TCP keepalive. In HBONE
 // auto mode it first looks for a pooled connection to dest with room for a
-// stream, and offers the HBONE ALPN on a new connection (see hbone.go);
-// poolable false keeps this connection per-connection mTLS in any mode but
-// always.
-func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool, pool *policy.TCPPool, poolable bool) {
+// stream, and offers the HBONE ALPN on a new connection (see hbone.go),
+// unless the peer recently refused dest's streams on one (a meshproxy
+// server without aliases): then, and when such a refusal comes before any
+// byte of this app connection was sent, it is per-connection mTLS.
+func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool, pool *policy.TCPPool) {
 	if p.opts.hbone.mode == HBONEAlways {
 		p.originateHBONE(t, down, dest, sni, ids, ruleSANs)
 		return
 	}
-	auto := poolable && p.opts.hbone.mode == HBONEAuto
-	var key string
+	if p.opts.hbone.mode == HBONEAuto {
+		td, _ := p.trustDomain()
+		key := p.hboneKey(dest, sni, ids, td, ruleSANs)
+		if !p.hbone.pool.refusedRecently(key) && !p.originateMesh(t, down, dest, sni, ids, ruleSANs, pool, key) {
+			return
+		}
+	}
+	p.originateMesh(t, down, dest, sni, ids, ruleSANs, pool, "")
+}
+
+// originateMesh is originate with key "" (per-connection mTLS) or the
+// pooled connections' key (auto mode). fallback reports that the peer
+// refused dest on a pooled connection before anything of down was sent:
+// the caller goes per-connection instead.
+func (p *Proxy) originateMesh(t *conntrack.Conn, down net.Conn, dest, sni string, ids []spiffeid.ID, ruleSANs bool, pool *policy.TCPPool, key string) (fallback bool) {
+	auto := key != ""
 	// finish ends this connection's dial for key (auto mode): app
 	// connections that waited for it look at the pool again.
 	finish := func(bool) {}
 	if auto {
-		td, _ := p.trustDomain()
-		key = p.hboneKey(dest, sni, ids, td, ruleSANs)
 		for range maxPoolAttempts {
-			if p.originatePooled(t, down, key, dest) {
-				return
+			done, fallback := p.originatePooled(t, down, key, dest)
+			if done || fallback {
+				return fallback
 			}
 			wait, f := p.hbone.pool.joinDial(key)
 			if wait == nil {
@@ -122,7 +135,7 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 			case <-wait:
 			case <-t.Context().Done():
 				p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionUnreachable, dest: dest, err: t.Context().Err()})
-				return
+				return false
 			}
 		}
 	}
@@ -139,7 +152,7 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 	}
 	if err != nil {
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionUnreachable, dest: dest, err: err})
-		return
+		return false
 	}
 	if ruleSANs {
 		rule := p.pol.Current().Outbound(mesh.AddrPort(up.RemoteAddr()))
@@ -149,7 +162,7 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 		if rule.Refuse || rule.Originate != nil { // an explicit destination always gets mesh mTLS
 			_ = up.Close()
 			p.refuse(t, refusal{mode: mesh.ModeUnknown, decision: DecisionDestinationRuleRejected, dest: dest})
-			return
+			return false
 		}
 		if rule.Matched && rule.MTLS {
 			ids = rule.SANs
@@ -161,7 +174,7 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 			up.Close()
 		}
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionNoIdentity, dest: dest, err: err})
-		return
+		return false
 	}
 
 	cfg := p.clientTLS.Get(sni, ids, td)
@@ -175,19 +188,23 @@ func (p *Proxy) originate(t *conntrack.Conn, down net.Conn, dest, sni string, id
 			up.Close()
 		}
 		p.refuse(t, refusal{mode: mesh.ModeMTLS, decision: DecisionHandshakeFailed, dest: dest, err: err})
-		return
+		return false
 	}
 	if auto && tc.ConnectionState().NegotiatedProtocol == hb.ALPN {
 		pooled = true
-		p.originateNegotiated(t, down, tc, cork, peer, key, dest, func() { finish(true); finish = func(bool) {} })
-		return
+		fallback := p.originateNegotiated(t, down, tc, cork, peer, key, dest, func() { finish(true); finish = func(bool) {} })
+		if fallback {
+			pooled = false
+		}
+		return fallback
 	}
 	finish(false)
 	finish = func(bool) {}
 	if auto && !t.AddSocket(up) {
-		return
+		return false
 	}
 	p.pipe(t, down, corkedTLS{tc, cork}, dest, mesh.ModeMTLS, peer)
+	return false
 }
 
 // dialShared opens a connection to addr for t, as dialPool does, without
@@ -211,24 +228,33 @@ func (p *Proxy) dialShared(t *conntrack.Conn, addr string, pool *policy.TCPPool)
 
 // originateNegotiated turns a mesh connection whose server selected the
 // HBONE ALPN into a pooled connection, with this app connection as its
-// first stream; pooled is called once others may use it.
-func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Conn, cork *hb.CorkConn, peer spiffeid.ID, key, dest string, pooled func()) {
+// first stream; pooled is called once others may use it. fallback: the
+// server refused stream 1's destination (see originate); the connection
+// is not pooled.
+func (p *Proxy) originateNegotiated(t *conntrack.Conn, down net.Conn, tc *tls.Conn, cork *hb.CorkConn, peer spiffeid.ID, key, dest string, pooled func()) (fallback bool) {
 	opts := p.hbone.pool.opts
 	opts.Cork = cork
-	hc := &hboneConn{c: hb.NewClient(tc, opts), peer: peer, local: tc.LocalAddr(), remote: tc.RemoteAddr()}
+	hc := newHBONEConn(hb.NewClient(tc, opts), peer, tc.LocalAddr(), tc.RemoteAddr())
 	s, authority, err := p.openStream(t, hc, dest)
 	if err != nil {
 		hc.c.Close()
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
-		return
+		return false
+	}
+	if refusedDestination(s) {
+		s.Close()
+		hc.c.Close()
+		p.hboneFallback(key, dest, hc, s)
+		return true
 	}
 	if err := p.hbone.pool.add(key, hc); err != nil {
 		s.Close()
 		p.refuse(t, refusal{mode: ModeHBONE, decision: DecisionUnreachable, dest: dest, peer: peer, err: err})
-		return
+		return false
 	}
 	pooled()
 	p.pipeStream(t, down, s, hc, dest, authority)
+	return false
 }
 
 // nameAndPort splits an explicit destination HOST:PORT whose host is a

@@ -43,7 +43,7 @@ func (p *Proxy) handleOutboundExplicit(l *listener, t *conntrack.Conn, c net.Con
 		p.originateTLS(t, c, dest, withDefaultSNI(rule.Originate, host), rule.Pool)
 		return
 	}
-	p.originate(t, c, dest, l.sni, ids, ids == nil, rule.Pool, true)
+	p.originate(t, c, dest, l.sni, ids, ids == nil, rule.Pool)
 }
 
 // explicitRule is the DestinationRule setting for an explicit destination:

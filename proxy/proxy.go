@@ -84,6 +84,7 @@ type Proxy struct {
 	clientTLS *mesh.ClientConfigs
 	hbone     *hbone
 	base      context.Context
+	appDialer mesh.Dialer // the Dialer, without TCP keepalive (see localSockets)
 
 	conns *conntrack.Table
 
@@ -121,8 +122,28 @@ func New(src tlsmgr.Source, pol mesh.PolicySource, opts ...Option) *Proxy {
 		serverTLS: serverTLS,
 		clientTLS: clientTLS,
 		hbone:     newHBONE(src, pol, o),
+		appDialer: localDialer(o.Dialer),
 		conns:     conntrack.NewTable(log, o.MaxConns),
 	}
+}
+
+// Sockets between the proxy and the apps of its own workload (accepted by
+// the outbound listeners, dialed to the app) get no TCP keepalive unless
+// the ListenConfig or Dialer asks for one: the peer is on this host, where
+// a dead socket is reported, not silent, and the four setsockopt calls the
+// net package makes for Go's default keepalive are a measurable share of a
+// new app connection's cost.
+
+// localDialer is d without the default TCP keepalive, if d is a net.Dialer
+// that does not configure one.
+func localDialer(d mesh.Dialer) mesh.Dialer {
+	nd, ok := d.(*net.Dialer)
+	if !ok || nd.KeepAlive != 0 || nd.KeepAliveConfig.Enable {
+		return d
+	}
+	local := *nd
+	local.KeepAlive = -1
+	return &local
 }
 
 // applyKeyExchange sets cfg's key exchange to kx's (none: the default),
@@ -194,7 +215,11 @@ func (p *Proxy) bind(ctx context.Context, spec listenerSpec) (*listener, error) 
 			l.sni = tlsmgr.OutboundSNI(host, port)
 		}
 	}
-	listen := p.opts.ListenConfig.Listen
+	lc := p.opts.ListenConfig
+	if spec.kind.direction() == mesh.DirOutbound && lc.KeepAlive == 0 && !lc.KeepAliveConfig.Enable {
+		lc.KeepAlive = -1 // apps of this workload (see localDialer)
+	}
+	listen := lc.Listen
 	if spec.kind == inboundTransparent && p.opts.inboundListen != nil {
 		listen = p.opts.inboundListen
 	}
@@ -386,7 +411,7 @@ func (p *Proxy) dial(t *conntrack.Conn, addr string) (net.Conn, error) {
 func (p *Proxy) dialApp(l *listener, t *conntrack.Conn, addr string) (net.Conn, error) {
 	fn := p.opts.inboundDialer
 	if l.spec.kind != inboundTransparent || fn == nil {
-		return p.dial(t, addr)
+		return p.dialWith(t, addr, p.appDialer.DialContext)
 	}
 	client, err := netip.ParseAddrPort(t.Source)
 	client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
@@ -396,7 +421,7 @@ func (p *Proxy) dialApp(l *listener, t *conntrack.Conn, addr string) (net.Conn, 
 			p.log.Info("inbound: client address is loopback or unknown, connecting to the app from the proxy's own address (logged once)",
 				"source", t.Source, "destination", addr)
 		})
-		return p.dial(t, addr)
+		return p.dialWith(t, addr, p.appDialer.DialContext)
 	}
 	return p.dialWith(t, addr, func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := fn(ctx, client, network, addr)

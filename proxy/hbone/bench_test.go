@@ -16,14 +16,24 @@ import (
 // tlsPair is a TLS 1.3 connection over loopback TCP, both ends handshaken.
 func tlsPair(b *testing.B) (*tls.Conn, *tls.Conn) {
 	b.Helper()
+	c, s, _, _ := corkedTLSPair(b)
+	return c, s
+}
+
+// corkedTLSPair is tlsPair with a CorkConn under each end and full-size
+// records from the first byte, as the proxy's mesh connections are.
+func corkedTLSPair(b *testing.B) (client, server *tls.Conn, ccork, scork *CorkConn) {
+	b.Helper()
 	ca := testpki.New(b, "cluster.local")
 	cert := testpki.TLSCertificate(ca.Issue(b, "spiffe://cluster.local/ns/a/sa/b", time.Hour))
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.Root)
 	cs, ss := tcpPair(b)
-	client := tls.Client(cs, &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: "x",
-		InsecureSkipVerify: true}) //nolint:gosec // bench: the channel is under test, not the verification
-	server := tls.Server(ss, &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}})
+	ccork, scork = NewCorkConn(cs), NewCorkConn(ss)
+	client = tls.Client(ccork, &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: "x",
+		InsecureSkipVerify: true, DynamicRecordSizingDisabled: true}) //nolint:gosec // bench: the channel is under test, not the verification
+	server = tls.Server(scork, &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
+		DynamicRecordSizingDisabled: true})
 	errc := make(chan error, 1)
 	go func() { errc <- server.Handshake() }()
 	if err := client.Handshake(); err != nil {
@@ -32,7 +42,7 @@ func tlsPair(b *testing.B) (*tls.Conn, *tls.Conn) {
 	if err := <-errc; err != nil {
 		b.Fatal(err)
 	}
-	return client, server
+	return client, server, ccork, scork
 }
 
 // BenchmarkBulk moves bytes one way in 32 KiB writes: over a bare TLS
@@ -64,16 +74,16 @@ func BenchmarkBulk(b *testing.B) {
 		run(b, c, s)
 	})
 	b.Run("hbone-stream", func(b *testing.B) {
-		c, s := tlsPair(b)
+		c, s, ccork, scork := corkedTLSPair(b)
 		accepted := make(chan *Stream, 1)
-		server := NewServer(s, Options{})
+		server := NewServer(s, Options{Cork: scork})
 		go func() {
 			_ = server.Serve(func(st *Stream) {
 				_ = st.Respond(http.StatusOK)
 				accepted <- st
 			})
 		}()
-		client := NewClient(c, Options{})
+		client := NewClient(c, Options{Cork: ccork})
 		b.Cleanup(func() { client.Close(); server.Close() })
 		st, err := client.Open(context.Background(), "10.0.0.1:80")
 		if err != nil {
@@ -115,16 +125,16 @@ func BenchmarkRequestResponse(b *testing.B) {
 		run(b, c, s)
 	})
 	b.Run("hbone-stream", func(b *testing.B) {
-		c, s := tlsPair(b)
+		c, s, ccork, scork := corkedTLSPair(b)
 		accepted := make(chan *Stream, 1)
-		server := NewServer(s, Options{})
+		server := NewServer(s, Options{Cork: scork})
 		go func() {
 			_ = server.Serve(func(st *Stream) {
 				_ = st.Respond(http.StatusOK)
 				accepted <- st
 			})
 		}()
-		client := NewClient(c, Options{})
+		client := NewClient(c, Options{Cork: ccork})
 		b.Cleanup(func() { client.Close(); server.Close() })
 		st, err := client.Open(context.Background(), "10.0.0.1:80")
 		if err != nil {

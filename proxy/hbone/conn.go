@@ -10,6 +10,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"net/http"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -23,6 +24,12 @@ import (
 // connection; a meshproxy server that selects it speaks HBONE on that
 // connection. Istio's own HBONE listener (15008) uses "h2".
 const ALPN = "meshproxy-hbone"
+
+// DecisionHeader is the response header in which a meshproxy server says
+// why it refused a stream (its connection decision, such as
+// bad_destination), so a client can tell a destination the server does
+// not serve from a policy denial. Other HBONE peers ignore it.
+const DecisionHeader = "meshproxy-decision"
 
 // Defaults of a Conn.
 const (
@@ -913,6 +920,13 @@ func (c *Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 				return nil // informational: the final answer follows
 			}
 			s.status = code
+			if code != http.StatusOK {
+				for _, hf := range f.RegularFields() {
+					if hf.Name == DecisionHeader {
+						s.failReason = hf.Value
+					}
+				}
+			}
 			s.respond()
 		}
 		if f.StreamEnded() { // the response or trailers end the stream

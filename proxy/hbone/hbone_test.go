@@ -501,3 +501,53 @@ func TestKeepAliveClosesSilentPeer(t *testing.T) {
 		t.Fatal("connection to a silent peer still open")
 	}
 }
+
+// A refusal carries the server's reason in DecisionHeader, both when the
+// handler closes the stream unanswered and when it answers an error; a
+// refusal without a reason carries none, and 200 never does.
+func TestRefusalCarriesItsReason(t *testing.T) {
+	cs, ss := tcpPair(t)
+	server := NewServer(ss, Options{})
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = server.Serve(func(s *Stream) {
+			defer s.Close()
+			switch s.Authority() {
+			case "10.0.0.1:80": // refused by closing unanswered
+				s.SetFailStatus(http.StatusForbidden)
+				s.SetFailReason("bad_destination")
+			case "10.0.0.2:80": // refused by answering
+				s.SetFailReason("denied_by_policy")
+				_ = s.Respond(http.StatusForbidden)
+			case "10.0.0.3:80": // no reason given
+				s.SetFailStatus(http.StatusForbidden)
+			default:
+				s.SetFailReason("not sent with 200")
+				_ = s.Respond(http.StatusOK)
+			}
+		})
+	}()
+	client := NewClient(cs, Options{})
+	t.Cleanup(func() { client.Close(); server.Close(); <-served })
+	for _, tt := range []struct {
+		authority, reason string
+		status            int
+	}{
+		{"10.0.0.1:80", "bad_destination", http.StatusForbidden},
+		{"10.0.0.2:80", "denied_by_policy", http.StatusForbidden},
+		{"10.0.0.3:80", "", http.StatusForbidden},
+		{"10.0.0.4:80", "", http.StatusOK},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		s, err := client.Open(ctx, tt.authority)
+		cancel()
+		if err != nil {
+			t.Fatalf("CONNECT %s: %v", tt.authority, err)
+		}
+		if s.Status() != tt.status || s.FailReason() != tt.reason {
+			t.Errorf("CONNECT %s: %d %q, want %d %q", tt.authority, s.Status(), s.FailReason(), tt.status, tt.reason)
+		}
+		s.Close()
+	}
+}

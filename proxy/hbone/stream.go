@@ -51,8 +51,9 @@ type Stream struct {
 	sendEnd      bool    // we ended ours
 	status       int     // client: the answer's status
 	respClosed   bool
-	responded    bool // server: answered
-	failStatus   int  // server: the answer if closed unanswered
+	responded    bool   // server: answered
+	failStatus   int    // server: the answer if closed unanswered
+	failReason   string // server: sent with a refusal (DecisionHeader); client: the one received
 	err          error
 	rstErr       error // reset either way: reads and writes fail at once
 	released     bool
@@ -93,6 +94,22 @@ func (s *Stream) SetFailStatus(code int) {
 	s.c.mu.Unlock()
 }
 
+// SetFailReason sets why the stream is refused, sent in DecisionHeader
+// with any answer but 200 (server side; default none).
+func (s *Stream) SetFailReason(reason string) {
+	s.c.mu.Lock()
+	s.failReason = reason
+	s.c.mu.Unlock()
+}
+
+// FailReason is the DecisionHeader of the server's answer, if any (client
+// side): why it refused the stream.
+func (s *Stream) FailReason() string {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.failReason
+}
+
 // Respond answers the request (server side): 200 opens the tunnel, any
 // other status refuses it and ends the stream.
 func (s *Stream) Respond(status int) error {
@@ -117,20 +134,24 @@ func (s *Stream) Respond(status int) error {
 		s.sendEnd = true
 	}
 	stop := end && !s.recvEnd
+	reason := s.failReason
 	c.mu.Unlock()
-	return c.queue(true, func(b []byte) []byte { return s.appendAnswer(b, status, end, stop) })
+	return c.queue(true, func(b []byte) []byte { return s.appendAnswer(b, status, reason, end, stop) })
 }
 
 // appendAnswer appends the response HEADERS (with end, END_STREAM) and,
 // with stop, RST_STREAM(NO_ERROR): the client need not send the rest of a
 // refused request. Called with wmu held.
-func (s *Stream) appendAnswer(b []byte, status int, end, stop bool) []byte {
+func (s *Stream) appendAnswer(b []byte, status int, reason string, end, stop bool) []byte {
 	if s.rstSent {
 		return b
 	}
 	c := s.c
 	c.hbuf.Reset()
 	_ = c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: strconv.Itoa(status)})
+	if reason != "" && status != http.StatusOK {
+		_ = c.henc.WriteField(hpack.HeaderField{Name: DecisionHeader, Value: reason})
+	}
 	b = appendHeaders(b, s.id, c.hbuf.Bytes(), end)
 	if stop {
 		b = s.appendRST(b, http2.ErrCodeNo)
@@ -358,7 +379,7 @@ func (s *Stream) Close() error {
 	}
 	s.released = true
 	answer := c.server && !s.responded && s.rstErr == nil && s.err == nil
-	status, stop := s.failStatus, !s.recvEnd
+	status, reason, stop := s.failStatus, s.failReason, !s.recvEnd
 	var rst http2.ErrCode
 	reset := false
 	switch {
@@ -379,7 +400,7 @@ func (s *Stream) Close() error {
 	if answer || reset {
 		_ = c.queue(false, func(b []byte) []byte {
 			if answer {
-				return s.appendAnswer(b, status, true, stop)
+				return s.appendAnswer(b, status, reason, true, stop)
 			}
 			return s.appendRST(b, rst)
 		})
