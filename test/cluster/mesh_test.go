@@ -123,11 +123,38 @@ func testMTLSOnTheWire(t *testing.T) {
 		return nil
 	})
 	const text = "hello from echo over mesh mTLS"
-	for range 3 {
+	// helloes counts the client's connections to echo in the capture so
+	// far that open with a ClientHello offering Istio's ALPN (after
+	// meshproxy's own HBONE offer, which an Envoy peer ignores); the
+	// kubelet's probes of the sidecar's plaintext health port come from
+	// the node and are not the client's.
+	helloes := func(flows map[flowKey][]byte) int {
+		n := 0
+		for key, stream := range flows {
+			if key.dst.Addr().String() != echoIP || key.src.Addr().String() != clientIP {
+				continue
+			}
+			if h, err := clientHelloOf(stream); err == nil && slices.Contains(h.SupportedProtos, "istio") {
+				n++
+			}
+		}
+		return n
+	}
+	// The requests may ride a pooled HBONE connection opened before the
+	// capture began (its first bytes unseen); a pooled connection takes
+	// new streams for 30s at most, so requests go on until one opens a
+	// connection in the capture, for a bounded time.
+	deadline := time.Now().Add(75 * time.Second)
+	for i := 0; ; i++ {
 		out, err := kubectl("-n", "demo", "exec", "deploy/client", "-c", "client", "--", "demoapp", "get", "http://echo.demo.svc/")
 		if err != nil || !strings.Contains(out, text) {
 			t.Errorf("client -> echo.demo.svc: %q, %v", out, err)
 		}
+		flows, err := readPcapFile(pcap)
+		if i >= 2 && err == nil && helloes(flows) > 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(2 * time.Second)
 	}
 	cancel()
 	dump.Wait()
@@ -135,32 +162,18 @@ func testMTLSOnTheWire(t *testing.T) {
 	if err != nil {
 		t.Fatalf("read the capture: %v (tcpdump: %s)", err, stderr.String())
 	}
-	mtls := 0
 	for key, stream := range flows {
 		if strings.Contains(string(stream), text) || strings.Contains(string(stream), "GET / HTTP") {
 			t.Errorf("plaintext HTTP on the bridge in %s: %q", key, firstBytes(stream, 200))
 		}
-		// The client's connections to echo; the kubelet's probes of the
-		// sidecar's plaintext health port (15021) come from the node.
 		if key.dst.Addr().String() != echoIP || key.src.Addr().String() != clientIP {
 			continue
 		}
-		h, err := clientHelloOf(stream)
-		if err != nil {
-			t.Errorf("a connection to echo that is not TLS: %s: %v: %q", key, err, firstBytes(stream, 64))
-			continue
-		}
-		// Istio's ALPN, after meshproxy's own HBONE offer when the
-		// sidecar negotiates a pooled connection: an Envoy peer picks it.
-		if !slices.Contains(h.SupportedProtos, "istio") {
+		if h, err := clientHelloOf(stream); err == nil && !slices.Contains(h.SupportedProtos, "istio") {
 			t.Errorf("%s: ClientHello ALPN %v, want it to offer istio", key, h.SupportedProtos)
-			continue
 		}
-		mtls++
 	}
-	// Three requests ride at least one mesh connection: one when they are
-	// streams of one pooled HBONE connection, three when per-connection.
-	if mtls < 1 {
+	if helloes(flows) == 0 {
 		t.Errorf("no TLS connection offering ALPN istio from the client (%s) to echo (%s) in the capture (flows: %d)", clientIP, echoIP, len(flows))
 	}
 	// peers lists open connections: hold one open from the client.
