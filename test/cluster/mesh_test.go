@@ -28,6 +28,7 @@ func TestCluster(t *testing.T) {
 		{"5_RotationUnderLoad", testRotationUnderLoad},
 		{"6_GatewayNodePort", testGatewayNodePort},
 		{"2_ProbesPassUnderStrict", testProbesUnderStrict},
+		{"16_NodeCaptureRestricted", testNodeCapture},
 		{"8_DownRestoresMachine", testDownRestoresMachine},
 	}
 	for _, s := range steps {
