@@ -451,6 +451,7 @@ func testNodeCapWire(t *testing.T, mode string) {
 			continue
 		}
 		mtls++
+		t.Logf("%s: TLS, ClientHello ALPN %v", key, h.SupportedProtos)
 	}
 	if mtls == 0 {
 		t.Errorf("no TLS connection with ALPN istio from %s (%s) to %s (%s) in the capture (%d flows)", client, cp.ip, server, sp.ip, len(flows))
@@ -554,6 +555,7 @@ func testNodeCapAgentRestart(t *testing.T) {
 		}
 		return fmt.Errorf("%w: agent pods:\n%s", errNotYet, out)
 	})
+	t.Logf("node agent pod %v deleted; its replacement is ready", old)
 	for range nodeCapModes {
 		if err := <-held; err != nil {
 			t.Error(err)
@@ -572,6 +574,8 @@ func testNodeCapAgentRestart(t *testing.T) {
 		// more than twenty requests.
 		if failed > 0 || len(lines) < 20 {
 			t.Errorf("%s during the agent's restart: %d requests, %d failed: %q", client, len(lines), failed, lines)
+		} else {
+			t.Logf("%s during the agent's restart: %d requests, none failed", client, len(lines))
 		}
 		captureInstalled(t, mode, nodeCapPodOf(t, nodeCapNS, "server-"+mode))
 		captureInstalled(t, mode, nodeCapPodOf(t, nodeCapNS, client))
