@@ -603,9 +603,22 @@ func testNodeCapAgentRestart(t *testing.T) {
 // directory.
 func removeNodeCapture(t *testing.T) {
 	var errs []error
+	uids, _ := kubectl("-n", nodeCapNS, "get", "pods", "-o", "jsonpath={.items[*].metadata.uid}")
 	if _, err := kubectl("delete", "namespace", nodeCapNS, "--ignore-not-found", "--wait=true", "--timeout=55s"); err != nil {
 		errs = append(errs, err)
 	}
+	for _, uid := range strings.Fields(uids) {
+		if pins, _ := filepath.Glob("/sys/fs/bpf/meshproxy/pod" + uid + "-*"); len(pins) > 0 {
+			errs = append(errs, fmt.Errorf("eBPF pins of deleted pod %s left on the node: %v", uid, pins))
+		}
+	}
+	// The plugin's records (cni.DefaultStateDir): DEL removed each one.
+	const records = "/run/meshproxy/cni"
+	if left, _ := os.ReadDir(records); len(left) > 0 {
+		errs = append(errs, fmt.Errorf("%d CNI records left in %s after the pods were deleted", len(left), records))
+	}
+	os.Remove(records)
+	os.Remove(filepath.Dir(records))
 	if _, err := kubectl("-n", "kube-system", "delete", "daemonset", "meshproxy-node-agent", "--ignore-not-found", "--wait=true", "--timeout=55s"); err != nil {
 		errs = append(errs, err)
 	}
