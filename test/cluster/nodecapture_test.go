@@ -53,6 +53,7 @@ func testNodeCapture(t *testing.T) {
 	}
 	t.Run("UninjectedPodNotCaptured", testNodeCapUninjected)
 	t.Run("AgentRestartLosesNoConnection", testNodeCapAgentRestart)
+	t.Run("AgentRemovedFailsClosed", testNodeCapAgentRemoved)
 }
 
 // nodeCapConfDir is where this node's CNI configuration lives (up.sh writes
@@ -596,29 +597,11 @@ func testNodeCapAgentRestart(t *testing.T) {
 	}
 }
 
-// removeNodeCapture deletes the namespace (the kubelet's CNI DEL removes
-// the pods' capture and eBPF pins while the plugin is still chained), then
-// the agent, then runs `meshproxy node-agent --uninstall` on the node as
-// README says, which takes the plugin out of the conflist and the bin
-// directory.
-func removeNodeCapture(t *testing.T) {
+// uninstallNodeAgent deletes the agent (DaemonSet, RBAC) and runs
+// `meshproxy node-agent --uninstall` on the node, as README says, which
+// takes the plugin out of the conflist and the bin directory.
+func uninstallNodeAgent() error {
 	var errs []error
-	uids, _ := kubectl("-n", nodeCapNS, "get", "pods", "-o", "jsonpath={.items[*].metadata.uid}")
-	if _, err := kubectl("delete", "namespace", nodeCapNS, "--ignore-not-found", "--wait=true", "--timeout=55s"); err != nil {
-		errs = append(errs, err)
-	}
-	for _, uid := range strings.Fields(uids) {
-		if pins, _ := filepath.Glob("/sys/fs/bpf/meshproxy/pod" + uid + "-*"); len(pins) > 0 {
-			errs = append(errs, fmt.Errorf("eBPF pins of deleted pod %s left on the node: %v", uid, pins))
-		}
-	}
-	// The plugin's records (cni.DefaultStateDir): DEL removed each one.
-	const records = "/run/meshproxy/cni"
-	if left, _ := os.ReadDir(records); len(left) > 0 {
-		errs = append(errs, fmt.Errorf("%d CNI records left in %s after the pods were deleted", len(left), records))
-	}
-	os.Remove(records)
-	os.Remove(filepath.Dir(records))
 	if _, err := kubectl("-n", "kube-system", "delete", "daemonset", "meshproxy-node-agent", "--ignore-not-found", "--wait=true", "--timeout=55s"); err != nil {
 		errs = append(errs, err)
 	}
@@ -637,6 +620,88 @@ func removeNodeCapture(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(nodeCapBinDir, "meshproxy-cni")); err == nil {
 		errs = append(errs, fmt.Errorf("%s/meshproxy-cni is still there after uninstall", nodeCapBinDir))
 	}
+	if b, err := os.ReadFile(filepath.Join(nodeCapConfDir(), "10-meshproxy-cluster.conflist")); err == nil && strings.Contains(string(b), "meshproxy-cni") {
+		errs = append(errs, fmt.Errorf("meshproxy-cni is still chained after uninstall:\n%s", b))
+	}
+	return errors.Join(errs...)
+}
+
+// testNodeCapAgentRemoved: with the agent removed from the node (DaemonSet
+// deleted, plugin uninstalled), running pods keep their capture — the
+// client still reaches the STRICT server — and a new injected pod fails its
+// validation, saying why, instead of running without capture. The eBPF
+// pairs are deleted first, while the plugin's DEL still releases their pins.
+func testNodeCapAgentRemoved(t *testing.T) {
+	mustKubectl(t, "-n", nodeCapNS, "delete", "deploy", "server-ebpf", "client-ebpf", "--wait=true", "--timeout=60s")
+	waitFor(t, "the eBPF pods gone", time.Minute, func() error {
+		out, err := kubectl("-n", nodeCapNS, "get", "pods", "-l", "app in (server-ebpf,client-ebpf)", "-o", "name")
+		if err != nil {
+			return err
+		}
+		if strings.TrimSpace(out) != "" {
+			return fmt.Errorf("%w: %s", errNotYet, out)
+		}
+		return nil
+	})
+	if err := uninstallNodeAgent(); err != nil {
+		t.Fatal(err)
+	}
+	server, client := nodeCapPodOf(t, nodeCapNS, "server-nftables"), nodeCapPodOf(t, nodeCapNS, "client-nftables")
+	captureInstalled(t, "nftables", server)
+	captureInstalled(t, "nftables", client)
+	url := fmt.Sprintf("http://server-nftables.%s.svc/", nodeCapNS)
+	if out, err := kubectl("-n", nodeCapNS, "exec", client.name, "-c", "app", "--", "demoapp", "get", url); err != nil || !strings.Contains(out, "hello from server-nftables") {
+		t.Errorf("after the agent's removal, %s -> %s: %q, %v", client.name, url, out, err)
+	}
+	mustKubectl(t, "-n", nodeCapNS, "rollout", "restart", "deploy/client-nftables")
+	waitFor(t, "the new client pod's validation failing", 90*time.Second, func() error {
+		out, err := kubectl("-n", nodeCapNS, "get", "pods", "-l", "app=client-nftables", "-o",
+			`jsonpath={range .items[*]}{.metadata.name} {.status.initContainerStatuses[?(@.name=="meshproxy-validation")].lastState.terminated.exitCode}{.status.initContainerStatuses[?(@.name=="meshproxy-validation")].state.terminated.exitCode}{"\n"}{end}`)
+		if err != nil {
+			return err
+		}
+		for l := range strings.Lines(out) {
+			f := strings.Fields(l)
+			if len(f) != 2 || f[0] == client.name || f[1] == "0" {
+				continue
+			}
+			logs, _ := kubectl("-n", nodeCapNS, "logs", f[0], "-c", "meshproxy-validation", "--previous")
+			if cur, _ := kubectl("-n", nodeCapNS, "logs", f[0], "-c", "meshproxy-validation"); !strings.Contains(logs, "capture validation failed") {
+				logs = cur
+			}
+			if !strings.Contains(logs, "capture validation failed") {
+				return fmt.Errorf("%w: pod %s's validation exited %s, log:\n%s", errNotYet, f[0], f[1], logs)
+			}
+			t.Logf("new pod %s without the agent: validation exited %s: %s", f[0], f[1], strings.TrimSpace(logs))
+			return nil
+		}
+		return fmt.Errorf("%w: no new client pod whose validation failed:\n%s", errNotYet, out)
+	})
+}
+
+// removeNodeCapture deletes the namespace (the kubelet's CNI DEL removes
+// the pods' capture and eBPF pins while the plugin is still chained), then
+// uninstalls the agent if a step failed before doing so.
+func removeNodeCapture(t *testing.T) {
+	var errs []error
+	uids, _ := kubectl("-n", nodeCapNS, "get", "pods", "-o", "jsonpath={.items[*].metadata.uid}")
+	if _, err := kubectl("delete", "namespace", nodeCapNS, "--ignore-not-found", "--wait=true", "--timeout=55s"); err != nil {
+		errs = append(errs, err)
+	}
+	for _, uid := range strings.Fields(uids) {
+		if pins, _ := filepath.Glob("/sys/fs/bpf/meshproxy/pod" + uid + "-*"); len(pins) > 0 {
+			errs = append(errs, fmt.Errorf("eBPF pins of deleted pod %s left on the node: %v", uid, pins))
+		}
+	}
+	if err := uninstallNodeAgent(); err != nil {
+		errs = append(errs, err)
+	}
+	// The plugin's records (cni.DefaultStateDir) of pods deleted after the
+	// plugin was uninstalled: no DEL reached it. Their rules went with their
+	// network namespaces.
+	records := "/run/meshproxy/cni"
+	os.RemoveAll(records)
+	os.Remove(filepath.Dir(records))
 	if err := errors.Join(errs...); err != nil {
 		t.Errorf("removing the node capture: %v", err)
 	}
