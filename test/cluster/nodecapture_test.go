@@ -39,11 +39,19 @@ var nodeCapModes = []string{"nftables", "ebpf"}
 // captured, for nftables and eBPF; a pod without the injection on the same
 // node is not captured; restarting the agent during traffic loses no
 // connection, leaves running pods' capture in place, and new pods still get
-// capture afterwards.
+// capture afterwards; with the agent removed, running pods keep their
+// capture and new injected pods fail instead of running without it.
 func testNodeCapture(t *testing.T) {
 	needCluster(t)
-	dumpOnFailure(t, nodeCapNS)
+	// Cleanups run last-registered first: the dumps before the removal.
 	t.Cleanup(func() { removeNodeCapture(t) })
+	dumpOnFailure(t, nodeCapNS)
+	t.Cleanup(func() {
+		if t.Failed() {
+			out, err := kubectl("-n", "kube-system", "logs", "-l", nodeAgentSelector, "--all-containers", "--prefix", "--tail=40")
+			t.Logf("node agent logs:\n%s%v", out, errOrEmpty(err))
+		}
+	})
 	deployNodeAgent(t)
 	deployNodeCapWorkloads(t)
 
