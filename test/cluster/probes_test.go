@@ -70,18 +70,9 @@ func testProbesUnderStrict(t *testing.T) {
 	if _, err := kubectl("get", "namespace", "probes"); err != nil {
 		mustKubectl(t, "create", "namespace", "probes")
 	}
-	root := mustKubectl(t, "-n", "demo", "get", "configmap", "meshproxy-ca-root", "-o", `jsonpath={.data.root-cert\.pem}`)
+	copyCARoot(t, "probes")
 	tmp := t.TempDir()
-	rootFile := filepath.Join(tmp, "root-cert.pem")
-	if err := os.WriteFile(rootFile, []byte(root), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cm, err := kubectl("-n", "probes", "create", "configmap", "meshproxy-ca-root", "--from-file=root-cert.pem="+rootFile, "--dry-run=client", "-o", "yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	applyYAML(t, cm)
-	cm, err = kubectl("-n", "probes", "create", "configmap", "meshproxy-policy",
+	cm, err := kubectl("-n", "probes", "create", "configmap", "meshproxy-policy",
 		"--from-file="+filepath.Join(repoRoot, "deploy/kubernetes/samples/policy/mesh-peerauthentication.yaml"), "--dry-run=client", "-o", "yaml")
 	if err != nil {
 		t.Fatal(err)

@@ -129,6 +129,15 @@ start() {
 				echo "$BASHPID" >"$h$CLUSTER_CGROUP/daemons/cgroup.procs" || true
 			fi
 		done
+		# Daemons outlive this script: they must not keep any descriptor
+		# it inherited open (a caller's `flock` lock would stay held by
+		# the cluster, and every later suite would wait for it forever).
+		for fd in /proc/"$BASHPID"/fd/*; do
+			fd="${fd##*/}"
+			if ((fd > 2)); then
+				eval "exec $fd>&-"
+			fi
+		done
 		exec "$@"
 	) </dev/null >"$CLUSTER_STATE/logs/$name.log" 2>&1 &
 	echo $! >"$CLUSTER_STATE/pids/$name"
