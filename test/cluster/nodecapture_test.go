@@ -255,13 +255,7 @@ metadata:
 `, nodeCapNS))
 	// The CA's root, as demo.sh gives namespace demo, and the mesh-wide
 	// STRICT policy the sidecars enforce.
-	root := mustKubectl(t, "-n", "istio-system", "get", "configmap", "meshproxy-ca-root", "-o", `jsonpath={.data.root-cert\.pem}`)
-	d := t.TempDir()
-	rootFile := filepath.Join(d, "root-cert.pem")
-	if err := os.WriteFile(rootFile, []byte(root), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	mustKubectl(t, "-n", nodeCapNS, "create", "configmap", "meshproxy-ca-root", "--from-file=root-cert.pem="+rootFile)
+	copyCARoot(t, nodeCapNS)
 	mustKubectl(t, "-n", nodeCapNS, "create", "configmap", "meshproxy-policy",
 		"--from-file="+filepath.Join(repoRoot, "deploy", "kubernetes", "base", "policy", "mesh-peerauthentication.yaml"))
 
