@@ -559,6 +559,9 @@ func testNodeCapAgentRestart(t *testing.T) {
 		return fmt.Errorf("%w: agent pods:\n%s", errNotYet, out)
 	})
 	t.Logf("node agent pod %v deleted; its replacement is ready", old)
+	if n := len(held); n > 0 {
+		t.Errorf("%d held connections ended before the agent's replacement was ready: the hold does not span the restart", n)
+	}
 	for range nodeCapModes {
 		if err := <-held; err != nil {
 			t.Error(err)
