@@ -40,6 +40,10 @@ type Config struct {
 	// Mode is the capture of pods that name none.
 	Mode              redirect.Mode
 	ExcludeNamespaces []string
+	// CgroupRoot is the directory on the node's cgroup v2 mount below which
+	// the kubelet's pod cgroups are (ebpf mode); empty leaves the plugin's
+	// default, /sys/fs/cgroup.
+	CgroupRoot string
 	// APIServer is the API server the plugin reads pods from (https URL);
 	// TokenFile and CAFile are the credentials it uses, copied to the node.
 	APIServer         string
@@ -66,6 +70,9 @@ func (c Config) Entry() map[string]any {
 		"kubeconfig":   c.KubeconfigPath(),
 		"mode":         string(c.Mode),
 		"capabilities": map[string]any{"cgroupPath": true},
+	}
+	if c.CgroupRoot != "" {
+		e["cgroupRoot"] = c.CgroupRoot
 	}
 	if c.ExcludeNamespaces != nil {
 		ns := make([]any, len(c.ExcludeNamespaces))

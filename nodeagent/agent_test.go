@@ -54,6 +54,7 @@ func testConfig(t *testing.T) Config {
 		BinDir: filepath.Join(dir, "bin"), ConfDir: filepath.Join(dir, "net.d"),
 		Binary: filepath.Join(dir, "meshproxy"), Mode: redirect.ModeEBPF,
 		ExcludeNamespaces: []string{"kube-system", "meshproxy-system"},
+		CgroupRoot:        "/sys/fs/cgroup/unified/kubelet-root",
 		APIServer:         "https://10.96.0.1:443",
 		TokenFile:         filepath.Join(dir, "token"), CAFile: filepath.Join(dir, "ca.crt"),
 	}
@@ -93,7 +94,8 @@ func TestInstallChainsAndUninstallRestores(t *testing.T) {
 	if err != nil {
 		t.Fatalf("plugin cannot parse its entry: %v", err)
 	}
-	if conf.Mode != redirect.ModeEBPF || conf.Kubeconfig != c.KubeconfigPath() || !reflect.DeepEqual(conf.ExcludeNamespaces, c.ExcludeNamespaces) {
+	if conf.Mode != redirect.ModeEBPF || conf.Kubeconfig != c.KubeconfigPath() || !reflect.DeepEqual(conf.ExcludeNamespaces, c.ExcludeNamespaces) ||
+		conf.CgroupRoot != c.CgroupRoot {
 		t.Fatalf("entry: %+v", conf)
 	}
 	if got := decoded(t, filepath.Join(c.ConfDir, "99-other.conflist")); !reflect.DeepEqual(got, before) {

@@ -130,7 +130,7 @@ validation instead of running without capture.`,
 			default:
 				return usagef("--mode %q: want nftables, iptables or ebpf", mode)
 			}
-			for _, d := range []struct{ flag, path string }{{"bin-dir", cfg.BinDir}, {"conf-dir", cfg.ConfDir}} {
+			for _, d := range []struct{ flag, path string }{{"bin-dir", cfg.BinDir}, {"conf-dir", cfg.ConfDir}, {"cgroup-root", cfg.CgroupRoot}} {
 				if !filepath.IsAbs(d.path) {
 					return usagef("--%s %q: want an absolute path", d.flag, d.path)
 				}
@@ -175,6 +175,7 @@ validation instead of running without capture.`,
 	f.StringVar(&cfg.BinDir, "bin-dir", nodeagent.DefaultBinDir, "the node's CNI bin directory (mounted)")
 	f.StringVar(&cfg.ConfDir, "conf-dir", nodeagent.DefaultConfDir, "the node's CNI configuration directory (mounted)")
 	f.StringVar(&mode, "mode", string(redirect.ModeNftables), "capture of pods that name none: nftables, iptables or ebpf")
+	f.StringVar(&cfg.CgroupRoot, "cgroup-root", cni.DefaultCgroupRoot, "ebpf: the directory on the node's cgroup v2 mount that holds the kubelet's kubepods cgroups (e.g. /sys/fs/cgroup/unified on a hybrid cgroup v1 node, plus the kubelet's --cgroup-root)")
 	f.StringSliceVar(&excludeNS, "exclude-namespaces", cni.DefaultExcludeNamespaces, "namespaces the plugin never captures")
 	f.DurationVar(&interval, "interval", 30*time.Second, "how often the installation is checked and re-applied")
 	f.StringVar(&saDir, "service-account-dir", "/var/run/secrets/kubernetes.io/serviceaccount", "directory with the agent's token and the cluster CA (ca.crt)")

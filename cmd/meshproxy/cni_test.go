@@ -21,6 +21,7 @@ func TestNodeCaptureCommandsRefuseBadFlags(t *testing.T) {
 		{[]string{"cni", "validate", "--timeout", "0s"}, "--timeout"},
 		{[]string{"node-agent", "--mode", "ipvs"}, "--mode"},
 		{[]string{"node-agent", "--conf-dir", "net.d"}, "--conf-dir"},
+		{[]string{"node-agent", "--cgroup-root", "sys/fs/cgroup/unified"}, "--cgroup-root"},
 		{[]string{"node-agent", "--interval", "10ms", "--api-server", "https://10.96.0.1"}, "--interval"},
 		{[]string{"node-agent", "--api-server", "http://10.96.0.1"}, "--api-server"},
 		{[]string{"inject", "-f", "-", "--capture", "sidecar"}, "--capture"},

@@ -114,6 +114,13 @@ if [[ -f "$restore" ]]; then
 	done
 fi
 
+# The node-capture step's CNI plugin, if the step could not uninstall it:
+# the binary its agent copied into this node's CNI bin directory and the
+# plugin's per-container records.
+rm -f /usr/lib/cni/meshproxy-cni
+rm -rf /run/meshproxy/cni
+rmdir /run/meshproxy 2>/dev/null || true
+
 # 5. cgroups, leaves first.
 for h in /sys/fs/cgroup/*/"$CLUSTER_CGROUP" /sys/fs/cgroup/"$CLUSTER_CGROUP"; do
 	[[ -d "$h" ]] || continue

@@ -30,6 +30,7 @@ func TestCluster(t *testing.T) {
 		{"5_RotationUnderLoad", testRotationUnderLoad},
 		{"6_GatewayNodePort", testGatewayNodePort},
 		{"2_ProbesPassUnderStrict", testProbesUnderStrict},
+		{"16_NodeCaptureRestricted", testNodeCapture},
 		{"18_CertManagerSigner", testCertManagerSigner},
 		{"8_DownRestoresMachine", testDownRestoresMachine},
 	}
