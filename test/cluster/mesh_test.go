@@ -124,39 +124,12 @@ func testMTLSOnTheWire(t *testing.T) {
 		return nil
 	})
 	const text = "hello from echo over mesh mTLS"
-	// helloes counts the client's connections to echo in the capture so
-	// far that open with a ClientHello offering Istio's ALPN (after
-	// meshproxy's own HBONE offer, which an Envoy peer ignores); the
-	// kubelet's probes of the sidecar's plaintext health port come from
-	// the node and are not the client's.
-	helloes := func(flows map[flowKey][]byte) int {
-		n := 0
-		for key, stream := range flows {
-			if key.dst.Addr().String() != echoIP || key.src.Addr().String() != clientIP {
-				continue
-			}
-			if h, err := clientHelloOf(stream); err == nil && slices.Contains(h.SupportedProtos, "istio") {
-				n++
-			}
-		}
-		return n
-	}
-	// The requests may ride a pooled HBONE connection opened before the
-	// capture began (its first bytes unseen); a pooled connection takes
-	// new streams for 30s at most, so requests go on until one opens a
-	// connection in the capture, for a bounded time.
-	deadline := time.Now().Add(75 * time.Second)
-	for i := 0; ; i++ {
+	requestUntilHello(pcap, clientIP, echoIP, func() {
 		out, err := kubectl("-n", "demo", "exec", "deploy/client", "-c", "client", "--", "demoapp", "get", "http://echo.demo.svc/")
 		if err != nil || !strings.Contains(out, text) {
 			t.Errorf("client -> echo.demo.svc: %q, %v", out, err)
 		}
-		flows, err := readPcapFile(pcap)
-		if i >= 2 && err == nil && helloes(flows) > 0 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(2 * time.Second)
-	}
+	})
 	cancel()
 	dump.Wait()
 	flows, err := readPcapFile(pcap)
@@ -174,7 +147,9 @@ func testMTLSOnTheWire(t *testing.T) {
 			t.Errorf("%s: ClientHello ALPN %v, want it to offer istio", key, h.SupportedProtos)
 		}
 	}
-	if helloes(flows) == 0 {
+	// The kubelet's probes of the sidecar's plaintext health port come
+	// from the node, not the client.
+	if istioHelloes(flows, clientIP, echoIP) == 0 {
 		t.Errorf("no TLS connection offering ALPN istio from the client (%s) to echo (%s) in the capture (flows: %d)", clientIP, echoIP, len(flows))
 	}
 	// peers lists open connections: hold one open from the client.

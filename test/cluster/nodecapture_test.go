@@ -419,19 +419,18 @@ func testNodeCapWire(t *testing.T, mode string) {
 	})
 	text := "hello from " + server
 	url := fmt.Sprintf("http://%s.%s.svc/", server, nodeCapNS)
-	for range 3 {
+	requestUntilHello(pcap, cp.ip, sp.ip, func() {
 		out, err := kubectl("-n", nodeCapNS, "exec", "deploy/"+client, "-c", "app", "--", "demoapp", "get", url)
 		if err != nil || !strings.Contains(out, text) {
 			t.Errorf("%s -> %s: %q, %v", client, url, out, err)
 		}
-	}
+	})
 	cancel()
 	dump.Wait()
 	flows, err := readPcapFile(pcap)
 	if err != nil {
 		t.Fatalf("read the capture: %v (tcpdump: %s)", err, stderr.String())
 	}
-	mtls := 0
 	for key, stream := range flows {
 		// The kubelet's probes come from the node's address, in plaintext
 		// to the sidecar's health port: only the client's flows count.
@@ -444,19 +443,15 @@ func testNodeCapWire(t *testing.T, mode string) {
 		if key.dst.Addr().String() != sp.ip {
 			continue
 		}
-		h, err := clientHelloOf(stream)
-		if err != nil {
-			t.Errorf("a connection from %s to %s that is not TLS: %s: %v: %q", client, server, key, err, firstBytes(stream, 64))
-			continue
+		if h, err := clientHelloOf(stream); err == nil {
+			if !slices.Contains(h.SupportedProtos, "istio") {
+				t.Errorf("%s: ClientHello ALPN %v, want it to offer istio", key, h.SupportedProtos)
+			} else {
+				t.Logf("%s: TLS, ClientHello ALPN %v", key, h.SupportedProtos)
+			}
 		}
-		if !slices.Contains(h.SupportedProtos, "istio") {
-			t.Errorf("%s: ClientHello ALPN %v, want it to offer istio", key, h.SupportedProtos)
-			continue
-		}
-		mtls++
-		t.Logf("%s: TLS, ClientHello ALPN %v", key, h.SupportedProtos)
 	}
-	if mtls == 0 {
+	if istioHelloes(flows, cp.ip, sp.ip) == 0 {
 		t.Errorf("no TLS connection with ALPN istio from %s (%s) to %s (%s) in the capture (%d flows)", client, cp.ip, server, sp.ip, len(flows))
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"time"
 )
@@ -155,4 +156,38 @@ func readPcapFile(path string) (map[flowKey][]byte, error) {
 	}
 	defer f.Close()
 	return readPcapFlows(f)
+}
+
+// istioHelloes counts the flows from src to dst that open with a TLS
+// ClientHello offering Istio's ALPN (meshproxy offers its own HBONE ALPN
+// first, which an Envoy peer ignores).
+func istioHelloes(flows map[flowKey][]byte, src, dst string) int {
+	n := 0
+	for key, stream := range flows {
+		if key.src.Addr().String() != src || key.dst.Addr().String() != dst {
+			continue
+		}
+		if h, err := clientHelloOf(stream); err == nil && slices.Contains(h.SupportedProtos, "istio") {
+			n++
+		}
+	}
+	return n
+}
+
+// requestUntilHello runs request at least three times, and on until the
+// capture tcpdump is writing to pcap (-U) holds a connection from src to
+// dst that opens with a ClientHello offering istio, for 75s at most.
+// Requests may ride a pooled HBONE connection opened before the capture
+// began, whose hello it never saw; a pooled connection takes new streams
+// for 30s at most, so a new one opens within the bound.
+func requestUntilHello(pcap, src, dst string, request func()) {
+	deadline := time.Now().Add(75 * time.Second)
+	for i := 0; ; i++ {
+		request()
+		flows, err := readPcapFile(pcap)
+		if i >= 2 && err == nil && istioHelloes(flows, src, dst) > 0 || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(2 * time.Second)
+	}
 }
