@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -453,5 +454,49 @@ func TestIptablesAutoPicksTheBackendInUse(t *testing.T) {
 			}
 			netns.AssertNoCapture(t, a, cfg)
 		})
+	}
+}
+
+// TestEBPFInstallRemovesCapturesOfDeletedCgroups: a pod deleted without an
+// uninstall (init-container capture: nobody runs one) leaves its pins
+// behind; the next eBPF install on the node removes them, and leaves the
+// capture of a pod that still lives alone.
+func TestEBPFInstallRemovesCapturesOfDeletedCgroups(t *testing.T) {
+	needEBPF(t)
+	a, b := netns.NewPair(t)
+	dead, live := redirect.Config{Mode: redirect.ModeEBPF, CgroupPath: netns.NewCgroup(t)}, redirect.Config{Mode: redirect.ModeEBPF, CgroupPath: netns.NewCgroup(t)}
+	install(t, a, dead)
+	t.Cleanup(func() { _ = a.Do(func() error { return redirect.Uninstall(context.Background(), dead) }) })
+	install(t, b, live)
+	t.Cleanup(func() { _ = b.Do(func() error { return redirect.Uninstall(context.Background(), live) }) })
+	if _, err := os.Stat(redirect.PinDir(dead)); err != nil {
+		t.Fatalf("the capture is not pinned: %v", err)
+	}
+	// The pod goes: its cgroup is removed, its capture never uninstalled.
+	if err := os.Remove(dead.CgroupPath); err != nil {
+		t.Fatalf("remove the pod's cgroup: %v", err)
+	}
+	// The next pod on the node installs its capture.
+	c, _ := netns.NewPair(t)
+	next := redirect.Config{Mode: redirect.ModeEBPF, CgroupPath: netns.NewCgroup(t)}
+	install(t, c, next)
+	t.Cleanup(func() { _ = c.Do(func() error { return redirect.Uninstall(context.Background(), next) }) })
+	// The kernel may release the cgroup (and detach its links) a moment
+	// after rmdir: installs again (idempotent) sweep again, for a bounded
+	// while.
+	for i := 0; i < 50; i++ {
+		if _, err := os.Stat(redirect.PinDir(dead)); os.IsNotExist(err) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+		install(t, c, next)
+	}
+	if _, err := os.Stat(redirect.PinDir(dead)); !os.IsNotExist(err) {
+		t.Errorf("the deleted pod's capture is still pinned at %s (%v)", redirect.PinDir(dead), err)
+	}
+	for _, cfg := range []redirect.Config{live, next} {
+		if _, err := os.Stat(redirect.PinDir(cfg)); err != nil {
+			t.Errorf("a live pod's capture was removed: %v", err)
+		}
 	}
 }

@@ -307,6 +307,48 @@ func removePinned(dir string) error {
 	return errors.Join(errs...)
 }
 
+// RemoveDetached removes, under bpffs/meshproxy, the pinned captures whose
+// cgroup is gone: the kernel detaches a cgroup's links when the cgroup is
+// released (a deleted pod), and then reports cgroup id 0 for them, but the
+// pins keep the programs and maps alive until someone unpins them. A capture
+// with any link still attached is left alone, so this is safe to run beside
+// live pods and other processes' captures. It returns the directories it
+// removed; an error on one does not stop the others.
+func RemoveDetached(bpffs string) ([]string, error) {
+	if bpffs == "" {
+		bpffs = DefaultBPFFS
+	}
+	dirs, err := filepath.Glob(filepath.Join(bpffs, "meshproxy", "*"))
+	if err != nil {
+		return nil, err
+	}
+	var removed []string
+	var errs []error
+	for _, dir := range dirs {
+		p, err := openPinned(dir)
+		if err != nil || p == nil {
+			continue
+		}
+		detached := len(p.links) > 0
+		for _, l := range p.links {
+			info, err := l.Info()
+			if err != nil || info.Cgroup() == nil || info.Cgroup().CgroupId != 0 {
+				detached = false
+			}
+		}
+		p.close()
+		if !detached {
+			continue
+		}
+		if err := removePinned(dir); err != nil {
+			errs = append(errs, fmt.Errorf("remove detached capture %s: %w", dir, err))
+			continue
+		}
+		removed = append(removed, dir)
+	}
+	return removed, errors.Join(errs...)
+}
+
 // installBPF loads, attaches and pins the programs, or, when a complete
 // capture is pinned already, brings its maps up to date. It reports whether
 // it created the capture (so a later failure knows to remove it).
@@ -387,6 +429,9 @@ func installEBPF(_ context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	// Pods deleted since (init-container capture has no one to uninstall
+	// it) left their pins behind; each install sweeps them.
+	_, _ = RemoveDetached(cfg.withDefaults().BPFFS)
 	// Inbound capture: the nftables prerouting rule (or TPROXY).
 	if err := installNftables(context.Background(), cfg); err != nil {
 		if created {
