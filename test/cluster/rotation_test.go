@@ -82,10 +82,18 @@ func leafSerial(deploy string) (string, error) {
 	return m[1], nil
 }
 
-// testRotationUnderLoad (item 5): with 2-minute certificates, both sidecars
-// rotate at least once while the client requests five times a second, and
-// not one request fails.
-func testRotationUnderLoad(t *testing.T) {
+// rotationRun is item 5 in flight: started early in the suite, checked
+// near its end, so its minutes of waiting for rotations overlap the other
+// steps (which also load the node while the client streams).
+type rotationRun struct {
+	start time.Time         // after the client's first success
+	first map[string]string // leaf serials then, by Deployment
+}
+
+// startRotationUnderLoad (item 5, first half): a client and a server whose
+// sidecars have 2-minute certificates, the client requesting five times a
+// second; it returns once the client's first request succeeded.
+func startRotationUnderLoad(t *testing.T) *rotationRun {
 	needCluster(t)
 	dumpOnFailure(t, "demo")
 	tmp := t.TempDir()
@@ -106,7 +114,6 @@ func testRotationUnderLoad(t *testing.T) {
 		t.Fatalf("could not set --cert-ttl on both sidecars:\n%s", injected)
 	}
 	applyYAML(t, injected)
-	defer kubectl("-n", "demo", "delete", "deploy/stream-client", "deploy/stream-server", "--wait=false")
 	for _, d := range []string{"stream-server", "stream-client"} {
 		mustKubectl(t, "-n", "demo", "rollout", "status", "deploy/"+d, "--timeout=180s")
 	}
@@ -129,8 +136,20 @@ func testRotationUnderLoad(t *testing.T) {
 		}
 		first[d] = s
 	}
-	// Watch until both have rotated, and for at least 150s (more than one
-	// 2-minute lifetime).
+	return &rotationRun{start: start, first: first}
+}
+
+// checkRotationUnderLoad (item 5, second half): both sidecars rotated at
+// least once, over at least 150s (more than one 2-minute lifetime), and not
+// one of the client's requests since its first success failed.
+func checkRotationUnderLoad(t *testing.T, run *rotationRun) {
+	needCluster(t)
+	if run == nil {
+		t.Fatal("the rotation run did not start (see 5a)")
+	}
+	dumpOnFailure(t, "demo")
+	defer kubectl("-n", "demo", "delete", "deploy/stream-client", "deploy/stream-server", "--wait=false")
+	start, first := run.start, run.first
 	rotated := map[string]string{}
 	waitFor(t, "both sidecars rotate", 4*time.Minute, func() error {
 		for d, s0 := range first {
