@@ -137,7 +137,12 @@ func (r *reloader) check(ctx context.Context, s *Server) {
 	cur := s.authority()
 	var a *Authority
 	if err == nil {
-		a, err = o.load()
+		var settled bool
+		if a, d, settled, err = loadSettled(o, d); !settled {
+			// Still being written: the next event or poll looks again.
+			s.log.Debug("ca files changing while read; reload deferred", "dir", o.dir)
+			return
+		}
 	}
 	if err == nil && a.TrustDomain() != cur.TrustDomain() {
 		err = fmt.Errorf("trust domain changed from %s to %s; restart the CA to change it", cur.TrustDomain().Name(), a.TrustDomain().Name())
@@ -184,6 +189,26 @@ func sameAuthority(a, b *Authority) bool {
 
 // layoutDigest hashes the files of the layout; a missing file hashes as
 // such, any other read error is returned.
+// loadSettled loads the directory whose digest was d and returns the digest
+// of what was loaded: when the files change while they are read (a writer
+// renaming one in), it loads again, so that a failure or success is recorded
+// for the state actually read and not reported a second time for it.
+// settled is false when the files kept changing; nothing should be recorded.
+func loadSettled(o rotationOptions, d [sha256.Size]byte) (a *Authority, loaded [sha256.Size]byte, settled bool, err error) {
+	for range 3 {
+		a, err = o.load()
+		after, derr := layoutDigest(o.dir)
+		if derr != nil {
+			return nil, after, true, derr
+		}
+		if after == d {
+			return a, d, true, err
+		}
+		d = after
+	}
+	return nil, d, false, nil
+}
+
 func layoutDigest(dir string) ([sha256.Size]byte, error) {
 	h := sha256.New()
 	for _, name := range []string{RootCertFile, CACertFile, CertChainFile, CAKeyFile} {

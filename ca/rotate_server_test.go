@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -227,5 +228,40 @@ func TestServerKeepsLastGoodCAWhenFilesBreak(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	if got := failures(); got != first {
 		t.Fatalf("%v more failures counted for one bad state after the first, want 0", got-first)
+	}
+}
+
+// A file renamed in while the CA reads the directory (here: during its first
+// look) is one bad state and counts as one failure, not one for the state
+// the read began in and another for the state it found.
+func TestServerCountsABadStateOnceWhenItChangesDuringTheRead(t *testing.T) {
+	dir := initCA(t)
+	root := rootsOf(t, dir)[0]
+	failures := func() float64 { return testutil.ToFloat64(metrics.ConfigReloads.WithLabelValues("ca", "failure")) }
+	before := failures()
+	var once sync.Once
+	d := serveDir(t, dir, WithReload(dir, func() (*Authority, error) {
+		once.Do(func() {
+			writeFile(t, filepath.Join(dir, CACertFile), []byte("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n"))
+		})
+		return Load(dir)
+	}))
+	waitUntil(t, 20*time.Second, "reload failure counted", func() error {
+		if failures() <= before {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	// Several polls (every 100 ms) see the same bad state.
+	time.Sleep(time.Second)
+	if got := failures() - before; got != 1 {
+		t.Fatalf("%v failures counted for one bad state, want 1", got)
+	}
+	leaf, inter, _, err := d.issue(t, time.Minute)
+	if err != nil {
+		t.Fatalf("CA stopped issuing after a bad file: %v", err)
+	}
+	if !chainsTo(leaf, inter, root) {
+		t.Fatal("CA no longer signs with the last good certificate")
 	}
 }
