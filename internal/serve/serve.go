@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/memtrim"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/admin"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -136,14 +137,28 @@ func Background(ctx context.Context, log *slog.Logger, stopped string, loop func
 	}()
 }
 
-// logIdentityReady logs the identity once it is loaded.
+// logIdentityReady logs the identity once it is loaded, and then releases
+// the memory start-up used.
 func logIdentityReady(ctx context.Context, src tlsmgr.Source, log *slog.Logger) {
 	go func() {
 		if err := tlsmgr.WaitReady(ctx, src); err == nil {
 			st := src.Status()
 			log.Info("identity ready", "spiffe_id", st.ID.String(), "serial", st.Serial, "not_after", st.NotAfter, "source", st.Source)
+			releaseStartupMemory(log)
 		}
 	}()
+}
+
+// releaseStartupMemory gives back what start-up used and an idle sidecar
+// does not (package memtrim): once everything listens and the identity is
+// loaded, start-up is over.
+func releaseStartupMemory(log *slog.Logger) {
+	r, err := memtrim.Trim()
+	if err != nil {
+		log.Warn("could not release start-up memory", "err", err)
+		return
+	}
+	log.Debug("start-up memory released", "executable_mappings", r.Mappings, "executable_resident_bytes", r.Bytes)
 }
 
 type endpoint struct {

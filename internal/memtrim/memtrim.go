@@ -1,0 +1,180 @@
+// Package memtrim gives back, once a long-running process has started, the
+// memory its start-up used and its steady state does not:
+//
+//   - the heap garbage of package initialisation, flag parsing and start-up
+//     (a garbage collection that returns the freed pages to the kernel);
+//   - the page-table entries of the executable's read-only pages that
+//     start-up touched: one binary serves every role (CA, sidecar, gateway,
+//     capture), and Go runs the init code of every package it links, which
+//     together with the kernel's fault-around maps nearly all of the
+//     binary's text and tables into every process.
+//
+// The executable's pages stay in the page cache, shared by every process of
+// the same binary; the process only stops mapping them, so they count in its
+// RSS again when it runs that code again (a minor fault, no I/O while the
+// page is cached) and the kernel may reclaim them meanwhile. Only private,
+// read-only mappings of the executable without any copied-on-write page are
+// released, so nothing but the file's own content is ever dropped.
+package memtrim
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Result says what Trim gave back.
+type Result struct {
+	// Mappings is how many read-only mappings of the executable were
+	// released; Bytes their resident size before the release.
+	Mappings int
+	Bytes    uint64
+}
+
+// Trim runs a garbage collection that returns the freed heap to the
+// operating system, then releases the process's resident pages of the
+// executable's read-only mappings (see Package memtrim). It is meant to be
+// called once, after start-up; the process keeps working as before, the
+// released pages fault back in (from the page cache) when it runs that code
+// again.
+func Trim() (Result, error) {
+	debug.FreeOSMemory()
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/exe", &st); err != nil {
+		return Result{}, fmt.Errorf("trim: stat executable: %w", err)
+	}
+	f, err := os.Open("/proc/self/smaps")
+	if err != nil {
+		return Result{}, fmt.Errorf("trim: %w", err)
+	}
+	maps, err := releasable(f, file{major: unix.Major(st.Dev), minor: unix.Minor(st.Dev), inode: st.Ino})
+	f.Close()
+	if err != nil {
+		return Result{}, fmt.Errorf("trim: read /proc/self/smaps: %w", err)
+	}
+	var res Result
+	for _, m := range maps {
+		// Not unix.Madvise: that takes a []byte, and the range is no Go memory.
+		if _, _, errno := unix.Syscall(unix.SYS_MADVISE, m.start, m.end-m.start, unix.MADV_DONTNEED); errno != 0 {
+			return res, fmt.Errorf("trim: madvise %#x-%#x: %w", m.start, m.end, errno)
+		}
+		res.Mappings++
+		res.Bytes += m.rss
+	}
+	return res, nil
+}
+
+// file names a file by device and inode, as /proc/PID/maps does.
+type file struct {
+	major, minor uint32
+	inode        uint64
+}
+
+// mapping is one mapping of /proc/PID/smaps that may be released.
+type mapping struct {
+	start, end uintptr
+	rss        uint64 // resident bytes
+}
+
+// releasable returns the mappings of smaps whose pages can be dropped
+// without losing anything: private, not writable, mapping exe, and holding
+// no anonymous (copied-on-write) page, which would otherwise fall back to
+// the file's content.
+func releasable(smaps io.Reader, exe file) ([]mapping, error) {
+	var (
+		out  []mapping
+		cur  mapping
+		keep bool // cur qualifies so far
+	)
+	flush := func() {
+		if keep {
+			out = append(out, cur)
+		}
+		keep = false
+	}
+	s := bufio.NewScanner(smaps)
+	for s.Scan() {
+		line := s.Bytes()
+		if name, val, ok := field(line); ok {
+			switch name {
+			case "Rss":
+				cur.rss = val
+			case "Anonymous":
+				if val != 0 {
+					keep = false
+				}
+			}
+			continue
+		}
+		if !isHeader(line) {
+			continue
+		}
+		flush()
+		m, ok, err := parseHeader(string(line), exe)
+		if err != nil {
+			return nil, err
+		}
+		cur, keep = m, ok
+	}
+	if err := s.Err(); err != nil {
+		return nil, err
+	}
+	flush()
+	return out, nil
+}
+
+// isHeader reports whether line starts a mapping ("start-end perms ...")
+// rather than being one of its "Name: value" fields.
+func isHeader(line []byte) bool {
+	sp := bytes.IndexByte(line, ' ')
+	return sp > 0 && bytes.IndexByte(line[:sp], '-') > 0 && !bytes.HasSuffix(line[:sp], []byte(":"))
+}
+
+// field parses "Name:   123 kB" into its name and value in bytes.
+func field(line []byte) (string, uint64, bool) {
+	name, rest, ok := bytes.Cut(line, []byte(":"))
+	if !ok || bytes.ContainsAny(name, " -") {
+		return "", 0, false
+	}
+	num, unit, _ := strings.Cut(strings.TrimSpace(string(rest)), " ")
+	v, err := strconv.ParseUint(num, 10, 64)
+	if err != nil {
+		return "", 0, false
+	}
+	if unit == "kB" {
+		v *= 1024
+	}
+	return string(name), v, true
+}
+
+// parseHeader parses "start-end perms offset major:minor inode [path]" and
+// reports whether the mapping maps exe read-only and private.
+func parseHeader(line string, exe file) (mapping, bool, error) {
+	f := strings.Fields(line)
+	if len(f) < 5 {
+		return mapping{}, false, fmt.Errorf("bad mapping line %q", line)
+	}
+	lo, hi, _ := strings.Cut(f[0], "-")
+	start, err1 := strconv.ParseUint(lo, 16, 64)
+	end, err2 := strconv.ParseUint(hi, 16, 64)
+	maj, min, _ := strings.Cut(f[3], ":")
+	major, err3 := strconv.ParseUint(maj, 16, 32)
+	minor, err4 := strconv.ParseUint(min, 16, 32)
+	inode, err5 := strconv.ParseUint(f[4], 10, 64)
+	if err := errors.Join(err1, err2, err3, err4, err5); err != nil || end <= start {
+		return mapping{}, false, fmt.Errorf("bad mapping line %q: %v", line, err)
+	}
+	m := mapping{start: uintptr(start), end: uintptr(end)}
+	perms := f[1]
+	ok := len(perms) == 4 && perms[1] == '-' && perms[3] == 'p' &&
+		file{major: uint32(major), minor: uint32(minor), inode: inode} == exe && inode != 0
+	return m, ok, nil
+}

@@ -1,0 +1,125 @@
+package memtrim
+
+import (
+	"bufio"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// A /proc/PID/smaps excerpt: the executable (fe:00, inode 42) mapped as
+// text, read-only data, writable data and once more read-only with a copied
+// page; another file; anonymous memory; a shared mapping of the executable.
+const smaps = `00400000-00e35000 r-xp 00000000 fe:00 42                                 /usr/local/bin/meshproxy
+Size:              10452 kB
+Rss:                8980 kB
+Anonymous:             0 kB
+VmFlags: rd ex mr mw me
+00e35000-019ae000 r--p 00a35000 fe:00 42                                 /usr/local/bin/meshproxy
+Size:              11748 kB
+Rss:                8484 kB
+Anonymous:             0 kB
+VmFlags: rd mr mw me
+019ae000-01a49000 rw-p 015ae000 fe:00 42                                 /usr/local/bin/meshproxy
+Rss:                 492 kB
+Anonymous:           132 kB
+01a49000-01a4b000 r--p 01649000 fe:00 42                                 /usr/local/bin/meshproxy
+Rss:                   8 kB
+Anonymous:             4 kB
+01a4b000-01a4c000 r--s 01649000 fe:00 42                                 /usr/local/bin/meshproxy
+Rss:                   4 kB
+Anonymous:             0 kB
+7f0000000000-7f0000010000 r--p 00000000 fe:00 43                         /usr/lib/other.so
+Rss:                  64 kB
+Anonymous:             0 kB
+7f0000010000-7f0000020000 r--p 00000000 fe:01 42                         /mnt/samenumber
+Rss:                  64 kB
+Anonymous:             0 kB
+7f1fab320000-7f1fab500000 rw-p 00000000 00:00 0 
+Rss:                 368 kB
+Anonymous:           368 kB
+`
+
+func TestReleasableKeepsOnlyReadOnlyPagesOfTheExecutable(t *testing.T) {
+	got, err := releasable(strings.NewReader(smaps), file{major: 0xfe, minor: 0, inode: 42})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []mapping{
+		{start: 0x400000, end: 0xe35000, rss: 8980 << 10},
+		{start: 0xe35000, end: 0x19ae000, rss: 8484 << 10},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("releasable = %+v, want %+v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("mapping %d = %+v, want %+v", i, got[i], want[i])
+		}
+	}
+}
+
+func TestReleasableRejectsABadMappingLine(t *testing.T) {
+	if _, err := releasable(strings.NewReader("zz-00e35000 r-xp 00000000 fe:00 42 /x\n"), file{inode: 42}); err == nil {
+		t.Fatal("a mapping line with a bad address parsed")
+	}
+}
+
+// TestTrimReleasesTheExecutablesPagesAndKeepsRunning trims this test binary:
+// its text is no longer resident right after, and the code still runs.
+func TestTrimReleasesTheExecutablesPagesAndKeepsRunning(t *testing.T) {
+	before := exeTextRSS(t)
+	res, err := Trim()
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := exeTextRSS(t)
+	if res.Mappings < 2 || res.Bytes == 0 {
+		t.Errorf("Trim released %d mappings of %d bytes, want the text and read-only data", res.Mappings, res.Bytes)
+	}
+	if after >= before {
+		t.Errorf("resident text of the executable %d KiB before Trim, %d KiB after: nothing released", before, after)
+	}
+	// The released code runs again (faulted back in from the page cache).
+	if got := strconv.Itoa(12345) + strings.Repeat("x", 2); got != "12345xx" {
+		t.Errorf("after Trim: %q", got)
+	}
+	if _, err := Trim(); err != nil {
+		t.Fatalf("second Trim: %v", err)
+	}
+}
+
+// exeTextRSS is the resident KiB of the executable's text mapping.
+func exeTextRSS(t *testing.T) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/exe", &st); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open("/proc/self/smaps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	inText := false
+	for s.Scan() {
+		fs := strings.Fields(s.Text())
+		if isHeader(s.Bytes()) {
+			inText = len(fs) >= 5 && fs[1] == "r-xp" && fs[4] == strconv.FormatUint(st.Ino, 10)
+			continue
+		}
+		if inText && len(fs) >= 2 && fs[0] == "Rss:" {
+			v, err := strconv.ParseUint(fs[1], 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return v
+		}
+	}
+	t.Fatal("no text mapping of the executable in /proc/self/smaps")
+	return 0
+}
