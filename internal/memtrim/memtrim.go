@@ -24,7 +24,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"reflect"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -47,15 +49,14 @@ type Result struct {
 // again.
 func Trim() (Result, error) {
 	debug.FreeOSMemory()
-	var st unix.Stat_t
-	if err := unix.Stat("/proc/self/exe", &st); err != nil {
-		return Result{}, fmt.Errorf("trim: stat executable: %w", err)
-	}
 	f, err := os.Open("/proc/self/smaps")
 	if err != nil {
 		return Result{}, fmt.Errorf("trim: %w", err)
 	}
-	maps, err := releasable(f, file{major: unix.Major(st.Dev), minor: unix.Minor(st.Dev), inode: st.Ino})
+	// The executable is the file that holds this very code. Not a stat of
+	// /proc/self/exe: on overlayfs (a container's root) the mappings name
+	// the underlying file's device and inode, not the overlay's.
+	maps, err := releasable(f, reflect.ValueOf(Trim).Pointer())
 	f.Close()
 	if err != nil {
 		return Result{}, fmt.Errorf("trim: read /proc/self/smaps: %w", err)
@@ -72,62 +73,58 @@ func Trim() (Result, error) {
 	return res, nil
 }
 
-// file names a file by device and inode, as /proc/PID/maps does.
-type file struct {
-	major, minor uint32
-	inode        uint64
-}
-
-// mapping is one mapping of /proc/PID/smaps that may be released.
+// mapping is one mapping of /proc/PID/smaps.
 type mapping struct {
 	start, end uintptr
+	perms      string // "r-xp"
+	dev        string // "fe:00"
+	inode      uint64
 	rss        uint64 // resident bytes
+	anon       uint64 // anonymous (copied-on-write) bytes
 }
 
 // releasable returns the mappings of smaps whose pages can be dropped
-// without losing anything: private, not writable, mapping exe, and holding
-// no anonymous (copied-on-write) page, which would otherwise fall back to
-// the file's content.
-func releasable(smaps io.Reader, exe file) ([]mapping, error) {
-	var (
-		out  []mapping
-		cur  mapping
-		keep bool // cur qualifies so far
-	)
-	flush := func() {
-		if keep {
-			out = append(out, cur)
-		}
-		keep = false
-	}
+// without losing anything: mappings of the file that holds the code at
+// address code (the executable), private, not writable, and holding no
+// anonymous (copied-on-write) page, which would otherwise fall back to the
+// file's content.
+func releasable(smaps io.Reader, code uintptr) ([]mapping, error) {
+	var all []mapping
 	s := bufio.NewScanner(smaps)
 	for s.Scan() {
 		line := s.Bytes()
-		if name, val, ok := field(line); ok {
+		if name, val, ok := field(line); ok && len(all) > 0 {
 			switch name {
 			case "Rss":
-				cur.rss = val
+				all[len(all)-1].rss = val
 			case "Anonymous":
-				if val != 0 {
-					keep = false
-				}
+				all[len(all)-1].anon = val
 			}
 			continue
 		}
 		if !isHeader(line) {
 			continue
 		}
-		flush()
-		m, ok, err := parseHeader(string(line), exe)
+		m, err := parseHeader(string(line))
 		if err != nil {
 			return nil, err
 		}
-		cur, keep = m, ok
+		all = append(all, m)
 	}
 	if err := s.Err(); err != nil {
 		return nil, err
 	}
-	flush()
+	i := slices.IndexFunc(all, func(m mapping) bool { return m.start <= code && code < m.end })
+	if i < 0 || all[i].inode == 0 {
+		return nil, fmt.Errorf("no file mapping holds the code at %#x", code)
+	}
+	exe := all[i]
+	var out []mapping
+	for _, m := range all {
+		if m.dev == exe.dev && m.inode == exe.inode && m.perms[1] == '-' && m.perms[3] == 'p' && m.anon == 0 {
+			out = append(out, m)
+		}
+	}
 	return out, nil
 }
 
@@ -155,26 +152,21 @@ func field(line []byte) (string, uint64, bool) {
 	return string(name), v, true
 }
 
-// parseHeader parses "start-end perms offset major:minor inode [path]" and
-// reports whether the mapping maps exe read-only and private.
-func parseHeader(line string, exe file) (mapping, bool, error) {
+// parseHeader parses "start-end perms offset major:minor inode [path]".
+func parseHeader(line string) (mapping, error) {
 	f := strings.Fields(line)
-	if len(f) < 5 {
-		return mapping{}, false, fmt.Errorf("bad mapping line %q", line)
+	if len(f) < 5 || len(f[1]) != 4 {
+		return mapping{}, fmt.Errorf("bad mapping line %q", line)
 	}
 	lo, hi, _ := strings.Cut(f[0], "-")
 	start, err1 := strconv.ParseUint(lo, 16, 64)
 	end, err2 := strconv.ParseUint(hi, 16, 64)
-	maj, min, _ := strings.Cut(f[3], ":")
-	major, err3 := strconv.ParseUint(maj, 16, 32)
-	minor, err4 := strconv.ParseUint(min, 16, 32)
-	inode, err5 := strconv.ParseUint(f[4], 10, 64)
-	if err := errors.Join(err1, err2, err3, err4, err5); err != nil || end <= start {
-		return mapping{}, false, fmt.Errorf("bad mapping line %q: %v", line, err)
+	inode, err3 := strconv.ParseUint(f[4], 10, 64)
+	if err := errors.Join(err1, err2, err3); err != nil {
+		return mapping{}, fmt.Errorf("bad mapping line %q: %w", line, err)
 	}
-	m := mapping{start: uintptr(start), end: uintptr(end)}
-	perms := f[1]
-	ok := len(perms) == 4 && perms[1] == '-' && perms[3] == 'p' &&
-		file{major: uint32(major), minor: uint32(minor), inode: inode} == exe && inode != 0
-	return m, ok, nil
+	if end <= start {
+		return mapping{}, fmt.Errorf("bad mapping line %q: empty range", line)
+	}
+	return mapping{start: uintptr(start), end: uintptr(end), perms: f[1], dev: f[3], inode: inode}, nil
 }

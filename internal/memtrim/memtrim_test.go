@@ -3,11 +3,10 @@ package memtrim
 import (
 	"bufio"
 	"os"
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
-
-	"golang.org/x/sys/unix"
 )
 
 // A /proc/PID/smaps excerpt: the executable (fe:00, inode 42) mapped as
@@ -44,13 +43,13 @@ Anonymous:           368 kB
 `
 
 func TestReleasableKeepsOnlyReadOnlyPagesOfTheExecutable(t *testing.T) {
-	got, err := releasable(strings.NewReader(smaps), file{major: 0xfe, minor: 0, inode: 42})
+	got, err := releasable(strings.NewReader(smaps), 0x400000+0x1234) // code in the text mapping
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := []mapping{
-		{start: 0x400000, end: 0xe35000, rss: 8980 << 10},
-		{start: 0xe35000, end: 0x19ae000, rss: 8484 << 10},
+		{start: 0x400000, end: 0xe35000, perms: "r-xp", dev: "fe:00", inode: 42, rss: 8980 << 10},
+		{start: 0xe35000, end: 0x19ae000, perms: "r--p", dev: "fe:00", inode: 42, rss: 8484 << 10},
 	}
 	if len(got) != len(want) {
 		t.Fatalf("releasable = %+v, want %+v", got, want)
@@ -62,9 +61,16 @@ func TestReleasableKeepsOnlyReadOnlyPagesOfTheExecutable(t *testing.T) {
 	}
 }
 
-func TestReleasableRejectsABadMappingLine(t *testing.T) {
-	if _, err := releasable(strings.NewReader("zz-00e35000 r-xp 00000000 fe:00 42 /x\n"), file{inode: 42}); err == nil {
-		t.Fatal("a mapping line with a bad address parsed")
+func TestReleasableRefusesWhatItCannotPlace(t *testing.T) {
+	if _, err := releasable(strings.NewReader("zz-00e35000 r-xp 00000000 fe:00 42 /x\n"), 0x400000); err == nil {
+		t.Error("a mapping line with a bad address parsed")
+	}
+	// The code address in anonymous memory, or in no mapping: nothing to
+	// call the executable, nothing released.
+	for _, code := range []uintptr{0x7f1fab320000, 0x10} {
+		if got, err := releasable(strings.NewReader(smaps), code); err == nil {
+			t.Errorf("code at %#x: released %+v", code, got)
+		}
 	}
 }
 
@@ -92,13 +98,11 @@ func TestTrimReleasesTheExecutablesPagesAndKeepsRunning(t *testing.T) {
 	}
 }
 
-// exeTextRSS is the resident KiB of the executable's text mapping.
+// exeTextRSS is the resident KiB of the executable's text mapping (the one
+// holding Trim's code).
 func exeTextRSS(t *testing.T) uint64 {
 	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat("/proc/self/exe", &st); err != nil {
-		t.Fatal(err)
-	}
+	code := reflect.ValueOf(Trim).Pointer()
 	f, err := os.Open("/proc/self/smaps")
 	if err != nil {
 		t.Fatal(err)
@@ -109,7 +113,11 @@ func exeTextRSS(t *testing.T) uint64 {
 	for s.Scan() {
 		fs := strings.Fields(s.Text())
 		if isHeader(s.Bytes()) {
-			inText = len(fs) >= 5 && fs[1] == "r-xp" && fs[4] == strconv.FormatUint(st.Ino, 10)
+			m, err := parseHeader(s.Text())
+			if err != nil {
+				t.Fatal(err)
+			}
+			inText = m.start <= code && code < m.end
 			continue
 		}
 		if inText && len(fs) >= 2 && fs[0] == "Rss:" {
