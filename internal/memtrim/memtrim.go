@@ -25,6 +25,7 @@ import (
 	"io"
 	"os"
 	"reflect"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strconv"
@@ -169,4 +170,53 @@ func parseHeader(line string) (mapping, error) {
 		return mapping{}, fmt.Errorf("bad mapping line %q: empty range", line)
 	}
 	return mapping{start: uintptr(start), end: uintptr(end), perms: f[1], dev: f[3], inode: inode}, nil
+}
+
+// Idle decides when a process that has gone quiet should release again
+// (Trim) what work left since its last release: the garbage below the
+// heap's collection threshold, and the pages of the executable that the work
+// mapped — which includes a garbage collection's own: the runtime collects
+// at least every two minutes, and scanning goroutine stacks maps the
+// binary's frame tables back in. It is fed, at a fixed interval, the
+// process's cumulative allocation (Allocs) and completed collections: an
+// interval is quiet if it allocated less than Quiet bytes; a quiet interval
+// releases if more than Busy bytes were allocated, or a collection ran,
+// since the last release.
+type Idle struct {
+	Quiet, Busy uint64
+
+	last, released uint64
+	releasedGC     uint32
+	started        bool
+}
+
+// Observe takes the cumulative allocation and collection counts at the end
+// of an interval and reports whether to release now. After a release the
+// caller passes the counts again to Released.
+func (d *Idle) Observe(allocs uint64, numGC uint32) bool {
+	if !d.started {
+		d.Released(allocs, numGC)
+		return false
+	}
+	quiet := allocs-d.last < d.Quiet
+	d.last = allocs
+	return quiet && (allocs-d.released > d.Busy || numGC != d.releasedGC)
+}
+
+// Released records the counts right after a release (whose own collection
+// is then not a reason for the next).
+func (d *Idle) Released(allocs uint64, numGC uint32) {
+	d.started, d.released, d.last, d.releasedGC = true, allocs, allocs, numGC
+}
+
+// Allocs returns the process's cumulative heap allocation in bytes and its
+// completed garbage collections (MemStats.TotalAlloc, NumGC). Not
+// runtime/metrics' /gc/heap/allocs:bytes: that counts small objects only
+// when their span is retired, so a burst of connections can stay invisible
+// for minutes; ReadMemStats flushes the per-P caches first (a stop of the
+// world of microseconds).
+func Allocs() (uint64, uint32) {
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.TotalAlloc, m.NumGC
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"os"
 	"reflect"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -130,4 +131,55 @@ func exeTextRSS(t *testing.T) uint64 {
 	}
 	t.Fatal("no text mapping of the executable in /proc/self/smaps")
 	return 0
+}
+
+// TestIdleReleasesAfterABurstOnceQuiet: a release comes at the first quiet
+// interval after enough work or after a collection, once, never while busy.
+func TestIdleReleasesAfterABurstOnceQuiet(t *testing.T) {
+	d := Idle{Quiet: 64 << 10, Busy: 256 << 10}
+	steps := []struct {
+		allocs uint64
+		gc     uint32
+		want   bool
+	}{
+		{10 << 20, 1, false},         // first sample: a baseline
+		{10<<20 + 1<<10, 1, false},   // quiet, nothing happened since
+		{14 << 20, 1, false},         // a burst: busy
+		{18 << 20, 2, false},         // still busy (a collection meanwhile)
+		{18<<20 + 2<<10, 2, true},    // quiet after 8 MB of work: release
+		{18<<20 + 4<<10, 3, false},   // the release's own collection: quiet, nothing to do
+		{18<<20 + 128<<10, 3, false}, // a little work, under Busy
+		{18<<20 + 130<<10, 3, false}, // quiet, not worth a release
+		{18<<20 + 131<<10, 4, true},  // quiet, but the runtime's periodic collection ran: release
+		{18<<20 + 132<<10, 5, false}, // that release's collection
+		{21 << 20, 5, false},         // another burst
+		{21<<20 + 10<<10, 5, true},   // quiet: release
+	}
+	for i, s := range steps {
+		got := d.Observe(s.allocs, s.gc)
+		if got != s.want {
+			t.Fatalf("step %d (allocs %d, gc %d): release = %v, want %v", i, s.allocs, s.gc, got, s.want)
+		}
+		if got {
+			// The release's collection, counted by the next sample.
+			d.Released(s.allocs, s.gc+1)
+		}
+	}
+}
+
+func TestAllocsCountsSmallObjectsAndCollections(t *testing.T) {
+	before, gc := Allocs()
+	var keep [][]byte
+	for range 1000 {
+		keep = append(keep, make([]byte, 64)) // small objects, in per-P caches
+	}
+	runtime.KeepAlive(keep)
+	after, _ := Allocs()
+	if after < before+64*1000 {
+		t.Errorf("Allocs %d → %d after 1000 allocations of 64 bytes", before, after)
+	}
+	runtime.GC()
+	if _, gc2 := Allocs(); gc2 <= gc {
+		t.Errorf("collections %d → %d after runtime.GC", gc, gc2)
+	}
 }
