@@ -1,5 +1,6 @@
-// Package memtrim gives back, once a long-running process has started, the
-// memory its start-up used and its steady state does not:
+// Package memtrim gives back, once a long-running process has started (and
+// again when it goes idle, see Idle), the memory its start-up (or its last
+// burst of work) used and its steady state does not:
 //
 //   - the heap garbage of package initialisation, flag parsing and start-up
 //     (a garbage collection that returns the freed pages to the kernel);
@@ -44,10 +45,10 @@ type Result struct {
 
 // Trim runs a garbage collection that returns the freed heap to the
 // operating system, then releases the process's resident pages of the
-// executable's read-only mappings (see Package memtrim). It is meant to be
-// called once, after start-up; the process keeps working as before, the
-// released pages fault back in (from the page cache) when it runs that code
-// again.
+// executable's read-only mappings (see Package memtrim). It is meant for
+// after start-up and for when the process has gone idle (Idle); the process
+// keeps working as before, the released pages fault back in (from the page
+// cache) when it runs that code again.
 func Trim() (Result, error) {
 	debug.FreeOSMemory()
 	f, err := os.Open("/proc/self/smaps")

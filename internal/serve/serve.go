@@ -144,8 +144,9 @@ func logIdentityReady(ctx context.Context, src tlsmgr.Source, log *slog.Logger) 
 		if err := tlsmgr.WaitReady(ctx, src); err == nil {
 			st := src.Status()
 			log.Info("identity ready", "spiffe_id", st.ID.String(), "serial", st.Serial, "not_after", st.NotAfter, "source", st.Source)
-			releaseMemory(log, "start-up")
-			releaseWhenIdle(ctx, log)
+			if releaseMemory(log, "start-up") {
+				releaseWhenIdle(ctx, log)
+			}
 		}
 	}()
 }
@@ -163,14 +164,17 @@ const (
 )
 
 // releaseMemory gives back what the process used and does not use now
-// (package memtrim): after start-up, and when it has gone idle.
-func releaseMemory(log *slog.Logger, after string) {
+// (package memtrim): after start-up, and when it has gone idle. It reports
+// whether that worked (where it does not, e.g. without /proc, the idle
+// releases are not tried).
+func releaseMemory(log *slog.Logger, after string) bool {
 	r, err := memtrim.Trim()
 	if err != nil {
 		log.Warn("could not release "+after+" memory", "err", err)
-		return
+		return false
 	}
 	log.Debug(after+" memory released", "executable_mappings", r.Mappings, "executable_resident_bytes", r.Bytes)
+	return true
 }
 
 // releaseWhenIdle releases memory whenever the process goes quiet after
