@@ -4,12 +4,24 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 )
 
-// podUID matches a Kubernetes pod UID.
-var podUID = regexp.MustCompile(`^[0-9a-fA-F-]{1,64}$`)
+// isPodUID reports whether uid may be a Kubernetes pod UID: 1 to 64 hex
+// digits and dashes. (Loops rather than package-level regexps in this
+// package: those are compiled at start by every command of the binary.)
+func isPodUID(uid string) bool {
+	if len(uid) < 1 || len(uid) > 64 {
+		return false
+	}
+	for i := range len(uid) {
+		c := uid[i]
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
 
 // podCgroup finds the pod's cgroup v2 directory below root: the runtime's
 // cgroupPath when it names a directory there, else the kubelet's layout for
@@ -26,7 +38,7 @@ func podCgroup(root, runtimePath, uid string) (string, error) {
 			return p, nil
 		}
 	}
-	if !podUID.MatchString(uid) {
+	if !isPodUID(uid) {
 		return "", fmt.Errorf("pod UID %q: not a UID, so the pod's cgroup cannot be found", uid)
 	}
 	u := strings.ReplaceAll(uid, "-", "_")

@@ -81,3 +81,24 @@ func TestRecordPathRefusesTraversal(t *testing.T) {
 		t.Errorf("got %q, %v", p, err)
 	}
 }
+
+// TestNameRules: the CNI spec's container ID rule and the pod UID rule, at
+// their edges.
+func TestNameRules(t *testing.T) {
+	for id, want := range map[string]bool{
+		"a": true, "abc_1.2-3": true, strings.Repeat("a", 255): true,
+		"": false, "_a": false, ".a": false, "-a": false, "a/b": false, "a b": false, strings.Repeat("a", 256): false,
+	} {
+		if got := validContainerID(id); got != want {
+			t.Errorf("validContainerID(%.20q) = %v, want %v", id, got, want)
+		}
+	}
+	for uid, want := range map[string]bool{
+		"0123abcd-EF45-6789": true, "u": false, "-": true, strings.Repeat("f", 64): true,
+		"": false, strings.Repeat("f", 65): false, "../x": false, "abc_1": false,
+	} {
+		if got := isPodUID(uid); got != want {
+			t.Errorf("isPodUID(%.20q) = %v, want %v", uid, got, want)
+		}
+	}
+}

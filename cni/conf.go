@@ -5,12 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/meshproxy/meshproxy/redirect"
 )
@@ -101,9 +101,6 @@ type podRef struct {
 
 func (p podRef) String() string { return p.Namespace + "/" + p.Name }
 
-// dnsName matches Kubernetes namespace and pod names (DNS subdomains).
-var dnsName = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$`)
-
 // parseArgs reads the Kubernetes keys of CNI_ARGS ("K=V;K=V"). ok is false
 // when the container is not a Kubernetes pod.
 func parseArgs(s string) (ref podRef, ok bool, err error) {
@@ -125,12 +122,25 @@ func parseArgs(s string) (ref podRef, ok bool, err error) {
 		return podRef{}, false, nil
 	}
 	for what, v := range map[string]string{"K8S_POD_NAMESPACE": ref.Namespace, "K8S_POD_NAME": ref.Name} {
-		if !dnsName.MatchString(v) {
+		if len(validation.IsDNS1123Subdomain(v)) > 0 { // namespace and pod names
 			return podRef{}, false, fmt.Errorf("CNI_ARGS %s %q: not a Kubernetes name", what, v)
 		}
 	}
 	return ref, true, nil
 }
 
-// containerIDPattern is the CNI spec's rule for container IDs.
-var containerIDPattern = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,254}$`)
+// validContainerID is the CNI spec's rule for container IDs:
+// ^[a-zA-Z0-9][a-zA-Z0-9_.\-]{0,254}$.
+func validContainerID(id string) bool {
+	if len(id) < 1 || len(id) > 255 {
+		return false
+	}
+	for i := range len(id) {
+		c := id[i]
+		alnum := 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
+		if !alnum && (i == 0 || c != '_' && c != '.' && c != '-') {
+			return false
+		}
+	}
+	return true
+}

@@ -25,7 +25,7 @@ type record struct {
 const maxRecord = fileread.MaxState
 
 func recordPath(dir, containerID string) (string, error) {
-	if !containerIDPattern.MatchString(containerID) {
+	if !validContainerID(containerID) {
 		return "", fmt.Errorf("CNI_CONTAINERID %q: want letters, digits, '_', '.' or '-'", containerID)
 	}
 	return filepath.Join(dir, containerID+".json"), nil

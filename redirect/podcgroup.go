@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io/fs"
 	"path/filepath"
-	"regexp"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -14,8 +13,29 @@ import (
 // cgroup instead of naming it.
 const CgroupAuto = "auto"
 
-// podUIDPattern is a Kubernetes pod UID (RFC 4122 text form).
-var podUIDPattern = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
+// isPodUID reports whether s is a Kubernetes pod UID (RFC 4122 text form:
+// 8-4-4-4-12 hex digits). A loop, not a regexp: a package-level regexp is
+// compiled at start by every command of the binary, the sidecar included.
+func isPodUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i := range len(s) {
+		switch {
+		case i == 8 || i == 13 || i == 18 || i == 23:
+			if s[i] != '-' {
+				return false
+			}
+		case !isHex(s[i]):
+			return false
+		}
+	}
+	return true
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
 
 // maxPodCgroupDepth bounds the search below the cgroup v2 root: kubelet's
 // pod cgroups sit at most a few levels down (cgroupRoot, kubepods, QoS).
@@ -40,7 +60,7 @@ func CgroupV2Root(root string) (string, error) {
 // cgroupRoot: cgroupfs names it pod<UID> (.../kubepods/burstable/pod<UID>),
 // systemd kubepods-<qos>-pod<UID with _ for ->.slice.
 func FindPodCgroup(root, podUID string) (string, error) {
-	if !podUIDPattern.MatchString(podUID) {
+	if !isPodUID(podUID) {
 		return "", fmt.Errorf("%w: pod UID %q is not a UID", ErrInvalidConfig, podUID)
 	}
 	v2, err := CgroupV2Root(root)

@@ -84,7 +84,8 @@ func TestFindPodCgroupRefusals(t *testing.T) {
 	if _, err := findPodDir(deep, testPodUID); err == nil {
 		t.Error("search went deeper than the bound")
 	}
-	for _, uid := range []string{"", "../../etc", "pod" + testPodUID, testPodUID + "/x"} {
+	for _, uid := range []string{"", "../../etc", "pod" + testPodUID, testPodUID + "/x",
+		"0123456-78901-2345-6789-abcdef012345", "g1234567-8901-2345-6789-abcdef012345", strings.Repeat("a", 36)} {
 		if _, err := FindPodCgroup("/sys/fs/cgroup", uid); !errors.Is(err, ErrInvalidConfig) {
 			t.Errorf("uid %q: %v, want ErrInvalidConfig", uid, err)
 		}

@@ -30,7 +30,7 @@ func TestHarnessSmoke(t *testing.T) {
 	var buildErr error
 	if bins.Meshproxy == "" {
 		bins.Meshproxy = filepath.Join(dir, "meshproxy")
-		buildErr = Build(ctx, root, "cmd/meshproxy", bins.Meshproxy)
+		_, buildErr = BuildMeshproxy(ctx, root, bins.Meshproxy)
 	}
 	FindPeerBinaries(&bins)
 

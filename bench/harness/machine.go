@@ -20,6 +20,9 @@ type Machine struct {
 	HAProxy string // first line of haproxy -v
 	Stunnel string // stunnel -version: version and OpenSSL lines
 	LoadAvg string // /proc/loadavg when described
+	// MeshproxyBuild says how the meshproxy binary was built (or which
+	// binary was given).
+	MeshproxyBuild string
 }
 
 // DescribeMachine collects the machine's description.
@@ -88,6 +91,9 @@ func (m Machine) WriteMarkdown(w io.Writer) {
 	}
 	if m.Stunnel != "" {
 		fmt.Fprintf(w, "- stunnel: %s\n", m.Stunnel)
+	}
+	if m.MeshproxyBuild != "" {
+		fmt.Fprintf(w, "- meshproxy: %s\n", m.MeshproxyBuild)
 	}
 	fmt.Fprintf(w, "- load average at start: %s\n", m.LoadAvg)
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -41,11 +42,60 @@ func ModuleRoot() (string, error) {
 // builds the release binary: static (CGO_ENABLED=0), -trimpath, stripped.
 // Memory figures depend on it: a cgo build maps libc as well.
 func Build(ctx context.Context, root, pkg, out string) error {
+	return build(ctx, root, pkg, out, "")
+}
+
+// BuildMeshproxy builds ./cmd/meshproxy into out as the image ships it:
+// Build's flags plus the build tags of deploy/Dockerfile (ShippedTags),
+// which leave out what no pod runs (inject, the cloud CA SDKs) and so change
+// the sidecar's memory. It returns the tags it used.
+func BuildMeshproxy(ctx context.Context, root, out string) (string, error) {
+	tags, err := ShippedTags(root)
+	if err != nil {
+		return "", err
+	}
+	return tags, build(ctx, root, "cmd/meshproxy", out, tags)
+}
+
+// ShippedTags reads the -tags of the go build of ./cmd/meshproxy in the
+// module's deploy/Dockerfile ("" if it gives none).
+func ShippedTags(root string) (string, error) {
+	path := filepath.Join(root, "deploy", "Dockerfile")
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("shipped build tags: %w", err)
+	}
+	// Join continuation lines, then find the RUN instruction (not a comment)
+	// that builds the binary.
+	text := strings.ReplaceAll(string(data), "\\\n", " ")
+	for line := range strings.Lines(text) {
+		f := strings.Fields(line)
+		if len(f) == 0 || !strings.EqualFold(f[0], "RUN") || !slices.Contains(f, "build") || !slices.Contains(f, "./cmd/meshproxy") {
+			continue
+		}
+		for i, a := range f {
+			if a == "-tags" && i+1 < len(f) {
+				return f[i+1], nil
+			}
+			if v, ok := strings.CutPrefix(a, "-tags="); ok {
+				return v, nil
+			}
+		}
+		return "", nil
+	}
+	return "", fmt.Errorf("shipped build tags: no go build of ./cmd/meshproxy in %s", path)
+}
+
+func build(ctx context.Context, root, pkg, out, tags string) error {
 	goBin, err := exec.LookPath("go")
 	if err != nil {
 		return fmt.Errorf("build %s: go not in PATH: %w", pkg, err)
 	}
-	cmd := exec.CommandContext(ctx, goBin, "build", "-trimpath", "-ldflags", "-s -w", "-o", out, "./"+pkg)
+	args := []string{"build", "-trimpath", "-ldflags", "-s -w"}
+	if tags != "" {
+		args = append(args, "-tags", tags)
+	}
+	cmd := exec.CommandContext(ctx, goBin, append(args, "-o", out, "./"+pkg)...)
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {

@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -354,5 +355,78 @@ func TestNewValidatesSettings(t *testing.T) {
 				t.Fatalf("err = %v, want one mentioning %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// TestVaultTLSFromEnvironment: Vault's TLS comes from the VAULT_* variables
+// Vault's own client reads; a bad one fails at start and says which.
+func TestVaultTLSFromEnvironment(t *testing.T) {
+	f := newFixture(t)
+	caDir := filepath.Join(f.dir, "vault-cas")
+	if err := os.Mkdir(caDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(caDir, "vault.pem"), string(f.vault.CAPEM))
+	garbage := filepath.Join(f.dir, "garbage.pem")
+	writeFile(t, garbage, "not a certificate")
+	newSigner := func() error {
+		s, err := vault.New(context.Background(), f.vault.URL, f.tokenFile, f.vault.Role, vault.WithLogger(quiet()))
+		if err == nil {
+			s.Close()
+		}
+		return err
+	}
+	tests := []struct {
+		name string
+		env  map[string]string
+		want string // "" for success
+	}{
+		{"no CA: the system's, which do not trust the test server", nil, "certificate"},
+		{"VAULT_CAPATH", map[string]string{"VAULT_CAPATH": caDir}, ""},
+		{"VAULT_CACERT without a certificate", map[string]string{"VAULT_CACERT": garbage}, "no PEM certificate"},
+		{"VAULT_CACERT missing", map[string]string{"VAULT_CACERT": filepath.Join(f.dir, "nope.pem")}, "VAULT_CACERT"},
+		{"client certificate without its key", map[string]string{"VAULT_CAPATH": caDir, "VAULT_CLIENT_CERT": garbage}, "go together"},
+		{"VAULT_SKIP_VERIFY", map[string]string{"VAULT_SKIP_VERIFY": "true"}, ""},
+		{"VAULT_SKIP_VERIFY not a boolean", map[string]string{"VAULT_SKIP_VERIFY": "maybe"}, "VAULT_SKIP_VERIFY"},
+		{"VAULT_TLS_SERVER_NAME not the server's", map[string]string{"VAULT_CAPATH": caDir, "VAULT_TLS_SERVER_NAME": "vault.elsewhere"}, "vault.elsewhere"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, k := range []string{"VAULT_CACERT", "VAULT_CAPATH", "VAULT_CLIENT_CERT", "VAULT_CLIENT_KEY", "VAULT_SKIP_VERIFY", "VAULT_TLS_SERVER_NAME"} {
+				t.Setenv(k, tt.env[k])
+			}
+			err := newSigner()
+			switch {
+			case tt.want == "" && err != nil:
+				t.Fatalf("New: %v", err)
+			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+				t.Fatalf("New: %v, want an error mentioning %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// TestVaultNamespaceHeader: VAULT_NAMESPACE (Vault Enterprise) travels as
+// X-Vault-Namespace; a mount that does not exist (404) says so.
+func TestVaultNamespaceHeader(t *testing.T) {
+	got := make(chan string, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case got <- r.Header.Get("X-Vault-Namespace"):
+		default:
+		}
+		w.WriteHeader(http.StatusNotFound)
+		_, _ = io.WriteString(w, `{"errors":[]}`)
+	}))
+	defer srv.Close()
+	t.Setenv("VAULT_NAMESPACE", "team-a")
+	tok := filepath.Join(t.TempDir(), "token")
+	writeFile(t, tok, vaultToken)
+	_, err := vault.New(context.Background(), srv.URL, tok, "meshproxy", vault.WithLogger(quiet()))
+	if err == nil || !strings.Contains(err.Error(), "no such path") {
+		t.Fatalf("New against a missing mount: %v, want no such path", err)
+	}
+	if ns := <-got; ns != "team-a" {
+		t.Errorf("X-Vault-Namespace = %q, want team-a", ns)
 	}
 }

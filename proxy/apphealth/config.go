@@ -7,11 +7,11 @@ import (
 	"fmt"
 	"io"
 	"net/url"
-	"regexp"
 	"sort"
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
+	"k8s.io/apimachinery/pkg/util/validation"
 )
 
 // PathPrefix is where the rewritten probes point on the health port.
@@ -85,9 +85,6 @@ type GRPC struct {
 	Service *string `json:"service,omitempty"`
 }
 
-// containerRe is a Kubernetes container name (an RFC 1123 label).
-var containerRe = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
-
 // Parse decodes and validates the JSON of --app-probers; empty input (or
 // only white space) is no probes. Unknown fields are errors, and every
 // error names the probe path at fault.
@@ -149,7 +146,7 @@ func checkPath(path string) error {
 	if !ok || !ok2 {
 		return fmt.Errorf("want %sCONTAINER/livez|readyz|startupz", PathPrefix)
 	}
-	if !containerRe.MatchString(container) {
+	if len(validation.IsDNS1123Label(container)) > 0 { // a Kubernetes container name
 		return fmt.Errorf("container %q is not a container name (lower-case letters, digits and '-', at most 63)", container)
 	}
 	switch kind {

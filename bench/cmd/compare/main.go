@@ -165,7 +165,7 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 	if err != nil {
 		return err
 	}
-	bins, echoBin, err := prepare(ctx, o, cfg, root, dir)
+	bins, echoBin, meshBuild, err := prepare(ctx, o, cfg, root, dir)
 	if err != nil {
 		return err
 	}
@@ -175,6 +175,7 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 		}
 	}
 	machine := harness.DescribeMachine(ctx, bins)
+	machine.MeshproxyBuild = meshBuild
 
 	env, err := harness.NewEnv(dir, bins, "")
 	if err != nil {
@@ -241,18 +242,26 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 	return nil
 }
 
-// prepare builds the binaries (in parallel) and finds or installs the peers.
-func prepare(ctx context.Context, o *options, cfg harness.Config, root, dir string) (harness.Binaries, string, error) {
+// prepare builds the binaries (in parallel) and finds or installs the peers;
+// it also says how the meshproxy binary was built.
+func prepare(ctx context.Context, o *options, cfg harness.Config, root, dir string) (harness.Binaries, string, string, error) {
 	bins := harness.Binaries{Meshproxy: o.meshproxyBin, MeshproxyB: o.meshproxyB}
 	echoBin := filepath.Join(dir, "echo")
 	var wg sync.WaitGroup
 	var meshErr, echoErr error
-	if bins.Meshproxy == "" && slices.Contains(cfg.Peers, harness.Meshproxy) {
+	meshBuild := "given binary " + o.meshproxyBin
+	usesMeshproxy := slices.ContainsFunc(cfg.Peers, func(p harness.Peer) bool { return p != harness.MeshproxyB && strings.HasPrefix(string(p), "meshproxy") })
+	switch {
+	case !usesMeshproxy:
+		meshBuild = ""
+	case bins.Meshproxy == "":
 		bins.Meshproxy = filepath.Join(dir, "meshproxy")
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			meshErr = harness.Build(ctx, root, "cmd/meshproxy", bins.Meshproxy)
+			var tags string
+			tags, meshErr = harness.BuildMeshproxy(ctx, root, bins.Meshproxy)
+			meshBuild = fmt.Sprintf("built as deploy/Dockerfile builds it: CGO_ENABLED=0 go build -trimpath -tags %s -ldflags \"-s -w\" (the same binary for every meshproxy peer)", tags)
 		}()
 	}
 	wg.Add(1)
@@ -265,12 +274,12 @@ func prepare(ctx context.Context, o *options, cfg harness.Config, root, dir stri
 		fmt.Fprintln(os.Stderr, "installing missing peers with apt-get")
 		if err := harness.InstallPeers(ctx, bins); err != nil {
 			wg.Wait()
-			return bins, "", err
+			return bins, "", "", err
 		}
 		harness.FindPeerBinaries(&bins)
 	}
 	wg.Wait()
-	return bins, echoBin, errors.Join(meshErr, echoErr)
+	return bins, echoBin, meshBuild, errors.Join(meshErr, echoErr)
 }
 
 // pprofTop runs `go tool pprof -top` on a profile.
