@@ -61,8 +61,7 @@ func testCertManagerSigner(t *testing.T) {
 	// cert-manager's CRDs (server-side: the Certificate CRD is too large for
 	// the last-applied annotation).
 	mustKubectl(t, "apply", "--server-side", "--force-conflicts", "-f", cm.CRDs)
-	mustKubectl(t, "wait", "--for=condition=Established", "--timeout=60s",
-		"crd/certificaterequests.cert-manager.io", "crd/issuers.cert-manager.io", "crd/clusterissuers.cert-manager.io")
+	waitEstablished(t, "certificaterequests.cert-manager.io", "issuers.cert-manager.io", "clusterissuers.cert-manager.io")
 
 	// The mesh CA: a root and an intermediate made here; the intermediate's
 	// key goes only into the CA issuer's Secret, piped to kubectl.

@@ -48,8 +48,7 @@ func testIstioCRsTakeEffect(t *testing.T) {
 	}
 	crds := filepath.Join(strings.TrimSpace(string(dir)), "kubernetes", "customresourcedefinitions.gen.yaml")
 	mustKubectl(t, "apply", "--server-side", "--force-conflicts", "-f", crds)
-	mustKubectl(t, "wait", "--for=condition=Established", "--timeout=60s",
-		"crd/peerauthentications.security.istio.io", "crd/authorizationpolicies.security.istio.io")
+	waitEstablished(t, "peerauthentications.security.istio.io", "authorizationpolicies.security.istio.io")
 	testMirrorRBACIsMinimal(t) // kubectl auth can-i knows the kinds once their CRDs exist
 
 	if _, err := kubectl("get", "namespace", "crs"); err != nil {

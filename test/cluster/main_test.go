@@ -247,3 +247,20 @@ func errOrEmpty(err error) string {
 	}
 	return err.Error()
 }
+
+// waitEstablished waits until each CustomResourceDefinition named is
+// Established. Not `kubectl wait --for=condition=Established`: on a CRD
+// created a moment ago, whose status has no conditions yet, it fails at once
+// (".status.conditions accessor error") instead of waiting.
+func waitEstablished(t *testing.T, crds ...string) {
+	t.Helper()
+	for _, crd := range crds {
+		waitFor(t, crd+" established", time.Minute, func() error {
+			out, err := kubectl("get", "crd", crd, "-o", `jsonpath={.status.conditions[?(@.type=="Established")].status}`)
+			if err != nil || strings.TrimSpace(out) != "True" {
+				return fmt.Errorf("%w: %q %v", errNotYet, out, err)
+			}
+			return nil
+		})
+	}
+}

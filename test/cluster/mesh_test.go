@@ -8,11 +8,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
-
-	"github.com/meshproxy/meshproxy/internal/e2eutil"
 )
 
 // TestCluster runs the suite's steps in order on one cluster: the demo
@@ -108,36 +105,13 @@ func testMTLSOnTheWire(t *testing.T) {
 	dumpOnFailure(t, "demo")
 	echoIP := strings.TrimSpace(mustKubectl(t, "-n", "demo", "get", "pods", "-l", "app=echo", "-o", "jsonpath={.items[0].status.podIP}"))
 	clientIP := strings.TrimSpace(mustKubectl(t, "-n", "demo", "get", "pods", "-l", "app=client", "-o", "jsonpath={.items[0].status.podIP}"))
-	pcap := filepath.Join(t.TempDir(), "bridge.pcap")
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	dump := exec.CommandContext(ctx, "tcpdump", "-i", clusterEnv["CLUSTER_BRIDGE"], "-nn", "-s", "0", "-U", "-w", pcap, "tcp and host "+echoIP)
-	dump.Cancel = func() error { return dump.Process.Signal(syscall.SIGINT) }
-	dump.WaitDelay = 5 * time.Second
-	stderr := &e2eutil.Buffer{}
-	dump.Stderr = stderr
-	if err := dump.Start(); err != nil {
-		t.Fatalf("tcpdump: %v", err)
-	}
-	waitFor(t, "tcpdump listening", 30*time.Second, func() error {
-		if !strings.Contains(stderr.String(), "listening on") {
-			return fmt.Errorf("%w: %s", errNotYet, stderr.String())
-		}
-		return nil
-	})
 	const text = "hello from echo over mesh mTLS"
-	requestUntilHello(pcap, clientIP, echoIP, func() {
+	flows := captureDuring(t, []string{"tcpdump", "-i", clusterEnv["CLUSTER_BRIDGE"], "-nn", "-s", "0"}, "tcp and host "+echoIP, clientIP, echoIP, func() {
 		out, err := kubectl("-n", "demo", "exec", "deploy/client", "-c", "client", "--", "demoapp", "get", "http://echo.demo.svc/")
 		if err != nil || !strings.Contains(out, text) {
 			t.Errorf("client -> echo.demo.svc: %q, %v", out, err)
 		}
 	})
-	cancel()
-	dump.Wait()
-	flows, err := readPcapFile(pcap)
-	if err != nil {
-		t.Fatalf("read the capture: %v (tcpdump: %s)", err, stderr.String())
-	}
 	for key, stream := range flows {
 		if strings.Contains(string(stream), text) || strings.Contains(string(stream), "GET / HTTP") {
 			t.Errorf("plaintext HTTP on the bridge in %s: %q", key, firstBytes(stream, 200))

@@ -2,7 +2,6 @@ package cluster
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -10,11 +9,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
-
-	"github.com/meshproxy/meshproxy/internal/e2eutil"
 )
 
 // Issue 16's proof on the cluster: capture installed from the node by the
@@ -399,38 +395,14 @@ func testNodeCapWire(t *testing.T, mode string) {
 	captureInstalled(t, mode, cp)
 	// In the server pod's namespace, on its eth0: everything that reaches
 	// the pod on the wire, whichever path it took through the node.
-	pcap := filepath.Join(t.TempDir(), "server.pcap")
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	dump := exec.CommandContext(ctx, "nsenter", "-n", "-t", podPID(t, sp.uid),
-		"tcpdump", "-i", "eth0", "-nn", "-s", "0", "-U", "-w", pcap, "tcp")
-	dump.Cancel = func() error { return dump.Process.Signal(syscall.SIGINT) }
-	dump.WaitDelay = 5 * time.Second
-	stderr := &e2eutil.Buffer{}
-	dump.Stderr = stderr
-	if err := dump.Start(); err != nil {
-		t.Fatalf("tcpdump: %v", err)
-	}
-	waitFor(t, "tcpdump listening", 30*time.Second, func() error {
-		if !strings.Contains(stderr.String(), "listening on") {
-			return fmt.Errorf("%w: %s", errNotYet, stderr.String())
-		}
-		return nil
-	})
 	text := "hello from " + server
 	url := fmt.Sprintf("http://%s.%s.svc/", server, nodeCapNS)
-	requestUntilHello(pcap, cp.ip, sp.ip, func() {
+	flows := captureDuring(t, []string{"nsenter", "-n", "-t", podPID(t, sp.uid), "tcpdump", "-i", "eth0", "-nn", "-s", "0"}, "tcp", cp.ip, sp.ip, func() {
 		out, err := kubectl("-n", nodeCapNS, "exec", "deploy/"+client, "-c", "app", "--", "demoapp", "get", url)
 		if err != nil || !strings.Contains(out, text) {
 			t.Errorf("%s -> %s: %q, %v", client, url, out, err)
 		}
 	})
-	cancel()
-	dump.Wait()
-	flows, err := readPcapFile(pcap)
-	if err != nil {
-		t.Fatalf("read the capture: %v (tcpdump: %s)", err, stderr.String())
-	}
 	for key, stream := range flows {
 		// The kubelet's probes come from the node's address, in plaintext
 		// to the sidecar's health port: only the client's flows count.

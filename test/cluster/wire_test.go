@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
@@ -10,9 +11,16 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
+	"syscall"
+	"testing"
 	"time"
+
+	"github.com/meshproxy/meshproxy/internal/e2eutil"
 )
 
 // flowKey names one direction of a TCP connection.
@@ -190,4 +198,38 @@ func requestUntilHello(pcap, src, dst string, request func()) {
 		}
 		time.Sleep(2 * time.Second)
 	}
+}
+
+// captureDuring runs the tcpdump command line cmd (perhaps under nsenter,
+// without -w or a filter) with the capture filter filter, waits until it
+// listens, runs requestUntilHello(pcap, src, dst, request), stops it and
+// returns the flows it captured.
+func captureDuring(t *testing.T, cmd []string, filter, src, dst string, request func()) map[flowKey][]byte {
+	t.Helper()
+	pcap := filepath.Join(t.TempDir(), "capture.pcap")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	args := append(slices.Clone(cmd[1:]), "-U", "-w", pcap, filter)
+	dump := exec.CommandContext(ctx, cmd[0], args...)
+	dump.Cancel = func() error { return dump.Process.Signal(syscall.SIGINT) }
+	dump.WaitDelay = 5 * time.Second
+	stderr := &e2eutil.Buffer{}
+	dump.Stderr = stderr
+	if err := dump.Start(); err != nil {
+		t.Fatalf("tcpdump: %v", err)
+	}
+	waitFor(t, "tcpdump listening", 30*time.Second, func() error {
+		if !strings.Contains(stderr.String(), "listening on") {
+			return fmt.Errorf("%w: %s", errNotYet, stderr.String())
+		}
+		return nil
+	})
+	requestUntilHello(pcap, src, dst, request)
+	cancel()
+	dump.Wait()
+	flows, err := readPcapFile(pcap)
+	if err != nil {
+		t.Fatalf("read the capture: %v (tcpdump: %s)", err, stderr.String())
+	}
+	return flows
 }
