@@ -126,24 +126,31 @@ func benchChain(b *testing.B, handle func(net.Conn), mode HBONEMode) hboneChain 
 	return hboneChain{client: client, server: server, entry: client.Addrs()[0].String()}
 }
 
-// cpuClock is the process's CPU time (user + system) since a start.
-type cpuClock struct{ start time.Duration }
+// cpuClock is the process's CPU time (user + system) and context switches
+// (a thread going to sleep or woken: what goroutine hand-offs cost) since
+// a start.
+type cpuClock struct {
+	start    time.Duration
+	switches int64
+}
 
-func processCPU(b *testing.B) time.Duration {
+func processCPU(b *testing.B) (time.Duration, int64) {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		b.Fatal(err)
 	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), ru.Nvcsw + ru.Nivcsw
 }
 
 func startCPU(b *testing.B) cpuClock {
 	b.ResetTimer()
-	return cpuClock{start: processCPU(b)}
+	cpu, sw := processCPU(b)
+	return cpuClock{start: cpu, switches: sw}
 }
 
 func (c cpuClock) report(b *testing.B) {
 	b.StopTimer()
-	used := processCPU(b) - c.start
-	b.ReportMetric(float64(used.Microseconds())/float64(b.N), "cpu-µs/op")
+	cpu, sw := processCPU(b)
+	b.ReportMetric(float64((cpu-c.start).Microseconds())/float64(b.N), "cpu-µs/op")
+	b.ReportMetric(float64(sw-c.switches)/float64(b.N), "ctxsw/op")
 }

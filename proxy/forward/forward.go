@@ -133,9 +133,21 @@ const (
 	spliceSlice = time.Second
 )
 
+// A Pusher is a source that writes what it receives to a destination
+// itself, as it arrives, rather than being read: an HBONE stream, whose
+// connection's reader writes a frame's data straight to the app socket
+// when nothing of the stream waits (no goroutine hand-off per message).
+type Pusher interface {
+	// PushTo writes everything the source receives to dst, calling count
+	// with every write's byte count (from any goroutine), until the
+	// source ends (nil: then dst is half-closed) or fails.
+	PushTo(dst net.Conn, count func(int64)) error
+}
+
 // copyHalf copies src to dst until src ends, then half-closes dst. Between
 // two plain TCP sockets (passthrough) bursts go through
-// (*net.TCPConn).ReadFrom, which splices in the kernel.
+// (*net.TCPConn).ReadFrom, which splices in the kernel; a Pusher writes to
+// dst itself.
 func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus.Counter) error {
 	count := func(nw int64) {
 		if nw > 0 {
@@ -143,6 +155,12 @@ func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus
 			bytes.Add(float64(nw))
 			stats.Touch()
 		}
+	}
+	if p, ok := src.(Pusher); ok {
+		if err := p.PushTo(dst, count); err != nil {
+			return err
+		}
+		return CloseWrite(dst)
 	}
 	small := make([]byte, smallBufSize)
 	buf := small

@@ -867,13 +867,21 @@ func (c *Conn) onData(f *http2.DataFrame) error {
 			s.recvWindow += pad
 			streamInc = uint32(pad)
 		}
+		rest := data
 		if s.rstErr == nil {
-			s.deliver(data)
+			var inc uint32
+			rest, inc = s.push(data) // releases mu while it writes
+			streamInc += inc
+		}
+		if len(rest) > 0 && s.rstErr == nil && !s.released {
+			s.deliver(rest)
 		}
 		if f.StreamEnded() {
 			s.recvEnd = true
 		}
-		s.rcond.Signal()
+		if len(rest) > 0 || f.StreamEnded() || s.sink == nil || s.sinkErr != nil || s.err != nil || s.rstErr != nil {
+			s.rcond.Signal() // pushed whole: nothing to wake the forwarder for
+		}
 	}
 	if rst != 0 {
 		s.resetLocal(rst)
