@@ -129,7 +129,10 @@ func (s *Stream) PushTo(dst net.Conn, count func(int64)) error {
 // by the reader with c.mu held, which it releases during the write.
 func (s *Stream) push(data []byte) (rest []byte, inc uint32) {
 	k := s.sink
-	if k == nil || k.raw == nil || s.sinkBusy || s.buffered() || s.sinkErr != nil || len(data) == 0 {
+	if k == nil || k.raw == nil || s.sinkBusy || s.buffered() || s.sinkErr != nil || len(data) == 0 || len(data) == maxFrame {
+		// A full frame is likely part of a bulk transfer: the forwarder
+		// writes such runs of frames in one writev, while the reader
+		// decrypts the next.
 		return data, 0
 	}
 	s.sinkBusy = true
