@@ -11,6 +11,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -488,6 +489,14 @@ func (c *Conn) queue(lead bool, build func([]byte) []byte) error {
 		}
 		return nil
 	}
+	// Lead, but first let the goroutines that are ready to run — streams
+	// woken by the same poll, each with a message of its own — add their
+	// frames: they find a flush in progress and leave theirs to it, so
+	// one write carries them all (and the peer reads them in one read).
+	c.flushing = true
+	c.wmu.Unlock()
+	runtime.Gosched()
+	c.wmu.Lock()
 	return c.flushLocked(leadRounds)
 }
 
