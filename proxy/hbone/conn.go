@@ -462,6 +462,18 @@ func (c *Conn) Open(ctx context.Context, authority string) (*Stream, error) {
 // progress (no hand-off), after waiting for room; without, the writer
 // goroutine is woken and the caller never blocks (the reader, Close).
 func (c *Conn) queue(lead bool, build func([]byte) []byte) error {
+	return c.enqueue(lead, false, build)
+}
+
+// queueData is queue(true) for a stream's DATA: before it leads a write,
+// it yields once so that streams woken by the same poll add their frames
+// to it (one write for all). Frames that open, answer or end a stream do
+// not wait for that.
+func (c *Conn) queueData(build func([]byte) []byte) error {
+	return c.enqueue(true, true, build)
+}
+
+func (c *Conn) enqueue(lead, yield bool, build func([]byte) []byte) error {
 	c.wmu.Lock()
 	if lead {
 		for len(c.wbuf) >= maxWriteBuffer && c.werr == nil {
@@ -489,14 +501,17 @@ func (c *Conn) queue(lead bool, build func([]byte) []byte) error {
 		}
 		return nil
 	}
-	// Lead, but first let the goroutines that are ready to run — streams
-	// woken by the same poll, each with a message of its own — add their
-	// frames: they find a flush in progress and leave theirs to it, so
-	// one write carries them all (and the peer reads them in one read).
-	c.flushing = true
-	c.wmu.Unlock()
-	runtime.Gosched()
-	c.wmu.Lock()
+	if yield {
+		// Let the goroutines that are ready to run — streams woken by
+		// the same poll, each with a message of its own — add their
+		// frames first: they find a flush in progress and leave theirs
+		// to it, so one write carries them all (and the peer reads them
+		// in one read).
+		c.flushing = true
+		c.wmu.Unlock()
+		runtime.Gosched()
+		c.wmu.Lock()
+	}
 	return c.flushLocked(leadRounds)
 }
 

@@ -350,7 +350,7 @@ func (s *Stream) Write(p []byte) (int, error) {
 		c.sendWindow -= int64(n)
 		c.mu.Unlock()
 		chunk := p[:n]
-		err := c.queue(true, func(b []byte) []byte {
+		err := c.queueData(func(b []byte) []byte {
 			if s.rstSent {
 				return b
 			}
