@@ -25,23 +25,21 @@ type sink struct {
 	dst   net.Conn
 	raw   syscall.RawConn // for writes that never wait; nil: the forwarder writes everything
 	count func(int64)
+
+	// The write in progress (the reader's only), kept here so that a
+	// write allocates nothing.
+	p     []byte
+	n     int
+	err   error
+	write func(fd uintptr) bool // k.writeOnce, bound once
 }
 
 // tryWrite writes what of p the socket takes now, without waiting.
 func (k *sink) tryWrite(p []byte) (int, error) {
-	var (
-		n   int
-		err error
-	)
-	cerr := k.raw.Write(func(fd uintptr) bool {
-		for {
-			n, err = syscall.Write(int(fd), p)
-			if !errors.Is(err, syscall.EINTR) {
-				return true // done, whatever the outcome: never wait here
-			}
-		}
-	})
-	n = max(n, 0)
+	k.p, k.n, k.err = p, 0, nil
+	cerr := k.raw.Write(k.write)
+	n, err := max(k.n, 0), k.err
+	k.p, k.err = nil, nil
 	switch {
 	case errors.Is(err, syscall.EAGAIN):
 		err = nil
@@ -54,6 +52,16 @@ func (k *sink) tryWrite(p []byte) (int, error) {
 	return n, err
 }
 
+// writeOnce is one write(2) of k.p on fd; it never waits for the socket.
+func (k *sink) writeOnce(fd uintptr) bool {
+	for {
+		k.n, k.err = syscall.Write(int(fd), k.p)
+		if !errors.Is(k.err, syscall.EINTR) {
+			return true // done, whatever the outcome
+		}
+	}
+}
+
 // PushTo writes what the peer sends to dst as it arrives, calling count
 // with each write's byte count, until the peer ends its direction (nil;
 // the caller half-closes dst) or the stream fails. It implements
@@ -61,6 +69,7 @@ func (k *sink) tryWrite(p []byte) (int, error) {
 func (s *Stream) PushTo(dst net.Conn, count func(int64)) error {
 	c := s.c
 	k := &sink{dst: dst, count: count}
+	k.write = k.writeOnce
 	if sc, ok := dst.(syscall.Conn); ok {
 		if raw, err := sc.SyscallConn(); err == nil {
 			k.raw = raw
