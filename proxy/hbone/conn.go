@@ -916,7 +916,7 @@ func (c *Conn) onData(f *http2.DataFrame) error {
 			if connInc > 0 {
 				b = appendWindowUpdate(b, 0, connInc)
 			}
-			if streamInc > 0 {
+			if streamInc > 0 && (s == nil || !s.rstSent) {
 				b = appendWindowUpdate(b, f.StreamID, streamInc)
 			}
 			if rst != 0 {

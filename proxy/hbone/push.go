@@ -70,8 +70,9 @@ func (s *Stream) PushTo(dst net.Conn, count func(int64)) error {
 	c := s.c
 	k := &sink{dst: dst, count: count}
 	k.write = k.writeOnce
-	if sc, ok := dst.(syscall.Conn); ok {
-		if raw, err := sc.SyscallConn(); err == nil {
+	switch sc := dst.(type) {
+	case *net.TCPConn, *net.UnixConn: // plain sockets only: a wrapper may buffer or transform what it writes
+		if raw, err := sc.(syscall.Conn).SyscallConn(); err == nil {
 			k.raw = raw
 		}
 	}
