@@ -21,7 +21,7 @@ import (
 
 // autoChain is a client sidecar and a server sidecar, both in HBONE auto
 // mode, talking over the normal mesh path (explicit listeners, no 15008).
-func autoChain(t *testing.T, m *testMesh, handle func(net.Conn), serverPolicy string, serverMode HBONEMode) hboneChain {
+func autoChain(t testing.TB, m *testMesh, handle func(net.Conn), serverPolicy string, serverMode HBONEMode) hboneChain {
 	t.Helper()
 	a := startApp(t, handle)
 	st, dir := policyStore(t, serverPolicy)

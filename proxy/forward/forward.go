@@ -13,13 +13,24 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// copyBufSize is the size of the pooled buffers of the copy loop.
-const copyBufSize = 32 << 10
+// The copy loop's pooled buffers: copyBufSize once data flows, bulkBufSize
+// once a direction fills even that (a bulk transfer: fewer read and write
+// syscalls per byte, and 8 full TLS records per write).
+const (
+	copyBufSize = 32 << 10
+	bulkBufSize = 128 << 10
+)
 
-var bufPool = sync.Pool{New: func() any {
-	b := make([]byte, copyBufSize)
-	return &b
-}}
+var (
+	bufPool = sync.Pool{New: func() any {
+		b := make([]byte, copyBufSize)
+		return &b
+	}}
+	bulkPool = sync.Pool{New: func() any {
+		b := make([]byte, bulkBufSize)
+		return &b
+	}}
+)
 
 // ErrIdle is returned by Forward when the connection was aborted because
 // nothing was forwarded either way for the idle timeout.
@@ -118,8 +129,9 @@ func (w *idleWatch) check() {
 // Sizes of the copy loop. A direction blocks in Read on a small buffer of
 // its own while idle, so an idle connection holds no large buffer; a read
 // that fills it means data is flowing, and the direction takes a pooled
-// copyBufSize buffer (or, TCP to TCP, splices) until a read comes back
-// shorter than burstEnd, a full TLS record.
+// copyBufSize buffer (or, TCP to TCP, splices), then a bulkBufSize one if
+// a read fills that too, until a read comes back shorter than burstEnd, a
+// full TLS record.
 const (
 	smallBufSize = 2 << 10
 	burstEnd     = 16 << 10
@@ -133,9 +145,21 @@ const (
 	spliceSlice = time.Second
 )
 
+// A Pusher is a source that writes what it receives to a destination
+// itself, as it arrives, rather than being read: an HBONE stream, whose
+// connection's reader writes a frame's data straight to the app socket
+// when nothing of the stream waits (no goroutine hand-off per message).
+type Pusher interface {
+	// PushTo writes everything the source receives to dst, calling count
+	// with every write's byte count (from any goroutine), until the
+	// source ends (nil: then dst is half-closed) or fails.
+	PushTo(dst net.Conn, count func(int64)) error
+}
+
 // copyHalf copies src to dst until src ends, then half-closes dst. Between
 // two plain TCP sockets (passthrough) bursts go through
-// (*net.TCPConn).ReadFrom, which splices in the kernel.
+// (*net.TCPConn).ReadFrom, which splices in the kernel; a Pusher writes to
+// dst itself.
 func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus.Counter) error {
 	count := func(nw int64) {
 		if nw > 0 {
@@ -144,14 +168,23 @@ func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus
 			stats.Touch()
 		}
 	}
+	if p, ok := src.(Pusher); ok {
+		if err := p.PushTo(dst, count); err != nil {
+			return err
+		}
+		return CloseWrite(dst)
+	}
 	small := make([]byte, smallBufSize)
 	buf := small
-	var bp *[]byte
-	defer func() {
+	var bp *[]byte      // the pooled buffer in use, if any
+	var pool *sync.Pool // where bp goes back
+	release := func() {
 		if bp != nil {
-			bufPool.Put(bp)
+			pool.Put(bp)
+			bp, buf = nil, small
 		}
-	}()
+	}
+	defer release()
 	srcTCP, srcOK := src.(*net.TCPConn)
 	dstTCP, dstOK := dst.(*net.TCPConn)
 	var sp *splicer
@@ -183,11 +216,16 @@ func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus
 				return CloseWrite(dst)
 			}
 		case nr == len(buf) && bp == nil:
-			bp = bufPool.Get().(*[]byte)
+			pool = &bufPool
+			bp = pool.Get().(*[]byte)
+			buf = *bp
+		case nr == len(buf) && pool == &bufPool:
+			release()
+			pool = &bulkPool
+			bp = pool.Get().(*[]byte)
 			buf = *bp
 		case bp != nil && nr < burstEnd:
-			bufPool.Put(bp)
-			bp, buf = nil, small
+			release()
 		}
 	}
 }

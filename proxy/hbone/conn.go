@@ -11,6 +11,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -461,6 +462,18 @@ func (c *Conn) Open(ctx context.Context, authority string) (*Stream, error) {
 // progress (no hand-off), after waiting for room; without, the writer
 // goroutine is woken and the caller never blocks (the reader, Close).
 func (c *Conn) queue(lead bool, build func([]byte) []byte) error {
+	return c.enqueue(lead, false, build)
+}
+
+// queueData is queue(true) for a stream's DATA: before it leads a write,
+// it yields once so that streams woken by the same poll add their frames
+// to it (one write for all). Frames that open, answer or end a stream do
+// not wait for that.
+func (c *Conn) queueData(build func([]byte) []byte) error {
+	return c.enqueue(true, true, build)
+}
+
+func (c *Conn) enqueue(lead, yield bool, build func([]byte) []byte) error {
 	c.wmu.Lock()
 	if lead {
 		for len(c.wbuf) >= maxWriteBuffer && c.werr == nil {
@@ -487,6 +500,17 @@ func (c *Conn) queue(lead bool, build func([]byte) []byte) error {
 			c.kick()
 		}
 		return nil
+	}
+	if yield {
+		// Let the goroutines that are ready to run — streams woken by
+		// the same poll, each with a message of its own — add their
+		// frames first: they find a flush in progress and leave theirs
+		// to it, so one write carries them all (and the peer reads them
+		// in one read).
+		c.flushing = true
+		c.wmu.Unlock()
+		runtime.Gosched()
+		c.wmu.Lock()
 	}
 	return c.flushLocked(leadRounds)
 }
@@ -867,13 +891,21 @@ func (c *Conn) onData(f *http2.DataFrame) error {
 			s.recvWindow += pad
 			streamInc = uint32(pad)
 		}
+		rest := data
 		if s.rstErr == nil {
-			s.deliver(data)
+			var inc uint32
+			rest, inc = s.push(data) // releases mu while it writes
+			streamInc += inc
+		}
+		if len(rest) > 0 && s.rstErr == nil && !s.released {
+			s.deliver(rest)
 		}
 		if f.StreamEnded() {
 			s.recvEnd = true
 		}
-		s.rcond.Signal()
+		if len(rest) > 0 || f.StreamEnded() || s.sink == nil || s.sinkErr != nil || s.err != nil || s.rstErr != nil {
+			s.rcond.Signal() // pushed whole: nothing to wake the forwarder for
+		}
 	}
 	if rst != 0 {
 		s.resetLocal(rst)
@@ -884,7 +916,7 @@ func (c *Conn) onData(f *http2.DataFrame) error {
 			if connInc > 0 {
 				b = appendWindowUpdate(b, 0, connInc)
 			}
-			if streamInc > 0 {
+			if streamInc > 0 && (s == nil || !s.rstSent) {
 				b = appendWindowUpdate(b, f.StreamID, streamInc)
 			}
 			if rst != 0 {

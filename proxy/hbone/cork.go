@@ -11,12 +11,81 @@ import (
 // Uncork after. Uncorked, writes pass straight through. Safe for
 // concurrent use; writes made while corked (an alert from the read side)
 // keep their order.
+//
+// Reads read ahead while data streams in: crypto/tls reads about one
+// record (16 KiB) per read, so once a read fills what crypto/tls asked
+// for (more is waiting), reads go through a pooled readAhead buffer, up
+// to four records per syscall, until one comes back short; then the
+// buffer goes back to the pool once drained, so an idle connection holds
+// none. Read is not safe for concurrent use (crypto/tls serialises its
+// reads).
 type CorkConn struct {
 	net.Conn
 
 	mu     sync.Mutex
 	corked bool
 	buf    []byte
+
+	rbuf  *[]byte // the read-ahead buffer, while reads come back full
+	rdata []byte  // what of rbuf is not read yet
+	rerr  error   // the error that came with rdata, returned after it
+	hot   bool    // the last read filled its buffer: more is probably waiting
+}
+
+// readAhead is the size of a CorkConn's read-ahead buffer.
+const readAhead = 64 << 10
+
+var readBuffers = sync.Pool{New: func() any {
+	b := make([]byte, readAhead)
+	return &b
+}}
+
+// Read reads from the socket, reading ahead while data streams in.
+func (c *CorkConn) Read(p []byte) (int, error) {
+	if len(c.rdata) > 0 || c.rerr != nil {
+		n := copy(p, c.rdata)
+		c.rdata = c.rdata[n:]
+		if len(c.rdata) > 0 {
+			return n, nil
+		}
+		err := c.rerr
+		c.rerr = nil
+		if !c.hot {
+			c.releaseRead()
+		}
+		return n, err
+	}
+	if !c.hot || len(p) >= readAhead {
+		n, err := c.Conn.Read(p)
+		c.hot = err == nil && n == len(p) && len(p) < readAhead
+		if !c.hot {
+			c.releaseRead()
+		}
+		return n, err
+	}
+	if c.rbuf == nil {
+		c.rbuf = readBuffers.Get().(*[]byte)
+	}
+	buf := *c.rbuf
+	n, err := c.Conn.Read(buf)
+	c.hot = err == nil && n == len(buf)
+	m := copy(p, buf[:n])
+	c.rdata = buf[m:n]
+	if len(c.rdata) > 0 {
+		c.rerr = err
+		return m, nil
+	}
+	if !c.hot {
+		c.releaseRead()
+	}
+	return m, err
+}
+
+func (c *CorkConn) releaseRead() {
+	if c.rbuf != nil {
+		readBuffers.Put(c.rbuf)
+		c.rbuf, c.rdata = nil, nil
+	}
 }
 
 // NewCorkConn wraps c.

@@ -1,8 +1,10 @@
 package hbone
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"io"
 	"net"
 	"sync/atomic"
@@ -70,5 +72,46 @@ func TestCorkSendsManyRecordsInOneWrite(t *testing.T) {
 	b := <-got
 	if string(b[:size]) != string(payload) || string(b[size:]) != string(payload) {
 		t.Fatal("bytes differ after corking")
+	}
+}
+
+// A stream of bytes read through a CorkConn in record-sized reads comes
+// out exact, reading ahead while reads come back full, and a connection
+// that went quiet holds no read-ahead buffer.
+func TestCorkReadAheadIsExactAndReleasedWhenQuiet(t *testing.T) {
+	cs, ss := tcpPair(t)
+	cork := NewCorkConn(ss)
+	payload := randomBytes(4<<20 + 7)
+	go func() { _, _ = cs.Write(payload) }()
+	got := make([]byte, 0, len(payload))
+	buf := make([]byte, 16<<10+5) // about what crypto/tls asks for
+	readAhead := false
+	for len(got) < len(payload) {
+		n, err := cork.Read(buf)
+		if err != nil {
+			t.Fatalf("read after %d bytes: %v", len(got), err)
+		}
+		got = append(got, buf[:n]...)
+		readAhead = readAhead || cork.rbuf != nil
+	}
+	if !bytes.Equal(got, payload) {
+		t.Fatal("bytes read through the CorkConn differ from those sent")
+	}
+	if !readAhead {
+		t.Error("a 4 MiB stream was read without reading ahead")
+	}
+	if _, err := cs.Write([]byte("tail")); err != nil { // a short read ends the burst
+		t.Fatal(err)
+	}
+	n, err := io.ReadAtLeast(cork, buf, 4)
+	if err != nil || string(buf[:n]) != "tail" {
+		t.Fatalf("read %q, %v", buf[:n], err)
+	}
+	if cork.rbuf != nil {
+		t.Error("a quiet connection still holds its read-ahead buffer")
+	}
+	cs.Close()
+	if n, err := cork.Read(buf); n != 0 || !errors.Is(err, io.EOF) {
+		t.Fatalf("after the peer closed: %d, %v; want EOF", n, err)
 	}
 }

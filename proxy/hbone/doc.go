@@ -6,12 +6,18 @@
 // It speaks only what HBONE needs, on x/net/http2's Framer (reading) and
 // hpack (header blocks), not its generic server and transport:
 //
-//   - no goroutine hand-off per frame: one reader goroutine per connection
-//     delivers DATA into the stream's buffer; a stream's Write frames its
-//     bytes and, when no one else is writing, writes them itself;
+//   - no goroutine hand-off per message: one reader goroutine per
+//     connection writes a stream's DATA straight to the app socket when the
+//     stream is pushed (Stream.PushTo, the forwarder's receive direction)
+//     and nothing of it is queued, else into the stream's buffer, which the
+//     forwarder drains (a slow app never stalls the reader; see push.go);
+//     a stream's Write frames its bytes and, when no one else is writing,
+//     writes them itself;
 //   - write coalescing: frames that streams queue while a write is in
 //     progress go out together in the next one (one TLS record batch, one
-//     syscall);
+//     syscall), and a stream's DATA yields once before it leads a write,
+//     so streams woken by the same poll share it; CorkConn reads ahead
+//     while data streams in (several records per read);
 //   - windows large enough that a bulk stream does not wait for
 //     WINDOW_UPDATE on a fast link; the connection window is returned as
 //     data arrives, so one stream that is not read never stalls the others

@@ -5,7 +5,6 @@ package hbone
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -113,31 +112,41 @@ func randomBytes(n int) []byte {
 }
 
 func TestClientHalfCloseThenServerKeepsSending(t *testing.T) {
-	c, _ := pair(t, Options{}, func(s *Stream) {
-		n, err := io.Copy(io.Discard, s) // until the client's END_STREAM
-		if err != nil {
+	c, _ := pair(t, Options{}, func(s *Stream) { answerAtLength(s, 100) })
+	sendThenReadAnswer(t, open(t, c, "10.0.0.1:80"), 100)
+}
+
+// answerAtLength is an app that reads to the end of the client's
+// direction, then answers in lines and ends its own.
+func answerAtLength(c halfCloser, lines int) {
+	n, err := io.Copy(io.Discard, c) // until the client's end of stream
+	if err != nil {
+		return
+	}
+	for i := range lines { // then answer at length
+		if _, err := fmt.Fprintf(c, "line %d of the answer to %d bytes\n", i, n); err != nil {
 			return
 		}
-		for i := range 100 { // then answer at length
-			if _, err := fmt.Fprintf(s, "line %d of the answer to %d bytes\n", i, n); err != nil {
-				return
-			}
-		}
-		_ = s.CloseWrite()
-	})
-	s := open(t, c, "10.0.0.1:80")
-	if _, err := s.Write(randomBytes(300 << 10)); err != nil {
+	}
+	_ = c.CloseWrite()
+}
+
+// sendThenReadAnswer sends 300 KiB to answerAtLength, ends its direction
+// and checks the answer read after that.
+func sendThenReadAnswer(t *testing.T, c halfCloser, lines int) {
+	t.Helper()
+	if _, err := c.Write(randomBytes(300 << 10)); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.CloseWrite(); err != nil {
+	if err := c.CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
-	got, err := io.ReadAll(s)
+	got, err := io.ReadAll(c)
 	if err != nil {
 		t.Fatalf("read answer after our half-close: %v", err)
 	}
 	var want bytes.Buffer
-	for i := range 100 {
+	for i := range lines {
 		fmt.Fprintf(&want, "line %d of the answer to %d bytes\n", i, 300<<10)
 	}
 	if !bytes.Equal(got, want.Bytes()) {
@@ -149,29 +158,45 @@ func TestClientHalfCloseThenServerKeepsSending(t *testing.T) {
 // close); what the client sends after that must still reach it.
 func TestServerHalfCloseThenClientKeepsSending(t *testing.T) {
 	received := make(chan []byte, 1)
-	c, _ := pair(t, Options{}, func(s *Stream) {
-		if _, err := io.WriteString(s, "220 banner\r\n"); err != nil {
-			return
-		}
-		if err := s.CloseWrite(); err != nil {
-			return
-		}
-		got, err := io.ReadAll(s)
-		if err != nil {
-			got = append(got, "<error: "+err.Error()+">"...)
-		}
-		received <- got
-	})
-	s := open(t, c, "10.0.0.1:25")
-	banner, err := io.ReadAll(s) // the server's END_STREAM ends our reads
+	c, _ := pair(t, Options{}, func(s *Stream) { bannerThenReadAll(s, received) })
+	sendAfterBanner(t, open(t, c, "10.0.0.1:25"), received)
+}
+
+// halfCloser is a connection whose direction can be ended on its own.
+type halfCloser interface {
+	io.ReadWriter
+	CloseWrite() error
+}
+
+// bannerThenReadAll is an app that speaks first and ends its direction,
+// then reads everything to the end and hands it over.
+func bannerThenReadAll(c halfCloser, received chan<- []byte) {
+	if _, err := io.WriteString(c, "220 banner\r\n"); err != nil {
+		return
+	}
+	if err := c.CloseWrite(); err != nil {
+		return
+	}
+	got, err := io.ReadAll(c)
+	if err != nil {
+		got = append(got, "<error: "+err.Error()+">"...)
+	}
+	received <- got
+}
+
+// sendAfterBanner reads bannerThenReadAll's banner to its end, then sends
+// 2 MiB and checks that the app got all of it.
+func sendAfterBanner(t *testing.T, c halfCloser, received <-chan []byte) {
+	t.Helper()
+	banner, err := io.ReadAll(c) // the server's end of stream ends our reads
 	if err != nil || string(banner) != "220 banner\r\n" {
 		t.Fatalf("banner %q, %v", banner, err)
 	}
 	payload := randomBytes(2<<20 + 5)
-	if _, err := s.Write(payload); err != nil {
+	if _, err := c.Write(payload); err != nil {
 		t.Fatalf("write after the server's half-close: %v", err)
 	}
-	if err := s.CloseWrite(); err != nil {
+	if err := c.CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -210,18 +235,8 @@ func TestManyConcurrentStreamsRandomSizes(t *testing.T) {
 				return
 			}
 			defer s.Close()
-			go func() {
-				_, _ = s.Write(payload)
-				_ = s.CloseWrite()
-			}()
-			h := sha256.New()
-			n, err := io.Copy(h, s)
-			if err != nil {
-				errs <- fmt.Errorf("stream %d: read: %w", i, err)
-				return
-			}
-			if want := sha256.Sum256(payload); n != int64(size) || !bytes.Equal(h.Sum(nil), want[:]) {
-				errs <- fmt.Errorf("stream %d: echo of %d bytes differs (got %d)", i, size, n)
+			if err := exchange(s, payload); err != nil {
+				errs <- fmt.Errorf("stream %d: %w", i, err)
 			}
 		})
 	}

@@ -15,8 +15,9 @@ import (
 )
 
 // maxWriteChunk is how much of one Write is framed per window check, so a
-// large Write does not hold the write buffer for long.
-const maxWriteChunk = 64 << 10
+// large Write does not hold the write buffer for long: the forwarder's
+// bulk buffer, so each of its reads is one flush.
+const maxWriteChunk = 128 << 10
 
 // A stream buffers what the peer sent in chunks of one frame's size, taken
 // from a pool: a reader that lags holds a queue of them (bounded by the
@@ -57,6 +58,9 @@ type Stream struct {
 	err          error
 	rstErr       error // reset either way: reads and writes fail at once
 	released     bool
+	sink         *sink // set while PushTo runs: where the stream's data goes
+	sinkBusy     bool  // a write to the sink is in progress (reader or PushTo)
+	sinkErr      error // a write to the sink by the reader failed
 
 	rstSent bool // guarded by c.wmu: no frame follows our RST_STREAM
 }
@@ -283,23 +287,36 @@ func (s *Stream) Read(p []byte) (int, error) {
 		s.rcond.Wait()
 	}
 	n := s.readBuffered(p)
+	inc := s.consumed(n)
+	c.mu.Unlock()
+	s.returnWindow(inc)
+	return n, nil
+}
+
+// consumed accounts for n bytes the app took (read, or written to the
+// sink): the window to return to the peer now, if any. Called with c.mu
+// held.
+func (s *Stream) consumed(n int) (inc uint32) {
 	s.unacked += int64(n)
-	var inc uint32
-	if !s.recvEnd && s.unacked >= int64(c.opts.StreamWindow)/4 {
+	if !s.recvEnd && s.unacked >= int64(s.c.opts.StreamWindow)/4 {
 		inc = uint32(s.unacked)
 		s.recvWindow += s.unacked
 		s.unacked = 0
 	}
-	c.mu.Unlock()
-	if inc > 0 {
-		_ = c.queue(false, func(b []byte) []byte {
-			if s.rstSent {
-				return b
-			}
-			return appendWindowUpdate(b, s.id, inc)
-		})
+	return inc
+}
+
+// returnWindow sends WINDOW_UPDATE for inc bytes, if any.
+func (s *Stream) returnWindow(inc uint32) {
+	if inc == 0 {
+		return
 	}
-	return n, nil
+	_ = s.c.queue(false, func(b []byte) []byte {
+		if s.rstSent {
+			return b
+		}
+		return appendWindowUpdate(b, s.id, inc)
+	})
 }
 
 // sendErr is why nothing more can be sent, if so. Called with c.mu held.
@@ -333,7 +350,7 @@ func (s *Stream) Write(p []byte) (int, error) {
 		c.sendWindow -= int64(n)
 		c.mu.Unlock()
 		chunk := p[:n]
-		err := c.queue(true, func(b []byte) []byte {
+		err := c.queueData(func(b []byte) []byte {
 			if s.rstSent {
 				return b
 			}

@@ -1,0 +1,158 @@
+package hbone
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"syscall"
+)
+
+// Pushing: the forwarder of a stream's receive direction does not read
+// the stream (which would cost a goroutine hand-off per message: the
+// connection's reader wakes the forwarder, the forwarder writes to the
+// app). Instead the reader writes a DATA frame's payload straight to the
+// app socket, without waiting, when nothing of the stream is queued and no
+// write to it is in progress. What the socket does not take at once is
+// queued in the stream's buffer, as when nothing pushes, and the
+// forwarder's goroutine writes it, waiting as long as the app needs: a
+// slow app never stalls the reader, so never the other streams of the
+// connection. The stream window is returned as bytes reach the app, as
+// with Read, and END_STREAM ends the forwarder (which then half-closes the
+// app) only after every byte before it is written.
+
+// sink is where a pushing stream's data goes.
+type sink struct {
+	dst   net.Conn
+	raw   syscall.RawConn // for writes that never wait; nil: the forwarder writes everything
+	count func(int64)
+
+	// The write in progress (the reader's only), kept here so that a
+	// write allocates nothing.
+	p     []byte
+	n     int
+	err   error
+	write func(fd uintptr) bool // k.writeOnce, bound once
+}
+
+// tryWrite writes what of p the socket takes now, without waiting.
+func (k *sink) tryWrite(p []byte) (int, error) {
+	k.p, k.n, k.err = p, 0, nil
+	cerr := k.raw.Write(k.write)
+	n, err := max(k.n, 0), k.err
+	k.p, k.err = nil, nil
+	switch {
+	case errors.Is(err, syscall.EAGAIN):
+		err = nil
+	case err == nil:
+		err = cerr
+	}
+	if n > 0 {
+		k.count(int64(n))
+	}
+	return n, err
+}
+
+// writeOnce is one write(2) of k.p on fd; it never waits for the socket.
+func (k *sink) writeOnce(fd uintptr) bool {
+	for {
+		k.n, k.err = syscall.Write(int(fd), k.p)
+		if !errors.Is(k.err, syscall.EINTR) {
+			return true // done, whatever the outcome
+		}
+	}
+}
+
+// PushTo writes what the peer sends to dst as it arrives, calling count
+// with each write's byte count, until the peer ends its direction (nil;
+// the caller half-closes dst) or the stream fails. It implements
+// forward.Pusher; a stream is either read or pushed, not both.
+func (s *Stream) PushTo(dst net.Conn, count func(int64)) error {
+	c := s.c
+	k := &sink{dst: dst, count: count}
+	k.write = k.writeOnce
+	switch sc := dst.(type) {
+	case *net.TCPConn, *net.UnixConn: // plain sockets only: a wrapper may buffer or transform what it writes
+		if raw, err := sc.(syscall.Conn).SyscallConn(); err == nil {
+			k.raw = raw
+		}
+	}
+	var (
+		taken []chunk
+		vec   net.Buffers
+	)
+	c.mu.Lock()
+	s.sink = k
+	defer func() {
+		s.sink = nil
+		c.mu.Unlock()
+	}()
+	for {
+		switch {
+		case s.rstErr != nil:
+			return s.rstErr
+		case s.sinkErr != nil:
+			return s.sinkErr
+		case s.buffered() && !s.sinkBusy:
+			// Take everything queued and write it in one writev.
+			taken, vec = append(taken[:0], s.recv...), vec[:0]
+			for i, ch := range taken {
+				off := 0
+				if i == 0 {
+					off = s.off
+				}
+				vec = append(vec, ch.a[off:ch.n])
+			}
+			s.recv, s.off = nil, 0
+			s.sinkBusy = true
+			c.mu.Unlock()
+			n, err := vec.WriteTo(dst)
+			count(n)
+			for i := range taken {
+				chunks.Put(taken[i].a)
+				taken[i] = chunk{}
+			}
+			c.mu.Lock()
+			s.sinkBusy = false
+			if err != nil {
+				return fmt.Errorf("write to %s: %w", dst.RemoteAddr(), err)
+			}
+			if inc := s.consumed(int(n)); inc > 0 {
+				c.mu.Unlock()
+				s.returnWindow(inc)
+				c.mu.Lock()
+			}
+		case s.buffered() || s.sinkBusy && s.err == nil:
+			s.rcond.Wait() // the reader is writing; it signals when it leaves something
+		case s.recvEnd:
+			return nil
+		case s.err != nil:
+			return s.err
+		default:
+			s.rcond.Wait()
+		}
+	}
+}
+
+// push writes data from the peer straight to the sink, if the stream has
+// one, nothing of it is queued and no write is in progress; rest is what
+// the socket did not take (to be queued), inc the window to return. Called
+// by the reader with c.mu held, which it releases during the write.
+func (s *Stream) push(data []byte) (rest []byte, inc uint32) {
+	k := s.sink
+	if k == nil || k.raw == nil || s.sinkBusy || s.buffered() || s.sinkErr != nil || len(data) == 0 || len(data) == maxFrame {
+		// A full frame is likely part of a bulk transfer: the forwarder
+		// writes such runs of frames in one writev, while the reader
+		// decrypts the next.
+		return data, 0
+	}
+	s.sinkBusy = true
+	s.c.mu.Unlock()
+	n, err := k.tryWrite(data)
+	s.c.mu.Lock()
+	s.sinkBusy = false
+	if err != nil {
+		s.sinkErr = fmt.Errorf("write to %s: %w", k.dst.RemoteAddr(), err)
+		return nil, 0
+	}
+	return data[n:], s.consumed(n)
+}

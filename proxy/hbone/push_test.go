@@ -1,0 +1,207 @@
+package hbone
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/meshproxy/meshproxy/proxy/forward"
+	"github.com/meshproxy/meshproxy/proxy/proxytest"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// These tests run streams as the proxy does: each side's app socket is
+// forwarded to its stream with forward.Forward, so the stream's receive
+// direction is pushed (PushTo: the connection's reader writes to the app
+// socket itself when it can) on both sides.
+
+// fwd forwards down (the accepted side) and up until both directions end.
+func fwd(down, up net.Conn) {
+	abort := func() { down.Close(); up.Close() }
+	counter := prometheus.NewCounter(prometheus.CounterOpts{Name: "bytes"})
+	_ = forward.Forward(down, up, &forward.Stats{}, time.Minute, abort, counter)
+}
+
+// forwardedPair is pair whose server dials the stream's :authority (an app
+// listener) and forwards the stream to it.
+func forwardedPair(t *testing.T) *Conn {
+	t.Helper()
+	cs, ss := tcpPair(t)
+	server := NewServer(ss, Options{})
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = server.Serve(func(s *Stream) {
+			up, err := net.Dial("tcp", s.Authority())
+			if err != nil {
+				s.Close()
+				return
+			}
+			// A small send buffer: an app that reads slowly soon makes
+			// the reader's writes to it fall back to the stream's queue.
+			_ = up.(*net.TCPConn).SetWriteBuffer(16 << 10)
+			if err := s.Respond(http.StatusOK); err != nil {
+				up.Close()
+				s.Close()
+				return
+			}
+			fwd(s, up)
+		})
+	}()
+	client := NewClient(cs, Options{})
+	t.Cleanup(func() {
+		client.Close()
+		server.Close()
+		<-served
+	})
+	return client
+}
+
+// appListener starts an app running handle and returns its address.
+func appListener(t *testing.T, handle func(net.Conn)) string {
+	t.Helper()
+	return proxytest.StartApp(t, 2*wait, handle).Addr()
+}
+
+// dialApp opens a stream to authority and returns the client app's end of
+// a socket forwarded over it.
+func dialApp(t *testing.T, c *Conn, authority string) *net.TCPConn {
+	t.Helper()
+	s := open(t, c, authority)
+	app, down := tcpPair(t)
+	go fwd(down, s)
+	_ = app.SetDeadline(time.Now().Add(wait)) // a stall fails the test rather than hanging it
+	return app.(*net.TCPConn)
+}
+
+// exchange sends payload on app, half-closes, and checks that the echo
+// is payload exactly, then EOF.
+func exchange(app halfCloser, payload []byte) error {
+	go func() {
+		_, _ = app.Write(payload)
+		_ = app.CloseWrite()
+	}()
+	h := sha256.New()
+	n, err := io.Copy(h, app)
+	if err != nil {
+		return fmt.Errorf("read echo: %w", err)
+	}
+	if want := sha256.Sum256(payload); n != int64(len(payload)) || !bytes.Equal(h.Sum(nil), want[:]) {
+		return fmt.Errorf("echo of %d bytes differs (got %d)", len(payload), n)
+	}
+	return nil
+}
+
+// Bytes are exact, in order, and end with the end of stream, whatever the
+// sizes and however slowly the app reads (slow reads make the reader's
+// writes fall back to the queue part way through a stream).
+func TestPushedStreamsExactUnderLoad(t *testing.T) {
+	fast := appListener(t, proxytest.Echo)
+	slow := appListener(t, func(c net.Conn) {
+		r := rand.New(rand.NewPCG(1, 2))
+		buf := make([]byte, 4<<10)
+		var got []byte
+		for {
+			n, err := c.Read(buf[:1+r.IntN(len(buf))])
+			got = append(got, buf[:n]...)
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				return
+			}
+		}
+		if _, err := c.Write(got); err == nil {
+			_ = forward.CloseWrite(c)
+		}
+	})
+	c := forwardedPair(t)
+	open(t, c, fast) // the stream that rides with the preface
+	const streams = 24
+	var wg sync.WaitGroup
+	errs := make(chan error, streams)
+	for i := range streams {
+		wg.Go(func() {
+			size := rand.IntN(3 << 20)
+			if i%6 == 0 {
+				size = rand.IntN(2 << 10)
+			}
+			app := fast
+			if i%3 == 0 {
+				app = slow
+			}
+			if err := exchange(dialApp(t, c, app), randomBytes(size)); err != nil {
+				errs <- fmt.Errorf("stream %d (%d bytes): %w", i, size, err)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+// An app that does not read fills its socket; the connection's reader
+// must then queue that stream's data rather than wait, so the other
+// streams of the connection keep flowing; once the app reads, it gets
+// every byte, then the end of stream.
+func TestPushToStuckAppDoesNotStallOthers(t *testing.T) {
+	release := make(chan struct{})
+	received := make(chan []byte, 1)
+	stuck := appListener(t, func(c net.Conn) {
+		<-release
+		got, err := io.ReadAll(c)
+		if err != nil {
+			got = append(got, "<error: "+err.Error()+">"...)
+		}
+		received <- got
+	})
+	echoApp := appListener(t, proxytest.Echo)
+	c := forwardedPair(t)
+	open(t, c, echoApp)
+
+	a := dialApp(t, c, stuck)
+	big := randomBytes(900 << 10) // far more than the stuck app's socket holds, less than the stream window
+	if _, err := a.Write(big); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 4 {
+		if err := exchange(dialApp(t, c, echoApp), randomBytes(1<<20+i)); err != nil {
+			t.Fatalf("stream beside a stuck app: %v", err)
+		}
+	}
+	close(release)
+	select {
+	case got := <-received:
+		if !bytes.Equal(got, big) {
+			t.Fatalf("the stuck app got %d bytes, want %d identical", len(got), len(big))
+		}
+	case <-time.After(wait):
+		t.Fatal("the stuck app never got its data and end of stream")
+	}
+}
+
+// Half-close both ways through forwarded streams: the client app ends
+// first and the server app answers at length; the server app ends first
+// (a banner) and the client app sends at length after it.
+func TestPushedHalfCloseBothWays(t *testing.T) {
+	answerer := appListener(t, func(c net.Conn) { answerAtLength(c.(*net.TCPConn), 1000) })
+	received := make(chan []byte, 1)
+	banner := appListener(t, func(c net.Conn) { bannerThenReadAll(c.(*net.TCPConn), received) })
+	c := forwardedPair(t)
+
+	sendThenReadAnswer(t, dialApp(t, c, answerer), 1000)
+	sendAfterBanner(t, dialApp(t, c, banner), received)
+}
