@@ -3,6 +3,7 @@ package deploy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -26,6 +27,8 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
+
+	"github.com/meshproxy/meshproxy/internal/e2eutil"
 )
 
 // repoRoot is the module root (tests run in deploy/).
@@ -370,15 +373,15 @@ var (
 	binErrs  = map[string]error{}
 )
 
-// meshproxyBinary builds ./cmd/meshproxy once per variant. -trimpath is
-// left out: it only shortens paths, and without it the compile cache of
-// go vet and go build is reused.
+// meshproxyBinary builds ./cmd/meshproxy once per variant, as every test
+// does (e2eutil.BuildCommand: the shipped flags, one compile cache with
+// make lint's go vet and staticcheck).
 func meshproxyBinary(t *testing.T, variant string) string {
 	t.Helper()
-	goTool, err := exec.LookPath("go")
-	if err != nil {
+	if _, err := exec.LookPath("go"); err != nil {
 		t.Skip("go tool not on PATH")
 	}
+	var err error
 	binMu.Lock()
 	defer binMu.Unlock()
 	if p, ok := binPaths[variant]; ok {
@@ -393,16 +396,15 @@ func meshproxyBinary(t *testing.T, variant string) string {
 		}
 	}
 	p := filepath.Join(binDir, "meshproxy-"+variant)
-	args := []string{"build", "-ldflags", "-s -w -X main.version=deploytest", "-o", p}
+	args := []string{"-ldflags", "-s -w -X main.version=deploytest"}
 	if variant == imageBinary {
 		args = append(args, "-tags", "noinject,nocloudca") // as deploy/Dockerfile builds it
 	}
 	if o := os.Getenv("MESHPROXY_TEST_OVERLAY"); o != "" {
 		args = append(args, "-overlay", o) // lets a developer check against work in progress
 	}
-	cmd := exec.Command(goTool, append(args, "./cmd/meshproxy")...)
+	cmd := e2eutil.BuildCommand(context.Background(), p, args...)
 	cmd.Dir = repoRoot
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		binErrs[variant] = fmt.Errorf("go build ./cmd/meshproxy (%s): %v\n%s", variant, err, out)
 		t.Fatal(binErrs[variant])

@@ -23,13 +23,29 @@ func Build(dir string) (string, error) {
 // BuildContext is Build, stopped when ctx is done.
 func BuildContext(ctx context.Context, dir string) (string, error) {
 	bin := filepath.Join(dir, "meshproxy")
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "github.com/meshproxy/meshproxy/cmd/meshproxy")
+	cmd := BuildCommand(ctx, bin)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
 		return "", fmt.Errorf("build meshproxy: %w\n%s", err, out.String())
 	}
 	return bin, nil
+}
+
+// BuildCommand is the go build of github.com/meshproxy/meshproxy/cmd/meshproxy
+// into out that every test uses, with extra go build flags (e.g. -tags)
+// before the package: a static build with -trimpath, as deploy/Dockerfile
+// ships it, and as `make lint` compiles for go vet and staticcheck, so that
+// one compile of the module's dependencies serves all of them (CGO_ENABLED
+// and -trimpath each change every package's build; a cold CI machine would
+// otherwise compile the whole tree once per combination). The command runs
+// in the current directory, which must be inside the module.
+func BuildCommand(ctx context.Context, out string, extra ...string) *exec.Cmd {
+	args := append([]string{"build", "-trimpath"}, extra...)
+	args = append(args, "-o", out, "github.com/meshproxy/meshproxy/cmd/meshproxy")
+	cmd := exec.CommandContext(ctx, "go", args...)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	return cmd
 }
 
 // Buffer is a bytes.Buffer safe for a process writing while a test reads.

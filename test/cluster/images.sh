@@ -17,7 +17,7 @@ mkdir -p "$out/bin"
 ctr() { command ctr --address "$CLUSTER_CONTAINERD_SOCK" --namespace k8s.io "$@"; }
 tool="$out/bin/image"
 if [[ ! -x "$tool" ]]; then
-	(cd "$here/image" && CGO_ENABLED=0 go build -o "$tool" .)
+	(cd "$here/image" && CGO_ENABLED=0 go build -trimpath -o "$tool" .)
 fi
 
 names=("$@")

@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshproxy/meshproxy/internal/e2eutil"
 )
 
 // The suite's shared state, set once by TestMain.
@@ -132,9 +134,8 @@ func setUp() error {
 		return err
 	}
 	meshproxyCLI = filepath.Join(tmp, "meshproxy")
-	build := exec.Command("go", "build", "-o", meshproxyCLI, "./cmd/meshproxy")
+	build := e2eutil.BuildCommand(context.Background(), meshproxyCLI)
 	build.Dir = repoRoot
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
 		return fmt.Errorf("build meshproxy: %w\n%s", err, out)
 	}

@@ -2,6 +2,7 @@ package netns_test
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"net/netip"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/e2eutil"
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/test/netns"
@@ -41,12 +43,7 @@ func buildAndRun(m *testing.M) int {
 			return 1
 		}
 		bin = filepath.Join(dir, "meshproxy")
-		goTool, err := exec.LookPath("go")
-		if err != nil {
-			goTool = "/usr/local/go/bin/go"
-		}
-		cmd := exec.Command(goTool, "build", "-o", bin, "github.com/meshproxy/meshproxy/cmd/meshproxy")
-		if out, err := cmd.CombinedOutput(); err != nil {
+		if out, err := e2eutil.BuildCommand(context.Background(), bin).CombinedOutput(); err != nil {
 			fmt.Fprintf(os.Stderr, "build meshproxy: %v\n%s", err, out)
 			return 1
 		}

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshproxy/meshproxy/internal/e2eutil"
 )
 
 // TestSPIREMeshproxyRunMovesBytesWithSPIREIdentities runs two real
@@ -133,7 +135,9 @@ func buildMeshproxy(t *testing.T, names ...string) map[string]string {
 			t.Fatal(err)
 		}
 		built = filepath.Join(dir, "meshproxy")
-		out, err := exec.CommandContext(ctx, "go", "build", "-C", root, "-o", built, "./cmd/meshproxy").CombinedOutput()
+		build := e2eutil.BuildCommand(ctx, built)
+		build.Dir = root
+		out, err := build.CombinedOutput()
 		if err != nil {
 			t.Fatalf("go build ./cmd/meshproxy: %v\n%s", err, out)
 		}
