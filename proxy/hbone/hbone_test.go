@@ -199,13 +199,20 @@ func sendAfterBanner(t *testing.T, c halfCloser, received <-chan []byte) {
 	if err := c.CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
+	expectReceived(t, received, payload, "the server app (data sent after its half-close)")
+}
+
+// expectReceived waits for what an app read until its end of stream (sent
+// on received) and checks that it is want; who names the app.
+func expectReceived(t *testing.T, received <-chan []byte, want []byte, who string) {
+	t.Helper()
 	select {
 	case got := <-received:
-		if !bytes.Equal(got, payload) {
-			t.Fatalf("server got %d bytes, want %d identical", len(got), len(payload))
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s got %d bytes, want %d identical", who, len(got), len(want))
 		}
 	case <-time.After(wait):
-		t.Fatal("server never got the data sent after its half-close")
+		t.Fatalf("%s never got its data and end of stream", who)
 	}
 }
 

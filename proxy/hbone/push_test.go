@@ -183,14 +183,7 @@ func TestPushToStuckAppDoesNotStallOthers(t *testing.T) {
 		}
 	}
 	close(release)
-	select {
-	case got := <-received:
-		if !bytes.Equal(got, big) {
-			t.Fatalf("the stuck app got %d bytes, want %d identical", len(got), len(big))
-		}
-	case <-time.After(wait):
-		t.Fatal("the stuck app never got its data and end of stream")
-	}
+	expectReceived(t, received, big, "the stuck app")
 }
 
 // Half-close both ways through forwarded streams: the client app ends
