@@ -15,12 +15,9 @@ build: ## build the static meshproxy binary into bin/
 
 # Test tools are built into a cache outside the checkout (a fresh clone
 # reuses them) by scripts/cached-build.sh, which rebuilds only when a module,
-# the flags or Go change. SPIRE, step-ca and CoreDNS serve a few test
-# requests: they are compiled without optimisations (-N -l), a third less CPU
-# on a cold machine.
+# the flags or Go change.
 MESHPROXY_CACHE ?= $(HOME)/.cache/meshproxy
 TOOLS   := $(MESHPROXY_CACHE)/test-tools
-TOOL_GCFLAGS := -gcflags 'all=-N -l' -ldflags '-s -w'
 export MESHPROXY_SPIRE_BIN  := $(TOOLS)
 export MESHPROXY_STEPCA_BIN := $(TOOLS)/step-ca
 
@@ -29,13 +26,10 @@ test: ## everything: lint, every test (as root for the netns and Kubernetes test
 	$(GO) test -race -count=1 -timeout 25m ./...
 	$(MAKE) fuzz-short
 
-tools: ## build the real SPIRE and step-ca the tests run (separate modules under test/) into $$MESHPROXY_CACHE/test-tools
-	CGO_ENABLED=1 GO=$(GO) scripts/cached-build.sh spire test/spire "$(TOOLS)/spire-server $(TOOLS)/spire-agent" -- \
-		$(TOOL_GCFLAGS) -o $(TOOLS)/ github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
-	CGO_ENABLED=0 GO=$(GO) scripts/cached-build.sh step-ca test/stepca "$(TOOLS)/step-ca" -- \
-		$(TOOL_GCFLAGS) -o $(TOOLS)/step-ca github.com/smallstep/certificates/cmd/step-ca
+tools: ## build the real SPIRE and step-ca the tests run (separate modules under test/, only the plugins the tests use) into $$MESHPROXY_CACHE/test-tools
+	GO=$(GO) scripts/test-tools.sh $(TOOLS)
 
-cluster-tools: ## build Kubernetes v1.37.2 and CoreDNS into $$MESHPROXY_CACHE (default ~/.cache/meshproxy) if missing or out of date
+cluster-tools: ## build Kubernetes v1.37.2, CoreDNS and cert-manager's controller into $$MESHPROXY_CACHE (default ~/.cache/meshproxy) if missing or out of date
 	GO=$(GO) test/cluster/tools/build.sh
 
 cluster-up: cluster-tools ## a single-node Kubernetes on this machine (root; test/cluster/up.sh)
@@ -59,7 +53,8 @@ test-short: ## unit tests only, no lint
 # go vet and staticcheck compile the module as it ships and as the tests
 # build it (static, -trimpath: e2eutil.BuildCommand), so one compile of the
 # dependencies serves all; CGO_ENABLED or -trimpath alone changes every package.
-lint: ## gofmt, go vet and staticcheck must be clean
+lint: ## gofmt, go vet, staticcheck and shellcheck (scripts/) must be clean
+	shellcheck scripts/*.sh
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	CGO_ENABLED=0 $(GO) vet -trimpath ./...
 	CGO_ENABLED=0 GOFLAGS="$$($(GO) env GOFLAGS) -trimpath" $(STATICCHECK) ./...

@@ -4,8 +4,9 @@
 # Builds test tools (Kubernetes, CoreDNS, SPIRE, step-ca) into a cache outside
 # the checkout, and skips the build when the outputs came from the same
 # inputs: the stamp NAME.stamp beside the first output holds a digest of
-# MODDIR's go.mod, go.sum and *.go, the go build arguments, CGO_ENABLED and
-# GOFLAGS, and `go version`. File contents, not times: a fresh clone (as in
+# MODDIR's go.mod, go.sum, *.go and */*.go, the go build arguments, CGO_ENABLED and
+# GOFLAGS, `go version` and CACHED_BUILD_EXTRA (what else shaped the
+# sources, such as scripts/trim-module.sh's arguments). File contents, not times: a fresh clone (as in
 # CI) has new file times but the same module, and must not rebuild.
 # GO selects the go command (default go).
 set -euo pipefail
@@ -27,11 +28,12 @@ flock 9
 want=$(
 	cd "$moddir"
 	{
-		for f in go.mod go.sum *.go; do
+		for f in go.mod go.sum *.go */*.go; do
 			[ -e "$f" ] && { printf '%s\n' "$f"; cat "$f"; }
 		done
 		printf 'args:'; printf ' %q' "$@"; printf '\n'
 		printf 'CGO_ENABLED=%s GOFLAGS=%s\n' "${CGO_ENABLED:-}" "${GOFLAGS:-}"
+		if [ -n "${CACHED_BUILD_EXTRA:-}" ]; then printf 'extra:%s\n' "$CACHED_BUILD_EXTRA"; fi
 		"$GO" version
 	} | sha256sum | cut -d' ' -f1
 )

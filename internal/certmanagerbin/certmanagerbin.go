@@ -1,8 +1,9 @@
 // Package certmanagerbin finds, building it when missing or stale,
-// cert-manager's controller that test/certmanager builds from cert-manager's
-// Go module, and cert-manager's CRDs from the same module, in the cache
-// directory both the loopback cert-manager test (test/certmanagerint) and
-// the cluster suite (test/cluster) use. It is for tests only.
+// cert-manager's controller that the Kubernetes tools module
+// (test/cluster/tools/certmanager) builds from cert-manager's Go module,
+// and cert-manager's CRDs from the same module, in the cache directory both
+// the loopback cert-manager test (test/certmanagerint) and the cluster suite
+// (test/cluster) use. It is for tests only.
 package certmanagerbin
 
 import (
@@ -11,10 +12,18 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	"github.com/meshproxy/meshproxy/internal/testtools"
 )
 
-// Version is the cert-manager release test/certmanager's go.mod requires.
-const Version = "v1.21.2"
+// Versions test/cluster/tools/go.mod requires.
+const (
+	// Version is the cert-manager release.
+	Version = "v1.21.2"
+	// KubeVersion is the Kubernetes release; its build.sh builds into
+	// testtools.CacheDir()/k8s-KubeVersion/bin.
+	KubeVersion = "v1.37.2"
+)
 
 // Binaries are the built controller and the directory of CRD manifests.
 type Binaries struct {
@@ -24,40 +33,34 @@ type Binaries struct {
 	CRDs string
 }
 
-// CacheDir is ${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}.
-func CacheDir() string {
-	if d := os.Getenv("MESHPROXY_CACHE"); d != "" {
-		return d
+// Find returns the controller and CRDs under testtools.CacheDir(). toolsDir is
+// test/cluster/tools: its build.sh builds the controller beside Kubernetes
+// and CoreDNS (one module, so the Kubernetes libraries all three use compile
+// once) when any is missing or was built from other sources — a no-op once
+// `make cluster-tools` ran. The CRDs are copied out of the module cache when
+// they are not there yet.
+func Find(toolsDir string) (Binaries, error) {
+	dir := filepath.Join(testtools.CacheDir(), "cert-manager-"+Version)
+	b := Binaries{
+		Controller: filepath.Join(testtools.CacheDir(), "k8s-"+KubeVersion, "bin", "cert-manager-controller"),
+		CRDs:       filepath.Join(dir, "crds"),
 	}
-	home, _ := os.UserHomeDir()
-	return filepath.Join(home, ".cache", "meshproxy")
-}
-
-// Find returns the controller and CRDs under CacheDir, building the
-// controller from moduleDir (test/certmanager) when it is missing or was
-// built from other sources, and copying the CRDs out of the
-// module cache when they are not there yet.
-func Find(moduleDir string) (Binaries, error) {
-	dir := filepath.Join(CacheDir(), "cert-manager-"+Version)
-	b := Binaries{Controller: filepath.Join(dir, "cert-manager-controller"), CRDs: filepath.Join(dir, "crds")}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return b, fmt.Errorf("cert-manager cache: %w", err)
 	}
-	// scripts/cached-build.sh rebuilds only when the module, the flags or Go
-	// change. The controller signs a few test certificates: built without
-	// optimisations (-N -l), it takes a third less CPU to compile cold.
-	script := filepath.Join(moduleDir, "..", "..", "scripts", "cached-build.sh")
-	build := exec.Command(script, "cert-manager-controller", moduleDir, b.Controller, "--",
-		"-trimpath", "-gcflags", "all=-N -l", "-ldflags", "-s -w", "-o", b.Controller, ".")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	build := exec.Command(filepath.Join(toolsDir, "build.sh"))
+	build.Env = append(os.Environ(), "MESHPROXY_CACHE="+testtools.CacheDir())
 	if out, err := build.CombinedOutput(); err != nil {
-		return b, fmt.Errorf("build cert-manager controller: %w\n%s", err, out)
+		return b, fmt.Errorf("build the cluster tools (cert-manager's controller): %w\n%s", err, out)
+	}
+	if _, err := os.Stat(b.Controller); err != nil {
+		return b, fmt.Errorf("%s did not build cert-manager's controller: %w", build.Path, err)
 	}
 	if _, err := os.Stat(b.CRDs); err == nil {
 		return b, nil
 	}
 	cmd := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/cert-manager/cert-manager")
-	cmd.Dir = moduleDir
+	cmd.Dir = toolsDir
 	out, err := cmd.Output()
 	if err != nil {
 		return b, fmt.Errorf("find cert-manager's module: %w", err)

@@ -10,14 +10,12 @@ import (
 
 	"github.com/meshproxy/meshproxy/internal/certmanagerbin"
 	"github.com/meshproxy/meshproxy/internal/e2eutil"
+	"github.com/meshproxy/meshproxy/internal/testtools"
 )
 
-// Versions of what the test runs.
-const (
-	kubeVersion = "v1.37.2"
-	// certManagerModuleDir is test/certmanager, relative to this package.
-	certManagerModuleDir = "../certmanager"
-)
+// toolsDir is test/cluster/tools, relative to this package: its build.sh
+// builds kube-apiserver and cert-manager's controller.
+const toolsDir = "../cluster/tools"
 
 // bins are the programs the tests run, found or built by TestMain.
 var bins struct {
@@ -36,23 +34,22 @@ func TestMain(m *testing.M) {
 	e2eutil.Main(m, "certmanagerint", &bins.meshproxy)
 }
 
-// findBinaries locates etcd and kube-apiserver, and cert-manager's
-// controller, built into the cache when it is not there yet.
+// findBinaries locates etcd, and kube-apiserver and cert-manager's
+// controller, built into the cache when they are not there yet.
 func findBinaries() error {
-	cache := certmanagerbin.CacheDir()
-	bins.apiserver = filepath.Join(cache, "k8s-"+kubeVersion, "bin", "kube-apiserver")
+	cm, err := certmanagerbin.Find(toolsDir)
+	if err != nil {
+		return err
+	}
+	bins.certManager, bins.crds = cm.Controller, cm.CRDs
+	bins.apiserver = filepath.Join(testtools.CacheDir(), "k8s-"+certmanagerbin.KubeVersion, "bin", "kube-apiserver")
 	if _, err := os.Stat(bins.apiserver); err != nil {
-		bins.missing = fmt.Sprintf("kube-apiserver %s is not built at %s (build it with the test/cluster tools module)", kubeVersion, bins.apiserver)
+		bins.missing = fmt.Sprintf("kube-apiserver %s is not built at %s (test/cluster/tools/build.sh)", certmanagerbin.KubeVersion, bins.apiserver)
 	}
 	etcd, err := exec.LookPath("etcd")
 	if err != nil {
 		bins.missing = "etcd is not on PATH (install Debian's etcd-server)"
 	}
 	bins.etcd = etcd
-	cm, err := certmanagerbin.Find(certManagerModuleDir)
-	if err != nil {
-		return err
-	}
-	bins.certManager, bins.crds = cm.Controller, cm.CRDs
 	return nil
 }

@@ -35,7 +35,7 @@ const (
 )
 
 // testCertManagerSigner (issue 18): cert-manager's own controllers (built
-// from its Go module by test/certmanager, run as a host process against the
+// from its Go module by test/cluster/tools, run as a host process against the
 // cluster's API server) with a CA Issuer holding a root and intermediate made
 // here; a second meshproxy CA from deploy/kubernetes/certmanager-signer
 // (--signer certmanager, its RBAC); client and server pods injected with
@@ -47,7 +47,7 @@ const (
 func testCertManagerSigner(t *testing.T) {
 	needCluster(t)
 	dumpOnFailure(t, cmCANamespace, cmAppNamespace)
-	cm, err := certmanagerbin.Find(filepath.Join(repoRoot, "test", "certmanager"))
+	cm, err := certmanagerbin.Find(filepath.Join(repoRoot, "test", "cluster", "tools"))
 	if err != nil {
 		t.Fatal(err)
 	}

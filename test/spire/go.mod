@@ -2,7 +2,7 @@
 // A module of its own so SPIRE's dependency graph stays out of meshproxy's
 // go.mod. SPIRE v1.13.3's own go.mod has no replace directives; none are
 // needed here. Bump with: go get github.com/spiffe/spire/cmd/spire-server@vX.Y.Z
-// (and update spireVersion in test/spireint/main_test.go).
+// (scripts/test-tools.sh builds it, minus the plugins the tests never use).
 module github.com/meshproxy/meshproxy/test/spire
 
 go 1.25.3

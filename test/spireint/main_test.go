@@ -1,32 +1,22 @@
 package spireint
 
 import (
-	"bytes"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 
 	"go.uber.org/goleak"
+
+	"github.com/meshproxy/meshproxy/internal/testtools"
 )
 
-// spireVersion is the SPIRE release pinned in test/spire/go.mod.
-const spireVersion = "v1.13.3"
-
-// spireModuleDir is test/spire, relative to this package's directory (the
-// working directory of `go test`).
-const spireModuleDir = "../spire"
-
-// binDirEnv names a directory with prebuilt spire-server and spire-agent.
+// binDirEnv names a directory with prebuilt spire-server and spire-agent
+// (make test sets it to what `make tools` built).
 const binDirEnv = "MESHPROXY_SPIRE_BIN"
 
 // spireBin holds the paths of the SPIRE binaries, set once by TestMain.
@@ -35,14 +25,10 @@ var spireBin struct{ server, agent string }
 func TestMain(m *testing.M) {
 	flag.Parse()
 	if !testing.Short() {
-		start := time.Now()
-		dir, built, err := spireBinaries()
+		dir, err := spireBinaries()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "spireint: %v\n", err)
 			os.Exit(1)
-		}
-		if built {
-			fmt.Fprintf(os.Stderr, "spireint: built SPIRE %s into %s in %s\n", spireVersion, dir, time.Since(start).Round(time.Second))
 		}
 		spireBin.server = filepath.Join(dir, "spire-server")
 		spireBin.agent = filepath.Join(dir, "spire-agent")
@@ -66,46 +52,20 @@ func skipShort(t *testing.T) {
 }
 
 // spireBinaries returns the directory holding spire-server and
-// spire-agent, building them if needed, and whether it built them.
-func spireBinaries() (dir string, built bool, err error) {
+// spire-agent: $MESHPROXY_SPIRE_BIN, or the test tools' cache, built there
+// by scripts/test-tools.sh when missing or stale.
+func spireBinaries() (string, error) {
 	if dir := os.Getenv(binDirEnv); dir != "" {
 		if err := haveBinaries(dir); err != nil {
-			return "", false, fmt.Errorf("%s=%s: %w", binDirEnv, dir, err)
+			return "", fmt.Errorf("%s=%s: %w", binDirEnv, dir, err)
 		}
-		return dir, false, nil
+		return dir, nil
 	}
-	// The directory is keyed by the module's go.mod and go.sum, so a
-	// changed pin never reuses stale binaries.
-	h := sha256.New()
-	for _, f := range []string{"go.mod", "go.sum"} {
-		data, err := os.ReadFile(filepath.Join(spireModuleDir, f))
-		if err != nil {
-			return "", false, fmt.Errorf("read SPIRE tools module: %w", err)
-		}
-		h.Write(data)
-	}
-	dir = filepath.Join(os.TempDir(), "meshproxy-spire-"+spireVersion+"-"+hex.EncodeToString(h.Sum(nil))[:12])
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", false, err
-	}
-	// Concurrent test processes (several packages, several engineers)
-	// build once: the first holds the lock, the others then reuse.
-	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	dir, err := testtools.Dir()
 	if err != nil {
-		return "", false, err
+		return "", err
 	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", false, fmt.Errorf("lock %s: %w", dir, err)
-	}
-	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN) //nolint:errcheck // closing the file releases it too
-	if haveBinaries(dir) == nil {
-		return dir, false, nil
-	}
-	if err := buildSPIRE(dir); err != nil {
-		return "", false, err
-	}
-	return dir, true, haveBinaries(dir)
+	return dir, haveBinaries(dir)
 }
 
 func haveBinaries(dir string) error {
@@ -120,42 +80,6 @@ func haveBinaries(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// buildSPIRE builds both binaries in one go command (they share most of
-// their packages) into a scratch directory, then moves them into dir so a
-// killed build never leaves half a binary behind.
-func buildSPIRE(dir string) error {
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		return fmt.Errorf("build SPIRE: the go command is not on PATH: %w", err)
-	}
-	modDir, err := filepath.Abs(spireModuleDir)
-	if err != nil {
-		return err
-	}
-	scratch, err := os.MkdirTemp(dir, "build-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(scratch)
-	fmt.Fprintf(os.Stderr, "spireint: building SPIRE %s from %s (the first build takes several minutes)\n", spireVersion, modDir)
-	cmd := exec.Command(goBin, "build", "-C", modDir, "-o", scratch+string(filepath.Separator),
-		"github.com/spiffe/spire/cmd/spire-server", "github.com/spiffe/spire/cmd/spire-agent")
-	// The sqlite datastore needs cgo; GOFLAGS from the caller (such as
-	// -race) must not leak into the SPIRE build.
-	cmd.Env = append(filteredEnv("GOFLAGS=", "CGO_ENABLED="), "CGO_ENABLED=1", "GOFLAGS=-mod=readonly -buildvcs=false")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("build SPIRE %s (%s): %w\n%s", spireVersion, strings.Join(cmd.Args, " "), err, out.String())
-	}
-	for _, name := range []string{"spire-server", "spire-agent"} {
-		if err := os.Rename(filepath.Join(scratch, name), filepath.Join(dir, name)); err != nil {
-			return fmt.Errorf("install %s: %w", name, err)
-		}
-	}
-	return nil
 }
 
 // filteredEnv is os.Environ without variables starting with any prefix.

@@ -1,20 +1,17 @@
 package stepcatest
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -32,10 +29,8 @@ import (
 
 	"github.com/meshproxy/meshproxy/ca/stepca"
 	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/internal/testtools"
 )
-
-// Version is the step-ca release pinned in test/stepca/go.mod.
-const Version = "v0.30.2"
 
 // BinEnv names a prebuilt step-ca binary that replaces the build.
 const BinEnv = "MESHPROXY_STEPCA_BIN"
@@ -55,19 +50,13 @@ var (
 	binErr    error
 )
 
-// Binary returns the path of the step-ca binary, building it on first use
-// (a process-wide lock file makes concurrent test processes build once).
+// Binary returns the path of the step-ca binary: $MESHPROXY_STEPCA_BIN, or
+// the test tools' cache, built there by scripts/test-tools.sh on first use
+// when missing or stale (package internal/testtools).
 func Binary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		start := time.Now()
-		var built bool
-		binPath, built, binErr = binary()
-		if built {
-			msg := fmt.Sprintf("stepcatest: built step-ca %s into %s in %s", Version, binPath, time.Since(start).Round(time.Second))
-			fmt.Fprintln(os.Stderr, msg)
-			t.Log(msg)
-		}
+		binPath, binErr = binary()
 	})
 	if binErr != nil {
 		t.Fatalf("step-ca binary: %v", binErr)
@@ -75,69 +64,19 @@ func Binary(t testing.TB) string {
 	return binPath
 }
 
-func binary() (string, bool, error) {
+func binary() (string, error) {
 	if p := os.Getenv(BinEnv); p != "" {
 		if err := executable(p); err != nil {
-			return "", false, fmt.Errorf("%s=%s: %w", BinEnv, p, err)
+			return "", fmt.Errorf("%s=%s: %w", BinEnv, p, err)
 		}
-		return p, false, nil
+		return p, nil
 	}
-	modDir, err := moduleDir()
-	if err != nil {
-		return "", false, err
-	}
-	// Keyed by the tools module's go.mod and go.sum: a changed pin never
-	// reuses a stale binary.
-	h := sha256.New()
-	for _, f := range []string{"go.mod", "go.sum"} {
-		data, err := os.ReadFile(filepath.Join(modDir, f))
-		if err != nil {
-			return "", false, fmt.Errorf("read step-ca tools module: %w", err)
-		}
-		h.Write(data)
-	}
-	dir := filepath.Join(os.TempDir(), "meshproxy-stepca-"+Version+"-"+hex.EncodeToString(h.Sum(nil))[:12])
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", false, err
-	}
-	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return "", false, err
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", false, fmt.Errorf("lock %s: %w", dir, err)
-	}
-	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN) //nolint:errcheck // closing the file releases it too
-	bin := filepath.Join(dir, "step-ca")
-	if executable(bin) == nil {
-		return bin, false, nil
-	}
-	if err := build(modDir, dir, bin); err != nil {
-		return "", false, err
-	}
-	return bin, true, executable(bin)
-}
-
-// moduleDir finds test/stepca above the working directory (a package
-// directory of the meshproxy module under `go test`).
-func moduleDir() (string, error) {
-	dir, err := os.Getwd()
+	dir, err := testtools.Dir()
 	if err != nil {
 		return "", err
 	}
-	for range 16 {
-		cand := filepath.Join(dir, "test", "stepca")
-		if _, err := os.Stat(filepath.Join(cand, "go.mod")); err == nil {
-			return cand, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			break
-		}
-		dir = parent
-	}
-	return "", errors.New("test/stepca/go.mod not found above the working directory")
+	bin := filepath.Join(dir, "step-ca")
+	return bin, executable(bin)
 }
 
 func executable(path string) error {
@@ -149,30 +88,6 @@ func executable(path string) error {
 		return fmt.Errorf("%s is not executable", path)
 	}
 	return nil
-}
-
-// build compiles step-ca into a scratch file and renames it into place, so
-// a killed build never leaves half a binary behind. cgo stays off: the
-// YubiKey KMS would need libpcsclite, and the tests use none of it.
-func build(modDir, dir, bin string) error {
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		return fmt.Errorf("build step-ca: the go command is not on PATH: %w", err)
-	}
-	scratch, err := os.MkdirTemp(dir, "build-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(scratch)
-	fmt.Fprintf(os.Stderr, "stepcatest: building step-ca %s from %s (the first build takes minutes)\n", Version, modDir)
-	cmd := exec.Command(goBin, "build", "-C", modDir, "-o", filepath.Join(scratch, "step-ca"), "github.com/smallstep/certificates/cmd/step-ca")
-	cmd.Env = append(filteredEnv("GOFLAGS=", "CGO_ENABLED="), "CGO_ENABLED=0", "GOFLAGS=-mod=readonly -buildvcs=false")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("build step-ca %s (%s): %w\n%s", Version, strings.Join(cmd.Args, " "), err, out.String())
-	}
-	return os.Rename(filepath.Join(scratch, "step-ca"), bin)
 }
 
 func filteredEnv(prefixes ...string) []string {

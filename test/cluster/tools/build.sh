@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Build the Kubernetes v1.37.2 components and CoreDNS the test cluster runs
-# into the shared cache, ${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}/k8s-v1.37.2/bin,
-# outside the repository so a fresh clone on the same machine reuses them.
-# Rebuilds only when the modules, flags or Go change (scripts/cached-build.sh).
-# BUILD_FLAGS adds go build flags (e.g. "-p 4").
+# Build the Kubernetes v1.37.2 components, CoreDNS and cert-manager's
+# controller the test cluster runs into the shared cache,
+# ${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}/k8s-v1.37.2/bin, outside the
+# repository so a fresh clone on the same machine reuses them. Rebuilds only
+# when the module, flags or Go change (scripts/cached-build.sh). The three
+# are one module and one go build: the Kubernetes libraries, gRPC and the
+# standard library they share compile once. BUILD_FLAGS adds go build flags
+# (e.g. "-p 4").
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 k8s_version=v1.37.2
@@ -30,16 +33,8 @@ for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl k
 	outs+=("$bin/$c")
 	pkgs+=("k8s.io/kubernetes/cmd/$c")
 done
-# The two builds run side by side: the end of each (linking) leaves a core
-# idle that the other uses.
-CGO_ENABLED=0 GO="$GO" "$build" kubernetes "$here" "${outs[*]}" -- \
-	"${build_flags[@]}" -trimpath -ldflags "$ldflags" -o "$bin/" "${pkgs[@]}" &
-k8s=$!
-# CoreDNS answers a handful of names for a few pods: it is built without
-# optimisations (-N -l), which takes a third less CPU to compile.
-status=0
-CGO_ENABLED=0 GO="$GO" "$build" coredns "$here/coredns" "$bin/coredns" -- \
-	-trimpath -gcflags "all=-N -l" -ldflags "-s -w" -o "$bin/coredns" . || status=$?
-wait "$k8s" || status=$?
-[ "$status" = 0 ] || exit "$status"
+outs+=("$bin/coredns" "$bin/cert-manager-controller")
+pkgs+=(./coredns ./cert-manager-controller)
+CGO_ENABLED=0 GO="$GO" "$build" cluster-tools "$here" "${outs[*]}" -- \
+	"${build_flags[@]}" -trimpath -ldflags "$ldflags" -o "$bin/" "${pkgs[@]}"
 echo "cluster-tools: $bin is up to date"

@@ -4,9 +4,10 @@
 // uses (errors, health, ready, kubernetes, cache) — the way CoreDNS documents
 // building with a chosen plugin set — instead of CoreDNS's main package,
 // which links every plugin and their cloud SDKs (Route 53, Azure, Cloud DNS,
-// etcd…) and doubles a cold build for nothing the cluster uses. A module of
-// its own so CoreDNS's dependency graph stays out of both meshproxy's go.mod
-// and the Kubernetes tools module; test/cluster/tools/build.sh builds it.
+// etcd…) and doubles a cold build for nothing the cluster uses. It is part
+// of the Kubernetes tools module, so the client-go, gRPC and standard
+// library packages it shares with Kubernetes compile once;
+// test/cluster/tools/build.sh builds it.
 package main
 
 import (

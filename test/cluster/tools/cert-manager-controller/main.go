@@ -6,10 +6,10 @@
 // the module proxy does not serve, so this is the small part of its main
 // that starts registered controllers, with its flags' defaults.
 //
-// It is a module of its own so that cert-manager's dependency graph stays
-// out of meshproxy's go.mod. Build with
-//
-//	go build -C test/certmanager -o DIR/cert-manager-controller .
+// It is part of the Kubernetes tools module (test/cluster/tools), which keeps
+// cert-manager's dependency graph out of meshproxy's go.mod and shares the
+// Kubernetes libraries' compiled packages with the cluster's own binaries;
+// test/cluster/tools/build.sh builds it.
 package main
 
 import (
