@@ -287,8 +287,9 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	return p.conns.Drain(ctx)
 }
 
-// Ready returns nil when every listener is bound and the identity source is
-// ready, otherwise why not.
+// Ready returns nil when every listener is bound, the identity source is
+// ready and so is the policy source, if it can say (a Ready() error method:
+// the sidecar's policy for the SVID's namespace); otherwise why not.
 func (p *Proxy) Ready() error {
 	p.mu.Lock()
 	started, closing := p.started, p.closing
@@ -301,6 +302,11 @@ func (p *Proxy) Ready() error {
 	}
 	if err := p.src.Ready(); err != nil {
 		return fmt.Errorf("identity: %w", err)
+	}
+	if r, ok := p.pol.(interface{ Ready() error }); ok {
+		if err := r.Ready(); err != nil {
+			return fmt.Errorf("policy: %w", err)
+		}
 	}
 	return nil
 }

@@ -14,6 +14,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -629,6 +630,42 @@ func TestReadyNeedsListenersAndIdentity(t *testing.T) {
 	src.Set(expired, m.ca.Bundle())
 	if err := p.Ready(); err == nil || !strings.Contains(err.Error(), "identity") {
 		t.Fatalf("Ready() with an expired cert = %v", err)
+	}
+}
+
+// pendingPolicy is a policy source that says whether its policy is in
+// effect yet, as the sidecar's policy for the SVID's namespace does.
+type pendingPolicy struct {
+	mesh.PolicySource
+	err atomic.Pointer[error]
+}
+
+func (p *pendingPolicy) Ready() error {
+	if err := p.err.Load(); err != nil {
+		return *err
+	}
+	return nil
+}
+
+// TestReadyWaitsForThePolicySource: a sidecar whose policy is not in effect
+// yet is not ready, and says why; it becomes ready when the policy is.
+func TestReadyWaitsForThePolicySource(t *testing.T) {
+	m := newMesh(t)
+	st, _ := policyStore(t, "")
+	pol := &pendingPolicy{PolicySource: st}
+	notYet := errors.New("not loaded yet")
+	pol.err.Store(&notYet)
+	p := New(m.identity(t, echoID), pol, WithLogger(quietLog), WithInboundExplicit("127.0.0.1:0", "127.0.0.1:9"))
+	if err := p.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer p.Shutdown(context.Background())
+	if err := p.Ready(); err == nil || !strings.Contains(err.Error(), "policy: not loaded yet") {
+		t.Fatalf("Ready() with the policy pending = %v", err)
+	}
+	pol.err.Store(nil)
+	if err := p.Ready(); err != nil {
+		t.Fatalf("Ready() once the policy is in effect = %v", err)
 	}
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -59,12 +60,26 @@ func warnForeignPolicies(log *slog.Logger, dir, ns, rootNS string) {
 }
 
 // svidPolicy is the policy of --config-dir for a workload whose namespace
-// comes from its SVID: until the identity is loaded (and no handshake can
-// succeed anyway) it fails closed with STRICT and no rule, then it is the
-// store of the workload's namespace.
+// comes from its SVID: until the identity is loaded and that namespace's
+// policy with it, it fails closed with STRICT and no rule, and the sidecar
+// is not ready (Ready); then it is the store of the workload's namespace.
 type svidPolicy struct {
 	closed *policy.Store
 	cur    atomic.Pointer[policy.Store]
+	failed atomic.Pointer[error] // why the store could not be made, if it could not
+}
+
+// Ready reports whether the policy of the workload's namespace is in
+// effect; the proxy is not ready until it is (an app connection in between
+// would meet the fail-closed policy, not the configured one).
+func (p *svidPolicy) Ready() error {
+	if p.cur.Load() != nil {
+		return nil
+	}
+	if err := p.failed.Load(); err != nil {
+		return *err
+	}
+	return errors.New("the policy of --config-dir for the SVID's namespace is not loaded yet")
 }
 
 // Current implements mesh.PolicySource.
@@ -97,6 +112,7 @@ func watchPolicyForSVID(ctx context.Context, src tlsmgr.Source, configDir string
 		warnForeignPolicies(log, configDir, wl.Namespace, rootNS)
 		store, err := watchPolicy(ctx, configDir, wl, opts, log)
 		if err != nil {
+			p.failed.Store(&err)
 			return err
 		}
 		p.cur.Store(store)
