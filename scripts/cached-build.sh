@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # cached-build.sh NAME MODDIR "OUTPUT..." -- GO-BUILD-ARGUMENTS...
 #
-# Builds test tools (Kubernetes, CoreDNS, SPIRE, step-ca) into a cache outside
-# the checkout, and skips the build when the outputs came from the same
-# inputs: the stamp NAME.stamp beside the first output holds a digest of
-# MODDIR's go.mod, go.sum, *.go and */*.go, the go build arguments, CGO_ENABLED and
-# GOFLAGS, `go version` and CACHED_BUILD_EXTRA (what else shaped the
-# sources, such as scripts/trim-module.sh's arguments). File contents, not times: a fresh clone (as in
-# CI) has new file times but the same module, and must not rebuild.
+# Builds test tools (Kubernetes, CoreDNS, cert-manager, SPIRE, step-ca) into
+# a cache outside the checkout, and skips the build when the outputs came
+# from the same inputs: the stamp NAME.stamp beside the first output holds a
+# digest of MODDIR's go.mod, go.sum, *.go and */*.go, the go build arguments,
+# CGO_ENABLED and GOFLAGS, `go version` and CACHED_BUILD_EXTRA (what else
+# shaped the sources, such as scripts/trim-module.sh's arguments). File
+# contents, not times: a fresh clone (as in CI) has new file times but the
+# same module, and must not rebuild.
 # GO selects the go command (default go).
 set -euo pipefail
 if [ "$#" -lt 4 ] || [ "$4" != "--" ]; then

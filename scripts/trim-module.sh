@@ -3,8 +3,8 @@
 #
 # Prepares a build of a test tool (SPIRE, step-ca) without the plugins the
 # tests never configure. These tools compile every cloud provider's plugin
-# into their binaries — SPIRE 2,342 packages, step-ca 985 — most of what a
-# cold CI machine spends building them.
+# into their binaries: SPIRE is 2,342 packages with them and 1,076 with only
+# what the tests configure, step-ca 985 and 703.
 #
 # It copies MODULE (as required by TOOLDIR's go.mod) to OUT/src, and in each
 # FILE (relative to the module) deletes, for each NAME, the plugin's import

@@ -27,8 +27,9 @@ func CacheDir() string {
 
 // Dir returns the directory holding spire-server, spire-agent and step-ca,
 // after running scripts/test-tools.sh of the checkout holding the working
-// directory (a package directory under `go test`). The script's output
-// reaches stderr only when it builds, which takes minutes on a cold machine.
+// directory (a package directory under `go test`). A build that took long
+// (minutes on a cold machine) is reported on stderr; the script's output is
+// part of the error when it fails.
 func Dir() (string, error) {
 	root, err := repoRoot()
 	if err != nil {
