@@ -13,17 +13,12 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/meshproxy/meshproxy/internal/kubetest"
 	"github.com/meshproxy/meshproxy/internal/testtools"
 )
 
-// Versions test/cluster/tools/go.mod requires.
-const (
-	// Version is the cert-manager release.
-	Version = "v1.21.2"
-	// KubeVersion is the Kubernetes release; its build.sh builds into
-	// testtools.CacheDir()/k8s-KubeVersion/bin.
-	KubeVersion = "v1.37.2"
-)
+// Version is the cert-manager release test/cluster/tools/go.mod requires.
+const Version = "v1.21.2"
 
 // Binaries are the built controller and the directory of CRD manifests.
 type Binaries struct {
@@ -42,7 +37,7 @@ type Binaries struct {
 func Find(toolsDir string) (Binaries, error) {
 	dir := filepath.Join(testtools.CacheDir(), "cert-manager-"+Version)
 	b := Binaries{
-		Controller: filepath.Join(testtools.CacheDir(), "k8s-"+KubeVersion, "bin", "cert-manager-controller"),
+		Controller: filepath.Join(kubetest.BinDir(), "cert-manager-controller"),
 		CRDs:       filepath.Join(dir, "crds"),
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {

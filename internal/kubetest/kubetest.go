@@ -29,19 +29,16 @@ import (
 	"github.com/meshproxy/meshproxy/ca/authn"
 	"github.com/meshproxy/meshproxy/internal/e2eutil"
 	"github.com/meshproxy/meshproxy/internal/manifest"
+	"github.com/meshproxy/meshproxy/internal/testtools"
 )
 
 // Version is the Kubernetes release the tests run against.
 const Version = "v1.37.2"
 
-// BinDir is where the Kubernetes binaries are expected.
+// BinDir is where the Kubernetes binaries are expected: what
+// test/cluster/tools/build.sh builds into the test tools' cache.
 func BinDir() string {
-	cache := os.Getenv("MESHPROXY_CACHE")
-	if cache == "" {
-		home, _ := os.UserHomeDir()
-		cache = filepath.Join(home, ".cache", "meshproxy")
-	}
-	return filepath.Join(cache, "k8s-"+Version, "bin")
+	return filepath.Join(testtools.CacheDir(), "k8s-"+Version, "bin")
 }
 
 // Cluster is a running etcd + kube-apiserver.

@@ -10,7 +10,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/internal/certmanagerbin"
 	"github.com/meshproxy/meshproxy/internal/e2eutil"
-	"github.com/meshproxy/meshproxy/internal/testtools"
+	"github.com/meshproxy/meshproxy/internal/kubetest"
 )
 
 // toolsDir is test/cluster/tools, relative to this package: its build.sh
@@ -42,9 +42,9 @@ func findBinaries() error {
 		return err
 	}
 	bins.certManager, bins.crds = cm.Controller, cm.CRDs
-	bins.apiserver = filepath.Join(testtools.CacheDir(), "k8s-"+certmanagerbin.KubeVersion, "bin", "kube-apiserver")
+	bins.apiserver = filepath.Join(kubetest.BinDir(), "kube-apiserver")
 	if _, err := os.Stat(bins.apiserver); err != nil {
-		bins.missing = fmt.Sprintf("kube-apiserver %s is not built at %s (test/cluster/tools/build.sh)", certmanagerbin.KubeVersion, bins.apiserver)
+		bins.missing = fmt.Sprintf("kube-apiserver %s is not built at %s (test/cluster/tools/build.sh)", kubetest.Version, bins.apiserver)
 	}
 	etcd, err := exec.LookPath("etcd")
 	if err != nil {
