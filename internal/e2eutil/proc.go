@@ -48,6 +48,23 @@ func BuildCommand(ctx context.Context, out string, extra ...string) *exec.Cmd {
 	return cmd
 }
 
+// EnvWithout is os.Environ without the variables starting with any of
+// prefixes ("NAME=" for one variable), for a child that must not inherit
+// them.
+func EnvWithout(prefixes ...string) []string {
+	var env []string
+next:
+	for _, kv := range os.Environ() {
+		for _, p := range prefixes {
+			if strings.HasPrefix(kv, p) {
+				continue next
+			}
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
 // Buffer is a bytes.Buffer safe for a process writing while a test reads.
 type Buffer struct {
 	mu sync.Mutex

@@ -82,21 +82,6 @@ func haveBinaries(dir string) error {
 	return errors.Join(errs...)
 }
 
-// filteredEnv is os.Environ without variables starting with any prefix.
-func filteredEnv(prefixes ...string) []string {
-	var env []string
-next:
-	for _, kv := range os.Environ() {
-		for _, p := range prefixes {
-			if strings.HasPrefix(kv, p) {
-				continue next
-			}
-		}
-		env = append(env, kv)
-	}
-	return env
-}
-
 // tail returns the last n lines of the file at path, for failure messages.
 func tail(path string, n int) string {
 	f, err := os.Open(path)

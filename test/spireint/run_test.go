@@ -201,7 +201,7 @@ func startSidecar(t *testing.T, spire *deployment, bin, name string, extra ...st
 		t.Fatal(err)
 	}
 	cmd := exec.Command(bin, args...)
-	cmd.Env = filteredEnv("MESHPROXY_")
+	cmd.Env = e2eutil.EnvWithout("MESHPROXY_")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

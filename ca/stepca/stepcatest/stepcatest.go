@@ -28,6 +28,7 @@ import (
 	"github.com/go-jose/go-jose/v4"
 
 	"github.com/meshproxy/meshproxy/ca/stepca"
+	"github.com/meshproxy/meshproxy/internal/e2eutil"
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"github.com/meshproxy/meshproxy/internal/testtools"
 )
@@ -88,20 +89,6 @@ func executable(path string) error {
 		return fmt.Errorf("%s is not executable", path)
 	}
 	return nil
-}
-
-func filteredEnv(prefixes ...string) []string {
-	var env []string
-next:
-	for _, kv := range os.Environ() {
-		for _, p := range prefixes {
-			if strings.HasPrefix(kv, p) {
-				continue next
-			}
-		}
-		env = append(env, kv)
-	}
-	return env
 }
 
 // Server is a running step-ca.
@@ -236,7 +223,7 @@ func (s *Server) run(t *testing.T, bin, cfgPath string) error {
 	}
 	cmd := exec.Command(bin, cfgPath)
 	cmd.Dir = s.Dir
-	cmd.Env = append(filteredEnv("STEPPATH=", "HOME="), "STEPPATH="+s.Dir, "HOME="+s.Dir)
+	cmd.Env = append(e2eutil.EnvWithout("STEPPATH=", "HOME="), "STEPPATH="+s.Dir, "HOME="+s.Dir)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
