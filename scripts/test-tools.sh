@@ -21,6 +21,11 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$1"
 tools="$(cd "$1" && pwd)"
 export GO="${GO:-go}"
+# One run at a time (test packages without MESHPROXY_*_BIN ask in parallel):
+# each run rewrites the trimmed sources in DIR; the second finds the binaries
+# up to date.
+exec 9>"$tools/.test-tools.lock"
+flock 9
 flags=(-gcflags 'all=-N -l' -ldflags '-s -w')
 
 # catalog file: the built-in plugins dropped (one per line in SPIRE's lists)
