@@ -165,10 +165,16 @@ func Run(ctx context.Context, env *Env, cfg Config) (*Report, error) {
 	rep := &Report{Config: cfg, Started: time.Now(), Profiles: map[Scenario]string{}}
 	defer func() { rep.Elapsed = time.Since(rep.Started) }()
 	for _, sc := range cfg.Scenarios {
+		var peers []Peer
+		for _, p := range cfg.Peers {
+			if p.Runs(sc) {
+				peers = append(peers, p)
+			}
+		}
 		for r := range cfg.Rounds {
-			n := len(cfg.Peers)
+			n := len(peers)
 			for i := range n {
-				peer := cfg.Peers[(i+r)%n]
+				peer := peers[(i+r)%n]
 				s := runOne(ctx, env, &cfg, rep, sc, peer, r)
 				if ctx.Err() != nil {
 					return rep, ctx.Err()

@@ -23,6 +23,9 @@ type Machine struct {
 	// MeshproxyBuild says how the meshproxy binary was built (or which
 	// binary was given).
 	MeshproxyBuild string
+	// BaselineBuild says which commit peer meshproxy-baseline is and how
+	// it was built ("" without that peer).
+	BaselineBuild string
 }
 
 // DescribeMachine collects the machine's description.
@@ -94,6 +97,9 @@ func (m Machine) WriteMarkdown(w io.Writer) {
 	}
 	if m.MeshproxyBuild != "" {
 		fmt.Fprintf(w, "- meshproxy: %s\n", m.MeshproxyBuild)
+	}
+	if m.BaselineBuild != "" {
+		fmt.Fprintf(w, "- meshproxy-baseline: %s\n", m.BaselineBuild)
 	}
 	fmt.Fprintf(w, "- load average at start: %s\n", m.LoadAvg)
 }

@@ -34,35 +34,58 @@ const (
 	// MeshproxyX25519 is MeshproxyDirect with --tls-key-exchange x25519:
 	// classical key exchange instead of X25519MLKEM768.
 	MeshproxyX25519 Peer = "meshproxy-x25519"
+	// MeshproxyBaseline is a meshproxy binary built from an earlier commit
+	// (Binaries.Baseline) run with its own defaults: "today's" meshproxy
+	// of an issue's targets, measured in the same run.
+	MeshproxyBaseline Peer = "meshproxy-baseline"
+	// HAProxyFull is HAProxy with TLS session resumption off in its client,
+	// so every new connection is a full handshake (issue 17's baseline for
+	// new connections). It differs from HAProxy only in ScenarioConns, the
+	// only scenario it runs.
+	HAProxyFull Peer = "haproxy-full"
 )
 
 // AllPeers lists the peers of the comparison (the other meshproxy
 // variants are opt-in). Meshproxy runs with its defaults, so its two
 // sidecars negotiate HBONE.
-var AllPeers = []Peer{Meshproxy, MeshproxyDirect, HAProxy, Stunnel}
+var AllPeers = []Peer{Meshproxy, MeshproxyDirect, HAProxy, HAProxyFull, Stunnel}
+
+var knownPeers = []Peer{Meshproxy, HAProxy, HAProxyFull, Stunnel, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519}
 
 // Title is the peer's display name.
 func (p Peer) Title() string {
 	switch p {
 	case HAProxy:
 		return "HAProxy"
+	case HAProxyFull:
+		return "HAProxy-full"
 	default:
 		return string(p)
 	}
 }
 
+// Runs reports whether p takes part in scenario sc: HAProxyFull only in
+// ScenarioConns (elsewhere it is HAProxy), every other peer everywhere.
+func (p Peer) Runs(sc Scenario) bool {
+	return p != HAProxyFull || sc == ScenarioConns
+}
+
 func (p Peer) isMeshproxy() bool {
-	return p == Meshproxy || p == MeshproxyB || p == MeshproxyHBONE || p == MeshproxyDirect || p == MeshproxyX25519
+	return p == Meshproxy || p == MeshproxyB || p == MeshproxyBaseline || p == MeshproxyHBONE || p == MeshproxyDirect || p == MeshproxyX25519
 }
 
 // ParsePeer validates a peer name.
 func ParsePeer(s string) (Peer, error) {
-	for _, p := range []Peer{Meshproxy, HAProxy, Stunnel, MeshproxyB, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519} {
+	for _, p := range knownPeers {
 		if string(p) == strings.ToLower(strings.TrimSpace(s)) {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("unknown peer %q (want meshproxy, haproxy, stunnel, meshproxy-b, meshproxy-direct, meshproxy-hbone or meshproxy-x25519)", s)
+	names := make([]string, len(knownPeers))
+	for i, p := range knownPeers {
+		names[i] = string(p)
+	}
+	return "", fmt.Errorf("unknown peer %q (want one of %s)", s, strings.Join(names, ", "))
 }
 
 // readyTimeout bounds how long a pair may take to carry its first request.
@@ -78,6 +101,7 @@ const CipherSuite = "TLS_AES_128_GCM_SHA256"
 type Binaries struct {
 	Meshproxy  string
 	MeshproxyB string // optional second meshproxy build (peer MeshproxyB)
+	Baseline   string // optional meshproxy of an earlier commit (peer MeshproxyBaseline)
 	HAProxy    string
 	Stunnel    string
 }
@@ -89,7 +113,9 @@ func (b Binaries) Path(p Peer) string {
 		return b.Meshproxy
 	case MeshproxyB:
 		return b.MeshproxyB
-	case HAProxy:
+	case MeshproxyBaseline:
+		return b.Baseline
+	case HAProxy, HAProxyFull:
 		return b.HAProxy
 	case Stunnel:
 		return b.Stunnel
@@ -294,7 +320,7 @@ func (p *Pair) waitReady(ctx context.Context) error {
 func (e *Env) argv(peer Peer, clientAddr, serverAddr, admin string) (server, client []string, err error) {
 	k := e.PKI
 	switch peer {
-	case Meshproxy, MeshproxyB, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519:
+	case Meshproxy, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519:
 		bin := e.Bins.Path(peer)
 		if admin == "" {
 			admin = "off"
@@ -308,12 +334,13 @@ func (e *Env) argv(peer Peer, clientAddr, serverAddr, admin string) (server, cli
 			"--outbound-explicit", clientAddr + "=" + serverAddr + "#" + ServerID,
 			"--admin", "off", "--metrics", "off", "--health", "off", "--drain-timeout", "2s"}
 		return server, client, nil
-	case HAProxy:
+	case HAProxy, HAProxyFull:
 		sc, err := e.writeConfig("haproxy-server-*.cfg", haproxyServerConfig(serverAddr, e.AppAddr, k))
 		if err != nil {
 			return nil, nil, err
 		}
-		cc, err := e.writeConfig("haproxy-client-*.cfg", haproxyClientConfig(clientAddr, serverAddr, k, !e.NoPeerResume))
+		resume := !e.NoPeerResume && peer == HAProxy
+		cc, err := e.writeConfig("haproxy-client-*.cfg", haproxyClientConfig(clientAddr, serverAddr, k, resume))
 		if err != nil {
 			return nil, nil, err
 		}

@@ -57,6 +57,50 @@ func BuildMeshproxy(ctx context.Context, root, out string) (string, error) {
 	return tags, build(ctx, root, "cmd/meshproxy", out, tags)
 }
 
+// BuildBaseline builds the meshproxy of git commit ref (of the repository
+// at root) into out, as that commit's deploy/Dockerfile built it: its
+// tree is exported with `git archive` into a new directory under tmp (no
+// worktree left behind) and built there. It returns the full commit hash
+// and the tags it used. The repository must hold ref's history (a shallow
+// clone may not).
+func BuildBaseline(ctx context.Context, root, ref, tmp, out string) (commit, tags string, err error) {
+	if strings.HasPrefix(ref, "-") {
+		return "", "", fmt.Errorf("baseline %q: not a commit", ref)
+	}
+	rev := exec.CommandContext(ctx, "git", "-C", root, "rev-parse", "--verify", "--end-of-options", ref+"^{commit}")
+	b, err := rev.Output()
+	if err != nil {
+		return "", "", fmt.Errorf("baseline %q: not a commit of %s (a shallow clone lacks old commits: git fetch --unshallow): %w", ref, root, err)
+	}
+	commit = strings.TrimSpace(string(b))
+	src, err := os.MkdirTemp(tmp, "baseline-src-")
+	if err != nil {
+		return "", "", err
+	}
+	defer os.RemoveAll(src)
+	archive := exec.CommandContext(ctx, "git", "-C", root, "archive", "--format=tar", commit)
+	untar := exec.CommandContext(ctx, "tar", "-x", "-C", src)
+	pipe, err := archive.StdoutPipe()
+	if err != nil {
+		return "", "", err
+	}
+	untar.Stdin = pipe
+	var stderr bytes.Buffer
+	archive.Stderr, untar.Stderr = &stderr, &stderr
+	if err := untar.Start(); err != nil {
+		return "", "", fmt.Errorf("baseline: tar: %w", err)
+	}
+	aerr := archive.Run()
+	if err := errors.Join(aerr, untar.Wait()); err != nil {
+		return "", "", fmt.Errorf("baseline: export %s: %w: %s", commit, err, stderr.Bytes())
+	}
+	tags, err = BuildMeshproxy(ctx, src, out)
+	if err != nil {
+		return "", "", fmt.Errorf("baseline %s: %w", commit, err)
+	}
+	return commit, tags, nil
+}
+
 // ShippedTags reads the -tags of the go build of ./cmd/meshproxy in the
 // module's deploy/Dockerfile ("" if it gives none).
 func ShippedTags(root string) (string, error) {

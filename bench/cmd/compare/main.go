@@ -43,6 +43,7 @@ type options struct {
 	msgSize                  int
 	meshproxyBin             string
 	meshproxyB               string
+	baseline, baselineRef    string
 	install, profile, verify bool
 	peerResume               bool
 	keep                     bool
@@ -57,7 +58,7 @@ func main() {
 	fs.DurationVar(&o.duration, "duration", 0, "measured time of each timed run (default 5s, quick 1.5s)")
 	fs.DurationVar(&o.warmup, "warmup", -1, "unmeasured load before each timed run (default 1s, quick 300ms)")
 	fs.DurationVar(&o.settle, "settle", -1, "idle scenario: wait before reading RSS (default 1s, quick 500ms)")
-	fs.StringVar(&o.peers, "peers", "meshproxy,meshproxy-direct,haproxy,stunnel", "peers to compare, comma-separated (also meshproxy-hbone, meshproxy-x25519)")
+	fs.StringVar(&o.peers, "peers", defaultPeers(), "peers to compare, comma-separated (also meshproxy-hbone, meshproxy-x25519; -meshproxy-b and -baseline add theirs)")
 	fs.StringVar(&o.scenarios, "scenarios", "conns,kept,bulk,idle", "scenarios to run, comma-separated")
 	fs.IntVar(&o.connWorkers, "conn-workers", 0, "concurrent clients of the new-connection scenario (default 16)")
 	fs.IntVar(&o.keptConns, "kept-conns", 0, "connections of the kept-connection scenario (default 8)")
@@ -66,6 +67,8 @@ func main() {
 	fs.IntVar(&o.msgSize, "msg-size", 0, "request size in bytes (default 1024)")
 	fs.StringVar(&o.meshproxyBin, "meshproxy", "", "meshproxy binary to use instead of building ./cmd/meshproxy")
 	fs.StringVar(&o.meshproxyB, "meshproxy-b", "", "a second meshproxy binary, compared as peer meshproxy-b (A/B test of a change)")
+	fs.StringVar(&o.baseline, "baseline", "", "a meshproxy binary of an earlier commit, compared as peer meshproxy-baseline (issue 17's \"today\")")
+	fs.StringVar(&o.baselineRef, "baseline-ref", "", "git commit to build as peer meshproxy-baseline, as its deploy/Dockerfile built it (make bench-compare: 72e7d29, main when issue 17 was filed)")
 	fs.BoolVar(&o.install, "install", true, "apt-get install haproxy / stunnel4 if missing")
 	fs.BoolVar(&o.profile, "profile", true, "CPU-profile the meshproxy server sidecar in each timed scenario's first round and print pprof -top")
 	fs.BoolVar(&o.verify, "verify-bulk", false, "check every downloaded byte in the bulk scenario (costs generator CPU)")
@@ -91,6 +94,15 @@ func main() {
 		stop()
 		os.Exit(1)
 	}
+}
+
+// defaultPeers is harness.AllPeers as the -peers flag spells it.
+func defaultPeers() string {
+	names := make([]string, len(harness.AllPeers))
+	for i, p := range harness.AllPeers {
+		names[i] = string(p)
+	}
+	return strings.Join(names, ",")
 }
 
 // config turns the flags into a harness.Config.
@@ -134,6 +146,16 @@ func (o *options) config() (harness.Config, error) {
 	if o.meshproxyB == "" && slices.Contains(cfg.Peers, harness.MeshproxyB) {
 		return cfg, errors.New("-peers meshproxy-b needs -meshproxy-b PATH")
 	}
+	if o.baseline != "" && o.baselineRef != "" {
+		return cfg, errors.New("-baseline and -baseline-ref: give one")
+	}
+	hasBaseline := o.baseline != "" || o.baselineRef != ""
+	if hasBaseline && !slices.Contains(cfg.Peers, harness.MeshproxyBaseline) {
+		cfg.Peers = append(cfg.Peers, harness.MeshproxyBaseline)
+	}
+	if !hasBaseline && slices.Contains(cfg.Peers, harness.MeshproxyBaseline) {
+		return cfg, errors.New("-peers meshproxy-baseline needs -baseline PATH or -baseline-ref COMMIT")
+	}
 	cfg.Scenarios = nil
 	for _, s := range strings.Split(o.scenarios, ",") {
 		sc, err := harness.ParseScenario(s)
@@ -165,7 +187,7 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 	if err != nil {
 		return err
 	}
-	bins, echoBin, meshBuild, err := prepare(ctx, o, cfg, root, dir)
+	bins, echoBin, meshBuild, baseBuild, err := prepare(ctx, o, cfg, root, dir)
 	if err != nil {
 		return err
 	}
@@ -176,6 +198,7 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 	}
 	machine := harness.DescribeMachine(ctx, bins)
 	machine.MeshproxyBuild = meshBuild
+	machine.BaselineBuild = baseBuild
 
 	env, err := harness.NewEnv(dir, bins, "")
 	if err != nil {
@@ -243,43 +266,53 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 }
 
 // prepare builds the binaries (in parallel) and finds or installs the peers;
-// it also says how the meshproxy binary was built.
-func prepare(ctx context.Context, o *options, cfg harness.Config, root, dir string) (harness.Binaries, string, string, error) {
-	bins := harness.Binaries{Meshproxy: o.meshproxyBin, MeshproxyB: o.meshproxyB}
-	echoBin := filepath.Join(dir, "echo")
+// it also says how the meshproxy and baseline binaries were built.
+func prepare(ctx context.Context, o *options, cfg harness.Config, root, dir string) (bins harness.Binaries, echoBin, meshBuild, baseBuild string, err error) {
+	bins = harness.Binaries{Meshproxy: o.meshproxyBin, MeshproxyB: o.meshproxyB, Baseline: o.baseline}
+	echoBin = filepath.Join(dir, "echo")
 	var wg sync.WaitGroup
-	var meshErr, echoErr error
-	meshBuild := "given binary " + o.meshproxyBin
-	usesMeshproxy := slices.ContainsFunc(cfg.Peers, func(p harness.Peer) bool { return p != harness.MeshproxyB && strings.HasPrefix(string(p), "meshproxy") })
+	var meshErr, echoErr, baseErr error
+	meshBuild = "given binary " + o.meshproxyBin
+	usesMeshproxy := slices.ContainsFunc(cfg.Peers, func(p harness.Peer) bool {
+		return p != harness.MeshproxyB && p != harness.MeshproxyBaseline && strings.HasPrefix(string(p), "meshproxy")
+	})
 	switch {
 	case !usesMeshproxy:
 		meshBuild = ""
 	case bins.Meshproxy == "":
 		bins.Meshproxy = filepath.Join(dir, "meshproxy")
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			var tags string
 			tags, meshErr = harness.BuildMeshproxy(ctx, root, bins.Meshproxy)
 			meshBuild = fmt.Sprintf("built as deploy/Dockerfile builds it: CGO_ENABLED=0 go build -trimpath -tags %s -ldflags \"-s -w\" (the same binary for every meshproxy peer)", tags)
-		}()
+		})
 	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	switch {
+	case o.baseline != "":
+		baseBuild = "given binary " + o.baseline
+	case o.baselineRef != "":
+		bins.Baseline = filepath.Join(dir, "meshproxy-baseline")
+		wg.Go(func() {
+			commit, tags, err := harness.BuildBaseline(ctx, root, o.baselineRef, dir, bins.Baseline)
+			baseErr = err
+			baseBuild = fmt.Sprintf("commit %.12s (-baseline-ref %s), built as that commit's deploy/Dockerfile built it (-tags %s), run with its defaults", commit, o.baselineRef, tags)
+		})
+	}
+	wg.Go(func() {
 		echoErr = harness.Build(ctx, root, "bench/cmd/echo", echoBin)
-	}()
+	})
 	harness.FindPeerBinaries(&bins)
-	if o.install && (bins.HAProxy == "" && slices.Contains(cfg.Peers, harness.HAProxy) || bins.Stunnel == "" && slices.Contains(cfg.Peers, harness.Stunnel)) {
+	needHAProxy := slices.Contains(cfg.Peers, harness.HAProxy) || slices.Contains(cfg.Peers, harness.HAProxyFull)
+	if o.install && (bins.HAProxy == "" && needHAProxy || bins.Stunnel == "" && slices.Contains(cfg.Peers, harness.Stunnel)) {
 		fmt.Fprintln(os.Stderr, "installing missing peers with apt-get")
 		if err := harness.InstallPeers(ctx, bins); err != nil {
 			wg.Wait()
-			return bins, "", "", err
+			return bins, "", "", "", err
 		}
 		harness.FindPeerBinaries(&bins)
 	}
 	wg.Wait()
-	return bins, echoBin, meshBuild, errors.Join(meshErr, echoErr)
+	return bins, echoBin, meshBuild, baseBuild, errors.Join(meshErr, echoErr, baseErr)
 }
 
 // pprofTop runs `go tool pprof -top` on a profile.

@@ -1,0 +1,77 @@
+package harness
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestReportGoalsUseTheIssueBaselines: issue 17's new-connection target is
+// against HAProxy doing full handshakes (haproxy-full, which runs only the
+// new-connection scenario), the resuming HAProxy is reported beside it, and
+// the bulk and no-regression targets are against the meshproxy of the
+// issue's day (meshproxy-baseline) when the run has it.
+func TestReportGoalsUseTheIssueBaselines(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Peers = []Peer{Meshproxy, MeshproxyDirect, HAProxy, HAProxyFull, MeshproxyBaseline}
+	cfg.Scenarios = []Scenario{ScenarioConns, ScenarioBulk}
+	cfg.Rounds = 1
+	rep := &Report{Config: cfg}
+	add := func(sc Scenario, p Peer, ops, bytes int64) {
+		rep.Samples = append(rep.Samples, Sample{Scenario: sc, Peer: p, Result: &Result{
+			Ops: ops, Bytes: bytes, Elapsed: time.Second, Latencies: []time.Duration{time.Millisecond},
+		}})
+	}
+	// conns/s: meshproxy 3000, direct 900, HAProxy 750 (resuming), 500 (full), baseline 950.
+	add(ScenarioConns, Meshproxy, 3000, 0)
+	add(ScenarioConns, MeshproxyDirect, 900, 0)
+	add(ScenarioConns, HAProxy, 750, 0)
+	add(ScenarioConns, HAProxyFull, 500, 0)
+	add(ScenarioConns, MeshproxyBaseline, 950, 0)
+	// bulk MB/s: meshproxy 520, direct 450, HAProxy 400, baseline 400.
+	for p, mb := range map[Peer]int64{Meshproxy: 520, MeshproxyDirect: 450, HAProxy: 400, MeshproxyBaseline: 400} {
+		add(ScenarioBulk, p, 1, mb*1e6)
+	}
+	var b bytes.Buffer
+	rep.WriteMarkdown(&b)
+	md := b.String()
+	for _, want := range []string{
+		"| new connections/s (vs full handshakes) | ≥ 5.0× HAProxy-full | 6.00× | yes |",
+		"| new connections/s (vs HAProxy resuming sessions: stricter than the issue) | ≥ 5.0× HAProxy | 4.00× | **no** |",
+		"| new connections/s | ≥ 3.0× meshproxy-direct | 3.33× | yes |",
+		"| bulk MB/s (vs the meshproxy of the issue's day) | ≥ 1.3× meshproxy-baseline | 1.30× | yes |",
+		"| bulk MB/s (vs this build's per-connection mode) | ≥ 1.3× meshproxy-direct | 1.16× | **no** |",
+		"| per-connection mode, no regression: new connections/s | ≥ 1.0× meshproxy-baseline | 0.95× | **no** |",
+		"| per-connection mode, no regression: bulk MB/s | ≥ 1.0× meshproxy-baseline | 1.12× | yes |",
+		// HAProxy-full has no bulk figure: it does not run that scenario.
+		"| bulk download (1 conn) | MB/s | 520 | 450 | 400 | n/a | 400 |",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
+}
+
+// TestPeersRunTheirScenarios: haproxy-full takes part only in the
+// new-connection scenario (elsewhere it would repeat HAProxy's runs).
+func TestPeersRunTheirScenarios(t *testing.T) {
+	for _, sc := range AllScenarios {
+		if got, want := HAProxyFull.Runs(sc), sc == ScenarioConns; got != want {
+			t.Errorf("haproxy-full runs %s = %v, want %v", sc, got, want)
+		}
+		for _, p := range []Peer{Meshproxy, HAProxy, Stunnel, MeshproxyBaseline} {
+			if !p.Runs(sc) {
+				t.Errorf("%s does not run %s", p, sc)
+			}
+		}
+	}
+	for _, name := range []string{"haproxy-full", "meshproxy-baseline", " HAProxy "} {
+		if _, err := ParsePeer(name); err != nil {
+			t.Errorf("ParsePeer(%q): %v", name, err)
+		}
+	}
+	if _, err := ParsePeer("envoy"); err == nil || !strings.Contains(err.Error(), "haproxy-full") {
+		t.Errorf("ParsePeer(envoy) = %v, want an error listing the peers", err)
+	}
+}
