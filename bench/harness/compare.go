@@ -136,6 +136,11 @@ type Sample struct {
 	// RSSBefore and RSSAfter are the client and server proxy's VmRSS in
 	// KiB before and while holding Held idle connections (ScenarioIdle).
 	RSSBefore, RSSAfter [2]int64
+	// LoadCPU is the CPU time of the load generator (this process) and the
+	// echo app during the measured window; MachineBusy and MachineTotal are
+	// the whole machine's busy and total CPU time then (all CPUs, from
+	// /proc/stat), so what other processes took shows as the rest.
+	LoadCPU, MachineBusy, MachineTotal time.Duration
 	// PrivBefore and PrivAfter are their private memory (Proc.PrivateKiB)
 	// at the same moments.
 	PrivBefore, PrivAfter [2]int64
@@ -228,14 +233,22 @@ func runOne(ctx context.Context, env *Env, cfg *Config, rep *Report, sc Scenario
 		s.Err = err
 		return s
 	}
+	load0, lerr0 := env.loadCPU()
+	busy0, total0, merr0 := MachineCPU()
 	s.Result = load(cfg.Duration)
 	cpu1, err := cpuTimes(pair)
 	if err != nil {
 		s.Err = err
 		return s
 	}
+	load1, lerr1 := env.loadCPU()
+	busy1, total1, merr1 := MachineCPU()
 	for i := range s.CPU {
 		s.CPU[i] = cpu1[i] - cpu0[i]
+	}
+	if errors.Join(lerr0, lerr1, merr0, merr1) == nil {
+		s.LoadCPU = load1 - load0
+		s.MachineBusy, s.MachineTotal = busy1-busy0, total1-total0
 	}
 	if profErr != nil {
 		if err := <-profErr; err != nil {
@@ -372,12 +385,17 @@ func (s *Sample) summary() string {
 	}
 	r := s.Result
 	cpu := s.CPU[0] + s.CPU[1]
+	machine := ""
+	if s.MachineTotal > 0 {
+		busy, _ := machineBusy(s)
+		machine = fmt.Sprintf(", load cpu %s, machine busy %.0f%%", s.LoadCPU.Round(10*time.Millisecond), busy)
+	}
 	switch s.Scenario {
 	case ScenarioBulk:
-		return fmt.Sprintf("%.1f MB/s, proxy cpu %s, errors %d", r.MBps(), cpu, r.Errors)
+		return fmt.Sprintf("%.1f MB/s, proxy cpu %s%s, errors %d", r.MBps(), cpu, machine, r.Errors)
 	default:
-		return fmt.Sprintf("%.0f/s p50 %s p99 %s, proxy cpu %s, errors %d", r.Rate(),
-			r.Percentile(50).Round(time.Microsecond), r.Percentile(99).Round(time.Microsecond), cpu, r.Errors)
+		return fmt.Sprintf("%.0f/s p50 %s p99 %s, proxy cpu %s%s, errors %d", r.Rate(),
+			r.Percentile(50).Round(time.Microsecond), r.Percentile(99).Round(time.Microsecond), cpu, machine, r.Errors)
 	}
 }
 

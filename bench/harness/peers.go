@@ -135,6 +135,8 @@ type Env struct {
 	// not), for a like-for-like full-handshake comparison.
 	NoPeerResume bool
 
+	echo *Proc // the echo app StartEcho started (nil when it runs in-process)
+
 	mu    sync.Mutex
 	procs map[*Proc]struct{}
 	seq   int

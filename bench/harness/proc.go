@@ -182,3 +182,53 @@ func (p *Proc) CPUTime() (time.Duration, error) {
 	}
 	return time.Duration(ut+st) * time.Second / clockTicks, nil
 }
+
+// MachineCPU reads the machine's busy and total CPU time over all CPUs
+// since boot from /proc/stat (idle and iowait are not busy).
+func MachineCPU() (busy, total time.Duration, err error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 5 || f[0] != "cpu" {
+		return 0, 0, errors.New("/proc/stat: no cpu line")
+	}
+	var ticks, idle int64
+	for i, v := range f[1:] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, 0, fmt.Errorf("/proc/stat: %w", err)
+		}
+		// user nice system idle iowait irq softirq steal guest guest_nice;
+		// guest time is already counted in user and nice.
+		switch {
+		case i == 3 || i == 4:
+			idle += n
+		case i >= 8:
+			continue
+		}
+		ticks += n
+	}
+	tick := func(n int64) time.Duration { return time.Duration(n) * time.Second / clockTicks }
+	return tick(ticks - idle), tick(ticks), nil
+}
+
+// loadCPU is the CPU time of the load generator (this process: the
+// generator runs in it) and of the echo app if it is a process of its own.
+func (e *Env) loadCPU() (time.Duration, error) {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0, fmt.Errorf("getrusage: %w", err)
+	}
+	t := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	if e.echo != nil {
+		et, err := e.echo.CPUTime()
+		if err != nil {
+			return 0, err
+		}
+		t += et
+	}
+	return t, nil
+}

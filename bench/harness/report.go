@@ -35,6 +35,41 @@ func cpuPerOp(s *Sample) (float64, bool) {
 	return micros(s.CPU[0]+s.CPU[1]) / float64(s.Result.Ops), true
 }
 
+// loadPerOp is the load generator's and echo app's CPU per operation (µs;
+// per GB in seconds for bulk).
+func loadPerOp(s *Sample) (float64, bool) {
+	if s.Result == nil || s.Result.Ops == 0 || s.MachineTotal == 0 {
+		return 0, false
+	}
+	if s.Scenario == ScenarioBulk {
+		if s.Result.Bytes == 0 {
+			return 0, false
+		}
+		return s.LoadCPU.Seconds() / (float64(s.Result.Bytes) / 1e9), true
+	}
+	return micros(s.LoadCPU) / float64(s.Result.Ops), true
+}
+
+// machineBusy is the share of the machine's CPU time in use during the
+// window (%): near 100, the run was bound by the machine's CPUs.
+func machineBusy(s *Sample) (float64, bool) {
+	if s.MachineTotal == 0 {
+		return 0, false
+	}
+	return 100 * s.MachineBusy.Seconds() / s.MachineTotal.Seconds(), true
+}
+
+// otherCPU is the share of the machine's CPU time (%) that neither the two
+// proxies nor the load generator and echo app used: other processes of a
+// shared machine, and kernel work not charged to a process.
+func otherCPU(s *Sample) (float64, bool) {
+	if s.MachineTotal == 0 {
+		return 0, false
+	}
+	other := s.MachineBusy - s.CPU[0] - s.CPU[1] - s.LoadCPU
+	return max(0, 100*other.Seconds()/s.MachineTotal.Seconds()), true
+}
+
 // idleValue reads the idle scenario's figures for proxy i (0 client, 1 server).
 func idleRSS(i int) func(s *Sample) (float64, bool) {
 	return func(s *Sample) (float64, bool) {
@@ -77,10 +112,16 @@ var metrics = []metric{
 	{ScenarioConns, "p50 connect+echo (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(50)) }), 0},
 	{ScenarioConns, "p99 connect+echo (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
 	{ScenarioConns, "proxy CPU per connection, both sides (µs)", false, cpuPerOp, 0},
+	{ScenarioConns, "load generator + echo app CPU per connection (µs)", false, loadPerOp, 0},
+	{ScenarioConns, "machine CPU busy (%)", false, machineBusy, 0},
+	{ScenarioConns, "CPU of other processes (% of machine)", false, otherCPU, 0},
 	{ScenarioKept, "requests/s", true, resultValue((*Result).Rate), 0},
 	{ScenarioKept, "p50 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(50)) }), 0},
 	{ScenarioKept, "p99 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
 	{ScenarioKept, "proxy CPU per request, both sides (µs)", false, cpuPerOp, 1},
+	{ScenarioKept, "load generator + echo app CPU per request (µs)", false, loadPerOp, 1},
+	{ScenarioKept, "machine CPU busy (%)", false, machineBusy, 0},
+	{ScenarioKept, "CPU of other processes (% of machine)", false, otherCPU, 0},
 	{ScenarioBulk, "MB/s", true, resultValue((*Result).MBps), 0},
 	{ScenarioBulk, "proxy CPU per GB, both sides (s)", false, func(s *Sample) (float64, bool) {
 		if s.Result == nil || s.Result.Bytes == 0 {
@@ -88,6 +129,9 @@ var metrics = []metric{
 		}
 		return (s.CPU[0] + s.CPU[1]).Seconds() / (float64(s.Result.Bytes) / 1e9), true
 	}, 2},
+	{ScenarioBulk, "load generator + echo app CPU per GB (s)", false, loadPerOp, 2},
+	{ScenarioBulk, "machine CPU busy (%)", false, machineBusy, 0},
+	{ScenarioBulk, "CPU of other processes (% of machine)", false, otherCPU, 0},
 	{ScenarioIdle, "RSS idle, client proxy (MB)", false, idleRSS(0), 1},
 	{ScenarioIdle, "RSS idle, server proxy (MB)", false, idleRSS(1), 1},
 	{ScenarioIdle, "RSS per held connection, client proxy (KB)", false, perConn(0), 1},

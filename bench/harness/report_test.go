@@ -75,3 +75,30 @@ func TestPeersRunTheirScenarios(t *testing.T) {
 		t.Errorf("ParsePeer(envoy) = %v, want an error listing the peers", err)
 	}
 }
+
+// TestMachineCPUCountsBusyTime: /proc/stat's busy time grows while this
+// process spins, never beyond the total, and the report's share of other
+// processes never goes below zero.
+func TestMachineCPUCountsBusyTime(t *testing.T) {
+	busy0, total0, err := MachineCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); {
+	}
+	busy1, total1, err := MachineCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if busy1-busy0 < 100*time.Millisecond || busy1-busy0 > total1-total0 || busy1 > total1 {
+		t.Errorf("spinning 300ms: busy %s of total %s (from busy %s of %s)", busy1-busy0, total1-total0, busy0, total0)
+	}
+	s := &Sample{CPU: [2]time.Duration{time.Second, time.Second}, LoadCPU: time.Second, MachineBusy: 2 * time.Second, MachineTotal: 4 * time.Second}
+	if v, ok := otherCPU(s); !ok || v != 0 {
+		t.Errorf("otherCPU with more accounted than busy = %v, %v; want 0", v, ok)
+	}
+	s.MachineBusy = 4 * time.Second
+	if v, _ := otherCPU(s); v != 25 {
+		t.Errorf("otherCPU = %v%%, want 25%%", v)
+	}
+}

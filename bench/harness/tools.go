@@ -220,6 +220,7 @@ func (e *Env) StartEcho(ctx context.Context, bin string) (*Proc, string, error) 
 	if err != nil {
 		return nil, "", err
 	}
+	e.echo = p
 	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
 	defer cancel()
 	for {
