@@ -34,9 +34,9 @@ const (
 	// MeshproxyX25519 is MeshproxyDirect with --tls-key-exchange x25519:
 	// classical key exchange instead of X25519MLKEM768.
 	MeshproxyX25519 Peer = "meshproxy-x25519"
-	// MeshproxyAllCPUs is Meshproxy with --concurrency 0: the Go runtime's
-	// GOMAXPROCS (all CPUs) instead of the sidecar's default of one.
-	MeshproxyAllCPUs Peer = "meshproxy-allcpus"
+	// MeshproxyOneCPU is Meshproxy with --concurrency 1: one thread runs
+	// the sidecar's Go code (GOMAXPROCS 1) instead of the default two.
+	MeshproxyOneCPU Peer = "meshproxy-1cpu"
 	// MeshproxyBaseline is a meshproxy binary built from an earlier commit
 	// (Binaries.Baseline) run with its own defaults: "today's" meshproxy
 	// of an issue's targets, measured in the same run.
@@ -53,7 +53,7 @@ const (
 // sidecars negotiate HBONE.
 var AllPeers = []Peer{Meshproxy, MeshproxyDirect, HAProxy, HAProxyFull, Stunnel}
 
-var knownPeers = []Peer{Meshproxy, HAProxy, HAProxyFull, Stunnel, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyAllCPUs}
+var knownPeers = []Peer{Meshproxy, HAProxy, HAProxyFull, Stunnel, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyOneCPU}
 
 // Title is the peer's display name.
 func (p Peer) Title() string {
@@ -74,7 +74,7 @@ func (p Peer) Runs(sc Scenario) bool {
 }
 
 func (p Peer) isMeshproxy() bool {
-	return p == Meshproxy || p == MeshproxyB || p == MeshproxyBaseline || p == MeshproxyHBONE || p == MeshproxyDirect || p == MeshproxyX25519 || p == MeshproxyAllCPUs
+	return p == Meshproxy || p == MeshproxyB || p == MeshproxyBaseline || p == MeshproxyHBONE || p == MeshproxyDirect || p == MeshproxyX25519 || p == MeshproxyOneCPU
 }
 
 // ParsePeer validates a peer name.
@@ -112,7 +112,7 @@ type Binaries struct {
 // Path returns the binary of peer p, or "" if it is unavailable.
 func (b Binaries) Path(p Peer) string {
 	switch p {
-	case Meshproxy, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyAllCPUs:
+	case Meshproxy, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyOneCPU:
 		return b.Meshproxy
 	case MeshproxyB:
 		return b.MeshproxyB
@@ -269,9 +269,9 @@ func (e *Env) startPair(ctx context.Context, peer Peer, opt PairOptions) (*Pair,
 		case MeshproxyX25519:
 			serverArgv = append(serverArgv, "--hbone=never", "--tls-key-exchange", "x25519")
 			clientArgv = append(clientArgv, "--hbone=never", "--tls-key-exchange", "x25519")
-		case MeshproxyAllCPUs:
-			serverArgv = append(serverArgv, "--concurrency", "0")
-			clientArgv = append(clientArgv, "--concurrency", "0")
+		case MeshproxyOneCPU:
+			serverArgv = append(serverArgv, "--concurrency", "1")
+			clientArgv = append(clientArgv, "--concurrency", "1")
 		}
 	}
 	if err != nil {
@@ -328,7 +328,7 @@ func (p *Pair) waitReady(ctx context.Context) error {
 func (e *Env) argv(peer Peer, clientAddr, serverAddr, admin string) (server, client []string, err error) {
 	k := e.PKI
 	switch peer {
-	case Meshproxy, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyAllCPUs:
+	case Meshproxy, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyOneCPU:
 		bin := e.Bins.Path(peer)
 		if admin == "" {
 			admin = "off"

@@ -9,19 +9,22 @@ import (
 // maxConcurrency bounds --concurrency.
 const maxConcurrency = 1024
 
-// defaultConcurrency is the sidecar's default --concurrency. A sidecar
-// shares its pod's and node's CPUs with the application it serves, and its
-// work is mostly system calls, which run outside the Go scheduler's
-// processors whatever their number: one processor keeps the runtime from
-// waking and spinning idle threads for every readied goroutine (measured in
-// bench/RESULTS.md: about a quarter less CPU per kept-connection request
-// and more requests per second on a two-core machine). Handshake-heavy
-// sidecars (many new per-connection mTLS peers) can raise it.
-const defaultConcurrency = 1
+// defaultConcurrency caps the sidecar's GOMAXPROCS by default (the Go
+// runtime's choice when that is lower: a machine with one CPU). A sidecar
+// shares its node's CPUs with the application it serves and its work is
+// mostly system calls, which run outside the scheduler's processors: on a
+// large node without a CPU limit the runtime would otherwise keep one
+// processor per CPU and wake and spin idle threads for them. Two keeps a
+// bulk transfer's decryption and its writes on two CPUs (measured in
+// bench/RESULTS.md: one processor costs a tenth of the bulk throughput and
+// saves a fifth of the CPU per kept-connection request). Istio's sidecars
+// default to the same concurrency.
+const defaultConcurrency = 2
 
 // concurrencyFlag is --concurrency: how many goroutines run Go code at once
 // (GOMAXPROCS). 0 leaves the Go runtime's choice: $GOMAXPROCS if set, else
-// the container's CPU limit or the machine's CPUs.
+// the container's CPU limit or the machine's CPUs. Not given, it is
+// defaultConcurrency or the runtime's choice, whichever is lower.
 type concurrencyFlag struct {
 	n   int
 	set bool // given on the command line
@@ -53,7 +56,8 @@ func (c *concurrencyFlag) apply(getenv func(string) string) (int, string) {
 	case getenv("GOMAXPROCS") != "":
 		return runtime.GOMAXPROCS(0), "GOMAXPROCS"
 	default:
-		runtime.GOMAXPROCS(c.n)
-		return c.n, "default"
+		n := min(c.n, runtime.GOMAXPROCS(0))
+		runtime.GOMAXPROCS(n)
+		return n, "default"
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -28,7 +29,12 @@ func TestConcurrencyFlag(t *testing.T) {
 	runtime.GOMAXPROCS(3)
 	def := concurrencyFlag{n: defaultConcurrency}
 	if n, from := def.apply(noEnv); n != defaultConcurrency || from != "default" || runtime.GOMAXPROCS(0) != defaultConcurrency {
-		t.Errorf("default: %d from %q, GOMAXPROCS %d; want %d", n, from, runtime.GOMAXPROCS(0), defaultConcurrency)
+		t.Errorf("default on 3 CPUs: %d from %q, GOMAXPROCS %d; want %d", n, from, runtime.GOMAXPROCS(0), defaultConcurrency)
+	}
+	runtime.GOMAXPROCS(1) // as the runtime does on a machine with one CPU
+	def = concurrencyFlag{n: defaultConcurrency}
+	if n, _ := def.apply(noEnv); n != 1 || runtime.GOMAXPROCS(0) != 1 {
+		t.Errorf("default on 1 CPU: %d, GOMAXPROCS %d; want 1 kept", n, runtime.GOMAXPROCS(0))
 	}
 
 	runtime.GOMAXPROCS(3) // as the runtime does for GOMAXPROCS=3
@@ -63,11 +69,14 @@ func TestConcurrencyFlag(t *testing.T) {
 }
 
 // TestRunAppliesConcurrency: the sidecar process runs with the GOMAXPROCS
-// --concurrency chose (its debug log says which and why): 1 by default,
+// --concurrency chose (its debug log says which and why): at most 2 by default,
 // $GOMAXPROCS when set, the flag over both.
 func TestRunAppliesConcurrency(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the meshproxy binary")
+	}
+	if os.Getenv("GOMAXPROCS") != "" {
+		t.Skip("GOMAXPROCS is set in the environment: every case would take it")
 	}
 	bin := gwBuild(t)
 	ca := testpki.New(t, "cluster.local")
@@ -78,7 +87,7 @@ func TestRunAppliesConcurrency(t *testing.T) {
 		flags []string
 		want  string
 	}{
-		{"default", nil, nil, "concurrency=1 from=default"},
+		{"default", nil, nil, fmt.Sprintf("concurrency=%d from=default", min(defaultConcurrency, runtime.GOMAXPROCS(0)))},
 		{"GOMAXPROCS", []string{"GOMAXPROCS=3"}, nil, "concurrency=3 from=GOMAXPROCS"},
 		{"flag over GOMAXPROCS", []string{"GOMAXPROCS=3"}, []string{"--concurrency", "2"}, "concurrency=2 from=--concurrency"},
 	} {
