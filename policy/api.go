@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -220,7 +221,7 @@ func defaultOptions() options {
 		rootNS:       "istio-system",
 		td:           spiffeid.RequireTrustDomainFromString(defaultTrustDomain),
 		log:          slog.Default(),
-		resolve:      resolveSystem,
+		resolve:      ResolveWith(net.DefaultResolver),
 		resolveEvery: 30 * time.Second,
 		pollEvery:    2 * time.Second,
 	}
@@ -276,7 +277,7 @@ func WithLogger(l *slog.Logger) Option {
 }
 
 // WithResolver sets how DestinationRule host names are resolved (default
-// net.DefaultResolver).
+// ResolveWith(net.DefaultResolver): the system's).
 func WithResolver(f ResolveFunc) Option {
 	return func(o *options) {
 		if f != nil {

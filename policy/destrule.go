@@ -20,8 +20,12 @@ import (
 // ResolveFunc resolves a DestinationRule host name to addresses.
 type ResolveFunc func(ctx context.Context, host string) ([]netip.Addr, error)
 
-func resolveSystem(ctx context.Context, host string) ([]netip.Addr, error) {
-	return net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+// ResolveWith resolves DestinationRule hosts through r (IPv4 and IPv6
+// addresses); WithResolver(ResolveWith(r)) makes a Store use it.
+func ResolveWith(r *net.Resolver) ResolveFunc {
+	return func(ctx context.Context, host string) ([]netip.Addr, error) {
+		return r.LookupNetIP(ctx, "ip", host)
+	}
 }
 
 // destRule is one validated DestinationRule.

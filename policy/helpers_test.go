@@ -23,13 +23,14 @@ func writeFile(t *testing.T, dir, name, content string) string {
 }
 
 // loadYAML loads content as the only file policy.yaml of a fresh directory,
-// with --strict-config (any rejected document is an error) unless opts say
+// with --strict-config (any rejected document is an error) and a resolver
+// that knows no name (no DNS query leaves the machine) unless opts say
 // otherwise.
 func loadYAML(t *testing.T, wl Workload, content string, opts ...Option) (*Store, error) {
 	t.Helper()
 	dir := t.TempDir()
 	writeFile(t, dir, "policy.yaml", content)
-	return NewStore(dir, wl, append([]Option{quiet, WithStrictConfig(true)}, opts...)...)
+	return NewStore(dir, wl, append([]Option{quiet, WithStrictConfig(true), WithResolver(newFakeDNS(nil).resolve)}, opts...)...)
 }
 
 func mustLoad(t *testing.T, wl Workload, content string, opts ...Option) *Snapshot {

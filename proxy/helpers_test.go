@@ -49,7 +49,8 @@ func (m *testMesh) identity(t testing.TB, id string) *tlsmgr.Static {
 }
 
 // policyStore loads yaml (may be empty) from a fresh directory for the
-// workload default/app=echo and runs the store's watcher until cleanup.
+// workload default/app=echo (no DestinationRule host resolves: offlineDNS)
+// and runs the store's watcher until cleanup.
 func policyStore(t testing.TB, yaml string) (*policy.Store, string) {
 	t.Helper()
 	dir := t.TempDir()
@@ -57,7 +58,7 @@ func policyStore(t testing.TB, yaml string) (*policy.Store, string) {
 		writePolicy(t, dir, yaml)
 	}
 	st, err := policy.NewStore(dir, policy.Workload{Namespace: "default", Labels: map[string]string{"app": "echo"}},
-		policy.WithLogger(quietLog), policy.WithPollInterval(100*time.Millisecond))
+		policy.WithLogger(quietLog), policy.WithPollInterval(100*time.Millisecond), policy.WithResolver(offlineDNS))
 	if err != nil {
 		t.Fatalf("policy store: %v", err)
 	}

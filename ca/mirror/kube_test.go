@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 
 	"strings"
@@ -180,7 +181,10 @@ spec:
 		if strings.Contains(string(data), "other-ns") || !strings.Contains(string(data), "only-web") {
 			t.Fatalf("written documents are not web's and istio-system's only:\n%s", data)
 		}
-		store, err := policy.NewStore(dir, policy.Workload{Namespace: "web", Labels: map[string]string{"app": "api"}}, policy.WithLogger(discard()))
+		// The mirrored DestinationRule's host (api.web.svc.cluster.local)
+		// needs no address here: nothing is resolved, no DNS query leaves.
+		noDNS := policy.WithResolver(func(context.Context, string) ([]netip.Addr, error) { return nil, nil })
+		store, err := policy.NewStore(dir, policy.Workload{Namespace: "web", Labels: map[string]string{"app": "api"}}, policy.WithLogger(discard()), noDNS)
 		if err != nil {
 			t.Fatalf("policy store on the written file: %v\n%s", err, data)
 		}

@@ -99,6 +99,7 @@ func (f *gatewayFlags) options() ([]gateway.Option, error) {
 		gateway.WithDetectTimeout(f.detectTimeout),
 		gateway.WithIdleTimeout(f.idleTimeout),
 		gateway.WithMaxConnections(f.maxConnections),
+		gateway.WithDialer(f.dialer()),
 	}
 	if f.listenHost != "" {
 		if _, err := net.ResolveTCPAddr("tcp", net.JoinHostPort(f.listenHost, "0")); err != nil {
@@ -145,7 +146,7 @@ func runGateway(ctx context.Context, f *gatewayFlags, logTo io.Writer) error {
 		if err := f.configServer.follow(ctx, src, td, f.configDir, log); err != nil {
 			return serve.Built{}, err
 		}
-		store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log, policy.WithStrictConfig(f.strictConfig)), log)
+		store, err := watchPolicy(ctx, f.configDir, wl, policyOptions(f.rootNamespace, td, log, policy.WithStrictConfig(f.strictConfig), f.policyResolver()), log)
 		if err != nil {
 			return serve.Built{}, err
 		}

@@ -94,7 +94,7 @@ func (p *svidPolicy) Current() *policy.Snapshot {
 // with --namespace), then, once src holds an identity, loads and watches it
 // for the SVID's namespace (wl's when the ID is not of Istio's form).
 func watchPolicyForSVID(ctx context.Context, src tlsmgr.Source, configDir string, wl policy.Workload, rootNS string, opts []policy.Option, log *slog.Logger) (*svidPolicy, error) {
-	if _, err := policy.NewStore(configDir, wl, append(opts[:len(opts):len(opts)], policy.WithLogger(slog.New(slog.DiscardHandler)))...); err != nil {
+	if _, err := policy.NewStore(configDir, wl, append(opts[:len(opts):len(opts)], policy.WithLogger(slog.New(slog.DiscardHandler)), policy.WithResolver(noResolve))...); err != nil {
 		return nil, fmt.Errorf("--config-dir: %w", err)
 	}
 	p := &svidPolicy{closed: policy.Static(wl, append(opts[:len(opts):len(opts)], policy.WithDefaultMode(policy.ModeStrict))...)}

@@ -292,7 +292,7 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 	}
 	f.appHealth = apphealth.New(probers, apphealth.WithLogger(log))
 
-	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode), policy.WithStrictConfig(f.strictConfig))
+	polOpts := policyOptions(f.rootNamespace, td, log, policy.WithDefaultMode(mode), policy.WithStrictConfig(f.strictConfig), f.policyResolver())
 	// Last, once every flag is valid (tests run the usage errors in process).
 	procs, procsFrom := f.concurrency.apply(os.Getenv)
 	log.Debug("go scheduler", "concurrency", procs, "from", procsFrom)
@@ -336,6 +336,7 @@ func (f *runFlags) proxyOptions(log *slog.Logger) ([]proxy.Option, error) {
 		proxy.WithMaxConnections(f.maxConnections),
 		proxy.WithOriginalDst(redirect.OriginalDst),
 		proxy.WithCredentialsDir(f.credentialsDir),
+		proxy.WithDialer(f.dialer()),
 	}
 	n := 0
 	if f.inbound != "" {
@@ -564,7 +565,8 @@ func checkLoopback(flag, addr string) error {
 }
 
 // serveFlags are the flags run and gateway share: the admin, metrics and
-// health endpoints, connection timeouts and limit, draining and logging.
+// health endpoints, connection timeouts and limit, draining, logging, and
+// the DNS server asked for host names.
 type serveFlags struct {
 	admin, metrics, health string
 	detectTimeout          time.Duration
@@ -573,7 +575,9 @@ type serveFlags struct {
 	rotateInterval         time.Duration
 	maxConnections         int
 	logLevel, logFormat    string
+	dnsServer              string
 
+	resolver  *net.Resolver      // of --dns-server, set by validate; nil: the system's
 	nofile    uint64             // soft RLIMIT_NOFILE after raising it, set by validate
 	nofileErr error              // why it could not be raised
 	appHealth *apphealth.Handler // run only: the app's probes on the health port
@@ -592,6 +596,7 @@ func (f *serveFlags) register(fl *pflag.FlagSet, detectUsage string) {
 	fl.IntVar(&f.maxConnections, "max-connections", 0, "refuse new connections past this many open ones (0: sized from RLIMIT_NOFILE, two descriptors a connection, keeping headroom for the admin, health and metrics ports)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	fl.StringVar(&f.dnsServer, "dns-server", "", dnsServerUsage)
 }
 
 // defaultNamespace is the workload's namespace when neither --namespace nor
@@ -615,6 +620,10 @@ func (f *serveFlags) validate() error {
 		return usagef("--rotate-interval must be positive")
 	case f.maxConnections < 0:
 		return usagef("--max-connections must not be negative")
+	}
+	var err error
+	if f.resolver, err = dnsResolver(f.dnsServer); err != nil {
+		return err
 	}
 	f.nofile, f.nofileErr = fdlimit.Raise()
 	if f.maxConnections == 0 {

@@ -3,14 +3,19 @@ package e2e
 import (
 	"bufio"
 	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/dnstest"
 	"github.com/meshproxy/meshproxy/internal/e2eutil"
 	"github.com/meshproxy/meshproxy/internal/testpki"
 )
@@ -21,7 +26,10 @@ import (
 // connectionPool.tcp.maxConnections 1: the app's plaintext reaches the
 // service over TLS the sidecar originates (SNI and name check: the host,
 // as the rule sets no sni), and a second app connection while the first is
-// open is refused and counted.
+// open is refused and counted. The rule's short host is resolved in the
+// SVID's namespace (localhost.demo) through --dns-server, a DNS server the
+// test runs: that name, and no other, is asked of it, and none leaves the
+// machine.
 func TestExplicitOutboundOriginatesTLSPerDestinationRule(t *testing.T) {
 	mesh := testpki.New(t, "cluster.local")
 	external := testpki.New(t, "external.example")
@@ -48,9 +56,10 @@ spec:
 	if err := os.WriteFile(filepath.Join(cfgDir, "dr.yaml"), []byte(rule), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	dns := dnstest.Start(t, map[string][]netip.Addr{"localhost.demo": {netip.MustParseAddr("127.0.0.1")}})
 	out := freeAddr(t)
 	sc := newSidecarAddrs(t)
-	start(t, append(append([]string{"run", "--config-dir", cfgDir,
+	start(t, append(append([]string{"run", "--config-dir", cfgDir, "--dns-server", dns.Addr(),
 		"--outbound-explicit", out + "=localhost:" + strconv.Itoa(port)}, fileIdentity(t, mesh, clientID)...), sc.flags()...)...)
 	sc.waitReady(t)
 
@@ -65,6 +74,18 @@ spec:
 	_, _ = second.Write([]byte("over the limit\n"))
 	if got, err := bufio.NewReader(second).ReadString('\n'); err == nil {
 		t.Fatalf("a second app connection got through maxConnections: 1 (read %q)", got)
+	}
+	if got := dns.Asked(); !slices.Equal(got, []string{"localhost.demo"}) {
+		t.Errorf("names asked of --dns-server: %q, want the rule's host in the SVID's namespace only, [localhost.demo]", got)
+	}
+	var cfg struct {
+		Policy struct {
+			Resolved map[string][]string `json:"resolved_hosts"`
+		} `json:"policy"`
+	}
+	if code, body, err := httpGet("http://" + sc.admin + "/config"); err != nil || code != http.StatusOK || json.Unmarshal([]byte(body), &cfg) != nil ||
+		!slices.Equal(cfg.Policy.Resolved["localhost.demo"], []string{"127.0.0.1"}) {
+		t.Errorf("GET /config resolved_hosts: want localhost.demo [127.0.0.1] from --dns-server; got %d %v %s", code, err, body)
 	}
 	metrics := "http://" + sc.metrics + "/metrics"
 	for _, m := range []struct{ mode, decision string }{{"tls_origination", "allow"}, {"unknown", "connection_pool_full"}} {
