@@ -16,6 +16,17 @@ type metric struct {
 	digits   int
 }
 
+// context reports whether m describes the machine during a run (how busy,
+// what others took) rather than the peer: its rows have no ratios.
+func (m *metric) context() bool {
+	return m.name == machineBusyName || m.name == otherCPUName
+}
+
+const (
+	machineBusyName = "machine CPU busy (%)"
+	otherCPUName    = "CPU of other processes (% of machine)"
+)
+
 func resultValue(f func(r *Result) float64) func(s *Sample) (float64, bool) {
 	return func(s *Sample) (float64, bool) {
 		if s.Result == nil || s.Result.Ops == 0 {
@@ -113,15 +124,15 @@ var metrics = []metric{
 	{ScenarioConns, "p99 connect+echo (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
 	{ScenarioConns, "proxy CPU per connection, both sides (µs)", false, cpuPerOp, 0},
 	{ScenarioConns, "load generator + echo app CPU per connection (µs)", false, loadPerOp, 0},
-	{ScenarioConns, "machine CPU busy (%)", false, machineBusy, 0},
-	{ScenarioConns, "CPU of other processes (% of machine)", false, otherCPU, 0},
+	{ScenarioConns, machineBusyName, false, machineBusy, 0},
+	{ScenarioConns, otherCPUName, false, otherCPU, 0},
 	{ScenarioKept, "requests/s", true, resultValue((*Result).Rate), 0},
 	{ScenarioKept, "p50 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(50)) }), 0},
 	{ScenarioKept, "p99 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
 	{ScenarioKept, "proxy CPU per request, both sides (µs)", false, cpuPerOp, 1},
 	{ScenarioKept, "load generator + echo app CPU per request (µs)", false, loadPerOp, 1},
-	{ScenarioKept, "machine CPU busy (%)", false, machineBusy, 0},
-	{ScenarioKept, "CPU of other processes (% of machine)", false, otherCPU, 0},
+	{ScenarioKept, machineBusyName, false, machineBusy, 0},
+	{ScenarioKept, otherCPUName, false, otherCPU, 0},
 	{ScenarioBulk, "MB/s", true, resultValue((*Result).MBps), 0},
 	{ScenarioBulk, "proxy CPU per GB, both sides (s)", false, func(s *Sample) (float64, bool) {
 		if s.Result == nil || s.Result.Bytes == 0 {
@@ -130,8 +141,8 @@ var metrics = []metric{
 		return (s.CPU[0] + s.CPU[1]).Seconds() / (float64(s.Result.Bytes) / 1e9), true
 	}, 2},
 	{ScenarioBulk, "load generator + echo app CPU per GB (s)", false, loadPerOp, 2},
-	{ScenarioBulk, "machine CPU busy (%)", false, machineBusy, 0},
-	{ScenarioBulk, "CPU of other processes (% of machine)", false, otherCPU, 0},
+	{ScenarioBulk, machineBusyName, false, machineBusy, 0},
+	{ScenarioBulk, otherCPUName, false, otherCPU, 0},
 	{ScenarioIdle, "RSS idle, client proxy (MB)", false, idleRSS(0), 1},
 	{ScenarioIdle, "RSS idle, server proxy (MB)", false, idleRSS(1), 1},
 	{ScenarioIdle, "RSS per held connection, client proxy (KB)", false, perConn(0), 1},
@@ -252,6 +263,12 @@ func (r *Report) WriteMarkdown(w io.Writer) {
 		if r.hasPeer(Meshproxy) {
 			mv, mok := r.median(m, Meshproxy)
 			for _, p := range others {
+				if m.context() {
+					// The machine's state during the runs, not a figure of
+					// meshproxy's to compare.
+					fmt.Fprint(w, "  |")
+					continue
+				}
 				if !p.Runs(m.scenario) {
 					fmt.Fprint(w, " n/a |")
 					continue

@@ -85,14 +85,14 @@ func BuildBaseline(ctx context.Context, root, ref, tmp, out string) (commit, tag
 		return "", "", err
 	}
 	untar.Stdin = pipe
-	var stderr bytes.Buffer
-	archive.Stderr, untar.Stderr = &stderr, &stderr
+	var archiveErr, untarErr bytes.Buffer // one each: the two run at once
+	archive.Stderr, untar.Stderr = &archiveErr, &untarErr
 	if err := untar.Start(); err != nil {
 		return "", "", fmt.Errorf("baseline: tar: %w", err)
 	}
 	aerr := archive.Run()
 	if err := errors.Join(aerr, untar.Wait()); err != nil {
-		return "", "", fmt.Errorf("baseline: export %s: %w: %s", commit, err, stderr.Bytes())
+		return "", "", fmt.Errorf("baseline: export %s: %w: %s%s", commit, err, archiveErr.Bytes(), untarErr.Bytes())
 	}
 	tags, err = BuildMeshproxy(ctx, src, out)
 	if err != nil {
