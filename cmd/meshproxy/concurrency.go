@@ -16,8 +16,8 @@ const maxConcurrency = 1024
 // large node without a CPU limit the runtime would otherwise keep one
 // processor per CPU and wake and spin idle threads for them. Two keeps a
 // bulk transfer's decryption and its writes on two CPUs (measured in
-// bench/RESULTS.md: one processor costs a tenth of the bulk throughput and
-// saves a fifth of the CPU per kept-connection request). Istio's sidecars
+// bench/RESULTS.md: one processor costs 5-12% of the bulk throughput and
+// saves a sixth of the CPU per kept-connection request). Istio's sidecars
 // default to the same concurrency.
 const defaultConcurrency = 2
 
