@@ -27,19 +27,23 @@ const (
 	ScenarioBulk Scenario = "bulk"
 	// ScenarioIdle: many idle connections held; resident memory.
 	ScenarioIdle Scenario = "idle"
+	// ScenarioMixed: ScenarioKept's ping-pong measured while one bulk
+	// download runs through the same pair (opt-in): what a bulk stream
+	// does to requests that share its pooled connection.
+	ScenarioMixed Scenario = "mixed"
 )
 
-// AllScenarios lists every scenario.
+// AllScenarios lists the scenarios of a default run.
 var AllScenarios = []Scenario{ScenarioConns, ScenarioKept, ScenarioBulk, ScenarioIdle}
 
 // ParseScenario validates a scenario name.
 func ParseScenario(s string) (Scenario, error) {
-	for _, sc := range AllScenarios {
+	for _, sc := range append(AllScenarios[:len(AllScenarios):len(AllScenarios)], ScenarioMixed) {
 		if string(sc) == strings.ToLower(strings.TrimSpace(s)) {
 			return sc, nil
 		}
 	}
-	return "", fmt.Errorf("unknown scenario %q (want conns, kept, bulk or idle)", s)
+	return "", fmt.Errorf("unknown scenario %q (want conns, kept, bulk, idle or mixed)", s)
 }
 
 // Config is what a comparison run does.
@@ -130,6 +134,8 @@ type Sample struct {
 	Peer     Peer
 	Round    int
 	Result   *Result // nil for ScenarioIdle
+	// Beside is the bulk download that ran beside Result (ScenarioMixed).
+	Beside *Result
 	// CPU is the CPU time of the client and server proxy during the
 	// measured window.
 	CPU [2]time.Duration
@@ -214,6 +220,17 @@ func runOne(ctx context.Context, env *Env, cfg *Config, rep *Report, sc Scenario
 			return NewConns(ctx, pair.Addr, cfg.ConnWorkers, cfg.MsgSize, d)
 		case ScenarioKept:
 			return KeptConns(ctx, pair.Addr, cfg.KeptConns, cfg.MsgSize, d)
+		case ScenarioMixed:
+			var bulk *Result
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				bulk = Bulk(ctx, pair.Addr, 1, d, cfg.VerifyBulk)
+			}()
+			kept := KeptConns(ctx, pair.Addr, cfg.KeptConns, cfg.MsgSize, d)
+			<-done
+			s.Beside = bulk
+			return kept
 		default:
 			return Bulk(ctx, pair.Addr, cfg.BulkStreams, d, cfg.VerifyBulk)
 		}
@@ -264,6 +281,9 @@ func runOne(ctx context.Context, env *Env, cfg *Config, rep *Report, sc Scenario
 	}
 	if s.Result.Ops == 0 {
 		s.Err = fmt.Errorf("no request completed: %v", s.Result.FirstErr)
+	}
+	if s.Beside != nil && s.Beside.Bytes == 0 {
+		s.Err = fmt.Errorf("the bulk download beside the requests moved nothing: %v", s.Beside.FirstErr)
 	}
 	return s
 }
@@ -393,6 +413,10 @@ func (s *Sample) summary() string {
 	switch s.Scenario {
 	case ScenarioBulk:
 		return fmt.Sprintf("%.1f MB/s, proxy cpu %s%s, errors %d", r.MBps(), cpu, machine, r.Errors)
+	case ScenarioMixed:
+		b := s.Beside
+		return fmt.Sprintf("%.0f/s p50 %s p99 %s beside %.1f MB/s, proxy cpu %s%s, errors %d+%d", r.Rate(),
+			r.Percentile(50).Round(time.Microsecond), r.Percentile(99).Round(time.Microsecond), b.MBps(), cpu, machine, r.Errors, b.Errors)
 	default:
 		return fmt.Sprintf("%.0f/s p50 %s p99 %s, proxy cpu %s%s, errors %d", r.Rate(),
 			r.Percentile(50).Round(time.Microsecond), r.Percentile(99).Round(time.Microsecond), cpu, machine, r.Errors)

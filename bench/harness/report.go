@@ -143,6 +143,17 @@ var metrics = []metric{
 	{ScenarioBulk, "load generator + echo app CPU per GB (s)", false, loadPerOp, 2},
 	{ScenarioBulk, machineBusyName, false, machineBusy, 0},
 	{ScenarioBulk, otherCPUName, false, otherCPU, 0},
+	{ScenarioMixed, "requests/s", true, resultValue((*Result).Rate), 0},
+	{ScenarioMixed, "p50 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(50)) }), 0},
+	{ScenarioMixed, "p99 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
+	{ScenarioMixed, "bulk MB/s beside them", true, func(s *Sample) (float64, bool) {
+		if s.Beside == nil || s.Beside.Elapsed == 0 {
+			return 0, false
+		}
+		return s.Beside.MBps(), true
+	}, 0},
+	{ScenarioMixed, machineBusyName, false, machineBusy, 0},
+	{ScenarioMixed, otherCPUName, false, otherCPU, 0},
 	{ScenarioIdle, "RSS idle, client proxy (MB)", false, idleRSS(0), 1},
 	{ScenarioIdle, "RSS idle, server proxy (MB)", false, idleRSS(1), 1},
 	{ScenarioIdle, "RSS per held connection, client proxy (KB)", false, perConn(0), 1},
@@ -196,6 +207,8 @@ func (r *Report) scenarioTitle(sc Scenario) string {
 		return fmt.Sprintf("kept connections (%d conns, %d B ping-pong)", c.KeptConns, c.MsgSize)
 	case ScenarioBulk:
 		return fmt.Sprintf("bulk download (%d conn)", c.BulkStreams)
+	case ScenarioMixed:
+		return fmt.Sprintf("kept connections beside a bulk download (%d conns, %d B ping-pong; 1 download)", c.KeptConns, c.MsgSize)
 	default:
 		return fmt.Sprintf("idle connections (%d held)", c.IdleConns)
 	}

@@ -59,7 +59,7 @@ func main() {
 	fs.DurationVar(&o.warmup, "warmup", -1, "unmeasured load before each timed run (default 1s, quick 300ms)")
 	fs.DurationVar(&o.settle, "settle", -1, "idle scenario: wait before reading RSS (default 1s, quick 500ms)")
 	fs.StringVar(&o.peers, "peers", defaultPeers(), "peers to compare, comma-separated (also meshproxy-hbone, meshproxy-x25519, meshproxy-1cpu; -meshproxy-b and -baseline add theirs)")
-	fs.StringVar(&o.scenarios, "scenarios", "conns,kept,bulk,idle", "scenarios to run, comma-separated")
+	fs.StringVar(&o.scenarios, "scenarios", "conns,kept,bulk,idle", "scenarios to run, comma-separated (also mixed: kept connections measured beside a bulk download through the same pair)")
 	fs.IntVar(&o.connWorkers, "conn-workers", 0, "concurrent clients of the new-connection scenario (default 16)")
 	fs.IntVar(&o.keptConns, "kept-conns", 0, "connections of the kept-connection scenario (default 8)")
 	fs.IntVar(&o.bulkStreams, "bulk-streams", 0, "connections of the bulk scenario (default 1)")
