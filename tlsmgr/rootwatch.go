@@ -77,6 +77,10 @@ func (w *RootWatch) Run(ctx context.Context) error {
 	defer wg.Wait()
 	defer cancel()
 	o := &w.opts
+	// The baseline is the file as the rotator starts, taken before its first
+	// certificate: were it left to the watcher's goroutine, a change made
+	// right after start-up could become the baseline and never be acted on.
+	w.check()
 	wg.Go(func() { watchFiles(ctx, []string{w.path}, o.pollInterval, o.clock, o.logger, w.check) })
 	wg.Go(func() { w.renewals(ctx) })
 	return w.Rotator.Run(ctx)
