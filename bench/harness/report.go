@@ -27,6 +27,11 @@ const (
 	otherCPUName    = "CPU of other processes (% of machine)"
 )
 
+// percentile is the p-th percentile latency of a run's requests in µs.
+func percentile(p float64) func(s *Sample) (float64, bool) {
+	return resultValue(func(r *Result) float64 { return micros(r.Percentile(p)) })
+}
+
 func resultValue(f func(r *Result) float64) func(s *Sample) (float64, bool) {
 	return func(s *Sample) (float64, bool) {
 		if s.Result == nil || s.Result.Ops == 0 {
@@ -120,15 +125,15 @@ func privatePerConn(i int) func(s *Sample) (float64, bool) {
 
 var metrics = []metric{
 	{ScenarioConns, "new mTLS connections/s", true, resultValue((*Result).Rate), 0},
-	{ScenarioConns, "p50 connect+echo (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(50)) }), 0},
-	{ScenarioConns, "p99 connect+echo (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
+	{ScenarioConns, "p50 connect+echo (µs)", false, percentile(50), 0},
+	{ScenarioConns, "p99 connect+echo (µs)", false, percentile(99), 0},
 	{ScenarioConns, "proxy CPU per connection, both sides (µs)", false, cpuPerOp, 0},
 	{ScenarioConns, "load generator + echo app CPU per connection (µs)", false, loadPerOp, 0},
 	{ScenarioConns, machineBusyName, false, machineBusy, 0},
 	{ScenarioConns, otherCPUName, false, otherCPU, 0},
 	{ScenarioKept, "requests/s", true, resultValue((*Result).Rate), 0},
-	{ScenarioKept, "p50 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(50)) }), 0},
-	{ScenarioKept, "p99 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
+	{ScenarioKept, "p50 latency (µs)", false, percentile(50), 0},
+	{ScenarioKept, "p99 latency (µs)", false, percentile(99), 0},
 	{ScenarioKept, "proxy CPU per request, both sides (µs)", false, cpuPerOp, 1},
 	{ScenarioKept, "load generator + echo app CPU per request (µs)", false, loadPerOp, 1},
 	{ScenarioKept, machineBusyName, false, machineBusy, 0},
@@ -144,8 +149,8 @@ var metrics = []metric{
 	{ScenarioBulk, machineBusyName, false, machineBusy, 0},
 	{ScenarioBulk, otherCPUName, false, otherCPU, 0},
 	{ScenarioMixed, "requests/s", true, resultValue((*Result).Rate), 0},
-	{ScenarioMixed, "p50 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(50)) }), 0},
-	{ScenarioMixed, "p99 latency (µs)", false, resultValue(func(r *Result) float64 { return micros(r.Percentile(99)) }), 0},
+	{ScenarioMixed, "p50 latency (µs)", false, percentile(50), 0},
+	{ScenarioMixed, "p99 latency (µs)", false, percentile(99), 0},
 	{ScenarioMixed, "bulk MB/s beside them", true, func(s *Sample) (float64, bool) {
 		if s.Beside == nil || s.Beside.Elapsed == 0 {
 			return 0, false
