@@ -84,11 +84,16 @@ func ParsePeer(s string) (Peer, error) {
 			return p, nil
 		}
 	}
-	names := make([]string, len(knownPeers))
-	for i, p := range knownPeers {
+	return "", fmt.Errorf("unknown peer %q (want one of %s)", s, strings.Join(PeerNames(knownPeers), ", "))
+}
+
+// PeerNames spells peers as ParsePeer reads them.
+func PeerNames(peers []Peer) []string {
+	names := make([]string, len(peers))
+	for i, p := range peers {
 		names[i] = string(p)
 	}
-	return "", fmt.Errorf("unknown peer %q (want one of %s)", s, strings.Join(names, ", "))
+	return names
 }
 
 // readyTimeout bounds how long a pair may take to carry its first request.

@@ -58,7 +58,7 @@ func main() {
 	fs.DurationVar(&o.duration, "duration", 0, "measured time of each timed run (default 5s, quick 1.5s)")
 	fs.DurationVar(&o.warmup, "warmup", -1, "unmeasured load before each timed run (default 1s, quick 300ms)")
 	fs.DurationVar(&o.settle, "settle", -1, "idle scenario: wait before reading RSS (default 1s, quick 500ms)")
-	fs.StringVar(&o.peers, "peers", defaultPeers(), "peers to compare, comma-separated (also meshproxy-hbone, meshproxy-x25519, meshproxy-1cpu; -meshproxy-b and -baseline add theirs)")
+	fs.StringVar(&o.peers, "peers", strings.Join(harness.PeerNames(harness.AllPeers), ","), "peers to compare, comma-separated (also meshproxy-hbone, meshproxy-x25519, meshproxy-1cpu; -meshproxy-b and -baseline add theirs)")
 	fs.StringVar(&o.scenarios, "scenarios", "conns,kept,bulk,idle", "scenarios to run, comma-separated (also mixed: kept connections measured beside a bulk download through the same pair)")
 	fs.IntVar(&o.connWorkers, "conn-workers", 0, "concurrent clients of the new-connection scenario (default 16)")
 	fs.IntVar(&o.keptConns, "kept-conns", 0, "connections of the kept-connection scenario (default 8)")
@@ -94,15 +94,6 @@ func main() {
 		stop()
 		os.Exit(1)
 	}
-}
-
-// defaultPeers is harness.AllPeers as the -peers flag spells it.
-func defaultPeers() string {
-	names := make([]string, len(harness.AllPeers))
-	for i, p := range harness.AllPeers {
-		names[i] = string(p)
-	}
-	return strings.Join(names, ",")
 }
 
 // config turns the flags into a harness.Config.
