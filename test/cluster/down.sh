@@ -87,6 +87,14 @@ for ipt in iptables ip6tables; do
 	command -v "$ipt" >/dev/null || continue
 	for t in mangle nat filter; do
 		mapfile -t chains < <("$ipt" -t "$t" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}')
+		# Jumps into them from other chains first (the kubelet's KUBE-FIREWALL
+		# hangs off INPUT and OUTPUT): a referenced chain cannot be deleted,
+		# and an empty one left behind still costs every packet a jump.
+		mapfile -t from < <("$ipt" -t "$t" -S 2>/dev/null | awk '/^-A / && $2 !~ /^KUBE-/ && / -[jg] KUBE-/ {print $2}' | sort -u)
+		for c in "${from[@]}"; do
+			mapfile -t nums < <("$ipt" -t "$t" -L "$c" -n --line-numbers 2>/dev/null | awk '$2 ~ /^KUBE-/ {print $1}' | sort -rn)
+			for n in "${nums[@]}"; do "$ipt" -t "$t" -D "$c" "$n" && log "deleted $ipt rule $t/$c $n (jump to a KUBE- chain)"; done
+		done
 		for c in "${chains[@]}"; do "$ipt" -t "$t" -F "$c" 2>/dev/null || true; done
 		for c in "${chains[@]}"; do "$ipt" -t "$t" -X "$c" 2>/dev/null && log "deleted $ipt chain $t/$c"; done
 	done

@@ -23,6 +23,7 @@ type machineState struct {
 	bridge    bool     // the pod bridge exists
 	nftTables []string // the cluster's nftables tables that exist
 	allTables string   // every nftables table in the host's namespace
+	kubeRules []string // iptables chains and rules naming a KUBE- chain (the kubelet's)
 	mounts    []string // mounts under the cluster's directories and its netns
 	cgroups   []string // the cluster's cgroup directories
 	dirs      []string // the cluster's state directories that exist
@@ -46,6 +47,16 @@ func snapshotMachine() machineState {
 	}
 	if out, err := exec.Command("nft", "list", "tables").Output(); err == nil {
 		s.allTables = strings.TrimSpace(string(out))
+	}
+	for _, ipt := range []string{"iptables", "ip6tables"} {
+		for _, table := range []string{"mangle", "nat", "filter"} {
+			out, _ := exec.Command(ipt, "-t", table, "-S").Output()
+			for line := range strings.Lines(string(out)) {
+				if strings.Contains(line, "KUBE-") {
+					s.kubeRules = append(s.kubeRules, ipt+" "+table+": "+strings.TrimSpace(line))
+				}
+			}
+		}
 	}
 	state, run := clusterEnv["CLUSTER_STATE"], clusterEnv["CLUSTER_RUN"]
 	if f, err := os.Open("/proc/self/mountinfo"); err == nil {
@@ -123,14 +134,15 @@ func recordedPIDs() map[string]int {
 }
 
 // testDownRestoresMachine (item 8): down.sh removes every process, the
-// bridge, the nftables tables, mounts, cgroups and state, and restores the
+// bridge, the nftables tables, the kubelet's iptables chains (and the
+// jumps into them), mounts, cgroups and state, and restores the
 // sysctls; a second run is a no-op that succeeds.
 func testDownRestoresMachine(t *testing.T) {
 	needCluster(t)
 	during := snapshotMachine()
 	// The checks below must be able to fail: the running cluster shows up in
 	// every one of them.
-	if !during.bridge || len(during.nftTables) < 2 || len(during.mounts) == 0 || len(during.cgroups) == 0 ||
+	if !during.bridge || len(during.nftTables) < 2 || len(during.kubeRules) == 0 || len(during.mounts) == 0 || len(during.cgroups) == 0 ||
 		len(during.dirs) != 2 || len(during.processes) == 0 || len(during.listening) == 0 || during.ipForward != "1" {
 		t.Fatalf("the running cluster is not visible to the checks (they would pass vacuously): %+v", during)
 	}
@@ -160,6 +172,7 @@ func testDownRestoresMachine(t *testing.T) {
 		{"pod bridge " + clusterEnv["CLUSTER_BRIDGE"], before.bridge, after.bridge},
 		{"the cluster's nftables tables", before.nftTables, after.nftTables},
 		{"nftables tables (iptables-nft included)", before.allTables, after.allTables},
+		{"the kubelet's iptables chains and the jumps into them", before.kubeRules, after.kubeRules},
 		{"mounts", before.mounts, after.mounts},
 		{"cgroups", before.cgroups, after.cgroups},
 		{"state directories", before.dirs, after.dirs},
