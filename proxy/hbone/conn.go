@@ -65,6 +65,8 @@ const (
 	maxControlBacklog = 4 << 20
 	// maxPooledBuffer is the largest write buffer returned to the pool.
 	maxPooledBuffer = 512 << 10
+	// frameHeaderLen is the size of an HTTP/2 frame header.
+	frameHeaderLen = 9
 	// leadRounds is how many writes a stream's Write makes on behalf of
 	// others before it hands the rest to the connection's writer.
 	leadRounds = 4
@@ -74,6 +76,11 @@ const (
 	// maxHeaderList bounds a decoded header block.
 	maxHeaderList = 16 << 10
 )
+
+// A write queue holds at most maxWriteBuffer plus one stream's chunk with
+// its frame headers, and must still go back to the pool: a queue that
+// outgrew it would be allocated anew on every write of a bulk transfer.
+var _ [maxPooledBuffer - (maxWriteBuffer + maxWriteChunk + (maxWriteChunk/maxFrame+1)*frameHeaderLen)]struct{}
 
 // Errors of a Conn and its streams.
 var (
@@ -144,14 +151,15 @@ type Conn struct {
 
 	// Write side. wmu is never held during I/O, so the reader may take it.
 	wmu         sync.Mutex
-	wcond       *sync.Cond // space in wbuf, or a write failed
-	wbuf        []byte     // frames waiting for the socket
+	wcond       *sync.Cond // space in wbuf or bbuf, or a write failed
+	wbuf        []byte     // frames waiting for the socket: control, answers, small streams
+	bbuf        []byte     // bulk streams' frames, written after wbuf's in each write
 	flushing    bool       // a goroutine is writing
 	werr        error
 	henc        *hpack.Encoder
 	hbuf        bytes.Buffer
 	nextID      uint32 // client: the next stream ID
-	closeWhen   bool   // close the socket once wbuf is written
+	closeWhen   bool   // close the socket once wbuf and bbuf are written
 	closedWrite bool   // our direction of the socket is closed
 
 	mu             sync.Mutex
@@ -462,21 +470,37 @@ func (c *Conn) Open(ctx context.Context, authority string) (*Stream, error) {
 // progress (no hand-off), after waiting for room; without, the writer
 // goroutine is woken and the caller never blocks (the reader, Close).
 func (c *Conn) queue(lead bool, build func([]byte) []byte) error {
-	return c.enqueue(lead, false, build)
+	return c.enqueue(lead, false, false, build)
+}
+
+// queueFor is queue for frames of stream s (nil: none): a bulk stream's
+// frames go to its queue, behind its DATA, so that nothing it sends
+// overtakes what it sent before.
+func (c *Conn) queueFor(s *Stream, lead bool, build func([]byte) []byte) error {
+	return c.enqueue(lead, false, s != nil && s.bulk.Load(), build)
 }
 
 // queueData is queue(true) for a stream's DATA: before it leads a write,
 // it yields once so that streams woken by the same poll add their frames
 // to it (one write for all). Frames that open, answer or end a stream do
 // not wait for that.
-func (c *Conn) queueData(build func([]byte) []byte) error {
-	return c.enqueue(true, true, build)
+func (c *Conn) queueData(bulk bool, build func([]byte) []byte) error {
+	return c.enqueue(true, true, bulk, build)
 }
 
-func (c *Conn) enqueue(lead, yield bool, build func([]byte) []byte) error {
+// enqueue adds frames to the small queue (wbuf) or, for a bulk stream,
+// to the bulk queue (bbuf). Each write takes both, the small queue's
+// frames first: a request or control frame never waits behind more bulk
+// data than one write carries, and a stream's Write waits for room only
+// in its own queue.
+func (c *Conn) enqueue(lead, yield, bulk bool, build func([]byte) []byte) error {
 	c.wmu.Lock()
+	q := &c.wbuf
+	if bulk {
+		q = &c.bbuf
+	}
 	if lead {
-		for len(c.wbuf) >= maxWriteBuffer && c.werr == nil {
+		for len(*q) >= maxWriteBuffer && c.werr == nil {
 			c.wcond.Wait()
 		}
 	}
@@ -485,11 +509,11 @@ func (c *Conn) enqueue(lead, yield bool, build func([]byte) []byte) error {
 		c.wmu.Unlock()
 		return err
 	}
-	if c.wbuf == nil {
-		c.wbuf = getBuffer()
+	if *q == nil {
+		*q = getBuffer()
 	}
-	c.wbuf = build(c.wbuf)
-	if !lead && len(c.wbuf) > maxControlBacklog {
+	*q = build(*q)
+	if !lead && len(c.wbuf)+len(c.bbuf) > maxControlBacklog {
 		c.wmu.Unlock()
 		c.fail(errors.New("peer does not read what it asks for"))
 		return ErrUnavailable
@@ -527,19 +551,20 @@ func (c *Conn) kick() {
 // with wmu held and no write in progress; returns with it released.
 func (c *Conn) flushLocked(rounds int) error {
 	c.flushing = true
-	for i := 0; len(c.wbuf) > 0; i++ {
+	for i := 0; len(c.wbuf) > 0 || len(c.bbuf) > 0; i++ {
 		if i == rounds {
 			c.flushing = false
 			c.wmu.Unlock()
 			c.kick()
 			return nil
 		}
-		buf := c.wbuf
-		c.wbuf = nil // the next frame takes a buffer from the pool
+		small, bulk := c.wbuf, c.bbuf
+		c.wbuf, c.bbuf = nil, nil // the next frame takes a buffer from the pool
 		c.wmu.Unlock()
-		err := c.write(buf)
+		err := c.write(small, bulk)
 		c.wmu.Lock()
-		putBuffer(buf)
+		putBuffer(small)
+		putBuffer(bulk)
 		c.wcond.Broadcast()
 		if err != nil {
 			c.flushing = false
@@ -577,16 +602,22 @@ func (c *Conn) closeSocket() {
 	c.fail(net.ErrClosed)
 }
 
-// write sends buf on the connection, corked if it can be.
-func (c *Conn) write(buf []byte) error {
-	if c.opts.Cork == nil {
-		_, err := c.nc.Write(buf)
-		return err
+// write sends small, then bulk, on the connection; corked if it can be,
+// so both reach the socket in one write.
+func (c *Conn) write(small, bulk []byte) error {
+	if c.opts.Cork != nil {
+		c.opts.Cork.Cork()
 	}
-	c.opts.Cork.Cork()
-	_, err := c.nc.Write(buf)
-	if uerr := c.opts.Cork.Uncork(); err == nil {
-		err = uerr
+	var err error
+	for _, b := range [2][]byte{small, bulk} {
+		if len(b) > 0 && err == nil {
+			_, err = c.nc.Write(b)
+		}
+	}
+	if c.opts.Cork != nil {
+		if uerr := c.opts.Cork.Uncork(); err == nil {
+			err = uerr
+		}
 	}
 	return err
 }
@@ -605,7 +636,7 @@ func (c *Conn) writeLoop() {
 			c.wmu.Unlock()
 			continue
 		}
-		if len(c.wbuf) == 0 {
+		if len(c.wbuf) == 0 && len(c.bbuf) == 0 {
 			closeNow := c.closeWhen
 			c.wmu.Unlock()
 			if closeNow {
@@ -653,7 +684,7 @@ func (c *Conn) fail(err error) {
 	if c.werr == nil {
 		c.werr = fmt.Errorf("hbone connection closed: %w", err)
 	}
-	c.wbuf = nil
+	c.wbuf, c.bbuf = nil, nil
 	c.wcond.Broadcast()
 	c.wmu.Unlock()
 }
@@ -912,7 +943,11 @@ func (c *Conn) onData(f *http2.DataFrame) error {
 	}
 	c.mu.Unlock()
 	if connInc > 0 || streamInc > 0 || rst != 0 {
-		c.queue(false, func(b []byte) []byte {
+		var to *Stream // a reset follows the stream's own frames
+		if rst != 0 {
+			to = s
+		}
+		c.queueFor(to, false, func(b []byte) []byte {
 			if connInc > 0 {
 				b = appendWindowUpdate(b, 0, connInc)
 			}
@@ -945,7 +980,7 @@ func (c *Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 			code, err := strconv.Atoi(f.PseudoValue("status"))
 			if err != nil || code < 100 || code > 999 {
 				s.resetLocal(http2.ErrCodeProtocol)
-				go c.queue(false, func(b []byte) []byte { return s.appendRST(b, http2.ErrCodeProtocol) })
+				go c.queueFor(s, false, func(b []byte) []byte { return s.appendRST(b, http2.ErrCodeProtocol) })
 				return nil
 			}
 			if code < 200 && !f.StreamEnded() {
@@ -1005,14 +1040,15 @@ func (c *Conn) onHeaders(f *http2.MetaHeadersFrame) error {
 // resetStream resets stream id with code after a stream-level error.
 func (c *Conn) resetStream(id uint32, code http2.ErrCode, err error) {
 	c.mu.Lock()
-	if s := c.streams[id]; s != nil {
+	s := c.streams[id]
+	if s != nil {
 		s.resetLocal(code)
 		if s.err == nil {
 			s.err = err
 		}
 	}
 	c.mu.Unlock()
-	c.queue(false, func(b []byte) []byte { return appendRST(b, id, code) })
+	c.queueFor(s, false, func(b []byte) []byte { return appendRST(b, id, code) })
 }
 
 // Write buffers are shared by every connection through a pool, so an idle

@@ -18,10 +18,20 @@
 //     syscall), and a stream's DATA yields once before it leads a write,
 //     so streams woken by the same poll share it; CorkConn reads ahead
 //     while data streams in (several records per read);
+//   - two write queues: a stream that writes bulk chunks queues all its
+//     frames (its END_STREAM and RST_STREAM too, so they keep their
+//     order) behind the small queue — control frames, answers, requests —
+//     which every write sends first; a request never waits in our queue
+//     behind more bulk data than one write carries, nor for room the bulk
+//     transfer took;
 //   - windows large enough that a bulk stream does not wait for
 //     WINDOW_UPDATE on a fast link; the connection window is returned as
 //     data arrives, so one stream that is not read never stalls the others
-//     (each stream's buffer is bounded by its own window);
+//     (each stream's buffer is bounded by its own window). While streams
+//     share the connection each is refilled to only half its window: the
+//     bytes a bulk transfer has in flight sit in the same TCP connection
+//     as the other streams' frames, ahead of them, so halving them halves
+//     that wait (a stream alone keeps the whole window);
 //   - half-close both ways (END_STREAM in either direction first, the other
 //     keeps flowing), RST_STREAM on abort, GOAWAY drain.
 //

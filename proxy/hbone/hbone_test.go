@@ -26,6 +26,12 @@ const wait = 30 * time.Second // generous: the machine is shared and loaded
 func pair(t *testing.T, opts Options, handle func(*Stream)) (*Conn, *Conn) {
 	t.Helper()
 	cs, ss := tcpPair(t)
+	return pairOver(t, cs, ss, opts, handle)
+}
+
+// pairOver is pair on the given client and server sockets.
+func pairOver(t *testing.T, cs, ss net.Conn, opts Options, handle func(*Stream)) (*Conn, *Conn) {
+	t.Helper()
 	server := NewServer(ss, opts)
 	served := make(chan struct{})
 	go func() {

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -63,7 +64,16 @@ type Stream struct {
 	sinkErr      error // a write to the sink by the reader failed
 
 	rstSent bool // guarded by c.wmu: no frame follows our RST_STREAM
+
+	// bulk: the stream has written a chunk of at least bulkChunk; from
+	// then on all its frames go to the connection's bulk queue (sticky,
+	// so they keep their order).
+	bulk atomic.Bool
 }
+
+// bulkChunk is the Write size that makes a stream bulk: a copy loop
+// that fills its 32 KiB buffer is streaming.
+const bulkChunk = 32 << 10
 
 func (c *Conn) newStream(id uint32) *Stream {
 	s := &Stream{c: c, id: id, recvWindow: int64(c.opts.StreamWindow), respDone: make(chan struct{}),
@@ -298,10 +308,20 @@ func (s *Stream) Read(p []byte) (int, error) {
 // held.
 func (s *Stream) consumed(n int) (inc uint32) {
 	s.unacked += int64(n)
-	if !s.recvEnd && s.unacked >= int64(s.c.opts.StreamWindow)/4 {
-		inc = uint32(s.unacked)
-		s.recvWindow += s.unacked
-		s.unacked = 0
+	if s.recvEnd {
+		return 0
+	}
+	// What the peer may have in flight plus what we buffer is the window
+	// less unacked; a stream sharing the connection is kept to half of it.
+	window := int64(s.c.opts.StreamWindow)
+	target := window
+	if s.c.active > 1 {
+		target = window / 2
+	}
+	if give := s.unacked - (window - target); give >= target/4 {
+		inc = uint32(give)
+		s.recvWindow += give
+		s.unacked -= give
 	}
 	return inc
 }
@@ -350,7 +370,10 @@ func (s *Stream) Write(p []byte) (int, error) {
 		c.sendWindow -= int64(n)
 		c.mu.Unlock()
 		chunk := p[:n]
-		err := c.queueData(func(b []byte) []byte {
+		if n >= bulkChunk && !s.bulk.Load() {
+			s.bulk.Store(true)
+		}
+		err := c.queueData(s.bulk.Load(), func(b []byte) []byte {
 			if s.rstSent {
 				return b
 			}
@@ -375,7 +398,7 @@ func (s *Stream) CloseWrite() error {
 	}
 	s.sendEnd = true
 	c.mu.Unlock()
-	return c.queue(true, func(b []byte) []byte {
+	return c.queueFor(s, true, func(b []byte) []byte {
 		if s.rstSent {
 			return b
 		}
@@ -415,7 +438,7 @@ func (s *Stream) Close() error {
 	s.wake()
 	c.mu.Unlock()
 	if answer || reset {
-		_ = c.queue(false, func(b []byte) []byte {
+		_ = c.queueFor(s, false, func(b []byte) []byte {
 			if answer {
 				return s.appendAnswer(b, status, reason, true, stop)
 			}
