@@ -226,11 +226,41 @@ func format(v float64, ok bool, digits int) string {
 	return fmt.Sprintf("%.*f", digits, v)
 }
 
-func ratio(a, b float64, aok, bok bool) (float64, string) {
-	if !aok || !bok || b == 0 {
+// ratio is the median over rounds of a's value of m divided by b's in the
+// same round, and its cell. A round runs every peer once, back to back, so
+// pairing within it cancels a change of the machine's speed between rounds
+// (other tenants of the host), which a ratio of the two medians would
+// count as a difference between the peers.
+func (r *Report) ratio(m *metric, a, b Peer) (float64, string) {
+	of := map[int]float64{}
+	for i := range r.Samples {
+		s := &r.Samples[i]
+		if s.Scenario != m.scenario || s.Peer != b || s.Err != nil {
+			continue
+		}
+		if v, ok := m.value(s); ok && v != 0 {
+			of[s.Round] = v
+		}
+	}
+	var rs []float64
+	for i := range r.Samples {
+		s := &r.Samples[i]
+		if s.Scenario != m.scenario || s.Peer != a || s.Err != nil {
+			continue
+		}
+		bv, ok := of[s.Round]
+		if !ok {
+			continue
+		}
+		if v, ok := m.value(s); ok {
+			rs = append(rs, v/bv)
+		}
+	}
+	x, ok := sortedMedian(rs)
+	if !ok {
 		return 0, "—"
 	}
-	return a / b, fmt.Sprintf("%.2f×", a/b)
+	return x, fmt.Sprintf("%.2f×", x)
 }
 
 // WriteMarkdown writes the comparison table, the goals of issue 17 that the
@@ -244,7 +274,7 @@ func (r *Report) WriteMarkdown(w io.Writer) {
 		}
 	}
 	fmt.Fprintf(w, "Medians of %d interleaved rounds; each timed run %s after %s warm-up; every run on a freshly started pair. ", c.Rounds, c.Duration, c.Warmup)
-	fmt.Fprintf(w, "Ratios are meshproxy ÷ peer (for µs, s, MB and KB rows lower is better).\n\n")
+	fmt.Fprintf(w, "Ratios are meshproxy ÷ peer within each round, median over the rounds (for µs, s, MB and KB rows lower is better).\n\n")
 	fmt.Fprint(w, "| scenario | metric |")
 	for _, p := range c.Peers {
 		fmt.Fprintf(w, " %s |", p.Title())
@@ -279,7 +309,6 @@ func (r *Report) WriteMarkdown(w io.Writer) {
 			fmt.Fprintf(w, " %s |", format(v, ok, m.digits))
 		}
 		if r.hasPeer(Meshproxy) {
-			mv, mok := r.median(m, Meshproxy)
 			for _, p := range others {
 				if m.context() {
 					// The machine's state during the runs, not a figure of
@@ -291,8 +320,7 @@ func (r *Report) WriteMarkdown(w io.Writer) {
 					fmt.Fprint(w, " n/a |")
 					continue
 				}
-				v, ok := r.median(m, p)
-				_, s := ratio(mv, v, mok, ok)
+				_, s := r.ratio(m, Meshproxy, p)
 				fmt.Fprintf(w, " %s |", s)
 			}
 		}
@@ -335,11 +363,8 @@ func (r *Report) writeGoals(w io.Writer) {
 		if !r.has(sc) || !r.hasPeer(p) || !r.hasPeer(peer) {
 			return
 		}
-		m := r.metric(sc, name)
-		mv, mok := r.median(m, p)
-		hv, hok := r.median(m, peer)
-		x, s := ratio(mv, hv, mok, hok)
-		row(goal, fmt.Sprintf("≥ %.1f× %s", want, peer.Title()), s, x >= want, mok && hok)
+		x, s := r.ratio(r.metric(sc, name), p, peer)
+		row(goal, fmt.Sprintf("≥ %.1f× %s", want, peer.Title()), s, x >= want, s != "—")
 	}
 	ratioGoal := func(sc Scenario, name, goal string, peer Peer, want float64) {
 		ratioOf(sc, name, goal, Meshproxy, peer, want)
