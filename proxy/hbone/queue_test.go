@@ -284,7 +284,7 @@ func TestSmallWriteDoesNotWaitForBulkRoom(t *testing.T) {
 		if err != nil {
 			t.Fatalf("small write: %v", err)
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(wait):
 		gate.setShut(false)
 		t.Fatal("a request's Write waited for room in the queue the bulk transfer filled")
 	}
@@ -334,14 +334,16 @@ func TestSharedStreamRefilledToHalfWindow(t *testing.T) {
 				defer idle.Close()
 			}
 			readWithin(t, down, read)
-			// The sender stops when the window runs out; wait for that.
+			// The sender stops when the window runs out; wait for that
+			// (alone, also until it is 3/4 of the window ahead: a sender
+			// the loaded machine paused must not read as one held back).
 			ctx, cancel := context.WithTimeout(context.Background(), wait)
 			defer cancel()
 			last, stable := written.Load(), time.Now()
-			for time.Since(stable) < 300*time.Millisecond {
+			for time.Since(stable) < 300*time.Millisecond || !tc.shared && last-read < 3*window/4 {
 				select {
 				case <-ctx.Done():
-					t.Fatalf("the sender never stopped: %d bytes written", written.Load())
+					t.Fatalf("after %v the sender is %d bytes ahead of the app and has not settled (alone it should reach 3/4 of the window, %d)", wait, last-read, 3*window/4)
 				case <-time.After(20 * time.Millisecond):
 				}
 				if w := written.Load(); w != last {
