@@ -24,14 +24,17 @@
 //     which every write sends first; a request never waits in our queue
 //     behind more bulk data than one write carries, nor for room the bulk
 //     transfer took;
-//   - windows large enough that a bulk stream does not wait for
-//     WINDOW_UPDATE on a fast link; the connection window is returned as
-//     data arrives, so one stream that is not read never stalls the others
-//     (each stream's buffer is bounded by its own window). While streams
-//     share the connection each is refilled to only half its window: the
-//     bytes a bulk transfer has in flight sit in the same TCP connection
-//     as the other streams' frames, ahead of them, so halving them halves
-//     that wait (a stream alone keeps the whole window);
+//   - windows that depend on the company: a stream starts with
+//     StreamWindow (1 MiB); alone on its connection, the first refill of a
+//     transfer grows it to MaxStreamWindow (4 MiB), so a bulk stream does
+//     not wait for WINDOW_UPDATE while a sidecar is not scheduled for a
+//     moment, nor within a zone's round trips; while streams share the
+//     connection each is refilled to only half of StreamWindow: the bytes
+//     a bulk transfer has in flight sit in the same TCP connection as the
+//     other streams' frames, ahead of them, so fewer of them shorten that
+//     wait. The connection window is returned as data arrives, so one
+//     stream that is not read never stalls the others (each stream's
+//     buffer is bounded by its own window);
 //   - half-close both ways (END_STREAM in either direction first, the other
 //     keeps flowing), RST_STREAM on abort, GOAWAY drain.
 //

@@ -300,21 +300,23 @@ func TestSmallWriteDoesNotWaitForBulkRoom(t *testing.T) {
 	}
 }
 
-// TestSharedStreamRefilledToHalfWindow: what a bulk sender may have in
-// flight to an app that stopped reading is its whole stream window while
-// the stream is alone on the connection, and at most half of it while
-// another stream shares the connection (its bytes would sit ahead of that
-// stream's frames).
-func TestSharedStreamRefilledToHalfWindow(t *testing.T) {
-	const window = 256 << 10
+// TestStreamWindowDependsOnTheCompany: what a bulk sender may have in
+// flight to an app that stopped reading. Alone on the connection, a stream
+// that has carried a transfer gets its window grown to MaxStreamWindow
+// (and never more); while another stream shares the connection it gets at
+// most half of StreamWindow (its bytes would sit ahead of that stream's
+// frames), also when it had grown before the other stream came.
+func TestStreamWindowDependsOnTheCompany(t *testing.T) {
+	const window, maxWindow = 256 << 10, 1 << 20
 	const read = 1 << 20
 	for _, tc := range []struct {
-		name   string
-		shared bool
-	}{{"alone", false}, {"shared", true}} {
+		name        string
+		shared      bool // a second stream is open while the app reads
+		grownBefore bool // the stream read alone before the second one opened
+	}{{"alone", false, false}, {"shared", true, false}, {"grown, then shared", true, true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			var written atomic.Int64
-			client, _ := pair(t, Options{StreamWindow: window}, func(s *Stream) {
+			client, _ := pair(t, Options{StreamWindow: window, MaxStreamWindow: maxWindow}, func(s *Stream) {
 				if s.Authority() == "idle:1" {
 					io.Copy(io.Discard, s)
 					return
@@ -329,35 +331,65 @@ func TestSharedStreamRefilledToHalfWindow(t *testing.T) {
 				}
 			})
 			down := open(t, client, "down:1")
+			var total int64
+			if tc.grownBefore {
+				readWithin(t, down, read)
+				total += read
+			}
 			if tc.shared {
 				idle := open(t, client, "idle:1")
 				defer idle.Close()
 			}
-			readWithin(t, down, read)
+			more := read
+			if tc.grownBefore {
+				more = 2 * maxWindow // past all the grown window let it send before the second stream opened
+			}
+			readWithin(t, down, more)
+			total += int64(more)
 			// The sender stops when the window runs out; wait for that
-			// (alone, also until it is 3/4 of the window ahead: a sender
-			// the loaded machine paused must not read as one held back).
+			// (alone, also until it is 3/4 of the grown window ahead: a
+			// sender the loaded machine paused must not read as one held
+			// back).
 			ctx, cancel := context.WithTimeout(context.Background(), wait)
 			defer cancel()
 			last, stable := written.Load(), time.Now()
-			for time.Since(stable) < 300*time.Millisecond || !tc.shared && last-read < 3*window/4 {
+			for time.Since(stable) < 300*time.Millisecond || !tc.shared && last-total < 3*maxWindow/4 {
 				select {
 				case <-ctx.Done():
-					t.Fatalf("after %v the sender is %d bytes ahead of the app and has not settled (alone it should reach 3/4 of the window, %d)", wait, last-read, 3*window/4)
+					t.Fatalf("after %v the sender is %d bytes ahead of the app and has not settled (alone it should reach 3/4 of the grown window, %d)", wait, last-total, 3*maxWindow/4)
 				case <-time.After(20 * time.Millisecond):
 				}
 				if w := written.Load(); w != last {
 					last, stable = w, time.Now()
 				}
 			}
-			inFlight := last - read
+			inFlight := last - total
 			if tc.shared && inFlight > window/2 {
-				t.Errorf("sharing the connection, the sender got %d bytes ahead of the app; want at most half the window (%d)", inFlight, window/2)
+				t.Errorf("sharing the connection, the sender got %d bytes ahead of the app; want at most half the stream window (%d)", inFlight, window/2)
 			}
-			if !tc.shared && inFlight < 3*window/4 {
-				t.Errorf("alone on the connection, the sender got only %d bytes ahead of the app; want at least 3/4 of the window (%d)", inFlight, 3*window/4)
+			if !tc.shared && inFlight > maxWindow {
+				t.Errorf("alone on the connection, the sender got %d bytes ahead of the app; want at most MaxStreamWindow (%d)", inFlight, maxWindow)
 			}
-			t.Logf("in flight when the app stopped reading: %d bytes (window %d)", inFlight, window)
+			t.Logf("in flight when the app stopped reading: %d bytes (window %d, grown %d)", inFlight, window, maxWindow)
 		})
+	}
+}
+
+// TestWindowOptions: a MaxStreamWindow below StreamWindow means no growth,
+// and neither may exceed what HTTP/2 allows.
+func TestWindowOptions(t *testing.T) {
+	for _, tc := range []struct {
+		in                Options
+		stream, maxStream uint32
+	}{
+		{Options{}, DefaultStreamWindow, DefaultMaxStreamWindow},
+		{Options{StreamWindow: 2 << 20, MaxStreamWindow: 1 << 20}, 2 << 20, 2 << 20},
+		{Options{StreamWindow: 8 << 20}, 8 << 20, 8 << 20},
+		{Options{StreamWindow: 3 << 30, MaxStreamWindow: 1 << 31}, MaxWindow, MaxWindow},
+	} {
+		got := tc.in.withDefaults()
+		if got.StreamWindow != tc.stream || got.MaxStreamWindow != tc.maxStream {
+			t.Errorf("%+v: windows %d / %d, want %d / %d", tc.in, got.StreamWindow, got.MaxStreamWindow, tc.stream, tc.maxStream)
+		}
 	}
 }

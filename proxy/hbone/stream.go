@@ -47,6 +47,7 @@ type Stream struct {
 	sendWindow   int64
 	recvWindow   int64
 	unacked      int64   // read by the app, not yet returned to the peer
+	window       int64   // recvWindow + buffered + unacked: StreamWindow, or MaxStreamWindow once grown
 	recv         []chunk // what the peer sent, not read yet
 	off          int     // read offset in recv[0]
 	recvEnd      bool    // the peer ended its direction
@@ -76,7 +77,7 @@ type Stream struct {
 const bulkChunk = 32 << 10
 
 func (c *Conn) newStream(id uint32) *Stream {
-	s := &Stream{c: c, id: id, recvWindow: int64(c.opts.StreamWindow), respDone: make(chan struct{}),
+	s := &Stream{c: c, id: id, recvWindow: int64(c.opts.StreamWindow), window: int64(c.opts.StreamWindow), respDone: make(chan struct{}),
 		failStatus: http.StatusServiceUnavailable}
 	s.rcond = sync.NewCond(&c.mu)
 	s.wcond = sync.NewCond(&c.mu)
@@ -306,24 +307,35 @@ func (s *Stream) Read(p []byte) (int, error) {
 // consumed accounts for n bytes the app took (read, or written to the
 // sink): the window to return to the peer now, if any. Called with c.mu
 // held.
+//
+// What the peer may have in flight plus what we buffer is the window less
+// unacked. A stream alone on the connection is refilled to its whole
+// window, and the first refill grows that window to MaxStreamWindow (so a
+// request, which never reads a quarter of StreamWindow, never gets more
+// than StreamWindow); a stream sharing the connection is kept to half of
+// StreamWindow, grown or not.
 func (s *Stream) consumed(n int) (inc uint32) {
 	s.unacked += int64(n)
 	if s.recvEnd {
 		return 0
 	}
-	// What the peer may have in flight plus what we buffer is the window
-	// less unacked; a stream sharing the connection is kept to half of it.
-	window := int64(s.c.opts.StreamWindow)
-	target := window
-	if s.c.active > 1 {
-		target = window / 2
+	alone := s.c.active <= 1
+	target := s.window
+	if !alone {
+		target = int64(s.c.opts.StreamWindow) / 2
 	}
-	if give := s.unacked - (window - target); give >= target/4 {
-		inc = uint32(give)
-		s.recvWindow += give
-		s.unacked -= give
+	give := s.unacked - (s.window - target)
+	if give < target/4 {
+		return 0
 	}
-	return inc
+	s.recvWindow += give
+	s.unacked -= give
+	if grow := int64(s.c.opts.MaxStreamWindow) - s.window; alone && grow > 0 {
+		s.window += grow
+		s.recvWindow += grow
+		give += grow
+	}
+	return uint32(give)
 }
 
 // returnWindow sends WINDOW_UPDATE for inc bytes, if any.
