@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/meshproxy/meshproxy/internal/loopback"
 	"github.com/meshproxy/meshproxy/redirect"
 )
 
@@ -14,30 +15,7 @@ import (
 // the proxy has no original destination; OriginalDst must not hand back the
 // proxy's own address (the proxy would connect to itself).
 func TestOriginalDstOfAnUncapturedConnection(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			close(accepted)
-			return
-		}
-		accepted <- c
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	s, ok := <-accepted
-	if !ok {
-		t.Fatal("accept failed")
-	}
-	defer s.Close()
+	_, s := loopback.TCPPair(t)
 	if dst, err := redirect.OriginalDst(s); !errors.Is(err, redirect.ErrNotRedirected) {
 		t.Fatalf("OriginalDst = %v, %v; want ErrNotRedirected", dst, err)
 	}

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/loopback"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -17,22 +18,8 @@ const wait = 30 * time.Second // generous: the machine is shared
 
 // pair returns both ends of a loopback TCP connection.
 func pair(t *testing.T) (client, server net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	client, err = net.DialTimeout("tcp", ln.Addr().String(), wait)
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err = ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close(); server.Close() })
-	return client, server
+	c, s := loopback.TCPPair(t)
+	return c, s
 }
 
 func TestTableRefusesPastLimitAndAbortsOnDrainDeadline(t *testing.T) {

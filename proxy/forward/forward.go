@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/rawsock"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -191,10 +192,13 @@ func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus
 	if srcOK && dstOK {
 		sp = &splicer{dst: dstTCP, src: srcTCP, spliced: &stats.spliced}
 	}
+	// Plain sockets are read and written with raw system calls (see
+	// internal/rawsock); the errors name the connections as before.
+	rsrc, rdst := rawsock.Wrap(src), rawsock.Wrap(dst)
 	for {
-		nr, rerr := src.Read(buf)
+		nr, rerr := rsrc.Read(buf)
 		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
+			nw, werr := rdst.Write(buf[:nr])
 			count(int64(nw))
 			if werr != nil {
 				return fmt.Errorf("write to %s: %w", dst.RemoteAddr(), werr)

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/loopback"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/goleak"
 )
@@ -18,29 +19,10 @@ const wait = 30 * time.Second
 
 // tcpPair returns both ends of a loopback TCP connection.
 func tcpPair(t testing.TB) (net.Conn, net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	ch := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		ch <- c
-	}()
-	a, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := <-ch
-	if b == nil {
-		t.Fatal("accept failed")
-	}
+	a, b := loopback.TCPPair(t)
 	for _, c := range []net.Conn{a, b} {
 		_ = c.SetDeadline(time.Now().Add(wait))
 	}
-	t.Cleanup(func() { a.Close(); b.Close() })
 	return a, b
 }
 

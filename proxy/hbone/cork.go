@@ -1,8 +1,11 @@
 package hbone
 
 import (
+	"io"
 	"net"
 	"sync"
+
+	"github.com/meshproxy/meshproxy/internal/rawsock"
 )
 
 // CorkConn wraps the socket under a TLS connection so that everything one
@@ -18,9 +21,10 @@ import (
 // to four records per syscall, until one comes back short; then the
 // buffer goes back to the pool once drained, so an idle connection holds
 // none. Read is not safe for concurrent use (crypto/tls serialises its
-// reads).
+// reads). A plain socket is read and written with internal/rawsock.
 type CorkConn struct {
 	net.Conn
+	sock io.ReadWriter // reads and writes of the socket (rawsock's, for a plain one)
 
 	mu     sync.Mutex
 	corked bool
@@ -56,7 +60,7 @@ func (c *CorkConn) Read(p []byte) (int, error) {
 		return n, err
 	}
 	if !c.hot || len(p) >= readAhead {
-		n, err := c.Conn.Read(p)
+		n, err := c.sock.Read(p)
 		c.hot = err == nil && n == len(p) && len(p) < readAhead
 		if !c.hot {
 			c.releaseRead()
@@ -67,7 +71,7 @@ func (c *CorkConn) Read(p []byte) (int, error) {
 		c.rbuf = readBuffers.Get().(*[]byte)
 	}
 	buf := *c.rbuf
-	n, err := c.Conn.Read(buf)
+	n, err := c.sock.Read(buf)
 	c.hot = err == nil && n == len(buf)
 	m := copy(p, buf[:n])
 	c.rdata = buf[m:n]
@@ -89,7 +93,7 @@ func (c *CorkConn) releaseRead() {
 }
 
 // NewCorkConn wraps c.
-func NewCorkConn(c net.Conn) *CorkConn { return &CorkConn{Conn: c} }
+func NewCorkConn(c net.Conn) *CorkConn { return &CorkConn{Conn: c, sock: rawsock.Wrap(c)} }
 
 // Write sends p, or holds it until Uncork while corked.
 func (c *CorkConn) Write(p []byte) (int, error) {
@@ -103,7 +107,7 @@ func (c *CorkConn) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	c.mu.Unlock()
-	return c.Conn.Write(p)
+	return c.sock.Write(p)
 }
 
 // Cork holds writes until Uncork.
@@ -123,7 +127,7 @@ func (c *CorkConn) Uncork() error {
 		c.buf = nil
 		return nil
 	}
-	_, err := c.Conn.Write(c.buf)
+	_, err := c.sock.Write(c.buf)
 	putBuffer(c.buf)
 	c.buf = nil
 	return err

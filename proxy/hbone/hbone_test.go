@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/loopback"
 	"golang.org/x/net/http2"
 )
 
@@ -58,31 +59,8 @@ func pairOver(t *testing.T, cs, ss net.Conn, opts Options, handle func(*Stream))
 }
 
 func tcpPair(t testing.TB) (net.Conn, net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			close(accepted)
-			return
-		}
-		accepted <- c
-	}()
-	cs, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ss, ok := <-accepted
-	if !ok {
-		t.Fatal("accept failed")
-	}
-	t.Cleanup(func() { cs.Close(); ss.Close() })
-	return cs, ss
+	c, s := loopback.TCPPair(t)
+	return c, s
 }
 
 func open(t *testing.T, c *Conn, authority string) *Stream {

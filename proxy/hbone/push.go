@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"syscall"
+
+	"github.com/meshproxy/meshproxy/internal/rawsock"
 )
 
 // Pushing: the forwarder of a stream's receive direction does not read
@@ -55,7 +57,7 @@ func (k *sink) tryWrite(p []byte) (int, error) {
 // writeOnce is one write(2) of k.p on fd; it never waits for the socket.
 func (k *sink) writeOnce(fd uintptr) bool {
 	for {
-		k.n, k.err = syscall.Write(int(fd), k.p)
+		k.n, k.err = rawsock.WriteOnce(fd, k.p)
 		if !errors.Is(k.err, syscall.EINTR) {
 			return true // done, whatever the outcome
 		}

@@ -9,6 +9,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/meshproxy/meshproxy/internal/rawsock"
 )
 
 // DefaultTimeout is how long Sniff waits for the first bytes (and a whole
@@ -76,7 +78,8 @@ func IsMeshALPN(proto string) bool { return strings.HasPrefix(proto, "istio") }
 // Conn is a net.Conn that first replays the bytes Sniff consumed.
 type Conn struct {
 	net.Conn
-	buf []byte // consumed but not yet replayed
+	buf  []byte        // consumed but not yet replayed
+	sock io.ReadWriter // the socket's reads and writes (rawsock's for a plain socket)
 }
 
 // Read returns replayed bytes first, then reads from the network.
@@ -89,7 +92,18 @@ func (c *Conn) Read(p []byte) (int, error) {
 		}
 		return n, nil
 	}
-	return c.Conn.Read(p)
+	if c.sock == nil {
+		return c.Conn.Read(p)
+	}
+	return c.sock.Read(p)
+}
+
+// Write writes to the network.
+func (c *Conn) Write(p []byte) (int, error) {
+	if c.sock == nil {
+		return c.Conn.Write(p)
+	}
+	return c.sock.Write(p)
 }
 
 // Buffered returns how many sniffed bytes are still waiting to be replayed.
@@ -116,7 +130,7 @@ func Sniff(c net.Conn, timeout time.Duration) (*Conn, Result, error) {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	sc := &Conn{Conn: c}
+	sc := &Conn{Conn: c, sock: rawsock.Wrap(c)}
 	if err := c.SetReadDeadline(time.Now().Add(timeout)); err != nil {
 		return sc, Result{}, fmt.Errorf("sniff: set deadline: %w", err)
 	}

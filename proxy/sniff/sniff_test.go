@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/loopback"
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"go.uber.org/goleak"
 )
@@ -18,31 +19,8 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // tcpPair returns both ends of a real loopback TCP connection.
 func tcpPair(t testing.TB) (client, server net.Conn) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	type res struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		c, err := ln.Accept()
-		ch <- res{c, err}
-	}()
-	client, err = net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := <-ch
-	if r.err != nil {
-		t.Fatal(r.err)
-	}
-	t.Cleanup(func() { client.Close(); r.c.Close() })
-	return client, r.c
+	c, s := loopback.TCPPair(t)
+	return c, s
 }
 
 // captureConn records what a TLS client writes and fails its reads, so a

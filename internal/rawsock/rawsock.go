@@ -1,0 +1,165 @@
+// Package rawsock reads and writes sockets with raw system calls, outside
+// the Go scheduler's system-call state.
+//
+// Go's net package brackets every read(2) and write(2) with entersyscall
+// and exitsyscall. When every processor of the program was idle, the
+// runtime's monitor thread (sysmon) sleeps deeply, and entersyscall wakes
+// it: it then polls every 20 µs for at least a millisecond before it backs
+// off. A sidecar goes idle and busy again between most requests, so every
+// burst paid for that wake-up and fifty more — on a virtual machine each
+// is a context switch costing tens of microseconds (bench/RESULTS.md).
+// The data path's sockets are non-blocking, so their reads and writes
+// never block in the kernel and need no scheduler bookkeeping; waiting for
+// readiness still goes through the runtime's poller (syscall.RawConn), so
+// deadlines and Close work as with net.Conn.
+package rawsock
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"unsafe"
+)
+
+// Conn reads and writes a socket with raw system calls. Read and Write
+// may run concurrently with each other, and each is safe for concurrent
+// use (a Write is never interleaved with another).
+type Conn struct {
+	nc   net.Conn
+	r, w half
+}
+
+// half is one direction's call in progress, kept here (and its callback
+// bound once) so that a Read or Write allocates nothing.
+type half struct {
+	mu   sync.Mutex
+	wait func(func(fd uintptr) bool) error // the RawConn's Read or Write
+	f    func(fd uintptr) bool             // one attempt: false to wait for readiness
+	p    []byte
+	n    int
+	err  error // the system call's
+}
+
+// do runs h.f over p until it is done, waiting for readiness in between.
+// err is the RawConn's (closed, deadline: already a *net.OpError), serr
+// the system call's.
+func (h *half) do(p []byte) (n int, err, serr error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.p, h.n, h.err = p, 0, nil
+	err = h.wait(h.f)
+	n, serr = h.n, h.err
+	h.p, h.err = nil, nil
+	return n, err, serr
+}
+
+// Wrap returns a Conn for a TCP or Unix socket, and c itself for anything
+// else (a TLS connection, a wrapper that buffers): only a plain socket's
+// bytes may bypass its own Read and Write.
+func Wrap(c net.Conn) io.ReadWriter {
+	switch c.(type) {
+	case *net.TCPConn, *net.UnixConn:
+	default:
+		return c
+	}
+	rc, err := c.(syscall.Conn).SyscallConn()
+	if err != nil {
+		return c
+	}
+	k := &Conn{nc: c}
+	k.r.wait, k.r.f = rc.Read, k.readOnce
+	k.w.wait, k.w.f = rc.Write, k.writeAll
+	return k
+}
+
+// Read reads what the socket has, waiting for it as net.Conn's Read does;
+// io.EOF once the peer closed its direction.
+func (c *Conn) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n, err, serr := c.r.do(p)
+	switch {
+	case err != nil:
+		return 0, err
+	case serr != nil:
+		return 0, c.opError("read", serr)
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// readOnce is one read(2); false (wait for readability) on EAGAIN.
+func (c *Conn) readOnce(fd uintptr) bool {
+	c.r.n, c.r.err = ReadOnce(fd, c.r.p)
+	return !errors.Is(c.r.err, syscall.EAGAIN)
+}
+
+// Write writes all of p, waiting for room as net.Conn's Write does.
+func (c *Conn) Write(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n, err, serr := c.w.do(p)
+	switch {
+	case err != nil:
+		return n, err
+	case serr != nil:
+		return n, c.opError("write", serr)
+	}
+	return n, nil
+}
+
+// writeAll writes what is left of c.w.p; false (wait for room) on EAGAIN.
+func (c *Conn) writeAll(fd uintptr) bool {
+	for c.w.n < len(c.w.p) {
+		n, err := WriteOnce(fd, c.w.p[c.w.n:])
+		if errors.Is(err, syscall.EAGAIN) {
+			return false
+		}
+		if err != nil {
+			c.w.err = err
+			return true
+		}
+		c.w.n += n
+	}
+	return true
+}
+
+func (c *Conn) opError(op string, err error) error {
+	return &net.OpError{Op: op, Net: c.nc.LocalAddr().Network(), Source: c.nc.LocalAddr(), Addr: c.nc.RemoteAddr(),
+		Err: os.NewSyscallError(op, err)}
+}
+
+// ReadOnce is one read(2) of fd into p (EINTR retried), outside the
+// scheduler's system-call state: fd must be non-blocking.
+func ReadOnce(fd uintptr, p []byte) (int, error) {
+	return rw(syscall.SYS_READ, fd, p)
+}
+
+// WriteOnce is one write(2) of p to fd (EINTR retried), outside the
+// scheduler's system-call state: fd must be non-blocking.
+func WriteOnce(fd uintptr, p []byte) (int, error) {
+	return rw(syscall.SYS_WRITE, fd, p)
+}
+
+func rw(trap, fd uintptr, p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	for {
+		r, _, e := syscall.RawSyscall(trap, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+		switch e {
+		case 0:
+			return int(r), nil
+		case syscall.EINTR:
+			continue
+		default:
+			return 0, e
+		}
+	}
+}
