@@ -150,10 +150,11 @@ X25519MLKEM768) or x25519 (cheaper handshakes, no post-quantum protection).
 
 --concurrency N is how many threads run the sidecar's Go code at once
 (GOMAXPROCS; default 2, 1 on a machine with one CPU). A sidecar shares its
-node's CPUs with its app and spends its time in system calls, which do not
-need one: more only makes the Go runtime wake and spin idle threads. 1 saves
+node's CPUs with its app and most of its time is the kernel's and the
+cipher's: more only makes the Go runtime wake and spin idle threads. 1 saves
 about a sixth of the CPU per request on kept connections; on bulk transfers
-it measured from 12% slower to 18% faster from run to run; raise it for a sidecar that makes many new
+it measured from 12% slower to 18% faster from run to run, and requests
+sharing a pooled connection with a download waited longer; raise it for a sidecar that makes many new
 per-connection mTLS handshakes. 0 is the Go runtime's choice
 ($GOMAXPROCS, else the container's CPU limit or all CPUs).
 
