@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -68,6 +69,50 @@ func TestConcurrencyFlag(t *testing.T) {
 	}
 }
 
+// TestConcurrencyStartCount: a process whose runtime started with another
+// processor count than --concurrency wants is restarted with GOMAXPROCS set,
+// unless the operator set $GOMAXPROCS or asked for the runtime's choice;
+// a restarted process (GOMAXPROCS now set) never restarts again.
+func TestConcurrencyStartCount(t *testing.T) {
+	noEnv := func(string) string { return "" }
+	withEnv := func(k string) string {
+		if k == "GOMAXPROCS" {
+			return "3"
+		}
+		return ""
+	}
+	flag := func(v string) concurrencyFlag {
+		var c concurrencyFlag
+		if err := c.Set(v); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	for _, tc := range []struct {
+		name    string
+		c       concurrencyFlag
+		getenv  func(string) string
+		started int
+		want    int
+		restart bool
+	}{
+		{"default on 64 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 64, defaultConcurrency, true},
+		{"default on 2 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 2, 0, false},
+		{"default on 1 CPU", concurrencyFlag{n: defaultConcurrency}, noEnv, 1, 0, false},
+		{"--concurrency 1 on 2 CPUs", flag("1"), noEnv, 2, 1, true},
+		{"--concurrency 4 on 2 CPUs", flag("4"), noEnv, 2, 4, true},
+		{"--concurrency 2 on 2 CPUs", flag("2"), noEnv, 2, 0, false},
+		{"--concurrency 0", flag("0"), noEnv, 64, 0, false},
+		{"$GOMAXPROCS set", concurrencyFlag{n: defaultConcurrency}, withEnv, 3, 0, false},
+		{"$GOMAXPROCS and --concurrency", flag("1"), withEnv, 3, 0, false},
+	} {
+		n, restart := tc.c.startCount(tc.getenv, tc.started)
+		if restart != tc.restart || restart && n != tc.want {
+			t.Errorf("%s: startCount = %d, %v; want %d, %v", tc.name, n, restart, tc.want, tc.restart)
+		}
+	}
+}
+
 // TestRunAppliesConcurrency: the sidecar process runs with the GOMAXPROCS
 // --concurrency chose (its debug log says which and why): at most 2 by default,
 // $GOMAXPROCS when set, the flag over both.
@@ -78,6 +123,21 @@ func TestRunAppliesConcurrency(t *testing.T) {
 	if os.Getenv("GOMAXPROCS") != "" {
 		t.Skip("GOMAXPROCS is set in the environment: every case would take it")
 	}
+	// The sidecar's runtime starts with the machine's CPUs; where that is
+	// not what --concurrency wants, the process restarts itself with
+	// GOMAXPROCS set (the same PID), and says so for the default.
+	cpus := runtime.NumCPU()
+	defaultWant := fmt.Sprintf("concurrency=%d from=default", min(defaultConcurrency, cpus))
+	if cpus > defaultConcurrency {
+		defaultWant = fmt.Sprintf(`concurrency=%d from="default, set at start"`, defaultConcurrency)
+	}
+	restarted := map[string]string{"default": "", "flag": "1"} // the GOMAXPROCS a restart sets
+	if cpus > defaultConcurrency {
+		restarted["default"] = strconv.Itoa(defaultConcurrency)
+	}
+	if cpus == 1 {
+		restarted["flag"] = ""
+	}
 	bin := gwBuild(t)
 	ca := testpki.New(t, "cluster.local")
 	cert, key, bundle := ca.WriteSVID(t, t.TempDir(), ca.Issue(t, "spiffe://cluster.local/ns/demo/sa/web", time.Hour))
@@ -87,7 +147,8 @@ func TestRunAppliesConcurrency(t *testing.T) {
 		flags []string
 		want  string
 	}{
-		{"default", nil, nil, fmt.Sprintf("concurrency=%d from=default", min(defaultConcurrency, runtime.GOMAXPROCS(0)))},
+		{"default", nil, nil, defaultWant},
+		{"flag", nil, []string{"--concurrency", "1"}, "concurrency=1 from=--concurrency"},
 		{"GOMAXPROCS", []string{"GOMAXPROCS=3"}, nil, "concurrency=3 from=GOMAXPROCS"},
 		{"flag over GOMAXPROCS", []string{"GOMAXPROCS=3"}, []string{"--concurrency", "2"}, "concurrency=2 from=--concurrency"},
 	} {
@@ -100,6 +161,22 @@ func TestRunAppliesConcurrency(t *testing.T) {
 			gwWaitReady(t, p, health)
 			if out := p.Output.String(); !strings.Contains(out, `msg="go scheduler" `+tc.want) {
 				t.Errorf("log does not say %q:\n%s", tc.want, out)
+			}
+			if want, ok := restarted[tc.name]; ok {
+				environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.Cmd.Process.Pid))
+				if err != nil {
+					t.Fatal(err)
+				}
+				env := strings.Split(string(environ), "\x00")
+				got := ""
+				for _, kv := range env {
+					if v, ok := strings.CutPrefix(kv, "GOMAXPROCS="); ok {
+						got = v
+					}
+				}
+				if got != want {
+					t.Errorf("the sidecar (pid %d) runs with GOMAXPROCS=%q in its environment; want %q (restarted at start: %v)", p.Cmd.Process.Pid, got, want, want != "")
+				}
 			}
 		})
 	}

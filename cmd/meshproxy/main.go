@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 
@@ -33,10 +34,30 @@ func usagef(format string, args ...any) error {
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	ctx = context.WithValue(ctx, restartKey{}, restartFunc(restartSelf))
 	if isCNIInvocation(os.Args[0]) {
 		os.Exit(run(ctx, []string{"cni"})) // the runtime passes everything in the environment
 	}
 	os.Exit(run(ctx, os.Args[1:]))
+}
+
+// restartKey is the context key of the process's restartFunc: main's
+// context carries it, in-process tests' contexts do not (they must never
+// exec).
+type restartKey struct{}
+
+// restartFunc re-executes the process with GOMAXPROCS=n; it returns only on
+// failure.
+type restartFunc func(n int) error
+
+// restartSelf re-executes this binary, same arguments and environment, with
+// GOMAXPROCS=n so that the Go runtime starts with n processors.
+func restartSelf(n int) error {
+	env := append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(n), restartedEnv+"=1")
+	if err := syscall.Exec("/proc/self/exe", os.Args, env); err != nil {
+		return fmt.Errorf("re-execute with GOMAXPROCS=%d: %w", n, err)
+	}
+	return nil
 }
 
 // run executes the command line and returns the process exit status.
