@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -28,35 +29,27 @@ func TestConcurrencyFlag(t *testing.T) {
 
 	runtime.GOMAXPROCS(3)
 	def := concurrencyFlag{n: defaultConcurrency}
-	if n, from, follow := def.apply(noEnv); n != 1 || from != "default" || follow != defaultConcurrency || runtime.GOMAXPROCS(0) != 1 {
-		t.Errorf("default on 3 CPUs: %d from %q up to %d, GOMAXPROCS %d; want 1 up to %d", n, from, follow, runtime.GOMAXPROCS(0), defaultConcurrency)
+	if n, from := def.apply(noEnv); n != defaultConcurrency || from != "default" || runtime.GOMAXPROCS(0) != defaultConcurrency {
+		t.Errorf("default on 3 CPUs: %d from %q, GOMAXPROCS %d; want %d", n, from, runtime.GOMAXPROCS(0), defaultConcurrency)
 	}
 	runtime.GOMAXPROCS(1) // as the runtime does on a machine with one CPU
 	def = concurrencyFlag{n: defaultConcurrency}
-	if n, _, follow := def.apply(noEnv); n != 1 || follow != 0 || runtime.GOMAXPROCS(0) != 1 {
-		t.Errorf("default on 1 CPU: %d up to %d, GOMAXPROCS %d; want 1, fixed", n, follow, runtime.GOMAXPROCS(0))
-	}
-	restarted := func(k string) string { // what a restart by the default sets, from a runtime that started with 2
-		return map[string]string{"GOMAXPROCS": "1", restartedEnv: "2"}[k]
-	}
-	runtime.GOMAXPROCS(1)
-	def = concurrencyFlag{n: defaultConcurrency}
-	if n, from, follow := def.apply(restarted); n != 1 || from != "default" || follow != 2 {
-		t.Errorf("default, restarted from 2: %d from %q up to %d; want 1 from default up to 2", n, from, follow)
+	if n, _ := def.apply(noEnv); n != 1 || runtime.GOMAXPROCS(0) != 1 {
+		t.Errorf("default on 1 CPU: %d, GOMAXPROCS %d; want 1 kept", n, runtime.GOMAXPROCS(0))
 	}
 
 	runtime.GOMAXPROCS(3) // as the runtime does for GOMAXPROCS=3
 	def = concurrencyFlag{n: defaultConcurrency}
-	if n, from, follow := def.apply(withEnv); n != 3 || from != "GOMAXPROCS" || follow != 0 || runtime.GOMAXPROCS(0) != 3 {
-		t.Errorf("$GOMAXPROCS=3: %d from %q up to %d, GOMAXPROCS %d; want 3 kept, fixed", n, from, follow, runtime.GOMAXPROCS(0))
+	if n, from := def.apply(withEnv); n != 3 || from != "GOMAXPROCS" || runtime.GOMAXPROCS(0) != 3 {
+		t.Errorf("$GOMAXPROCS=3: %d from %q, GOMAXPROCS %d; want 3 kept", n, from, runtime.GOMAXPROCS(0))
 	}
 
 	var given concurrencyFlag
 	if err := given.Set("2"); err != nil {
 		t.Fatal(err)
 	}
-	if n, from, follow := given.apply(withEnv); n != 2 || from != "--concurrency" || follow != 0 || runtime.GOMAXPROCS(0) != 2 {
-		t.Errorf("--concurrency 2 with $GOMAXPROCS=3: %d from %q up to %d, GOMAXPROCS %d; want 2, fixed", n, from, follow, runtime.GOMAXPROCS(0))
+	if n, from := given.apply(withEnv); n != 2 || from != "--concurrency" || runtime.GOMAXPROCS(0) != 2 {
+		t.Errorf("--concurrency 2 with $GOMAXPROCS=3: %d from %q, GOMAXPROCS %d; want 2", n, from, runtime.GOMAXPROCS(0))
 	}
 
 	runtime.GOMAXPROCS(3)
@@ -64,16 +57,8 @@ func TestConcurrencyFlag(t *testing.T) {
 	if err := zero.Set("0"); err != nil {
 		t.Fatal(err)
 	}
-	if n, _, follow := zero.apply(noEnv); n != 3 || follow != 0 || runtime.GOMAXPROCS(0) != 3 {
-		t.Errorf("--concurrency 0: %d up to %d, GOMAXPROCS %d; want the runtime's 3 kept", n, follow, runtime.GOMAXPROCS(0))
-	}
-
-	var auto concurrencyFlag
-	if err := auto.Set("3"); err != nil {
-		t.Fatal(err)
-	}
-	if err := auto.Set("auto"); err != nil || auto.set || auto.n != defaultConcurrency || auto.String() != "auto" {
-		t.Errorf("Set(auto) after 3: %v, set %v, n %d, String %q; want the default back", err, auto.set, auto.n, auto.String())
+	if n, _ := zero.apply(noEnv); n != 3 || runtime.GOMAXPROCS(0) != 3 {
+		t.Errorf("--concurrency 0: %d, GOMAXPROCS %d; want the runtime's 3 kept", n, runtime.GOMAXPROCS(0))
 	}
 
 	for _, bad := range []string{"-1", "x", "1025", ""} {
@@ -111,8 +96,8 @@ func TestConcurrencyStartCount(t *testing.T) {
 		want    int
 		restart bool
 	}{
-		{"default on 64 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 64, 1, true},
-		{"default on 2 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 2, 1, true},
+		{"default on 64 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 64, defaultConcurrency, true},
+		{"default on 2 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 2, 0, false},
 		{"default on 1 CPU", concurrencyFlag{n: defaultConcurrency}, noEnv, 1, 0, false},
 		{"--concurrency 1 on 2 CPUs", flag("1"), noEnv, 2, 1, true},
 		{"--concurrency 4 on 2 CPUs", flag("4"), noEnv, 2, 4, true},
@@ -142,14 +127,16 @@ func TestRunAppliesConcurrency(t *testing.T) {
 	// not what --concurrency wants, the process restarts itself with
 	// GOMAXPROCS set (the same PID), and says so for the default.
 	cpus := runtime.NumCPU()
-	upTo := min(defaultConcurrency, cpus)
-	if upTo < 2 {
-		upTo = 0
+	defaultWant := fmt.Sprintf("concurrency=%d from=default", min(defaultConcurrency, cpus))
+	if cpus > defaultConcurrency {
+		defaultWant = fmt.Sprintf(`concurrency=%d from="default, set at start"`, defaultConcurrency)
 	}
-	defaultWant := fmt.Sprintf("concurrency=1 from=default up_to=%d", upTo)
-	restarted := map[string]string{"default": "1", "flag": "1"} // the GOMAXPROCS a restart sets
+	restarted := map[string]string{"default": "", "flag": "1"} // the GOMAXPROCS a restart sets
+	if cpus > defaultConcurrency {
+		restarted["default"] = strconv.Itoa(defaultConcurrency)
+	}
 	if cpus == 1 {
-		restarted = map[string]string{"default": "", "flag": ""}
+		restarted["flag"] = ""
 	}
 	bin := gwBuild(t)
 	ca := testpki.New(t, "cluster.local")
@@ -161,9 +148,9 @@ func TestRunAppliesConcurrency(t *testing.T) {
 		want  string
 	}{
 		{"default", nil, nil, defaultWant},
-		{"flag", nil, []string{"--concurrency", "1"}, "concurrency=1 from=--concurrency up_to=0"},
-		{"GOMAXPROCS", []string{"GOMAXPROCS=3"}, nil, "concurrency=3 from=GOMAXPROCS up_to=0"},
-		{"flag over GOMAXPROCS", []string{"GOMAXPROCS=3"}, []string{"--concurrency", "2"}, "concurrency=2 from=--concurrency up_to=0"},
+		{"flag", nil, []string{"--concurrency", "1"}, "concurrency=1 from=--concurrency"},
+		{"GOMAXPROCS", []string{"GOMAXPROCS=3"}, nil, "concurrency=3 from=GOMAXPROCS"},
+		{"flag over GOMAXPROCS", []string{"GOMAXPROCS=3"}, []string{"--concurrency", "2"}, "concurrency=2 from=--concurrency"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			health := gwFreePort(t)
