@@ -19,6 +19,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"syscall"
 	"unsafe"
@@ -30,7 +31,20 @@ import (
 type Conn struct {
 	nc   net.Conn
 	r, w half
+
+	// full: the last Read filled its buffer, so more is waiting (a bulk
+	// transfer); guarded by r.mu. Such reads and large writes go through
+	// net.Conn instead: a raw system call never lets the scheduler in, and a
+	// goroutine moving bulk data without ever waiting would hold its
+	// processor while other connections' goroutines wait for the network
+	// poller (with one processor, requests beside a per-connection download
+	// waited seconds). Go's system calls let the runtime hand the processor
+	// on while a long one runs, and bulk data pays little for them per byte.
+	full bool
 }
+
+// bulkWrite is the size from which a Write goes through net.Conn.
+const bulkWrite = 32 << 10
 
 // half is one direction's call in progress, kept here (and its callback
 // bound once) so that a Read or Write allocates nothing.
@@ -58,8 +72,14 @@ func (h *half) do(p []byte) (n int, err, serr error) {
 
 // Wrap returns a Conn for a TCP or Unix socket, and c itself for anything
 // else (a TLS connection, a wrapper that buffers): only a plain socket's
-// bytes may bypass its own Read and Write.
+// bytes may bypass its own Read and Write. With one Go processor it returns
+// c too: the raw path never hands the processor on, and with no second one
+// to run the poller's goroutines, requests beside a per-connection
+// download waited 30 ms at the median (8 ms through net.Conn).
 func Wrap(c net.Conn) io.ReadWriter {
+	if runtime.GOMAXPROCS(0) < 2 {
+		return c
+	}
 	switch c.(type) {
 	case *net.TCPConn, *net.UnixConn:
 	default:
@@ -81,7 +101,13 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
+	if c.full {
+		n, err := c.nc.Read(p)
+		c.full = err == nil && n == len(p)
+		return n, err
+	}
 	n, err, serr := c.r.do(p)
+	c.full = err == nil && serr == nil && n == len(p)
 	switch {
 	case err != nil:
 		return 0, err
@@ -103,6 +129,9 @@ func (c *Conn) readOnce(fd uintptr) bool {
 func (c *Conn) Write(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
+	}
+	if len(p) >= bulkWrite {
+		return c.nc.Write(p)
 	}
 	n, err, serr := c.w.do(p)
 	switch {

@@ -8,6 +8,7 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -192,7 +193,21 @@ func TestOnlyPlainSockets(t *testing.T) {
 	}
 }
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	runtime.GOMAXPROCS(max(2, runtime.GOMAXPROCS(0))) // Wrap wraps only with two processors or more
+	goleak.VerifyTestMain(m)
+}
+
+// TestOneProcessorKeepsNetConn: with one Go processor, sockets keep net.Conn's
+// system calls (the raw path would never hand the processor on).
+func TestOneProcessorKeepsNetConn(t *testing.T) {
+	a, _ := loopback.TCPPair(t)
+	before := runtime.GOMAXPROCS(1)
+	defer runtime.GOMAXPROCS(before)
+	if got := Wrap(a); got != io.ReadWriter(a) {
+		t.Fatalf("Wrap with GOMAXPROCS 1 = %T, want the socket itself", got)
+	}
+}
 
 // TestNoAllocations: a Read and a Write allocate nothing (the data path
 // makes one of each per message).
