@@ -156,7 +156,7 @@ cipher's: more only makes the Go runtime wake and spin idle threads. 1 saves
 about a sixth of the CPU per request on kept connections; on bulk transfers
 it measured from 12% slower to 18% faster from run to run, requests
 sharing a pooled connection with a download waited longer, and in
-per-connection mode requests beside a bulk transfer far longer (p99 50-175
+per-connection mode requests beside a bulk transfer far longer (p99 33-38
 ms against 11-20); raise it for a sidecar that makes many new
 per-connection mTLS handshakes. 0 is the Go runtime's choice
 ($GOMAXPROCS, else the container's CPU limit or all CPUs). When the count
