@@ -21,6 +21,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 )
@@ -33,14 +34,14 @@ type Conn struct {
 	r, w half
 
 	// full: the last Read filled its buffer, so more is waiting (a bulk
-	// transfer); guarded by r.mu. Such reads and large writes go through
+	// transfer). Such reads and large writes go through
 	// net.Conn instead: a raw system call never lets the scheduler in, and a
 	// goroutine moving bulk data without ever waiting would hold its
 	// processor while other connections' goroutines wait for the network
 	// poller (with one processor, requests beside a per-connection download
 	// waited seconds). Go's system calls let the runtime hand the processor
 	// on while a long one runs, and bulk data pays little for them per byte.
-	full bool
+	full atomic.Bool
 }
 
 // bulkWrite is the size from which a Write goes through net.Conn.
@@ -101,13 +102,13 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	if c.full {
+	if c.full.Load() {
 		n, err := c.nc.Read(p)
-		c.full = err == nil && n == len(p)
+		c.full.Store(err == nil && n == len(p))
 		return n, err
 	}
 	n, err, serr := c.r.do(p)
-	c.full = err == nil && serr == nil && n == len(p)
+	c.full.Store(err == nil && serr == nil && n == len(p))
 	switch {
 	case err != nil:
 		return 0, err
