@@ -19,7 +19,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -29,23 +28,31 @@ import (
 // Conn reads and writes a socket with raw system calls. Read and Write
 // may run concurrently with each other, and each is safe for concurrent
 // use (a Write is never interleaved with another).
+//
+// Bulk data goes through net.Conn's system calls instead: a read after one
+// that filled its buffer, a read once bulkStreak bytes came in without the
+// socket ever running dry, and a write of bulkWrite bytes or more. A raw
+// system call never lets the scheduler in, and a goroutine that moves bulk
+// data without ever waiting would hold its processor while other
+// connections' goroutines wait for the network poller: with one processor,
+// requests beside a per-connection download waited seconds. Go's own
+// system calls wake the runtime's monitor, which preempts a goroutine that
+// runs on and polls the network for the others; bulk data pays little for
+// them per byte.
 type Conn struct {
 	nc   net.Conn
 	r, w half
 
-	// full: the last Read filled its buffer, so more is waiting (a bulk
-	// transfer). Such reads and large writes go through
-	// net.Conn instead: a raw system call never lets the scheduler in, and a
-	// goroutine moving bulk data without ever waiting would hold its
-	// processor while other connections' goroutines wait for the network
-	// poller (with one processor, requests beside a per-connection download
-	// waited seconds). Go's system calls let the runtime hand the processor
-	// on while a long one runs, and bulk data pays little for them per byte.
-	full atomic.Bool
+	full   atomic.Bool  // the last Read filled its buffer
+	streak atomic.Int64 // bytes read since a Read last waited for data
 }
 
 // bulkWrite is the size from which a Write goes through net.Conn.
 const bulkWrite = 32 << 10
+
+// bulkStreak is how much a Conn reads without waiting for data before a
+// read goes through net.Conn (and the count starts again).
+const bulkStreak = 256 << 10
 
 // half is one direction's call in progress, kept here (and its callback
 // bound once) so that a Read or Write allocates nothing.
@@ -56,31 +63,26 @@ type half struct {
 	p    []byte
 	n    int
 	err  error // the system call's
+	runs int   // calls of f in this do: more than one means it waited
 }
 
 // do runs h.f over p until it is done, waiting for readiness in between.
 // err is the RawConn's (closed, deadline: already a *net.OpError), serr
-// the system call's.
-func (h *half) do(p []byte) (n int, err, serr error) {
+// the system call's; waited reports that it waited.
+func (h *half) do(p []byte) (n int, err, serr error, waited bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.p, h.n, h.err = p, 0, nil
+	h.p, h.n, h.err, h.runs = p, 0, nil, 0
 	err = h.wait(h.f)
-	n, serr = h.n, h.err
+	n, serr, waited = h.n, h.err, h.runs > 1
 	h.p, h.err = nil, nil
-	return n, err, serr
+	return n, err, serr, waited
 }
 
 // Wrap returns a Conn for a TCP or Unix socket, and c itself for anything
 // else (a TLS connection, a wrapper that buffers): only a plain socket's
-// bytes may bypass its own Read and Write. With one Go processor it returns
-// c too: the raw path never hands the processor on, and with no second one
-// to run the poller's goroutines, requests beside a per-connection
-// download waited 30 ms at the median (8 ms through net.Conn).
+// bytes may bypass its own Read and Write.
 func Wrap(c net.Conn) io.ReadWriter {
-	if runtime.GOMAXPROCS(0) < 2 {
-		return c
-	}
 	switch c.(type) {
 	case *net.TCPConn, *net.UnixConn:
 	default:
@@ -102,13 +104,19 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	if c.full.Load() {
+	if c.full.Load() || c.streak.Load() >= bulkStreak {
 		n, err := c.nc.Read(p)
 		c.full.Store(err == nil && n == len(p))
+		c.streak.Store(0)
 		return n, err
 	}
-	n, err, serr := c.r.do(p)
+	n, err, serr, waited := c.r.do(p)
 	c.full.Store(err == nil && serr == nil && n == len(p))
+	if waited {
+		c.streak.Store(int64(n))
+	} else {
+		c.streak.Add(int64(n))
+	}
 	switch {
 	case err != nil:
 		return 0, err
@@ -122,6 +130,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 
 // readOnce is one read(2); false (wait for readability) on EAGAIN.
 func (c *Conn) readOnce(fd uintptr) bool {
+	c.r.runs++
 	c.r.n, c.r.err = ReadOnce(fd, c.r.p)
 	return !errors.Is(c.r.err, syscall.EAGAIN)
 }
@@ -134,7 +143,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 	if len(p) >= bulkWrite {
 		return c.nc.Write(p)
 	}
-	n, err, serr := c.w.do(p)
+	n, err, serr, _ := c.w.do(p)
 	switch {
 	case err != nil:
 		return n, err

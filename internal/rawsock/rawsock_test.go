@@ -8,7 +8,6 @@ import (
 	"math/big"
 	"net"
 	"os"
-	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -194,18 +193,85 @@ func TestOnlyPlainSockets(t *testing.T) {
 }
 
 func TestMain(m *testing.M) {
-	runtime.GOMAXPROCS(max(2, runtime.GOMAXPROCS(0))) // Wrap wraps only with two processors or more
 	goleak.VerifyTestMain(m)
 }
 
-// TestOneProcessorKeepsNetConn: with one Go processor, sockets keep net.Conn's
-// system calls (the raw path would never hand the processor on).
-func TestOneProcessorKeepsNetConn(t *testing.T) {
-	a, _ := loopback.TCPPair(t)
-	before := runtime.GOMAXPROCS(1)
-	defer runtime.GOMAXPROCS(before)
-	if got := Wrap(a); got != io.ReadWriter(a) {
-		t.Fatalf("Wrap with GOMAXPROCS 1 = %T, want the socket itself", got)
+// countingConn counts the Reads that reach the socket's own Read.
+type countingConn struct {
+	*net.TCPConn
+	reads int
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	c.reads++
+	return c.TCPConn.Read(p)
+}
+
+// TestBulkReadsGoThroughNetConn: a reader that always finds data queued
+// (and never fills its buffer) makes one of net.Conn's reads after every
+// bulkStreak bytes — Go's system calls wake the runtime's monitor, which
+// preempts a goroutine that runs on; without them one processor served
+// nothing else while a download lasted — and a reader that waits for each
+// message reads raw however much it reads. The bytes arrive exact.
+func TestBulkReadsGoThroughNetConn(t *testing.T) {
+	a, b := loopback.TCPPair(t)
+	w, r := mustWrap(t, a), mustWrap(t, b)
+	cc := &countingConn{TCPConn: b}
+	r.nc = cc
+
+	const chunk, total = 16 << 10, 4 << 20
+	data := randomBytes(t, total)
+	buf := make([]byte, 1<<20)
+	var got bytes.Buffer
+	for off := 0; off < total; off += chunk {
+		// On loopback the chunk is queued when Write returns: the Read
+		// finds it without waiting.
+		if _, err := w.Write(data[off : off+chunk]); err != nil {
+			t.Fatal(err)
+		}
+		for got.Len() < off+chunk {
+			n, err := r.Read(buf)
+			if err != nil {
+				t.Fatalf("read after %d bytes: %v", got.Len(), err)
+			}
+			got.Write(buf[:n])
+		}
+	}
+	if !bytes.Equal(got.Bytes(), data) {
+		t.Fatal("bytes differ")
+	}
+	if want := total / (bulkStreak + chunk); cc.reads < want {
+		t.Fatalf("%d reads of %d MiB read without waiting went through net.Conn, want at least %d (one per %d KiB)",
+			cc.reads, total>>20, want, bulkStreak>>10)
+	}
+
+	// Each read waits for its chunk: raw all along, though it reads more
+	// than bulkStreak in all.
+	cc.reads = 0
+	for i := 0; i < 2*bulkStreak/chunk; i++ {
+		read := make(chan error, 1)
+		go func() { // a buffer it never fills: the full-read rule stays out
+			n := 0
+			for n < chunk {
+				m, err := r.Read(buf)
+				if err != nil {
+					read <- err
+					return
+				}
+				n += m
+			}
+			read <- nil
+		}()
+		time.Sleep(2 * time.Millisecond) // the reader is waiting by now
+		if _, err := w.Write(data[:chunk]); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-read; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if cc.reads != 0 {
+		t.Fatalf("%d reads that waited for their data went through net.Conn, want 0", cc.reads)
 	}
 }
 
