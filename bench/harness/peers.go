@@ -35,7 +35,8 @@ const (
 	// classical key exchange instead of X25519MLKEM768.
 	MeshproxyX25519 Peer = "meshproxy-x25519"
 	// MeshproxyOneCPU is Meshproxy with --concurrency 1: one thread runs
-	// the sidecar's Go code (GOMAXPROCS 1) instead of the default two.
+	// the sidecar's Go code (GOMAXPROCS 1) at any load, where the default
+	// takes a second while the load needs it.
 	MeshproxyOneCPU Peer = "meshproxy-1cpu"
 	// MeshproxyBaseline is a meshproxy binary built from an earlier commit
 	// (Binaries.Baseline) run with its own defaults: "today's" meshproxy

@@ -2,9 +2,10 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -29,27 +30,35 @@ func TestConcurrencyFlag(t *testing.T) {
 
 	runtime.GOMAXPROCS(3)
 	def := concurrencyFlag{n: defaultConcurrency}
-	if n, from := def.apply(noEnv); n != defaultConcurrency || from != "default" || runtime.GOMAXPROCS(0) != defaultConcurrency {
-		t.Errorf("default on 3 CPUs: %d from %q, GOMAXPROCS %d; want %d", n, from, runtime.GOMAXPROCS(0), defaultConcurrency)
+	if n, from, follow := def.apply(noEnv); n != 1 || from != "default" || follow != defaultConcurrency || runtime.GOMAXPROCS(0) != 1 {
+		t.Errorf("default on 3 CPUs: %d from %q up to %d, GOMAXPROCS %d; want 1 up to %d", n, from, follow, runtime.GOMAXPROCS(0), defaultConcurrency)
 	}
 	runtime.GOMAXPROCS(1) // as the runtime does on a machine with one CPU
 	def = concurrencyFlag{n: defaultConcurrency}
-	if n, _ := def.apply(noEnv); n != 1 || runtime.GOMAXPROCS(0) != 1 {
-		t.Errorf("default on 1 CPU: %d, GOMAXPROCS %d; want 1 kept", n, runtime.GOMAXPROCS(0))
+	if n, _, follow := def.apply(noEnv); n != 1 || follow != 0 || runtime.GOMAXPROCS(0) != 1 {
+		t.Errorf("default on 1 CPU: %d up to %d, GOMAXPROCS %d; want 1, fixed", n, follow, runtime.GOMAXPROCS(0))
+	}
+	restarted := func(k string) string { // what a restart by the default sets, from a runtime that started with 2
+		return map[string]string{"GOMAXPROCS": "1", restartedEnv: "2"}[k]
+	}
+	runtime.GOMAXPROCS(1)
+	def = concurrencyFlag{n: defaultConcurrency}
+	if n, from, follow := def.apply(restarted); n != 1 || from != "default" || follow != 2 {
+		t.Errorf("default, restarted from 2: %d from %q up to %d; want 1 from default up to 2", n, from, follow)
 	}
 
 	runtime.GOMAXPROCS(3) // as the runtime does for GOMAXPROCS=3
 	def = concurrencyFlag{n: defaultConcurrency}
-	if n, from := def.apply(withEnv); n != 3 || from != "GOMAXPROCS" || runtime.GOMAXPROCS(0) != 3 {
-		t.Errorf("$GOMAXPROCS=3: %d from %q, GOMAXPROCS %d; want 3 kept", n, from, runtime.GOMAXPROCS(0))
+	if n, from, follow := def.apply(withEnv); n != 3 || from != "GOMAXPROCS" || follow != 0 || runtime.GOMAXPROCS(0) != 3 {
+		t.Errorf("$GOMAXPROCS=3: %d from %q up to %d, GOMAXPROCS %d; want 3 kept, fixed", n, from, follow, runtime.GOMAXPROCS(0))
 	}
 
 	var given concurrencyFlag
 	if err := given.Set("2"); err != nil {
 		t.Fatal(err)
 	}
-	if n, from := given.apply(withEnv); n != 2 || from != "--concurrency" || runtime.GOMAXPROCS(0) != 2 {
-		t.Errorf("--concurrency 2 with $GOMAXPROCS=3: %d from %q, GOMAXPROCS %d; want 2", n, from, runtime.GOMAXPROCS(0))
+	if n, from, follow := given.apply(withEnv); n != 2 || from != "--concurrency" || follow != 0 || runtime.GOMAXPROCS(0) != 2 {
+		t.Errorf("--concurrency 2 with $GOMAXPROCS=3: %d from %q up to %d, GOMAXPROCS %d; want 2, fixed", n, from, follow, runtime.GOMAXPROCS(0))
 	}
 
 	runtime.GOMAXPROCS(3)
@@ -57,8 +66,16 @@ func TestConcurrencyFlag(t *testing.T) {
 	if err := zero.Set("0"); err != nil {
 		t.Fatal(err)
 	}
-	if n, _ := zero.apply(noEnv); n != 3 || runtime.GOMAXPROCS(0) != 3 {
-		t.Errorf("--concurrency 0: %d, GOMAXPROCS %d; want the runtime's 3 kept", n, runtime.GOMAXPROCS(0))
+	if n, _, follow := zero.apply(noEnv); n != 3 || follow != 0 || runtime.GOMAXPROCS(0) != 3 {
+		t.Errorf("--concurrency 0: %d up to %d, GOMAXPROCS %d; want the runtime's 3 kept", n, follow, runtime.GOMAXPROCS(0))
+	}
+
+	var auto concurrencyFlag
+	if err := auto.Set("3"); err != nil {
+		t.Fatal(err)
+	}
+	if err := auto.Set("auto"); err != nil || auto.set || auto.n != defaultConcurrency || auto.String() != "auto" {
+		t.Errorf("Set(auto) after 3: %v, set %v, n %d, String %q; want the default back", err, auto.set, auto.n, auto.String())
 	}
 
 	for _, bad := range []string{"-1", "x", "1025", ""} {
@@ -96,8 +113,8 @@ func TestConcurrencyStartCount(t *testing.T) {
 		want    int
 		restart bool
 	}{
-		{"default on 64 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 64, defaultConcurrency, true},
-		{"default on 2 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 2, 0, false},
+		{"default on 64 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 64, 1, true},
+		{"default on 2 CPUs", concurrencyFlag{n: defaultConcurrency}, noEnv, 2, 1, true},
 		{"default on 1 CPU", concurrencyFlag{n: defaultConcurrency}, noEnv, 1, 0, false},
 		{"--concurrency 1 on 2 CPUs", flag("1"), noEnv, 2, 1, true},
 		{"--concurrency 4 on 2 CPUs", flag("4"), noEnv, 2, 4, true},
@@ -127,16 +144,14 @@ func TestRunAppliesConcurrency(t *testing.T) {
 	// not what --concurrency wants, the process restarts itself with
 	// GOMAXPROCS set (the same PID), and says so for the default.
 	cpus := runtime.NumCPU()
-	defaultWant := fmt.Sprintf("concurrency=%d from=default", min(defaultConcurrency, cpus))
-	if cpus > defaultConcurrency {
-		defaultWant = fmt.Sprintf(`concurrency=%d from="default, set at start"`, defaultConcurrency)
+	upTo := min(defaultConcurrency, cpus)
+	if upTo < 2 {
+		upTo = 0
 	}
-	restarted := map[string]string{"default": "", "flag": "1"} // the GOMAXPROCS a restart sets
-	if cpus > defaultConcurrency {
-		restarted["default"] = strconv.Itoa(defaultConcurrency)
-	}
+	defaultWant := fmt.Sprintf("concurrency=1 from=default up_to=%d", upTo)
+	restarted := map[string]string{"default": "1", "flag": "1"} // the GOMAXPROCS a restart sets
 	if cpus == 1 {
-		restarted["flag"] = ""
+		restarted = map[string]string{"default": "", "flag": ""}
 	}
 	bin := gwBuild(t)
 	ca := testpki.New(t, "cluster.local")
@@ -148,9 +163,9 @@ func TestRunAppliesConcurrency(t *testing.T) {
 		want  string
 	}{
 		{"default", nil, nil, defaultWant},
-		{"flag", nil, []string{"--concurrency", "1"}, "concurrency=1 from=--concurrency"},
-		{"GOMAXPROCS", []string{"GOMAXPROCS=3"}, nil, "concurrency=3 from=GOMAXPROCS"},
-		{"flag over GOMAXPROCS", []string{"GOMAXPROCS=3"}, []string{"--concurrency", "2"}, "concurrency=2 from=--concurrency"},
+		{"flag", nil, []string{"--concurrency", "1"}, "concurrency=1 from=--concurrency up_to=0"},
+		{"GOMAXPROCS", []string{"GOMAXPROCS=3"}, nil, "concurrency=3 from=GOMAXPROCS up_to=0"},
+		{"flag over GOMAXPROCS", []string{"GOMAXPROCS=3"}, []string{"--concurrency", "2"}, "concurrency=2 from=--concurrency up_to=0"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			health := gwFreePort(t)
@@ -179,5 +194,107 @@ func TestRunAppliesConcurrency(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSidecarFollowsADownload: with the default concurrency a running
+// sidecar has one Go processor while idle, takes a second while a download
+// runs through it (its copy loop never waits, and with one processor the
+// other connections would wait for it), and gives it back once the
+// download ends. What it has is go_sched_gomaxprocs_threads on /metrics.
+func TestSidecarFollowsADownload(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the meshproxy binary")
+	}
+	if os.Getenv("GOMAXPROCS") != "" {
+		t.Skip("GOMAXPROCS is set in the environment: the sidecar would keep it")
+	}
+	if runtime.NumCPU() < 2 {
+		t.Skip("one CPU: the default is one processor, nothing to follow")
+	}
+	// The app: every connection gets zeros until it closes or 20 s pass.
+	app, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { app.Close() })
+	go func() {
+		for {
+			c, err := app.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 256<<10)
+				end := time.Now().Add(20 * time.Second)
+				for time.Now().Before(end) {
+					if _, err := c.Write(buf); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+
+	bin := gwBuild(t)
+	ca := testpki.New(t, "cluster.local")
+	cert, key, bundle := ca.WriteSVID(t, t.TempDir(), ca.Issue(t, "spiffe://cluster.local/ns/demo/sa/web", time.Hour))
+	health, metricsPort, inbound := gwFreePort(t), gwFreePort(t), gwFreePort(t)
+	p := gwStart(t, bin, "run", "--cert-file", cert, "--key-file", key, "--bundle-file", bundle,
+		"--inbound-explicit", fmt.Sprintf("127.0.0.1:%d=%s", inbound, app.Addr()), // PERMISSIVE: plaintext passes
+		"--admin", "off", "--metrics", fmt.Sprintf("127.0.0.1:%d", metricsPort), "--health", fmt.Sprintf("127.0.0.1:%d", health))
+	gwWaitReady(t, p, health)
+
+	procs := func() int {
+		t.Helper()
+		n, err := e2eutil.Metric(fmt.Sprintf("http://127.0.0.1:%d/metrics", metricsPort), "go_sched_gomaxprocs_threads")
+		if err != nil || n < 1 {
+			t.Fatalf("go_sched_gomaxprocs_threads on /metrics: %v, %v", n, err)
+		}
+		return int(n)
+	}
+	// waitFor polls until the sidecar has want processors or limit passes.
+	waitFor := func(want int, limit time.Duration, what string) {
+		t.Helper()
+		deadline := time.Now().Add(limit)
+		for {
+			got := procs()
+			if got == want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the sidecar has %d Go processors after %v, want %d\n%s", what, got, limit, want, p.Output.String())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	waitFor(1, 3*time.Second, "idle")
+
+	c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", inbound))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A client speaks first (else the sidecar waits --detect-timeout to
+	// tell plaintext from TLS).
+	if _, err := c.Write([]byte("GET\n")); err != nil {
+		t.Fatal(err)
+	}
+	downloaded := make(chan int64, 1)
+	go func() {
+		n, _ := io.Copy(io.Discard, c)
+		downloaded <- n
+	}()
+	waitFor(2, 5*time.Second, "during a download")
+	c.Close()
+	if n := <-downloaded; n < 32<<20 {
+		t.Errorf("downloaded %d bytes, want a bulk transfer", n)
+	}
+	// Back to one after 2 s without bulk data or much CPU.
+	waitFor(1, 8*time.Second, "after the download")
+	for _, want := range []string{`msg="go scheduler resized" concurrency=2 was=1`, `msg="go scheduler resized" concurrency=1 was=2`} {
+		if out := p.Output.String(); !strings.Contains(out, want) {
+			t.Errorf("the log does not say %s:\n%s", want, out)
+		}
 	}
 }

@@ -46,14 +46,14 @@ func main() {
 // exec).
 type restartKey struct{}
 
-// restartFunc re-executes the process with GOMAXPROCS=n; it returns only on
-// failure.
-type restartFunc func(n int) error
+// restartFunc re-executes the process with GOMAXPROCS=n, telling it the
+// processors its runtime had started with; it returns only on failure.
+type restartFunc func(n, started int) error
 
 // restartSelf re-executes this binary, same arguments and environment, with
 // GOMAXPROCS=n so that the Go runtime starts with n processors.
-func restartSelf(n int) error {
-	env := append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(n), restartedEnv+"=1")
+func restartSelf(n, started int) error {
+	env := append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(n), restartedEnv+"="+strconv.Itoa(started))
 	if err := syscall.Exec("/proc/self/exe", os.Args, env); err != nil {
 		return fmt.Errorf("re-execute with GOMAXPROCS=%d: %w", n, err)
 	}

@@ -1,0 +1,207 @@
+// Package procs sizes the Go scheduler to the process's load: one processor
+// while what the process does fits in one CPU and moves no bulk data, more
+// once it needs them.
+//
+// A sidecar's second processor is mostly idle, and the Go runtime wakes an
+// idle thread for it whenever a goroutine becomes runnable: on a lightly
+// loaded sidecar that is a futex wake-up and a context switch per burst for
+// nothing (one processor: 1.1-1.2x the kept-connection requests/s at 0.9x
+// the CPU, bench/RESULTS.md). A sidecar that needs more than one CPU
+// (handshakes) gets them back within an interval, and so does one that
+// moves bulk data: a goroutine copying a download runs on without waiting,
+// and with one processor the other connections' goroutines wait for the
+// runtime to preempt it (10 ms at a time).
+package procs
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"runtime"
+	"strconv"
+	"syscall"
+	"time"
+)
+
+// Follower changes GOMAXPROCS between 1 and Max: it grows when an interval
+// uses more than Up CPUs or reads bulk data (at least BulkRate bytes a
+// second, BulkRead bytes or more per read on average), and shrinks after
+// Hold intervals in a row below Down CPUs without bulk data.
+type Follower struct {
+	Max      int           // processors while busy; below 2 Run does nothing
+	Interval time.Duration // how often the load is sampled (default 200ms)
+	Up       float64       // CPUs used in an interval above which to grow (default 0.85)
+	Down     float64       // CPUs used below which to shrink (default 0.6)
+	Hold     int           // intervals in a row below Down before shrinking (default 10)
+	BulkRate float64       // bytes read a second from which reads may be bulk (default 32 MB/s)
+	BulkRead float64       // average bytes per read from which reads are bulk (default 16 KiB)
+
+	// CPU is the process's CPU time so far (default: getrusage); IO the
+	// bytes it read and its read system calls so far, ok false when
+	// unknown (default: rchar and syscr of /proc/self/io); Set sets
+	// GOMAXPROCS (default runtime.GOMAXPROCS). OnChange, if set, hears of
+	// each change.
+	CPU      func() time.Duration
+	IO       func() (read, calls uint64, ok bool)
+	Set      func(n int)
+	OnChange func(from, to int, s Sample)
+}
+
+// Sample is the load of one interval.
+type Sample struct {
+	CPUs float64 // CPU time used per wall time
+	Bulk bool    // reads at BulkRate or more, of BulkRead bytes or more on average
+}
+
+func (f *Follower) defaults() {
+	if f.Interval <= 0 {
+		f.Interval = 200 * time.Millisecond
+	}
+	if f.Up <= 0 {
+		f.Up = 0.85
+	}
+	if f.Down <= 0 {
+		f.Down = 0.6
+	}
+	if f.Hold <= 0 {
+		f.Hold = 10
+	}
+	if f.BulkRate <= 0 {
+		f.BulkRate = 32e6
+	}
+	if f.BulkRead <= 0 {
+		f.BulkRead = 16 << 10
+	}
+	if f.CPU == nil {
+		f.CPU = processCPU
+	}
+	if f.IO == nil {
+		f.IO = processIO
+	}
+	if f.Set == nil {
+		f.Set = func(n int) { runtime.GOMAXPROCS(n) }
+	}
+}
+
+// Run sizes the scheduler until ctx ends, starting with one processor.
+func (f *Follower) Run(ctx context.Context) {
+	if f.Max < 2 {
+		return
+	}
+	f.defaults()
+	t := time.NewTicker(f.Interval)
+	defer t.Stop()
+	f.run(ctx, t.C)
+}
+
+// reading is the process's counters at one moment.
+type reading struct {
+	at          time.Time
+	cpu         time.Duration
+	read, calls uint64
+	ioOK        bool
+}
+
+func (f *Follower) read(now time.Time) reading {
+	r := reading{at: now, cpu: f.CPU()}
+	r.read, r.calls, r.ioOK = f.IO()
+	return r
+}
+
+// sample is the load between two readings.
+func (f *Follower) sample(last, cur reading) Sample {
+	var s Sample
+	wall := cur.at.Sub(last.at)
+	if wall <= 0 {
+		return s
+	}
+	s.CPUs = float64(cur.cpu-last.cpu) / float64(wall)
+	if last.ioOK && cur.ioOK && cur.read >= last.read && cur.calls > last.calls {
+		bytes, calls := float64(cur.read-last.read), float64(cur.calls-last.calls)
+		s.Bulk = bytes/wall.Seconds() >= f.BulkRate && bytes/calls >= f.BulkRead
+	}
+	return s
+}
+
+// run is Run with its ticks given.
+func (f *Follower) run(ctx context.Context, ticks <-chan time.Time) {
+	cur, below := 1, 0
+	f.Set(cur)
+	last := f.read(time.Now())
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-ticks:
+			r := f.read(now)
+			s := f.sample(last, r)
+			last = r
+			var next int
+			next, below = f.step(cur, s, below)
+			if next != cur {
+				f.Set(next)
+				if f.OnChange != nil {
+					f.OnChange(cur, next, s)
+				}
+				cur = next
+			}
+		}
+	}
+}
+
+// step decides the processors for the next interval from the current ones,
+// the last interval's load and how many intervals in a row were quiet
+// (below Down, no bulk data); it returns the processors and the new count.
+func (f *Follower) step(cur int, s Sample, quiet int) (int, int) {
+	switch {
+	case cur < f.Max && (s.CPUs > f.Up || s.Bulk):
+		return f.Max, 0
+	case cur > 1 && s.CPUs < f.Down && !s.Bulk:
+		if quiet+1 >= f.Hold {
+			return 1, 0
+		}
+		return cur, quiet + 1
+	}
+	return cur, 0
+}
+
+// processCPU is the process's user and system CPU time so far.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// processIO is rchar and syscr of /proc/self/io: the bytes the process's
+// read system calls returned (sockets included) and how many it made.
+func processIO() (read, calls uint64, ok bool) {
+	b, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		return 0, 0, false
+	}
+	return parseIO(b)
+}
+
+// parseIO reads rchar and syscr out of /proc/PID/io's text.
+func parseIO(b []byte) (read, calls uint64, ok bool) {
+	var haveRead, haveCalls bool
+	for line := range bytes.Lines(b) {
+		name, value, found := bytes.Cut(bytes.TrimSpace(line), []byte(": "))
+		if !found {
+			continue
+		}
+		n, err := strconv.ParseUint(string(value), 10, 64)
+		if err != nil {
+			continue
+		}
+		switch string(name) {
+		case "rchar":
+			read, haveRead = n, true
+		case "syscr":
+			calls, haveCalls = n, true
+		}
+	}
+	return read, calls, haveRead && haveCalls
+}
