@@ -156,12 +156,13 @@ while it uses less than 0.85 of a CPU and moves no bulk data, 2 (or the CPUs
 the runtime saw, if fewer) from the next 200 ms on, back to one after 2 s
 under 0.6 without bulk data. Bulk data is reads of 32 MB/s or more averaging
 16 KiB or more (/proc/self/io): a download's copy runs without waiting, and
-with one thread the other connections would wait for it. A second thread that
-is mostly idle costs a wake-up per burst: with one, kept-connection requests
-ran at 1.1x the rate for 0.9x the CPU. A fixed N turns following off (2 is
-Istio's sidecar concurrency); 0 is the Go runtime's choice ($GOMAXPROCS,
-else the container's CPU limit or all CPUs). When the count to start with
-differs from the one the runtime started with and $GOMAXPROCS is unset, run
+with one thread the other connections would wait for it (without
+/proc/self/io the sidecar keeps 2). A second thread that is mostly idle
+costs a wake-up per burst: with one, kept-connection requests ran at 1.1x
+the rate for 0.9x the CPU. A fixed N turns following off (2 is Istio's
+sidecar concurrency); 0 is the Go runtime's choice ($GOMAXPROCS, else the
+container's CPU limit or all CPUs). When the count to start with differs
+from the one the runtime started with and $GOMAXPROCS is unset, run
 re-executes itself once at start with GOMAXPROCS set (the runtime keeps
 memory that processors it gives up took: 2.5 MB from 64 down to 2).
 
@@ -320,7 +321,11 @@ func runSidecar(ctx context.Context, f *runFlags, logTo io.Writer) error {
 		pf := &goprocs.Follower{Max: follow, OnChange: func(from, to int, s goprocs.Sample) {
 			log.Debug("go scheduler resized", "concurrency", to, "was", from, "cpu_used", fmt.Sprintf("%.2f", s.CPUs), "bulk", s.Bulk)
 		}}
-		go pf.Run(ctx)
+		go func() {
+			if !pf.Run(ctx) && ctx.Err() == nil {
+				log.Info("go scheduler not following the load: no read counters (/proc/self/io) to tell a download from idle time", "concurrency", follow)
+			}
+		}()
 	}
 	return f.start(ctx, &f.identityFlags, td, feds, log, "sidecar started", func(ctx context.Context, src tlsmgr.Source) (serve.Built, error) {
 		if err := f.configServer.follow(ctx, src, td, f.configDir, log); err != nil {

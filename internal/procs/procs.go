@@ -84,14 +84,22 @@ func (f *Follower) defaults() {
 }
 
 // Run sizes the scheduler until ctx ends, starting with one processor.
-func (f *Follower) Run(ctx context.Context) {
+// Where the read counters are unknown (a kernel without task I/O
+// accounting) it cannot tell a download from idle time: it sets Max and
+// returns, false.
+func (f *Follower) Run(ctx context.Context) bool {
 	if f.Max < 2 {
-		return
+		return false
 	}
 	f.defaults()
+	if _, _, ok := f.IO(); !ok {
+		f.Set(f.Max)
+		return false
+	}
 	t := time.NewTicker(f.Interval)
 	defer t.Stop()
 	f.run(ctx, t.C)
+	return true
 }
 
 // reading is the process's counters at one moment.

@@ -152,14 +152,29 @@ func TestRunFollowsTheLoad(t *testing.T) {
 	}
 }
 
+// TestRunWithoutReadCounters: without /proc/self/io a download would look
+// like idle time, so Run keeps the most processors and does not follow.
+func TestRunWithoutReadCounters(t *testing.T) {
+	var set []int
+	f := &Follower{Max: 2,
+		IO:  func() (uint64, uint64, bool) { return 0, 0, false },
+		Set: func(n int) { set = append(set, n) },
+	}
+	if f.Run(context.Background()) {
+		t.Fatal("Run followed the load without read counters")
+	}
+	if !slices.Equal(set, []int{2}) {
+		t.Fatalf("GOMAXPROCS set to %v; want [2]", set)
+	}
+}
+
 // TestRunNeedsTwo: with at most one processor there is nothing to follow.
 func TestRunNeedsTwo(t *testing.T) {
 	called := false
 	f := &Follower{Max: 1, Set: func(int) { called = true }}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
 	defer cancel()
-	f.Run(ctx)
-	if called {
+	if f.Run(ctx) || called {
 		t.Fatal("Run changed GOMAXPROCS with Max 1")
 	}
 }
