@@ -137,6 +137,26 @@ func recordedPIDs() map[string]int {
 // bridge, the nftables tables, the kubelet's iptables chains (and the
 // jumps into them), mounts, cgroups and state, and restores the
 // sysctls; a second run is a no-op that succeeds.
+// running reports whether pid is a live process. A killed process that
+// its parent has not reaped yet (a zombie: the cluster's daemons are
+// reparented to PID 1, which reaps when it gets to it) has exited: it runs
+// no code and holds nothing but its process table entry.
+func running(pid int) bool {
+	if syscall.Kill(pid, 0) != nil {
+		return false
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return false // gone between the two looks
+	}
+	for line := range strings.Lines(string(status)) {
+		if state, ok := strings.CutPrefix(line, "State:"); ok {
+			return !strings.HasPrefix(strings.TrimSpace(state), "Z")
+		}
+	}
+	return true
+}
+
 func testDownRestoresMachine(t *testing.T) {
 	needCluster(t)
 	during := snapshotMachine()
@@ -157,7 +177,7 @@ func testDownRestoresMachine(t *testing.T) {
 	t.Logf("down.sh:\n%s", out)
 	after := snapshotMachine()
 	for name, pid := range pids {
-		if syscall.Kill(pid, 0) == nil {
+		if running(pid) {
 			if cg, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid)); strings.Contains(string(cg), clusterEnv["CLUSTER_CGROUP"]) {
 				t.Errorf("%s (pid %d) still runs", name, pid)
 			}
