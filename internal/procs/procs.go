@@ -133,7 +133,7 @@ func (f *Follower) sample(last, cur reading) Sample {
 
 // run is Run with its ticks given.
 func (f *Follower) run(ctx context.Context, ticks <-chan time.Time) {
-	cur, below := 1, 0
+	cur, quiet := 1, 0
 	f.Set(cur)
 	last := f.read(time.Now())
 	for {
@@ -145,7 +145,7 @@ func (f *Follower) run(ctx context.Context, ticks <-chan time.Time) {
 			s := f.sample(last, r)
 			last = r
 			var next int
-			next, below = f.step(cur, s, below)
+			next, quiet = f.step(cur, s, quiet)
 			if next != cur {
 				f.Set(next)
 				if f.OnChange != nil {
