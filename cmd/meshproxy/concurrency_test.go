@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
@@ -202,6 +203,7 @@ func TestRunAppliesConcurrency(t *testing.T) {
 // runs through it (its copy loop never waits, and with one processor the
 // other connections would wait for it), and gives it back once the
 // download ends. What it has is go_sched_gomaxprocs_threads on /metrics.
+// The re-execution that starts it at one processor keeps its name.
 func TestSidecarFollowsADownload(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the meshproxy binary")
@@ -245,6 +247,20 @@ func TestSidecarFollowsADownload(t *testing.T) {
 		"--inbound-explicit", fmt.Sprintf("127.0.0.1:%d=%s", inbound, app.Addr()), // PERMISSIVE: plaintext passes
 		"--admin", "off", "--metrics", fmt.Sprintf("127.0.0.1:%d", metricsPort), "--health", fmt.Sprintf("127.0.0.1:%d", health))
 	gwWaitReady(t, p, health)
+
+	// run re-executed the binary to start at one processor, and the process
+	// kept the binary's name (what ps and top show), not "exe".
+	pid := p.Cmd.Process.Pid
+	if environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid)); err != nil {
+		t.Fatal(err)
+	} else if !strings.Contains(string(environ), restartedEnv+"=") {
+		t.Fatalf("the sidecar did not re-execute itself (no %s in its environment)", restartedEnv)
+	}
+	if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err != nil {
+		t.Fatal(err)
+	} else if got, want := strings.TrimSpace(string(comm)), filepath.Base(bin); got != want {
+		t.Errorf("after re-executing, the process is named %q, want %q", got, want)
+	}
 
 	procs := func() int {
 		t.Helper()

@@ -54,10 +54,29 @@ type restartFunc func(n, started int) error
 // GOMAXPROCS=n so that the Go runtime starts with n processors.
 func restartSelf(n, started int) error {
 	env := append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(n), restartedEnv+"="+strconv.Itoa(started))
-	if err := syscall.Exec("/proc/self/exe", os.Args, env); err != nil {
+	if err := syscall.Exec(selfPath(), os.Args, env); err != nil {
 		return fmt.Errorf("re-execute with GOMAXPROCS=%d: %w", n, err)
 	}
 	return nil
+}
+
+// selfPath is the path to execute this binary again by: its own path when
+// that still names the running file, so the process keeps its name (the
+// kernel names it after the executed file: ps, top and /proc/PID/comm
+// would show "exe"), else /proc/self/exe (the file was replaced or
+// removed since it started).
+func selfPath() string {
+	const self = "/proc/self/exe"
+	path, err := os.Executable()
+	if err != nil {
+		return self
+	}
+	running, err1 := os.Stat(self)
+	named, err2 := os.Stat(path)
+	if err1 != nil || err2 != nil || !os.SameFile(running, named) {
+		return self
+	}
+	return path
 }
 
 // run executes the command line and returns the process exit status.
