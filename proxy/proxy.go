@@ -11,8 +11,10 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
+	"github.com/meshproxy/meshproxy/internal/localtcp"
 	"github.com/meshproxy/meshproxy/internal/ratelog"
 	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
@@ -132,17 +134,30 @@ func New(src tlsmgr.Source, pol mesh.PolicySource, opts ...Option) *Proxy {
 // the ListenConfig or Dialer asks for one: the peer is on this host, where
 // a dead socket is reported, not silent, and the four setsockopt calls the
 // net package makes for Go's default keepalive are a measurable share of a
-// new app connection's cost.
+// new app connection's cost. Nor do they pace: where the host's congestion
+// control is BBR they get Reno (see internal/localtcp).
 
-// localDialer is d without the default TCP keepalive, if d is a net.Dialer
-// that does not configure one.
+// localDialer is d for the apps of this workload: without the default TCP
+// keepalive unless d configures one, and unpaced, if d is a net.Dialer.
 func localDialer(d mesh.Dialer) mesh.Dialer {
 	nd, ok := d.(*net.Dialer)
-	if !ok || nd.KeepAlive != 0 || nd.KeepAliveConfig.Enable {
+	if !ok {
 		return d
 	}
 	local := *nd
-	local.KeepAlive = -1
+	if nd.KeepAlive == 0 && !nd.KeepAliveConfig.Enable {
+		local.KeepAlive = -1
+	}
+	if cc := nd.ControlContext; cc != nil { // the net package calls it instead of Control
+		local.ControlContext = func(ctx context.Context, network, address string, c syscall.RawConn) error {
+			if err := cc(ctx, network, address, c); err != nil {
+				return err
+			}
+			return localtcp.Control(network, address, c)
+		}
+	} else {
+		local.Control = localtcp.Chain(nd.Control)
+	}
 	return &local
 }
 
@@ -216,8 +231,11 @@ func (p *Proxy) bind(ctx context.Context, spec listenerSpec) (*listener, error) 
 		}
 	}
 	lc := p.opts.ListenConfig
-	if spec.kind.direction() == mesh.DirOutbound && lc.KeepAlive == 0 && !lc.KeepAliveConfig.Enable {
-		lc.KeepAlive = -1 // apps of this workload (see localDialer)
+	if spec.kind.direction() == mesh.DirOutbound { // apps of this workload (see localDialer)
+		if lc.KeepAlive == 0 && !lc.KeepAliveConfig.Enable {
+			lc.KeepAlive = -1
+		}
+		lc.Control = localtcp.Chain(lc.Control)
 	}
 	listen := lc.Listen
 	if spec.kind == inboundTransparent && p.opts.inboundListen != nil {

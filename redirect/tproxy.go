@@ -9,6 +9,7 @@ import (
 	"os"
 	"syscall"
 
+	"github.com/meshproxy/meshproxy/internal/localtcp"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -313,6 +314,7 @@ func DialTransparent(ctx context.Context, client netip.AddrPort, dst string, mar
 			var serr error
 			err := c.Control(func(fd uintptr) {
 				serr = prepareTransparent(int(fd), level, opt, mark, src, client.Port())
+				localtcp.Tune(int(fd)) // to the app of this workload: unpaced
 			})
 			if err != nil {
 				return err

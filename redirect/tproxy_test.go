@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/meshproxy/meshproxy/redirect"
 	"github.com/meshproxy/meshproxy/test/netns"
+	"golang.org/x/sys/unix"
 )
 
 func tproxyCases() []captureCase {
@@ -113,6 +115,50 @@ func TestDialTransparentNeverUsesTheClientPort(t *testing.T) {
 	line, err := dialAndRead(b, netip.AddrPortFrom(netns.AV4, 40001), to, 30*time.Second)
 	if want := "app b local=" + to + " peer=" + hostPort(netns.AV4, 40000); err != nil || line != want {
 		t.Fatalf("DialTransparent from another client port: %q, %v; want %q", line, err, want)
+	}
+}
+
+// TestDialTransparentDoesNotPace: the connection to the app stays in the
+// pod, so in a pod whose congestion control is BBR it gets Reno, which
+// does not pace (internal/localtcp).
+func TestDialTransparentDoesNotPace(t *testing.T) {
+	_, b := netns.NewPair(t)
+	b.Serve(t, netns.Server{Name: "b", ShowPeer: true, Addrs: []string{fmt.Sprintf(":%d", app)}})
+	if err := exec.Command("ip", "netns", "exec", b.Name, "sysctl", "-qw", "net.ipv4.tcp_congestion_control=bbr").Run(); err != nil {
+		t.Skipf("no BBR congestion control on this kernel: %v", err)
+	}
+	cfg := redirect.Config{Mode: redirect.ModeNftables, TProxy: true}
+	install(t, b, cfg)
+	t.Cleanup(func() { _ = b.Do(func() error { return redirect.Uninstall(context.Background(), cfg) }) })
+	err := b.Do(func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		c, err := redirect.DialTransparent(ctx, netip.AddrPortFrom(netns.AV4, 41000), hostPort(netns.BV4, app), redirect.DefaultTProxyMark)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		rc, err := c.(*net.TCPConn).SyscallConn()
+		if err != nil {
+			return err
+		}
+		var cc string
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			cc, serr = unix.GetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION)
+		}); err != nil {
+			return err
+		}
+		if serr != nil {
+			return serr
+		}
+		if cc != "reno" {
+			return fmt.Errorf("congestion control %q in a pod whose default is bbr, want reno", cc)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 
