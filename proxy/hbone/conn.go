@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -165,6 +166,7 @@ type Conn struct {
 	nc     net.Conn
 	server bool
 	opts   Options
+	in     *frameReader // what the reader reads frames from
 	fr     *http2.Framer
 	done   chan struct{} // closed when the connection is closed
 	wake   chan struct{} // wakes the writer goroutine
@@ -289,7 +291,8 @@ func newConn(nc net.Conn, server bool, opts Options) *Conn {
 		// crypto/tls buffers a record already; a plain socket needs it.
 		r = bufio.NewReaderSize(nc, 32<<10)
 	}
-	c.fr = http2.NewFramer(nil, r)
+	c.in = &frameReader{off: frameHeaderLen, r: r}
+	c.fr = http2.NewFramer(nil, c.in)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = maxHeaderList
 	c.fr.SetMaxReadFrameSize(maxFrame)
@@ -752,10 +755,58 @@ func (c *Conn) release() (drained bool) {
 	return false
 }
 
+// frameReader is what the Framer reads from: the connection, after the
+// header of the frame it is to read, which readFrame has read already.
+type frameReader struct {
+	hdr [frameHeaderLen]byte
+	off int // hdr[off:] is still to be read
+	r   io.Reader
+}
+
+func (p *frameReader) Read(b []byte) (int, error) {
+	if p.off < len(p.hdr) {
+		n := copy(b, p.hdr[p.off:])
+		p.off += n
+		return n, nil
+	}
+	return p.r.Read(b)
+}
+
+// readFrame reads the next frame. A DATA frame that needs none of the
+// Framer's work (unpadded, on a stream, within the size limit) is read and
+// handled here — f is nil, herr what handling it found wrong — with its
+// payload read straight into a stream buffer chunk, which a full frame's
+// stream then keeps: the bytes of a bulk transfer are copied once, by
+// crypto/tls, not again into the stream's buffer. Any other frame is
+// returned for handle, the Framer reading it from its header on.
+func (c *Conn) readFrame() (f http2.Frame, herr, err error) {
+	in := c.in
+	if _, err := io.ReadFull(in.r, in.hdr[:]); err != nil {
+		return nil, nil, err
+	}
+	length := int(in.hdr[0])<<16 | int(in.hdr[1])<<8 | int(in.hdr[2])
+	typ, flags := http2.FrameType(in.hdr[3]), http2.Flags(in.hdr[4])
+	id := binary.BigEndian.Uint32(in.hdr[5:]) & 0x7fffffff
+	if typ != http2.FrameData || flags.Has(http2.FlagDataPadded) || id == 0 || length > maxFrame {
+		in.off = 0
+		f, err := c.fr.ReadFrame()
+		return f, nil, err
+	}
+	a := chunks.Get().(*[maxFrame]byte)
+	if _, err := io.ReadFull(in.r, a[:length]); err != nil {
+		chunks.Put(a)
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF // the header promised more
+		}
+		return nil, nil, err
+	}
+	return nil, c.onData(id, length, a[:length], flags.Has(http2.FlagDataEndStream), a), nil
+}
+
 // readLoop reads and handles frames until the connection fails.
 func (c *Conn) readLoop() error {
 	for {
-		f, err := c.fr.ReadFrame()
+		f, herr, err := c.readFrame()
 		if c.opts.KeepAlive > 0 {
 			c.lastRead.Store(time.Now().UnixNano())
 		}
@@ -773,9 +824,12 @@ func (c *Conn) readLoop() error {
 			c.fail(err)
 			return err
 		}
-		if err := c.handle(f); err != nil {
-			c.goAwayAndClose(http2.ErrCodeProtocol, err)
-			return err
+		if f != nil {
+			herr = c.handle(f)
+		}
+		if herr != nil {
+			c.goAwayAndClose(http2.ErrCodeProtocol, herr)
+			return herr
 		}
 	}
 }
@@ -793,7 +847,7 @@ func (c *Conn) goAwayAndClose(code http2.ErrCode, err error) {
 func (c *Conn) handle(f http2.Frame) error {
 	switch f := f.(type) {
 	case *http2.DataFrame:
-		return c.onData(f)
+		return c.onData(f.StreamID, int(f.Header().Length), f.Data(), f.StreamEnded(), nil)
 	case *http2.MetaHeadersFrame:
 		return c.onHeaders(f)
 	case *http2.WindowUpdateFrame:
@@ -909,25 +963,33 @@ func (c *Conn) onGoAway(f *http2.GoAwayFrame) {
 	}
 }
 
-// onData delivers a DATA frame to its stream. The connection window is
-// returned at once; the stream's only as the app reads.
-func (c *Conn) onData(f *http2.DataFrame) error {
-	n := int64(f.Header().Length)
-	data := f.Data()
+// onData delivers a DATA frame to its stream: length is the frame's,
+// padding included, data its payload, end its END_STREAM flag; own, if not
+// nil, is the chunk data was read into, which the stream keeps if it
+// buffers a whole full frame (else it goes back to the pool). The
+// connection window is returned at once; the stream's only as the app
+// reads.
+func (c *Conn) onData(id uint32, length int, data []byte, end bool, own *[maxFrame]byte) error {
+	defer func() {
+		if own != nil {
+			chunks.Put(own)
+		}
+	}()
+	n := int64(length)
 	var connInc uint32
 	c.mu.Lock()
 	c.recvUnacked += n
 	if c.recvUnacked >= connWindow/4 {
 		connInc, c.recvUnacked = uint32(c.recvUnacked), 0
 	}
-	s := c.streams[f.StreamID]
+	s := c.streams[id]
 	var rst http2.ErrCode
 	var streamInc uint32
 	switch {
 	case s == nil:
-		if f.StreamID > c.highestID() {
+		if id > c.highestID() {
 			c.mu.Unlock()
-			return fmt.Errorf("data on idle stream %d", f.StreamID)
+			return fmt.Errorf("data on idle stream %d", id)
 		}
 		// A stream we released or reset: drop it.
 	case s.recvEnd:
@@ -949,12 +1011,17 @@ func (c *Conn) onData(f *http2.DataFrame) error {
 			streamInc += inc
 		}
 		if len(rest) > 0 && s.rstErr == nil && !s.released {
-			s.deliver(rest)
+			if own != nil && len(rest) == maxFrame {
+				s.recv = append(s.recv, chunk{a: own, n: maxFrame}) // read into it: nothing to copy
+				own = nil
+			} else {
+				s.deliver(rest)
+			}
 		}
-		if f.StreamEnded() {
+		if end {
 			s.recvEnd = true
 		}
-		if len(rest) > 0 || f.StreamEnded() || s.sink == nil || s.sinkErr != nil || s.err != nil || s.rstErr != nil {
+		if len(rest) > 0 || end || s.sink == nil || s.sinkErr != nil || s.err != nil || s.rstErr != nil {
 			s.rcond.Signal() // pushed whole: nothing to wake the forwarder for
 		}
 	}
@@ -972,7 +1039,7 @@ func (c *Conn) onData(f *http2.DataFrame) error {
 				b = appendWindowUpdate(b, 0, connInc)
 			}
 			if streamInc > 0 && (s == nil || !s.rstSent) {
-				b = appendWindowUpdate(b, f.StreamID, streamInc)
+				b = appendWindowUpdate(b, id, streamInc)
 			}
 			if rst != 0 {
 				b = s.appendRST(b, rst)

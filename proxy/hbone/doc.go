@@ -11,6 +11,9 @@
 //     stream is pushed (Stream.PushTo, the forwarder's receive direction)
 //     and nothing of it is queued, else into the stream's buffer, which the
 //     forwarder drains (a slow app never stalls the reader; see push.go);
+//     a DATA frame's payload is read straight into a buffer chunk, which a
+//     stream that buffers the whole full frame keeps (crypto/tls's copy is
+//     the only one);
 //     a stream's Write frames its bytes and, when no one else is writing,
 //     writes them itself;
 //   - write coalescing: frames that streams queue while a write is in

@@ -33,6 +33,16 @@ func pair(t *testing.T, opts Options, handle func(*Stream)) (*Conn, *Conn) {
 // pairOver is pair on the given client and server sockets.
 func pairOver(t *testing.T, cs, ss net.Conn, opts Options, handle func(*Stream)) (*Conn, *Conn) {
 	t.Helper()
+	server := serveOn(t, ss, opts, handle)
+	client := NewClient(cs, opts)
+	t.Cleanup(func() { client.Close() })
+	return client, server
+}
+
+// serveOn serves HBONE on ss until the test ends, answering 200 to every
+// CONNECT and running handle on the stream.
+func serveOn(t *testing.T, ss net.Conn, opts Options, handle func(*Stream)) *Conn {
+	t.Helper()
 	server := NewServer(ss, opts)
 	served := make(chan struct{})
 	go func() {
@@ -49,13 +59,11 @@ func pairOver(t *testing.T, cs, ss net.Conn, opts Options, handle func(*Stream))
 			handle(s)
 		})
 	}()
-	client := NewClient(cs, opts)
 	t.Cleanup(func() {
-		client.Close()
 		server.Close()
 		<-served
 	})
-	return client, server
+	return server
 }
 
 func tcpPair(t testing.TB) (net.Conn, net.Conn) {
