@@ -13,13 +13,17 @@ import (
 
 // Machine describes where a comparison ran.
 type Machine struct {
-	CPUs    int
-	CPU     string // model name from /proc/cpuinfo
-	Kernel  string
-	Go      string
-	HAProxy string // first line of haproxy -v
-	Stunnel string // stunnel -version: version and OpenSSL lines
-	LoadAvg string // /proc/loadavg when described
+	CPUs   int
+	CPU    string // model name from /proc/cpuinfo
+	Kernel string
+	// Congestion is the host's default TCP congestion control: with BBR
+	// every loopback socket that does not choose another paces, a timer
+	// per packet (meshproxy's sockets to its apps use Reno there).
+	Congestion string
+	Go         string
+	HAProxy    string // first line of haproxy -v
+	Stunnel    string // stunnel -version: version and OpenSSL lines
+	LoadAvg    string // /proc/loadavg when described
 	// MeshproxyBuild says how the meshproxy binary was built (or which
 	// binary was given).
 	MeshproxyBuild string
@@ -41,6 +45,9 @@ func DescribeMachine(ctx context.Context, b Binaries) Machine {
 	}
 	if data, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(data))
+	}
+	if data, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control"); err == nil {
+		m.Congestion = strings.TrimSpace(string(data))
 	}
 	m.LoadAvg = LoadAvg()
 	if b.HAProxy != "" {
@@ -88,6 +95,9 @@ func firstLines(ctx context.Context, n int, prefix string, argv ...string) strin
 func (m Machine) WriteMarkdown(w io.Writer) {
 	fmt.Fprintf(w, "- CPU: %d × %s (nproc %d)\n", m.CPUs, m.CPU, m.CPUs)
 	fmt.Fprintf(w, "- kernel: %s\n", m.Kernel)
+	if m.Congestion != "" {
+		fmt.Fprintf(w, "- TCP congestion control (host default): %s\n", m.Congestion)
+	}
 	fmt.Fprintf(w, "- Go: %s\n", m.Go)
 	if m.HAProxy != "" {
 		fmt.Fprintf(w, "- HAProxy: %s\n", m.HAProxy)

@@ -2,6 +2,8 @@ package harness
 
 import (
 	"bytes"
+	"context"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -131,4 +133,22 @@ func TestRatiosPairRunsOfOneRound(t *testing.T) {
 		"| kept connections (8 conns, 1024 B ping-pong) | requests/s | 1100 | 3000 | 1.10× |",
 		"| kept-connection requests/s | ≥ 1.3× HAProxy | 1.10× | **no** |",
 	)
+}
+
+// TestMachineSaysCongestionControl: the report names the host's TCP
+// congestion control, read from the kernel (BBR paces every loopback
+// socket that keeps it, which moves every peer's figures).
+func TestMachineSaysCongestionControl(t *testing.T) {
+	var b bytes.Buffer
+	Machine{Kernel: "6.1", Congestion: "bbr"}.WriteMarkdown(&b)
+	if want := "- TCP congestion control (host default): bbr\n"; !strings.Contains(b.String(), want) {
+		t.Errorf("machine description lacks %q:\n%s", want, b.String())
+	}
+	data, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control")
+	if err != nil {
+		t.Skipf("no TCP congestion control to read here: %v", err)
+	}
+	if got, want := DescribeMachine(context.Background(), Binaries{}).Congestion, strings.TrimSpace(string(data)); got != want {
+		t.Errorf("DescribeMachine().Congestion = %q, want the kernel's %q", got, want)
+	}
 }
