@@ -42,6 +42,7 @@ import (
 type Conn struct {
 	nc   net.Conn
 	r, w half
+	now  func(fd uintptr) bool // one read that never waits (ReadNow's), bound once
 
 	full   atomic.Bool  // the last Read filled its buffer
 	streak atomic.Int64 // bytes read since a Read last waited for data
@@ -70,10 +71,15 @@ type half struct {
 // err is the RawConn's (closed, deadline: already a *net.OpError), serr
 // the system call's; waited reports that it waited.
 func (h *half) do(p []byte) (n int, err, serr error, waited bool) {
+	return h.doWith(h.f, p)
+}
+
+// doWith is do with attempt f instead of h.f.
+func (h *half) doWith(f func(fd uintptr) bool, p []byte) (n int, err, serr error, waited bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.p, h.n, h.err, h.runs = p, 0, nil, 0
-	err = h.wait(h.f)
+	err = h.wait(f)
 	n, serr, waited = h.n, h.err, h.runs > 1
 	h.p, h.err = nil, nil
 	return n, err, serr, waited
@@ -94,6 +100,7 @@ func Wrap(c net.Conn) io.ReadWriter {
 	}
 	k := &Conn{nc: c}
 	k.r.wait, k.r.f = rc.Read, k.readOnce
+	k.now = k.readNow
 	k.w.wait, k.w.f = rc.Write, k.writeAll
 	return k
 }
@@ -126,6 +133,46 @@ func (c *Conn) Read(p []byte) (int, error) {
 		return 0, io.EOF
 	}
 	return n, nil
+}
+
+// ErrWouldBlock is ReadNow's error when the socket holds nothing to read.
+// It is a net.Error whose Timeout and Temporary are true: crypto/tls
+// passes such an error on without failing the connection, and keeps a
+// partial record it read for the next Read.
+var ErrWouldBlock error = wouldBlock{}
+
+type wouldBlock struct{}
+
+func (wouldBlock) Error() string   { return "rawsock: nothing to read now" }
+func (wouldBlock) Timeout() bool   { return true }
+func (wouldBlock) Temporary() bool { return true }
+
+// ReadNow reads what the socket holds now, without waiting for more:
+// ErrWouldBlock when it holds nothing, io.EOF once the peer closed its
+// direction.
+func (c *Conn) ReadNow(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n, err, serr, _ := c.r.doWith(c.now, p)
+	switch {
+	case err != nil:
+		return 0, err
+	case errors.Is(serr, syscall.EAGAIN):
+		return 0, ErrWouldBlock
+	case serr != nil:
+		return 0, c.opError("read", serr)
+	case n == 0:
+		return 0, io.EOF
+	}
+	c.streak.Add(int64(n))
+	return n, nil
+}
+
+// readNow is one read(2), never waiting.
+func (c *Conn) readNow(fd uintptr) bool {
+	c.r.n, c.r.err = ReadOnce(fd, c.r.p)
+	return true
 }
 
 // readOnce is one read(2); false (wait for readability) on EAGAIN.

@@ -293,3 +293,47 @@ func TestNoAllocations(t *testing.T) {
 		t.Fatalf("%v allocations per Write and Read, want 0", allocs)
 	}
 }
+
+// TestReadNow: ReadNow never waits — ErrWouldBlock (a temporary timeout,
+// which crypto/tls passes on without failing the connection) from an empty
+// socket, what it holds otherwise, io.EOF after the peer's close.
+func TestReadNow(t *testing.T) {
+	a, b := loopback.TCPPair(t)
+	c := mustWrap(t, a)
+	buf := make([]byte, 64<<10)
+	n, err := c.ReadNow(buf)
+	var ne net.Error
+	if n != 0 || !errors.Is(err, ErrWouldBlock) || !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("ReadNow on an empty socket = %d, %v; want 0, ErrWouldBlock (a timeout)", n, err)
+	}
+	want := randomBytes(t, 1000)
+	if _, err := b.Write(want); err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	deadline := time.Now().Add(10 * time.Second) // loopback: queued when Write returns, but be patient
+	for len(got) < len(want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("ReadNow got %d of %d bytes in 10 s", len(got), len(want))
+		}
+		n, err := c.ReadNow(buf)
+		if err != nil && !errors.Is(err, ErrWouldBlock) {
+			t.Fatal(err)
+		}
+		got = append(got, buf[:n]...)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("ReadNow read %d bytes, not the %d written", len(got), len(want))
+	}
+	b.Close()
+	for {
+		n, err := c.ReadNow(buf)
+		if errors.Is(err, ErrWouldBlock) && time.Now().Before(deadline) {
+			continue // the FIN is on its way
+		}
+		if n != 0 || err != io.EOF {
+			t.Fatalf("ReadNow after the peer closed = %d, %v; want 0, EOF", n, err)
+		}
+		break
+	}
+}

@@ -157,6 +157,15 @@ type Pusher interface {
 	PushTo(dst net.Conn, count func(int64)) error
 }
 
+// A NowReader is a source that can read what it has without waiting: a
+// mesh TLS connection, whose Read returns one record, gathers the records
+// that came together so they reach the app in one write.
+type NowReader interface {
+	// ReadNow reads only what needs no wait: 0 and a nil error when
+	// nothing does.
+	ReadNow(p []byte) (int, error)
+}
+
 // copyHalf copies src to dst until src ends, then half-closes dst. Between
 // two plain TCP sockets (passthrough) bursts go through
 // (*net.TCPConn).ReadFrom, which splices in the kernel; a Pusher writes to
@@ -195,8 +204,19 @@ func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus
 	// Plain sockets are read and written with raw system calls (see
 	// internal/rawsock); the errors name the connections as before.
 	rsrc, rdst := rawsock.Wrap(src), rawsock.Wrap(dst)
+	gather, _ := src.(NowReader)
 	for {
 		nr, rerr := rsrc.Read(buf)
+		for gather != nil && rerr == nil && nr > 0 && nr < len(buf) {
+			// More that came with it (a TLS source returns a record a
+			// Read): into the same write.
+			m, err := gather.ReadNow(buf[nr:])
+			nr += m
+			rerr = err
+			if m == 0 {
+				break
+			}
+		}
 		if nr > 0 {
 			nw, werr := rdst.Write(buf[:nr])
 			count(int64(nw))

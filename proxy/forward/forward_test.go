@@ -1,10 +1,14 @@
 package forward
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net"
+	"slices"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -83,5 +87,93 @@ func TestForwardAbortsAnIdleConnection(t *testing.T) {
 	}
 	if _, err := client.Read(make([]byte, 1)); err == nil {
 		t.Error("client connection still open after the idle abort")
+	}
+}
+
+// recordConn stands in for a TLS source: Read returns at most a "record"
+// of 1000 bytes, ReadNow what its socket holds without waiting.
+type recordConn struct {
+	*net.TCPConn
+	now atomic.Int64 // bytes ReadNow returned
+}
+
+func (c *recordConn) Read(p []byte) (int, error) { return c.TCPConn.Read(p[:min(len(p), 1000)]) }
+
+func (c *recordConn) ReadNow(p []byte) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var rerr error
+	if err := rc.Read(func(fd uintptr) bool { // one attempt: only what is there
+		n, rerr = syscall.Read(int(fd), p[:min(len(p), 1000)])
+		return true
+	}); err != nil {
+		return 0, err
+	}
+	switch {
+	case errors.Is(rerr, syscall.EAGAIN):
+		return 0, nil
+	case rerr != nil:
+		return 0, rerr
+	case n == 0:
+		return 0, io.EOF
+	}
+	c.now.Add(int64(n))
+	return n, nil
+}
+
+// writeSizes is a destination recording the size of every Write.
+type writeSizes struct {
+	net.Conn
+	mu    sync.Mutex
+	sizes []int
+}
+
+func (w *writeSizes) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	w.sizes = append(w.sizes, len(p))
+	w.mu.Unlock()
+	return w.Conn.Write(p)
+}
+
+func (w *writeSizes) CloseWrite() error { return w.Conn.(*net.TCPConn).CloseWrite() }
+
+// TestRecordsThatCameTogetherGoInOneWrite: from a source whose Read
+// returns one record at a time, the copy loop gathers what the source has
+// without waiting (ReadNow) into the same write: writes larger than a
+// record, every byte once and in order.
+func TestRecordsThatCameTogetherGoInOneWrite(t *testing.T) {
+	client, down := tcpPair(t)
+	up, server := tcpPair(t)
+	src := &recordConn{TCPConn: down.(*net.TCPConn)}
+	dst := &writeSizes{Conn: up}
+	var once sync.Once
+	abort := func() { once.Do(func() { down.Close(); up.Close() }) }
+	done := make(chan error, 1)
+	go func() {
+		done <- Forward(src, dst, &Stats{}, time.Hour, abort, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
+	}()
+	want := make([]byte, 4<<20)
+	for i := range want {
+		want[i] = byte(i * 5 / 3)
+	}
+	go func() {
+		_, _ = client.Write(want)
+		_ = client.(*net.TCPConn).CloseWrite()
+	}()
+	got, err := io.ReadAll(server)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("server read %d bytes (%v), want the %d sent, in order", len(got), err, len(want))
+	}
+	server.Close()
+	client.Close()
+	<-done
+	dst.mu.Lock()
+	largest := slices.Max(dst.sizes)
+	dst.mu.Unlock()
+	if src.now.Load() == 0 || largest <= 1000 {
+		t.Errorf("ReadNow gathered %d bytes, largest write %d: want records gathered into writes larger than one", src.now.Load(), largest)
 	}
 }

@@ -14,7 +14,7 @@ import (
 )
 
 // tlsPair is a TLS 1.3 connection over loopback TCP, both ends handshaken.
-func tlsPair(b *testing.B) (*tls.Conn, *tls.Conn) {
+func tlsPair(b testing.TB) (*tls.Conn, *tls.Conn) {
 	b.Helper()
 	c, s, _, _ := corkedTLSPair(b)
 	return c, s
@@ -22,7 +22,7 @@ func tlsPair(b *testing.B) (*tls.Conn, *tls.Conn) {
 
 // corkedTLSPair is tlsPair with a CorkConn under each end and full-size
 // records from the first byte, as the proxy's mesh connections are.
-func corkedTLSPair(b *testing.B) (client, server *tls.Conn, ccork, scork *CorkConn) {
+func corkedTLSPair(b testing.TB) (client, server *tls.Conn, ccork, scork *CorkConn) {
 	b.Helper()
 	ca := testpki.New(b, "cluster.local")
 	cert := testpki.TLSCertificate(ca.Issue(b, "spiffe://cluster.local/ns/a/sa/b", time.Hour))

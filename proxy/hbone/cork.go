@@ -1,6 +1,8 @@
 package hbone
 
 import (
+	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"sync"
@@ -34,6 +36,10 @@ type CorkConn struct {
 	rdata []byte  // what of rbuf is not read yet
 	rerr  error   // the error that came with rdata, returned after it
 	hot   bool    // the last read filled its buffer: more is probably waiting
+
+	// nowait: reads do not wait for the socket (ReadNow of the TLS
+	// connection above): rawsock.ErrWouldBlock when it holds nothing.
+	nowait bool
 }
 
 // readAhead is the size of a CorkConn's read-ahead buffer.
@@ -58,6 +64,13 @@ func (c *CorkConn) Read(p []byte) (int, error) {
 			c.releaseRead()
 		}
 		return n, err
+	}
+	if c.nowait {
+		rn, ok := c.sock.(interface{ ReadNow([]byte) (int, error) })
+		if !ok {
+			return 0, rawsock.ErrWouldBlock
+		}
+		return rn.ReadNow(p)
 	}
 	if !c.hot || len(p) >= readAhead {
 		n, err := c.sock.Read(p)
@@ -90,6 +103,21 @@ func (c *CorkConn) releaseRead() {
 		readBuffers.Put(c.rbuf)
 		c.rbuf, c.rdata = nil, nil
 	}
+}
+
+// ReadNow reads from tc, the TLS connection on c, only what needs no wait
+// for the socket: a record's data already decrypted, records already read,
+// and what the socket holds now. It returns 0 and a nil error when a
+// record is not complete without waiting (its start stays with crypto/tls
+// for the next Read). Like Read, not safe for concurrent use.
+func (c *CorkConn) ReadNow(tc *tls.Conn, p []byte) (int, error) {
+	c.nowait = true
+	n, err := tc.Read(p)
+	c.nowait = false
+	if errors.Is(err, rawsock.ErrWouldBlock) {
+		err = nil
+	}
+	return n, err
 }
 
 // NewCorkConn wraps c.

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
+	"golang.org/x/sys/unix"
 )
 
 // countingConn counts the writes that reach the socket.
@@ -113,5 +114,95 @@ func TestCorkReadAheadIsExactAndReleasedWhenQuiet(t *testing.T) {
 	cs.Close()
 	if n, err := cork.Read(buf); n != 0 || !errors.Is(err, io.EOF) {
 		t.Fatalf("after the peer closed: %d, %v; want EOF", n, err)
+	}
+}
+
+// TestReadNowTakesOnlyWhatNeedsNoWait: after a Read returns one record,
+// ReadNow returns the records that came with it and then 0 without
+// waiting; a record only half arrived stays with crypto/tls (ReadNow
+// returns 0, nil, the connection unharmed) and the next Read returns it
+// whole once the rest arrives.
+func TestReadNowTakesOnlyWhatNeedsNoWait(t *testing.T) {
+	client, server, ccork, scork := corkedTLSPair(t)
+	want := randomBytes(40 << 10) // three records
+	if _, err := server.Write(want); err != nil {
+		t.Fatal(err)
+	}
+	waitQueued(t, ccork.Conn, len(want)+3*22) // three records' headers and tags
+	buf := make([]byte, 128<<10)
+	n, err := client.Read(buf)
+	if err != nil || n != maxFrame {
+		t.Fatalf("Read = %d, %v; want one full record", n, err)
+	}
+	for {
+		m, err := ccork.ReadNow(client, buf[n:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m == 0 {
+			break
+		}
+		n += m
+	}
+	if !bytes.Equal(buf[:n], want) {
+		t.Fatalf("Read and ReadNow gathered %d bytes, want the %d written (in order)", n, len(want))
+	}
+
+	// Half a record: ReadNow gets nothing and does not wait.
+	next := randomBytes(10 << 10)
+	scork.Cork()
+	if _, err := server.Write(next); err != nil {
+		t.Fatal(err)
+	}
+	record := append([]byte(nil), scork.buf...)
+	scork.buf = scork.buf[:0]
+	if err := scork.Uncork(); err != nil {
+		t.Fatal(err)
+	}
+	half := len(record) / 2
+	if _, err := scork.Conn.Write(record[:half]); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if m, err := ccork.ReadNow(client, buf); m != 0 || err != nil {
+		t.Fatalf("ReadNow with half a record = %d, %v; want 0, nil", m, err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("ReadNow with half a record took %v: it waited", d)
+	}
+	if _, err := scork.Conn.Write(record[half:]); err != nil {
+		t.Fatal(err)
+	}
+	n, err = client.Read(buf)
+	if err != nil || !bytes.Equal(buf[:n], next) {
+		t.Fatalf("Read after the rest arrived = %d bytes, %v; want the record's %d", n, err, len(next))
+	}
+}
+
+// waitQueued waits until c's socket holds at least n bytes to read (TCP
+// may pace what the other end sent).
+func waitQueued(t *testing.T, c net.Conn, n int) {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		var q int
+		var qerr error
+		if err := rc.Control(func(fd uintptr) { q, qerr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }); err != nil {
+			t.Fatal(err)
+		}
+		if qerr != nil {
+			t.Fatal(qerr)
+		}
+		if q >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the socket holds %d bytes after %v, want %d", q, wait, n)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
