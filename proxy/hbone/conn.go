@@ -202,6 +202,13 @@ type Conn struct {
 	idle           *time.Timer
 	handler        func(*Stream) // server: runs each new stream
 
+	// Streams whose buffered bulk data the reader is to flush (see
+	// flushBatch); guarded by mu, and only the reader changes it.
+	// hasPending mirrors len(pendingFlush) > 0 for the CorkConn's check
+	// before a read waits.
+	pendingFlush []*Stream
+	hasPending   atomic.Bool
+
 	lastRead  atomic.Int64 // unix nanoseconds of the last frame read
 	keepAlive *time.Timer
 	pinged    bool // a keepalive PING is unanswered; guarded by mu
@@ -292,6 +299,9 @@ func newConn(nc net.Conn, server bool, opts Options) *Conn {
 		r = bufio.NewReaderSize(nc, 32<<10)
 	}
 	c.in = &frameReader{off: frameHeaderLen, r: r}
+	if c.opts.Cork != nil {
+		c.opts.Cork.beforeWait(c.hasPending.Load, c.flushAll)
+	}
 	c.fr = http2.NewFramer(nil, c.in)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = maxHeaderList
@@ -1021,9 +1031,19 @@ func (c *Conn) onData(id uint32, length int, data []byte, end bool, own *[maxFra
 		if end {
 			s.recvEnd = true
 		}
-		if len(rest) > 0 || end || s.sink == nil || s.sinkErr != nil || s.err != nil || s.rstErr != nil {
+		// A stream alone on its connection (see flushBatch).
+		bulkSink := len(rest) > 0 && !end && s.sink != nil && s.sinkErr == nil && s.err == nil && s.rstErr == nil &&
+			c.opts.Cork != nil && c.active == 1
+		switch {
+		case bulkSink && s.window-s.recvWindow-s.unacked < flushBatch:
+			c.deferFlush(s)
+		case bulkSink:
+			s.flushPending = false
+			s.flushBuffered() // releases mu while it writes
+		case len(rest) > 0 || end || s.sink == nil || s.sinkErr != nil || s.err != nil || s.rstErr != nil:
 			s.rcond.Signal() // pushed whole: nothing to wake the forwarder for
 		}
+		c.flushOthersLocked(s)
 	}
 	if rst != 0 {
 		s.resetLocal(rst)
@@ -1048,6 +1068,63 @@ func (c *Conn) onData(id uint32, length int, data []byte, end bool, own *[maxFra
 		})
 	}
 	return nil
+}
+
+// A bulk transfer's full frames, which a stream alone on its connection
+// leaves in its buffer (see push), are not handed to its forwarder one by
+// one: waking a goroutine on another thread costs a virtual machine more
+// than decrypting the frame, and the forwarder's writev would then read
+// bytes another core just wrote. The reader defers them and writes them
+// itself, in one writev that never waits (flushBuffered), once flushBatch
+// is buffered, when a frame of another stream arrives, and before it waits
+// for the socket (the CorkConn under the TLS asks: beforeWait), so the last
+// of a burst never waits for more; what the app's socket does not take goes
+// to the forwarder, as before. Streams sharing the connection hand every
+// frame over at once: the reader must not spend its time writing one
+// stream's bulk data while frames of the others wait behind it.
+const flushBatch = 128 << 10
+
+// deferFlush notes that s has buffered data to flush. Called with mu held.
+func (c *Conn) deferFlush(s *Stream) {
+	if !s.flushPending {
+		s.flushPending = true
+		c.pendingFlush = append(c.pendingFlush, s)
+		c.hasPending.Store(true)
+	}
+}
+
+// flushOthersLocked flushes the pending streams other than s (nil: all).
+// Called by the reader with mu held, which each flush releases while it
+// writes.
+func (c *Conn) flushOthersLocked(s *Stream) {
+	if len(c.pendingFlush) == 0 || len(c.pendingFlush) == 1 && c.pendingFlush[0] == s {
+		return
+	}
+	keep := false
+	for _, o := range c.pendingFlush { // only the reader changes the list
+		if o == s {
+			keep = o.flushPending
+			continue
+		}
+		if o.flushPending {
+			o.flushPending = false
+			o.flushBuffered()
+		}
+	}
+	clear(c.pendingFlush)
+	c.pendingFlush = c.pendingFlush[:0]
+	if keep {
+		c.pendingFlush = append(c.pendingFlush, s)
+	}
+	c.hasPending.Store(len(c.pendingFlush) > 0)
+}
+
+// flushAll flushes every pending stream: the reader is about to wait for
+// the socket.
+func (c *Conn) flushAll() {
+	c.mu.Lock()
+	c.flushOthersLocked(nil)
+	c.mu.Unlock()
 }
 
 // highestID is the highest stream ID in use either way. Called with mu held.

@@ -40,6 +40,17 @@ type CorkConn struct {
 	// nowait: reads do not wait for the socket (ReadNow of the TLS
 	// connection above): rawsock.ErrWouldBlock when it holds nothing.
 	nowait bool
+
+	// pending and flush, if set: before a read would wait for the socket
+	// while pending reports work, flush does it (an HBONE reader's
+	// deferred flushes, see flushBatch). Set before reads start.
+	pending func() bool
+	flush   func()
+}
+
+// beforeWait sets what runs before a read waits for the socket.
+func (c *CorkConn) beforeWait(pending func() bool, flush func()) {
+	c.pending, c.flush = pending, flush
 }
 
 // readAhead is the size of a CorkConn's read-ahead buffer.
@@ -71,6 +82,14 @@ func (c *CorkConn) Read(p []byte) (int, error) {
 			return 0, rawsock.ErrWouldBlock
 		}
 		return rn.ReadNow(p)
+	}
+	if c.pending != nil && c.pending() {
+		if rn, ok := c.sock.(interface{ ReadNow([]byte) (int, error) }); ok {
+			if n, err := rn.ReadNow(p); !errors.Is(err, rawsock.ErrWouldBlock) {
+				return n, err
+			}
+		}
+		c.flush()
 	}
 	if !c.hot || len(p) >= readAhead {
 		n, err := c.sock.Read(p)

@@ -13,7 +13,10 @@
 //     forwarder drains (a slow app never stalls the reader; see push.go);
 //     a DATA frame's payload is read straight into a buffer chunk, which a
 //     stream that buffers the whole full frame keeps (crypto/tls's copy is
-//     the only one);
+//     the only one); a stream alone on its connection has a bulk
+//     transfer's full frames gathered and written by the reader itself,
+//     in one writev, every 128 KiB and before the reader waits for the
+//     socket (no hand-off to another thread; see flushBatch);
 //     a stream's Write frames its bytes and, when no one else is writing,
 //     writes them itself;
 //   - write coalescing: frames that streams queue while a write is in

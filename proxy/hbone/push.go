@@ -7,6 +7,7 @@ import (
 	"syscall"
 
 	"github.com/meshproxy/meshproxy/internal/rawsock"
+	"golang.org/x/sys/unix"
 )
 
 // Pushing: the forwarder of a stream's receive direction does not read
@@ -30,18 +31,34 @@ type sink struct {
 
 	// The write in progress (the reader's only), kept here so that a
 	// write allocates nothing.
-	p     []byte
-	n     int
-	err   error
-	write func(fd uintptr) bool // k.writeOnce, bound once
+	p      []byte
+	vec    [][]byte
+	n      int
+	err    error
+	write  func(fd uintptr) bool // k.writeOnce, bound once
+	writev func(fd uintptr) bool // k.writevOnce, bound once
 }
 
 // tryWrite writes what of p the socket takes now, without waiting.
 func (k *sink) tryWrite(p []byte) (int, error) {
-	k.p, k.n, k.err = p, 0, nil
-	cerr := k.raw.Write(k.write)
+	k.p = p
+	return k.try(k.write)
+}
+
+// tryWritev writes what of bufs the socket takes now, in one writev(2),
+// without waiting.
+func (k *sink) tryWritev(bufs [][]byte) (int, error) {
+	k.vec = bufs
+	return k.try(k.writev)
+}
+
+// try makes write attempt f (which never waits) on the socket, counts what
+// it wrote and returns it; the socket being full is no error.
+func (k *sink) try(f func(fd uintptr) bool) (int, error) {
+	k.n, k.err = 0, nil
+	cerr := k.raw.Write(f)
 	n, err := max(k.n, 0), k.err
-	k.p, k.err = nil, nil
+	k.p, k.vec, k.err = nil, nil, nil
 	switch {
 	case errors.Is(err, syscall.EAGAIN):
 		err = nil
@@ -52,6 +69,16 @@ func (k *sink) tryWrite(p []byte) (int, error) {
 		k.count(int64(n))
 	}
 	return n, err
+}
+
+// writevOnce is one writev(2) of k.vec on fd; it never waits.
+func (k *sink) writevOnce(fd uintptr) bool {
+	for {
+		k.n, k.err = unix.Writev(int(fd), k.vec)
+		if !errors.Is(k.err, syscall.EINTR) {
+			return true
+		}
+	}
 }
 
 // writeOnce is one write(2) of k.p on fd; it never waits for the socket.
@@ -71,7 +98,7 @@ func (k *sink) writeOnce(fd uintptr) bool {
 func (s *Stream) PushTo(dst net.Conn, count func(int64)) error {
 	c := s.c
 	k := &sink{dst: dst, count: count}
-	k.write = k.writeOnce
+	k.write, k.writev = k.writeOnce, k.writevOnce
 	switch sc := dst.(type) {
 	case *net.TCPConn, *net.UnixConn: // plain sockets only: a wrapper may buffer or transform what it writes
 		if raw, err := sc.(syscall.Conn).SyscallConn(); err == nil {
@@ -158,3 +185,73 @@ func (s *Stream) push(data []byte) (rest []byte, inc uint32) {
 	}
 	return data[n:], s.consumed(n)
 }
+
+// flushBuffered writes what s has buffered to its sink from the reader's
+// goroutine, without waiting — the bytes the reader just decrypted go out
+// from the core that holds them, in one writev — and leaves what the socket
+// does not take to the forwarder, which it wakes. Called by the reader with
+// c.mu held, which it releases during the write.
+func (s *Stream) flushBuffered() {
+	k := s.sink
+	if k == nil || k.raw == nil || s.sinkBusy || !s.buffered() || s.sinkErr != nil || s.rstErr != nil {
+		if s.buffered() {
+			s.rcond.Signal()
+		}
+		return
+	}
+	// Take the chunks, as PushTo does: a reset while mu is released must
+	// not return them to the pool under the write.
+	taken, off := s.recv, s.off
+	s.recv, s.off = nil, 0
+	var vec [maxFlushChunks][]byte
+	m := min(len(taken), maxFlushChunks)
+	for i, ch := range taken[:m] {
+		o := 0
+		if i == 0 {
+			o = off
+		}
+		vec[i] = ch.a[o:ch.n]
+	}
+	s.sinkBusy = true
+	s.c.mu.Unlock()
+	n, err := k.tryWritev(vec[:m])
+	s.c.mu.Lock()
+	s.sinkBusy = false
+	left := n
+	for len(taken) > 0 {
+		avail := taken[0].n - off
+		if left < avail {
+			off += left
+			break
+		}
+		left -= avail
+		chunks.Put(taken[0].a)
+		taken, off = taken[1:], 0
+	}
+	switch {
+	case len(taken) == 0:
+	case s.rstErr != nil || s.released: // dropped while it wrote
+		for _, ch := range taken {
+			chunks.Put(ch.a)
+		}
+	default:
+		s.recv, s.off = taken, off // only the reader adds to s.recv, and it is here
+	}
+	if err != nil {
+		s.sinkErr = fmt.Errorf("write to %s: %w", k.dst.RemoteAddr(), err)
+		s.rcond.Signal()
+		return
+	}
+	if inc := s.consumed(n); inc > 0 {
+		s.c.mu.Unlock()
+		s.returnWindow(inc)
+		s.c.mu.Lock()
+	}
+	if s.buffered() {
+		s.rcond.Signal() // the socket is full: the forwarder waits for it
+	}
+}
+
+// maxFlushChunks bounds one flushBuffered writev (the batch a reader
+// defers, and some).
+const maxFlushChunks = 2 * flushBatch / maxFrame

@@ -2,6 +2,7 @@ package hbone
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -35,7 +36,13 @@ func fwd(down, up net.Conn) {
 func forwardedPair(t *testing.T) *Conn {
 	t.Helper()
 	cs, ss := tcpPair(t)
-	server := NewServer(ss, Options{})
+	return forwardedPairOn(t, cs, ss, Options{}, Options{})
+}
+
+// forwardedPairOn is forwardedPair on the given sockets and options.
+func forwardedPairOn(t *testing.T, cs, ss net.Conn, copts, sopts Options) *Conn {
+	t.Helper()
+	server := NewServer(ss, sopts)
 	served := make(chan struct{})
 	go func() {
 		defer close(served)
@@ -56,7 +63,7 @@ func forwardedPair(t *testing.T) *Conn {
 			fwd(s, up)
 		})
 	}()
-	client := NewClient(cs, Options{})
+	client := NewClient(cs, copts)
 	t.Cleanup(func() {
 		client.Close()
 		server.Close()
@@ -197,4 +204,77 @@ func TestPushedHalfCloseBothWays(t *testing.T) {
 
 	sendThenReadAnswer(t, dialApp(t, c, answerer), 1000)
 	sendAfterBanner(t, dialApp(t, c, banner), received)
+}
+
+// TestDeferredFlushesDeliverEverything: over mesh TLS with a CorkConn
+// (where the reader defers a lone stream's bulk data and writes it to the
+// app itself, see flushBatch), streams stay exact — the forwarders' small
+// socket buffers make the reader's writes stop part way; a burst smaller
+// than a batch that nothing follows reaches the app at once (the reader
+// flushes before it waits for the socket), and so does one that stops
+// while another stream keeps the reader busy.
+func TestDeferredFlushesDeliverEverything(t *testing.T) {
+	client, server, ccork, scork := corkedTLSPair(t)
+	c := forwardedPairOn(t, client, server, Options{Cork: ccork}, Options{Cork: scork})
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if err := c.WaitSettings(ctx); err != nil { // the server's stream limit
+		t.Fatal(err)
+	}
+
+	echoApp := appListener(t, proxytest.Echo)
+	var wg sync.WaitGroup
+	for i := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := exchange(dialApp(t, c, echoApp), randomBytes(1<<20+i*4099)); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+
+	const burst = flushBatch / 2
+	burstApp := appListener(t, func(a net.Conn) { // a burst, then nothing until the client leaves
+		_, _ = a.Write(randomBytes(burst))
+		_, _ = io.Copy(io.Discard, a)
+	})
+	streamApp := appListener(t, func(a net.Conn) { // sends until the client leaves, at most 20 s
+		buf := randomBytes(64 << 10)
+		for end := time.Now().Add(20 * time.Second); time.Now().Before(end); {
+			if _, err := a.Write(buf); err != nil {
+				return
+			}
+		}
+	})
+	readBurst := func(what string) {
+		t.Helper()
+		a := dialApp(t, c, burstApp)
+		defer a.Close()
+		_ = a.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := io.ReadFull(a, make([]byte, burst)); err != nil {
+			t.Errorf("%s: the app got %d of the %d-byte burst: %v", what, n, burst, err)
+		}
+	}
+	readBurst("alone")
+
+	// An app that does not read for a while: the reader's writes stop part
+	// way (its socket is full) and the forwarder writes the rest.
+	big := randomBytes(8 << 20)
+	bigApp := appListener(t, func(a net.Conn) {
+		_, _ = a.Write(big)
+		_ = a.Close()
+	})
+	late := dialApp(t, c, bigApp)
+	time.Sleep(200 * time.Millisecond)
+	if got, err := io.ReadAll(late); err != nil || !bytes.Equal(got, big) {
+		t.Errorf("an app that read late got %d of %d bytes (%v), or not in order", len(got), len(big), err)
+	}
+	late.Close()
+
+	busy := dialApp(t, c, streamApp)
+	defer busy.Close()
+	go func() { _, _ = io.Copy(io.Discard, busy) }()
+	readBurst("beside a stream that keeps the reader busy")
 }

@@ -63,6 +63,7 @@ type Stream struct {
 	sink         *sink // set while PushTo runs: where the stream's data goes
 	sinkBusy     bool  // a write to the sink is in progress (reader or PushTo)
 	sinkErr      error // a write to the sink by the reader failed
+	flushPending bool  // buffered bulk data the reader is to flush (see flushBatch)
 
 	rstSent bool // guarded by c.wmu: no frame follows our RST_STREAM
 
