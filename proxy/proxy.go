@@ -505,10 +505,10 @@ type corkedTLS struct {
 	cork *hb.CorkConn
 }
 
-// ReadNow reads only what needs no wait for the socket (see
+// ReadMore reads only what needs no wait for the socket (see
 // hbone.CorkConn.ReadNow): the copy loop gathers the records that came
-// together into one write to the app.
-func (c corkedTLS) ReadNow(p []byte) (int, error) { return c.cork.ReadNow(c.Conn, p) }
+// together into one write to the app (forward.RecordReader).
+func (c corkedTLS) ReadMore(p []byte) (int, error) { return c.cork.ReadNow(c.Conn, p) }
 
 func (c corkedTLS) Write(p []byte) (int, error) {
 	c.cork.Cork()

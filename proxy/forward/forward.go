@@ -157,13 +157,15 @@ type Pusher interface {
 	PushTo(dst net.Conn, count func(int64)) error
 }
 
-// A NowReader is a source that can read what it has without waiting: a
-// mesh TLS connection, whose Read returns one record, gathers the records
-// that came together so they reach the app in one write.
-type NowReader interface {
-	// ReadNow reads only what needs no wait: 0 and a nil error when
+// A RecordReader is a source whose Read returns less than it has — a mesh
+// TLS connection returns one record — and that can read the rest of what
+// came with it without waiting, so the records that came together reach
+// the app in one write. (A plain socket's Read returns all it holds: it is
+// no RecordReader.)
+type RecordReader interface {
+	// ReadMore reads only what needs no wait: 0 and a nil error when
 	// nothing does.
-	ReadNow(p []byte) (int, error)
+	ReadMore(p []byte) (int, error)
 }
 
 // copyHalf copies src to dst until src ends, then half-closes dst. Between
@@ -204,13 +206,15 @@ func copyHalf(dst, src net.Conn, stats *Stats, n *atomic.Int64, bytes prometheus
 	// Plain sockets are read and written with raw system calls (see
 	// internal/rawsock); the errors name the connections as before.
 	rsrc, rdst := rawsock.Wrap(src), rawsock.Wrap(dst)
-	gather, _ := src.(NowReader)
+	gather, _ := src.(RecordReader)
 	for {
 		nr, rerr := rsrc.Read(buf)
-		for gather != nil && rerr == nil && nr > 0 && nr < len(buf) {
+		for gather != nil && bp != nil && rerr == nil && nr > 0 && nr < len(buf) {
 			// More that came with it (a TLS source returns a record a
-			// Read): into the same write.
-			m, err := gather.ReadNow(buf[nr:])
+			// Read): into the same write. Only while data flows (a pooled
+			// buffer is in use): between requests and answers there is
+			// seldom more, and looking costs a system call.
+			m, err := gather.ReadMore(buf[nr:])
 			nr += m
 			rerr = err
 			if m == 0 {

@@ -3,6 +3,7 @@ package forward
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"slices"
@@ -90,16 +91,18 @@ func TestForwardAbortsAnIdleConnection(t *testing.T) {
 	}
 }
 
-// recordConn stands in for a TLS source: Read returns at most a "record"
-// of 1000 bytes, ReadNow what its socket holds without waiting.
+// recordConn stands in for a TLS source: Read returns at most a record
+// (burstEnd bytes), ReadMore what its socket holds without waiting.
 type recordConn struct {
 	*net.TCPConn
-	now atomic.Int64 // bytes ReadNow returned
+	now   atomic.Int64 // bytes ReadMore returned
+	calls atomic.Int64 // ReadMore calls
 }
 
-func (c *recordConn) Read(p []byte) (int, error) { return c.TCPConn.Read(p[:min(len(p), 1000)]) }
+func (c *recordConn) Read(p []byte) (int, error) { return c.TCPConn.Read(p[:min(len(p), burstEnd)]) }
 
-func (c *recordConn) ReadNow(p []byte) (int, error) {
+func (c *recordConn) ReadMore(p []byte) (int, error) {
+	c.calls.Add(1)
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return 0, err
@@ -107,7 +110,7 @@ func (c *recordConn) ReadNow(p []byte) (int, error) {
 	var n int
 	var rerr error
 	if err := rc.Read(func(fd uintptr) bool { // one attempt: only what is there
-		n, rerr = syscall.Read(int(fd), p[:min(len(p), 1000)])
+		n, rerr = syscall.Read(int(fd), p[:min(len(p), burstEnd)])
 		return true
 	}); err != nil {
 		return 0, err
@@ -142,8 +145,9 @@ func (w *writeSizes) CloseWrite() error { return w.Conn.(*net.TCPConn).CloseWrit
 
 // TestRecordsThatCameTogetherGoInOneWrite: from a source whose Read
 // returns one record at a time, the copy loop gathers what the source has
-// without waiting (ReadNow) into the same write: writes larger than a
-// record, every byte once and in order.
+// without waiting (ReadMore) into the same write while data flows: writes
+// larger than a record, every byte once and in order; after short messages
+// it does not look (that would cost a system call each).
 func TestRecordsThatCameTogetherGoInOneWrite(t *testing.T) {
 	client, down := tcpPair(t)
 	up, server := tcpPair(t)
@@ -155,6 +159,21 @@ func TestRecordsThatCameTogetherGoInOneWrite(t *testing.T) {
 	go func() {
 		done <- Forward(src, dst, &Stats{}, time.Hour, abort, prometheus.NewCounter(prometheus.CounterOpts{Name: "x"}))
 	}()
+	// Short messages, each read alone: nothing is looked for after them.
+	for i := range 10 {
+		msg := []byte(fmt.Sprintf("message %d\n", i))
+		if _, err := client.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(server, got); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("server read %q, %v; want %q", got, err, msg)
+		}
+	}
+	if n := src.calls.Load(); n != 0 {
+		t.Errorf("ReadMore called %d times after short messages, want none (a system call each)", n)
+	}
+
 	want := make([]byte, 4<<20)
 	for i := range want {
 		want[i] = byte(i * 5 / 3)
@@ -173,7 +192,7 @@ func TestRecordsThatCameTogetherGoInOneWrite(t *testing.T) {
 	dst.mu.Lock()
 	largest := slices.Max(dst.sizes)
 	dst.mu.Unlock()
-	if src.now.Load() == 0 || largest <= 1000 {
-		t.Errorf("ReadNow gathered %d bytes, largest write %d: want records gathered into writes larger than one", src.now.Load(), largest)
+	if src.now.Load() == 0 || largest <= burstEnd {
+		t.Errorf("ReadMore gathered %d bytes, largest write %d: want records gathered into writes larger than one", src.now.Load(), largest)
 	}
 }

@@ -98,6 +98,19 @@ func (c *Conn) Read(p []byte) (int, error) {
 	return c.sock.Read(p)
 }
 
+// ReadNow is Read without waiting for the network: replayed bytes, else
+// what the socket holds now; rawsock.ErrWouldBlock when there is nothing
+// (or the socket cannot be read without waiting).
+func (c *Conn) ReadNow(p []byte) (int, error) {
+	if len(c.buf) > 0 {
+		return c.Read(p)
+	}
+	if rn, ok := c.sock.(interface{ ReadNow([]byte) (int, error) }); ok {
+		return rn.ReadNow(p)
+	}
+	return 0, rawsock.ErrWouldBlock
+}
+
 // Write writes to the network.
 func (c *Conn) Write(p []byte) (int, error) {
 	if c.sock == nil {

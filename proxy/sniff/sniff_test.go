@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/loopback"
+	"github.com/meshproxy/meshproxy/internal/rawsock"
 	"github.com/meshproxy/meshproxy/internal/testpki"
 	"go.uber.org/goleak"
 )
@@ -221,5 +222,46 @@ func BenchmarkSniff(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestReadNowReplaysThenNeverWaits: ReadNow returns the sniffed bytes
+// first, then what the socket holds, and rawsock.ErrWouldBlock at once when
+// it holds nothing.
+func TestReadNowReplaysThenNeverWaits(t *testing.T) {
+	client, server := tcpPair(t)
+	if _, err := client.Write([]byte("GET / HTTP/1.1\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	sc, res, err := Sniff(server, time.Second)
+	if err != nil || res.Kind != Plaintext || sc.Buffered() == 0 {
+		t.Fatalf("Sniff = %v, %v with %d bytes to replay; want plaintext, bytes to replay", res, err, sc.Buffered())
+	}
+	var got []byte
+	buf := make([]byte, 64)
+	for sc.Buffered() > 0 {
+		n, err := sc.ReadNow(buf)
+		if err != nil {
+			t.Fatalf("ReadNow of replayed bytes: %v", err)
+		}
+		got = append(got, buf[:n]...)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(got) < len("GET / HTTP/1.1\r\n") { // the rest, if Sniff left any in the socket
+		n, err := sc.ReadNow(buf)
+		if err != nil && !errors.Is(err, rawsock.ErrWouldBlock) || time.Now().After(deadline) {
+			t.Fatalf("ReadNow after %q: %v", got, err)
+		}
+		got = append(got, buf[:n]...)
+	}
+	if string(got) != "GET / HTTP/1.1\r\n" {
+		t.Fatalf("ReadNow read %q", got)
+	}
+	start := time.Now()
+	if n, err := sc.ReadNow(buf); n != 0 || !errors.Is(err, rawsock.ErrWouldBlock) {
+		t.Fatalf("ReadNow with nothing to read = %d, %v; want 0, rawsock.ErrWouldBlock", n, err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("ReadNow with nothing to read took %v", d)
 	}
 }
