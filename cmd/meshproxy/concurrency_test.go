@@ -13,6 +13,7 @@ import (
 
 	"github.com/meshproxy/meshproxy/internal/e2eutil"
 	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/proxy/proxytest"
 )
 
 // TestConcurrencyFlag: --concurrency sets GOMAXPROCS; given on the command
@@ -215,29 +216,14 @@ func TestSidecarFollowsADownload(t *testing.T) {
 		t.Skip("one CPU: the default is one processor, nothing to follow")
 	}
 	// The app: every connection gets zeros until it closes or 20 s pass.
-	app, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { app.Close() })
-	go func() {
+	app := proxytest.StartApp(t, 20*time.Second, func(c net.Conn) {
+		buf := make([]byte, 256<<10)
 		for {
-			c, err := app.Accept()
-			if err != nil {
-				return
+			if _, err := c.Write(buf); err != nil {
+				return // closed, or the 20 s deadline
 			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 256<<10)
-				end := time.Now().Add(20 * time.Second)
-				for time.Now().Before(end) {
-					if _, err := c.Write(buf); err != nil {
-						return
-					}
-				}
-			}()
 		}
-	}()
+	})
 
 	bin := gwBuild(t)
 	ca := testpki.New(t, "cluster.local")
@@ -273,17 +259,12 @@ func TestSidecarFollowsADownload(t *testing.T) {
 	// waitFor polls until the sidecar has want processors or limit passes.
 	waitFor := func(want int, limit time.Duration, what string) {
 		t.Helper()
-		deadline := time.Now().Add(limit)
-		for {
-			got := procs()
-			if got == want {
-				return
+		e2eutil.Eventually(t, what, limit, func() error {
+			if got := procs(); got != want {
+				return fmt.Errorf("the sidecar has %d Go processors, want %d\n%s", got, want, p.Output.String())
 			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: the sidecar has %d Go processors after %v, want %d\n%s", what, got, limit, want, p.Output.String())
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+			return nil
+		})
 	}
 	waitFor(1, 3*time.Second, "idle")
 
