@@ -31,6 +31,9 @@ const (
 	// download runs through the same pair (opt-in): what a bulk stream
 	// does to requests that share its pooled connection.
 	ScenarioMixed Scenario = "mixed"
+	// ScenarioUpload: an upload through one or a few connections (opt-in;
+	// BulkStreams connections), each confirmed whole by the app; MB/s.
+	ScenarioUpload Scenario = "upload"
 )
 
 // AllScenarios lists the scenarios of a default run.
@@ -38,12 +41,12 @@ var AllScenarios = []Scenario{ScenarioConns, ScenarioKept, ScenarioBulk, Scenari
 
 // ParseScenario validates a scenario name.
 func ParseScenario(s string) (Scenario, error) {
-	for _, sc := range append(AllScenarios[:len(AllScenarios):len(AllScenarios)], ScenarioMixed) {
+	for _, sc := range append(AllScenarios[:len(AllScenarios):len(AllScenarios)], ScenarioMixed, ScenarioUpload) {
 		if string(sc) == strings.ToLower(strings.TrimSpace(s)) {
 			return sc, nil
 		}
 	}
-	return "", fmt.Errorf("unknown scenario %q (want conns, kept, bulk, idle or mixed)", s)
+	return "", fmt.Errorf("unknown scenario %q (want conns, kept, bulk, idle, mixed or upload)", s)
 }
 
 // Config is what a comparison run does.
@@ -57,10 +60,11 @@ type Config struct {
 	Settle      time.Duration
 	ConnWorkers int // concurrent clients of ScenarioConns
 	KeptConns   int // connections of ScenarioKept
-	BulkStreams int // connections of ScenarioBulk
+	BulkStreams int // connections of ScenarioBulk and ScenarioUpload
 	IdleConns   int // connections held in ScenarioIdle
 	MsgSize     int // request size of ScenarioConns and ScenarioKept
-	// VerifyBulk checks every downloaded byte (costs the generator CPU).
+	// VerifyBulk checks every downloaded byte (costs the generator CPU)
+	// and has the app check every uploaded one (costs the app's).
 	VerifyBulk bool
 	// ProfileDir, if set, receives CPU profiles of the meshproxy server
 	// sidecar (from its admin API's /debug/pprof/profile), one per timed
@@ -231,6 +235,8 @@ func runOne(ctx context.Context, env *Env, cfg *Config, rep *Report, sc Scenario
 			<-done
 			s.Beside = bulk
 			return kept
+		case ScenarioUpload:
+			return Upload(ctx, pair.Addr, cfg.BulkStreams, d, cfg.VerifyBulk)
 		default:
 			return Bulk(ctx, pair.Addr, cfg.BulkStreams, d, cfg.VerifyBulk)
 		}
@@ -411,7 +417,7 @@ func (s *Sample) summary() string {
 		machine = fmt.Sprintf(", load cpu %s, machine busy %.0f%%", s.LoadCPU.Round(10*time.Millisecond), busy)
 	}
 	switch s.Scenario {
-	case ScenarioBulk:
+	case ScenarioBulk, ScenarioUpload:
 		return fmt.Sprintf("%.1f MB/s, proxy cpu %s%s, errors %d", r.MBps(), cpu, machine, r.Errors)
 	case ScenarioMixed:
 		b := s.Beside

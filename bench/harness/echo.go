@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,15 @@ const (
 	// ModeDownload: the app streams Pattern repeatedly until the client
 	// goes away; the client counts (and may check) what arrives.
 	ModeDownload byte = 'D'
+	// ModeUpload: the client streams Pattern and half-closes; the app reads
+	// to EOF and answers with the number of bytes it received (8 bytes,
+	// big-endian), then closes. The client compares it with what it sent:
+	// a proxy that loses the tail of an upload, or never passes the
+	// half-close on, fails the run.
+	ModeUpload byte = 'U'
+	// ModeUploadChecked is ModeUpload with every byte checked against
+	// Pattern: on the first that differs the app closes without an answer.
+	ModeUploadChecked byte = 'V'
 )
 
 // patternSize is the length of Pattern; a power of two so offsets wrap cheaply.
@@ -104,6 +114,33 @@ func serveEchoConn(c net.Conn) {
 			if _, err := c.Write(Pattern); err != nil {
 				return
 			}
+		}
+	case ModeUpload, ModeUploadChecked:
+		n, ok := receiveUpload(c, mode[0] == ModeUploadChecked)
+		if !ok {
+			return
+		}
+		var count [8]byte
+		binary.BigEndian.PutUint64(count[:], uint64(n))
+		_, _ = c.Write(count[:])
+	}
+}
+
+// receiveUpload reads c to EOF, counting (and, with check, checking) what
+// arrives; ok is false if the connection failed or a byte differed.
+func receiveUpload(c net.Conn, check bool) (n int64, ok bool) {
+	buf := make([]byte, 256<<10)
+	for {
+		m, err := c.Read(buf)
+		if check && m > 0 && !matchesPattern(buf[:m], n) {
+			return n, false
+		}
+		n += int64(m)
+		switch {
+		case errors.Is(err, io.EOF):
+			return n, true
+		case err != nil:
+			return n, false
 		}
 	}
 }

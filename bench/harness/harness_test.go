@@ -71,7 +71,7 @@ func TestHarnessSmoke(t *testing.T) {
 			t.Fatal(buildErr)
 		}
 		cfg := Config{
-			Peers: peers, Scenarios: append(AllScenarios[:len(AllScenarios):len(AllScenarios)], ScenarioMixed), Rounds: 1,
+			Peers: peers, Scenarios: append(AllScenarios[:len(AllScenarios):len(AllScenarios)], ScenarioMixed, ScenarioUpload), Rounds: 1,
 			Duration: 150 * time.Millisecond, Warmup: 0, Settle: 0,
 			ConnWorkers: 2, KeptConns: 2, BulkStreams: 1, IdleConns: 5, MsgSize: 1024,
 			VerifyBulk: true, ProfileDir: dir,
@@ -99,7 +99,7 @@ func TestHarnessSmoke(t *testing.T) {
 		}
 		var md bytes.Buffer
 		rep.WriteMarkdown(&md)
-		for _, want := range []string{"| new connection per request (2 workers, 1024 B echo) | new mTLS connections/s |", "RSS per held connection, server proxy (KB)"} {
+		for _, want := range []string{"| new connection per request (2 workers, 1024 B echo) | new mTLS connections/s |", "RSS per held connection, server proxy (KB)", "| bulk upload (1 conn) | MB/s |"} {
 			if !strings.Contains(md.String(), want) {
 				t.Errorf("report lacks %q:\n%s", want, md.String())
 			}
@@ -128,6 +128,7 @@ func smokePair(ctx context.Context, t *testing.T, env *Env, peer Peer) {
 		{"new connection per request", NewConns(ctx, pair.Addr, 2, 1024, 200*time.Millisecond)},
 		{"kept connections", KeptConns(ctx, pair.Addr, 2, 1024, 200*time.Millisecond)},
 		{"bulk download", Bulk(ctx, pair.Addr, 1, 200*time.Millisecond, true)},
+		{"bulk upload", Upload(ctx, pair.Addr, 1, 200*time.Millisecond, true)},
 	}
 	for _, c := range checks {
 		if c.res.Errors > 0 || c.res.Ops == 0 || c.res.Bytes == 0 {

@@ -3,6 +3,7 @@ package harness
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -220,6 +221,15 @@ func KeptConns(ctx context.Context, addr string, conns, size int, d time.Duratio
 // for d, counting (and, with verify, checking) every byte. Ops counts
 // streams that ran to the end.
 func Bulk(ctx context.Context, addr string, streams int, d time.Duration, verify bool) *Result {
+	return transfers(streams, d, func(deadline time.Time) (int64, error) {
+		return download(ctx, addr, deadline, verify)
+	})
+}
+
+// transfers runs one on streams connections at once until d from now and
+// collects their bytes; a transfer that fails counts its bytes but not
+// itself.
+func transfers(streams int, d time.Duration, one func(deadline time.Time) (int64, error)) *Result {
 	var c collector
 	var wg sync.WaitGroup
 	start := time.Now()
@@ -228,7 +238,7 @@ func Bulk(ctx context.Context, addr string, streams int, d time.Duration, verify
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			n, err := download(ctx, addr, deadline, verify)
+			n, err := one(deadline)
 			if err != nil {
 				c.fail(err)
 				c.add(0, n, nil)
@@ -241,17 +251,31 @@ func Bulk(ctx context.Context, addr string, streams int, d time.Duration, verify
 	return c.result(time.Since(start))
 }
 
+// openMode dials addr and picks the echo app's mode; the connection is
+// closed if ctx ends first, and by done.
+func openMode(ctx context.Context, addr string, mode byte) (cn net.Conn, done func(), err error) {
+	cn, err = dial(ctx, addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { cn.Close() })
+	done = func() {
+		stop()
+		cn.Close()
+	}
+	if _, err := cn.Write([]byte{mode}); err != nil {
+		done()
+		return nil, nil, fmt.Errorf("write mode: %w", err)
+	}
+	return cn, done, nil
+}
+
 func download(ctx context.Context, addr string, deadline time.Time, verify bool) (int64, error) {
-	cn, err := dial(ctx, addr)
+	cn, done, err := openMode(ctx, addr, ModeDownload)
 	if err != nil {
 		return 0, err
 	}
-	defer cn.Close()
-	stop := context.AfterFunc(ctx, func() { cn.Close() })
-	defer stop()
-	if _, err := cn.Write([]byte{ModeDownload}); err != nil {
-		return 0, fmt.Errorf("write mode: %w", err)
-	}
+	defer done()
 	buf := make([]byte, 256<<10)
 	var total int64
 	for time.Now().Before(deadline) {
@@ -268,6 +292,61 @@ func download(ctx context.Context, addr string, deadline time.Time, verify bool)
 		}
 	}
 	return total, nil
+}
+
+// Upload opens streams connections through addr in ModeUpload (with
+// verify, ModeUploadChecked), writes Pattern on each for d, half-closes it
+// and waits for the app's count of what it received, which must be every
+// byte sent. Bytes counts what the app confirmed; the elapsed time runs
+// until the last count arrives, so data still in flight at d counts only
+// once it is through. Ops counts uploads confirmed whole.
+func Upload(ctx context.Context, addr string, streams int, d time.Duration, verify bool) *Result {
+	return transfers(streams, d, func(deadline time.Time) (int64, error) {
+		return upload(ctx, addr, deadline, verify)
+	})
+}
+
+// upload is one connection of Upload: the bytes the app confirmed.
+func upload(ctx context.Context, addr string, deadline time.Time, verify bool) (int64, error) {
+	mode := ModeUpload
+	if verify {
+		mode = ModeUploadChecked
+	}
+	cn, done, err := openMode(ctx, addr, mode)
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	cw, ok := cn.(interface{ CloseWrite() error })
+	if !ok {
+		return 0, fmt.Errorf("upload: %T cannot half-close", cn)
+	}
+	var sent int64
+	for time.Now().Before(deadline) {
+		if err := cn.SetWriteDeadline(time.Now().Add(ioTimeout)); err != nil {
+			return 0, err
+		}
+		n, err := cn.Write(Pattern)
+		sent += int64(n)
+		if err != nil {
+			return 0, fmt.Errorf("upload after %d bytes: %w", sent, err)
+		}
+	}
+	if err := cw.CloseWrite(); err != nil {
+		return 0, fmt.Errorf("upload: half-close after %d bytes: %w", sent, err)
+	}
+	if err := cn.SetReadDeadline(time.Now().Add(ioTimeout)); err != nil {
+		return 0, err
+	}
+	var count [8]byte
+	if _, err := io.ReadFull(cn, count[:]); err != nil {
+		return 0, fmt.Errorf("upload of %d bytes: no count from the app (a byte differed, the end never reached it, or the connection broke): %w", sent, err)
+	}
+	got := int64(binary.BigEndian.Uint64(count[:]))
+	if got != sent {
+		return min(got, sent), fmt.Errorf("upload: the app received %d of the %d bytes sent", got, sent)
+	}
+	return got, nil
 }
 
 // matchesPattern reports whether b is the stream of Pattern blocks at off.

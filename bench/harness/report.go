@@ -51,13 +51,21 @@ func cpuPerOp(s *Sample) (float64, bool) {
 	return micros(s.CPU[0]+s.CPU[1]) / float64(s.Result.Ops), true
 }
 
+// cpuPerGB is the pair's CPU time per GB moved (s).
+func cpuPerGB(s *Sample) (float64, bool) {
+	if s.Result == nil || s.Result.Bytes == 0 {
+		return 0, false
+	}
+	return (s.CPU[0] + s.CPU[1]).Seconds() / (float64(s.Result.Bytes) / 1e9), true
+}
+
 // loadPerOp is the load generator's and echo app's CPU per operation (µs;
 // per GB in seconds for bulk).
 func loadPerOp(s *Sample) (float64, bool) {
 	if s.Result == nil || s.Result.Ops == 0 || s.MachineTotal == 0 {
 		return 0, false
 	}
-	if s.Scenario == ScenarioBulk {
+	if s.Scenario == ScenarioBulk || s.Scenario == ScenarioUpload {
 		if s.Result.Bytes == 0 {
 			return 0, false
 		}
@@ -139,12 +147,7 @@ var metrics = []metric{
 	{ScenarioKept, machineBusyName, false, machineBusy, 0},
 	{ScenarioKept, otherCPUName, false, otherCPU, 0},
 	{ScenarioBulk, "MB/s", true, resultValue((*Result).MBps), 0},
-	{ScenarioBulk, "proxy CPU per GB, both sides (s)", false, func(s *Sample) (float64, bool) {
-		if s.Result == nil || s.Result.Bytes == 0 {
-			return 0, false
-		}
-		return (s.CPU[0] + s.CPU[1]).Seconds() / (float64(s.Result.Bytes) / 1e9), true
-	}, 2},
+	{ScenarioBulk, "proxy CPU per GB, both sides (s)", false, cpuPerGB, 2},
 	{ScenarioBulk, "load generator + echo app CPU per GB (s)", false, loadPerOp, 2},
 	{ScenarioBulk, machineBusyName, false, machineBusy, 0},
 	{ScenarioBulk, otherCPUName, false, otherCPU, 0},
@@ -159,6 +162,11 @@ var metrics = []metric{
 	}, 0},
 	{ScenarioMixed, machineBusyName, false, machineBusy, 0},
 	{ScenarioMixed, otherCPUName, false, otherCPU, 0},
+	{ScenarioUpload, "MB/s", true, resultValue((*Result).MBps), 0},
+	{ScenarioUpload, "proxy CPU per GB, both sides (s)", false, cpuPerGB, 2},
+	{ScenarioUpload, "load generator + echo app CPU per GB (s)", false, loadPerOp, 2},
+	{ScenarioUpload, machineBusyName, false, machineBusy, 0},
+	{ScenarioUpload, otherCPUName, false, otherCPU, 0},
 	{ScenarioIdle, "RSS idle, client proxy (MB)", false, idleRSS(0), 1},
 	{ScenarioIdle, "RSS idle, server proxy (MB)", false, idleRSS(1), 1},
 	{ScenarioIdle, "RSS per held connection, client proxy (KB)", false, perConn(0), 1},
@@ -212,6 +220,8 @@ func (r *Report) scenarioTitle(sc Scenario) string {
 		return fmt.Sprintf("kept connections (%d conns, %d B ping-pong)", c.KeptConns, c.MsgSize)
 	case ScenarioBulk:
 		return fmt.Sprintf("bulk download (%d conn)", c.BulkStreams)
+	case ScenarioUpload:
+		return fmt.Sprintf("bulk upload (%d conn)", c.BulkStreams)
 	case ScenarioMixed:
 		return fmt.Sprintf("kept connections beside a bulk download (%d conns, %d B ping-pong; 1 download)", c.KeptConns, c.MsgSize)
 	default:
