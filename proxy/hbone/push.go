@@ -33,6 +33,7 @@ type sink struct {
 	// write allocates nothing.
 	p      []byte
 	vec    [][]byte
+	iov    [maxFlushChunks][]byte // the reader's flushBuffered vector
 	n      int
 	err    error
 	write  func(fd uintptr) bool // k.writeOnce, bound once
@@ -131,7 +132,8 @@ func (s *Stream) PushTo(dst net.Conn, count func(int64)) error {
 				}
 				vec = append(vec, ch.a[off:ch.n])
 			}
-			s.recv, s.off = nil, 0
+			clear(s.recv)
+			s.recv, s.off = s.recv[:0], 0 // copied to taken: the slice is free
 			s.sinkBusy = true
 			c.mu.Unlock()
 			n, err := vec.WriteTo(dst)
@@ -202,20 +204,21 @@ func (s *Stream) flushBuffered() {
 	// Take the chunks, as PushTo does: a reset while mu is released must
 	// not return them to the pool under the write.
 	taken, off := s.recv, s.off
+	all := taken
 	s.recv, s.off = nil, 0
-	var vec [maxFlushChunks][]byte
 	m := min(len(taken), maxFlushChunks)
 	for i, ch := range taken[:m] {
 		o := 0
 		if i == 0 {
 			o = off
 		}
-		vec[i] = ch.a[o:ch.n]
+		k.iov[i] = ch.a[o:ch.n]
 	}
-	s.sinkBusy = true
+	s.sinkBusy = true // the forwarder keeps off k.iov
 	s.c.mu.Unlock()
-	n, err := k.tryWritev(vec[:m])
+	n, err := k.tryWritev(k.iov[:m])
 	s.c.mu.Lock()
+	clear(k.iov[:m])
 	s.sinkBusy = false
 	left := n
 	for len(taken) > 0 {
@@ -230,6 +233,10 @@ func (s *Stream) flushBuffered() {
 	}
 	switch {
 	case len(taken) == 0:
+		if s.recv == nil && !s.released {
+			clear(all)
+			s.recv = all[:0] // the next frames reuse the slice
+		}
 	case s.rstErr != nil || s.released: // dropped while it wrote
 		for _, ch := range taken {
 			chunks.Put(ch.a)
