@@ -78,7 +78,7 @@ bench: ## go benchmarks (handshakes, signing, sniffing, copy loop)
 # the same run as peer meshproxy-baseline; BENCH_BASELINE= leaves it out.
 BENCH_BASELINE ?= 72e7d29
 
-bench-compare: ## meshproxy vs HAProxy vs stunnel pairs on loopback, same PKI and load (~6 min; QUICK=1 ~1.5 min)
+bench-compare: ## meshproxy vs HAProxy, stunnel and ghostunnel pairs on loopback, same PKI and load (~6 min; QUICK=1 ~1.5 min)
 	$(GO) run ./bench/cmd/compare $(if $(QUICK),-quick) $(if $(BENCH_BASELINE),-baseline-ref $(BENCH_BASELINE))
 
 clean: ## remove build output

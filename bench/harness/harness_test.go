@@ -3,11 +3,13 @@ package harness
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -26,12 +28,18 @@ func TestHarnessSmoke(t *testing.T) {
 	}
 	// MESHPROXY_BIN (as in test/spireint) skips the build with a binary
 	// built already, e.g. by make build.
-	bins := Binaries{Meshproxy: os.Getenv("MESHPROXY_BIN")}
-	var buildErr error
+	bins := Binaries{Meshproxy: os.Getenv("MESHPROXY_BIN"),
+		Ghostunnel: filepath.Join(dir, "ghostunnel"), TLSPipe: filepath.Join(dir, "tlspipe")}
+	var buildErr, ghostErr, pipeErr error
+	var wg sync.WaitGroup
 	if bins.Meshproxy == "" {
 		bins.Meshproxy = filepath.Join(dir, "meshproxy")
-		_, buildErr = BuildMeshproxy(ctx, root, bins.Meshproxy)
+		wg.Go(func() { _, buildErr = BuildMeshproxy(ctx, root, bins.Meshproxy) })
 	}
+	wg.Go(func() { _, ghostErr = BuildGhostunnel(ctx, root, bins.Ghostunnel) })
+	wg.Go(func() { pipeErr = Build(ctx, root, "bench/cmd/tlspipe", bins.TLSPipe) })
+	wg.Wait()
+	built := map[Peer]error{Meshproxy: buildErr, Ghostunnel: ghostErr, GoTLS: pipeErr}
 	FindPeerBinaries(&bins)
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -53,10 +61,10 @@ func TestHarnessSmoke(t *testing.T) {
 	t.Cleanup(env.Close)
 
 	var peers []Peer
-	for _, peer := range AllPeers {
+	for _, peer := range append(AllPeers[:len(AllPeers):len(AllPeers)], GoTLS) {
 		t.Run(string(peer), func(t *testing.T) {
-			if peer == Meshproxy && buildErr != nil {
-				t.Fatal(buildErr)
+			if err := built[peer]; err != nil {
+				t.Fatal(err)
 			}
 			if bins.Path(peer) == "" {
 				t.Skipf("%s is not installed (Debian package %s); its pair is not tested", peer, map[Peer]string{HAProxy: "haproxy", HAProxyFull: "haproxy", Stunnel: "stunnel4"}[peer])
@@ -128,7 +136,18 @@ func smokePair(ctx context.Context, t *testing.T, env *Env, peer Peer) {
 		{"new connection per request", NewConns(ctx, pair.Addr, 2, 1024, 200*time.Millisecond)},
 		{"kept connections", KeptConns(ctx, pair.Addr, 2, 1024, 200*time.Millisecond)},
 		{"bulk download", Bulk(ctx, pair.Addr, 1, 200*time.Millisecond, true)},
-		{"bulk upload", Upload(ctx, pair.Addr, 1, 200*time.Millisecond, true)},
+	}
+	upload := Upload(ctx, pair.Addr, 1, 200*time.Millisecond, true)
+	if peer.Runs(ScenarioUpload) {
+		checks = append(checks, struct {
+			name string
+			res  *Result
+		}{"bulk upload", upload})
+	} else if peer == Ghostunnel && (upload.Errors == 0 || !strings.Contains(fmt.Sprint(upload.FirstErr), "no count from the app")) {
+		// Why ghostunnel sits the upload scenario out: the app's answer
+		// after the client's half-close never comes back. If it does now,
+		// it should run it.
+		t.Errorf("%s passed an upload's half-close on (%d uploads confirmed, first error %v): let it run the upload scenario", peer, upload.Ops, upload.FirstErr)
 	}
 	for _, c := range checks {
 		if c.res.Errors > 0 || c.res.Ops == 0 || c.res.Bytes == 0 {

@@ -23,7 +23,9 @@ type Machine struct {
 	Go         string
 	HAProxy    string // first line of haproxy -v
 	Stunnel    string // stunnel -version: version and OpenSSL lines
-	LoadAvg    string // /proc/loadavg when described
+	// GhostunnelBuild says which ghostunnel ran and how it was built ("" without that peer).
+	GhostunnelBuild string
+	LoadAvg         string // /proc/loadavg when described
 	// MeshproxyBuild says how the meshproxy binary was built (or which
 	// binary was given).
 	MeshproxyBuild string
@@ -104,6 +106,9 @@ func (m Machine) WriteMarkdown(w io.Writer) {
 	}
 	if m.Stunnel != "" {
 		fmt.Fprintf(w, "- stunnel: %s\n", m.Stunnel)
+	}
+	if m.GhostunnelBuild != "" {
+		fmt.Fprintf(w, "- ghostunnel: %s\n", m.GhostunnelBuild)
 	}
 	if m.MeshproxyBuild != "" {
 		fmt.Fprintf(w, "- meshproxy: %s\n", m.MeshproxyBuild)

@@ -47,14 +47,22 @@ const (
 	// new connections). It differs from HAProxy only in ScenarioConns, the
 	// only scenario it runs.
 	HAProxyFull Peer = "haproxy-full"
+	// Ghostunnel is ghostunnel (bench/ghostunnel pins the version), the Go
+	// mTLS proxy of the field: server and client mode, peers authorized by
+	// SPIFFE ID (--allow-uri, --verify-uri).
+	Ghostunnel Peer = "ghostunnel"
+	// GoTLS is bench/cmd/tlspipe: a plain io.Copy each way over crypto/tls
+	// with go-spiffe's mTLS configuration, the floor a straightforward Go
+	// proxy sets (opt-in).
+	GoTLS Peer = "go-tls"
 )
 
 // AllPeers lists the peers of the comparison (the other meshproxy
 // variants are opt-in). Meshproxy runs with its defaults, so its two
 // sidecars negotiate HBONE.
-var AllPeers = []Peer{Meshproxy, MeshproxyDirect, HAProxy, HAProxyFull, Stunnel}
+var AllPeers = []Peer{Meshproxy, MeshproxyDirect, HAProxy, HAProxyFull, Stunnel, Ghostunnel}
 
-var knownPeers = []Peer{Meshproxy, HAProxy, HAProxyFull, Stunnel, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyOneCPU}
+var knownPeers = []Peer{Meshproxy, HAProxy, HAProxyFull, Stunnel, Ghostunnel, GoTLS, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyOneCPU}
 
 // Title is the peer's display name.
 func (p Peer) Title() string {
@@ -69,9 +77,18 @@ func (p Peer) Title() string {
 }
 
 // Runs reports whether p takes part in scenario sc: HAProxyFull only in
-// ScenarioConns (elsewhere it is HAProxy), every other peer everywhere.
+// ScenarioConns (elsewhere it is HAProxy); Ghostunnel everywhere but
+// ScenarioUpload, which needs a half-close passed on: when one direction
+// ends, ghostunnel closes both (its proxy.copyData), so the app's count
+// never reaches the client. Every other peer runs everything.
 func (p Peer) Runs(sc Scenario) bool {
-	return p != HAProxyFull || sc == ScenarioConns
+	switch p {
+	case HAProxyFull:
+		return sc == ScenarioConns
+	case Ghostunnel:
+		return sc != ScenarioUpload
+	}
+	return true
 }
 
 func (p Peer) isMeshproxy() bool {
@@ -113,6 +130,8 @@ type Binaries struct {
 	Baseline   string // optional meshproxy of an earlier commit (peer MeshproxyBaseline)
 	HAProxy    string
 	Stunnel    string
+	Ghostunnel string // built from bench/ghostunnel (BuildGhostunnel)
+	TLSPipe    string // bench/cmd/tlspipe (peer GoTLS)
 }
 
 // Path returns the binary of peer p, or "" if it is unavailable.
@@ -128,6 +147,10 @@ func (b Binaries) Path(p Peer) string {
 		return b.HAProxy
 	case Stunnel:
 		return b.Stunnel
+	case Ghostunnel:
+		return b.Ghostunnel
+	case GoTLS:
+		return b.TLSPipe
 	}
 	return ""
 }
@@ -370,6 +393,22 @@ func (e *Env) argv(peer Peer, clientAddr, serverAddr, admin string) (server, cli
 			return nil, nil, err
 		}
 		return []string{e.Bins.Stunnel, sc}, []string{e.Bins.Stunnel, cc}, nil
+	case Ghostunnel:
+		// Logging off (--quiet=all): the other peers log nothing per
+		// connection either.
+		bin := e.Bins.Ghostunnel
+		server = []string{bin, "server", "--listen", serverAddr, "--target", e.AppAddr,
+			"--cert", k.Server.Chain, "--key", k.Server.Key, "--cacert", k.Root, "--allow-uri", ClientID, "--quiet=all"}
+		client = []string{bin, "client", "--listen", clientAddr, "--target", serverAddr,
+			"--cert", k.Client.Chain, "--key", k.Client.Key, "--cacert", k.Root, "--verify-uri", ServerID, "--quiet=all"}
+		return server, client, nil
+	case GoTLS:
+		bin := e.Bins.TLSPipe
+		server = []string{bin, "-mode", "server", "-listen", serverAddr, "-target", e.AppAddr,
+			"-cert", k.Server.Chain, "-key", k.Server.Key, "-bundle", k.Root, "-peer-id", ClientID}
+		client = []string{bin, "-mode", "client", "-listen", clientAddr, "-target", serverAddr,
+			"-cert", k.Client.Chain, "-key", k.Client.Key, "-bundle", k.Root, "-peer-id", ServerID}
+		return server, client, nil
 	}
 	return nil, nil, fmt.Errorf("unknown peer %q", peer)
 }

@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -79,18 +80,22 @@ func NewPKI(dir string) (*PKI, error) {
 	if err := os.WriteFile(p.Root, pemCerts(root), 0o600); err != nil {
 		return nil, fmt.Errorf("write root: %w", err)
 	}
+	// The server leaf also names 127.0.0.1, where every server proxy
+	// listens: ghostunnel's client checks the host it dials as well as the
+	// SPIFFE ID (--verify-uri). SPIFFE allows SANs beside the one URI.
 	for _, l := range []struct {
 		name, id string
+		ips      []net.IP
 		out      *LeafFiles
-	}{{"client", ClientID, &p.Client}, {"server", ServerID, &p.Server}} {
-		if *l.out, err = writeLeaf(dir, l.name, l.id, now, inter, intKey); err != nil {
+	}{{"client", ClientID, nil, &p.Client}, {"server", ServerID, []net.IP{net.IPv4(127, 0, 0, 1)}, &p.Server}} {
+		if *l.out, err = writeLeaf(dir, l.name, l.id, l.ips, now, inter, intKey); err != nil {
 			return nil, fmt.Errorf("%s leaf: %w", l.name, err)
 		}
 	}
 	return p, nil
 }
 
-func writeLeaf(dir, name, id string, now time.Time, inter *x509.Certificate, intKey crypto.Signer) (LeafFiles, error) {
+func writeLeaf(dir, name, id string, ips []net.IP, now time.Time, inter *x509.Certificate, intKey crypto.Signer) (LeafFiles, error) {
 	u, err := url.Parse(id)
 	if err != nil {
 		return LeafFiles{}, fmt.Errorf("spiffe id %q: %w", id, err)
@@ -107,6 +112,7 @@ func writeLeaf(dir, name, id string, now time.Time, inter *x509.Certificate, int
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,
 		URIs:                  []*url.URL{u},
+		IPAddresses:           ips,
 	}, inter, key, intKey)
 	if err != nil {
 		return LeafFiles{}, err

@@ -62,19 +62,23 @@ func expectReport(t *testing.T, rep *Report, want ...string) {
 }
 
 // TestPeersRunTheirScenarios: haproxy-full takes part only in the
-// new-connection scenario (elsewhere it would repeat HAProxy's runs).
+// new-connection scenario (elsewhere it would repeat HAProxy's runs);
+// ghostunnel, which passes no half-close on, in every scenario but upload.
 func TestPeersRunTheirScenarios(t *testing.T) {
-	for _, sc := range AllScenarios {
+	for _, sc := range append(AllScenarios[:len(AllScenarios):len(AllScenarios)], ScenarioMixed, ScenarioUpload) {
 		if got, want := HAProxyFull.Runs(sc), sc == ScenarioConns; got != want {
 			t.Errorf("haproxy-full runs %s = %v, want %v", sc, got, want)
 		}
-		for _, p := range []Peer{Meshproxy, HAProxy, Stunnel, MeshproxyBaseline} {
+		if got, want := Ghostunnel.Runs(sc), sc != ScenarioUpload; got != want {
+			t.Errorf("ghostunnel runs %s = %v, want %v", sc, got, want)
+		}
+		for _, p := range []Peer{Meshproxy, HAProxy, Stunnel, GoTLS, MeshproxyBaseline} {
 			if !p.Runs(sc) {
 				t.Errorf("%s does not run %s", p, sc)
 			}
 		}
 	}
-	for _, name := range []string{"haproxy-full", "meshproxy-baseline", " HAProxy "} {
+	for _, name := range []string{"haproxy-full", "meshproxy-baseline", " HAProxy ", "ghostunnel", "go-tls"} {
 		if _, err := ParsePeer(name); err != nil {
 			t.Errorf("ParsePeer(%q): %v", name, err)
 		}

@@ -130,6 +130,31 @@ func ShippedTags(root string) (string, error) {
 	return "", fmt.Errorf("shipped build tags: no go build of ./cmd/meshproxy in %s", path)
 }
 
+// ghostunnelDir is the module, under the module root, that pins ghostunnel.
+const ghostunnelDir = "bench/ghostunnel"
+
+// BuildGhostunnel builds the ghostunnel bench/ghostunnel pins into out
+// (-trimpath, stripped, with cgo: its release does not build without) and
+// returns its version.
+func BuildGhostunnel(ctx context.Context, root, out string) (version string, err error) {
+	const pkg = "github.com/ghostunnel/ghostunnel"
+	dir := filepath.Join(root, ghostunnelDir)
+	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Version}}", pkg)
+	cmd.Dir = dir
+	b, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("ghostunnel version (%s): %w", ghostunnelDir, err)
+	}
+	version = strings.TrimSpace(string(b))
+	cmd = exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w", "-o", out, pkg)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build ghostunnel %s (%s): %w\n%s", version, ghostunnelDir, err, b)
+	}
+	return version, nil
+}
+
 func build(ctx context.Context, root, pkg, out, tags string) error {
 	goBin, err := exec.LookPath("go")
 	if err != nil {

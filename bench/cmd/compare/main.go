@@ -58,7 +58,7 @@ func main() {
 	fs.DurationVar(&o.duration, "duration", 0, "measured time of each timed run (default 5s, quick 1.5s)")
 	fs.DurationVar(&o.warmup, "warmup", -1, "unmeasured load before each timed run (default 1s, quick 300ms)")
 	fs.DurationVar(&o.settle, "settle", -1, "idle scenario: wait before reading RSS (default 1s, quick 500ms)")
-	fs.StringVar(&o.peers, "peers", strings.Join(harness.PeerNames(harness.AllPeers), ","), "peers to compare, comma-separated (also meshproxy-hbone, meshproxy-x25519, meshproxy-1cpu; -meshproxy-b and -baseline add theirs)")
+	fs.StringVar(&o.peers, "peers", strings.Join(harness.PeerNames(harness.AllPeers), ","), "peers to compare, comma-separated (also go-tls: a plain io.Copy over crypto/tls; meshproxy-hbone, meshproxy-x25519, meshproxy-1cpu; -meshproxy-b and -baseline add theirs)")
 	fs.StringVar(&o.scenarios, "scenarios", "conns,kept,bulk,idle", "scenarios to run, comma-separated (also mixed: kept connections measured beside a bulk download through the same pair; upload: a bulk upload, every byte confirmed by the app after the client half-closes)")
 	fs.IntVar(&o.connWorkers, "conn-workers", 0, "concurrent clients of the new-connection scenario (default 16)")
 	fs.IntVar(&o.keptConns, "kept-conns", 0, "connections of the kept-connection scenario (default 8)")
@@ -178,7 +178,7 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 	if err != nil {
 		return err
 	}
-	bins, echoBin, meshBuild, baseBuild, err := prepare(ctx, o, cfg, root, dir)
+	bins, echoBin, meshBuild, baseBuild, ghostBuild, err := prepare(ctx, o, cfg, root, dir)
 	if err != nil {
 		return err
 	}
@@ -190,6 +190,7 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 	machine := harness.DescribeMachine(ctx, bins)
 	machine.MeshproxyBuild = meshBuild
 	machine.BaselineBuild = baseBuild
+	machine.GhostunnelBuild = ghostBuild
 
 	env, err := harness.NewEnv(dir, bins, "")
 	if err != nil {
@@ -257,8 +258,8 @@ func run(ctx context.Context, o *options, cfg harness.Config) (err error) {
 }
 
 // prepare builds the binaries (in parallel) and finds or installs the peers;
-// it also says how the meshproxy and baseline binaries were built.
-func prepare(ctx context.Context, o *options, cfg harness.Config, root, dir string) (bins harness.Binaries, echoBin, meshBuild, baseBuild string, err error) {
+// it also says how the meshproxy, baseline and ghostunnel binaries were built.
+func prepare(ctx context.Context, o *options, cfg harness.Config, root, dir string) (bins harness.Binaries, echoBin, meshBuild, baseBuild, ghostBuild string, err error) {
 	bins = harness.Binaries{Meshproxy: o.meshproxyBin, MeshproxyB: o.meshproxyB, Baseline: o.baseline}
 	echoBin = filepath.Join(dir, "echo")
 	var wg sync.WaitGroup
@@ -292,18 +293,33 @@ func prepare(ctx context.Context, o *options, cfg harness.Config, root, dir stri
 	wg.Go(func() {
 		echoErr = harness.Build(ctx, root, "bench/cmd/echo", echoBin)
 	})
+	var ghostErr, pipeErr error
+	if slices.Contains(cfg.Peers, harness.Ghostunnel) {
+		bins.Ghostunnel = filepath.Join(dir, "ghostunnel")
+		wg.Go(func() {
+			var version string
+			version, ghostErr = harness.BuildGhostunnel(ctx, root, bins.Ghostunnel)
+			ghostBuild = fmt.Sprintf("%s (bench/ghostunnel), CGO_ENABLED=1 go build -trimpath -ldflags \"-s -w\"", version)
+		})
+	}
+	if slices.Contains(cfg.Peers, harness.GoTLS) {
+		bins.TLSPipe = filepath.Join(dir, "tlspipe")
+		wg.Go(func() {
+			pipeErr = harness.Build(ctx, root, "bench/cmd/tlspipe", bins.TLSPipe)
+		})
+	}
 	harness.FindPeerBinaries(&bins)
 	needHAProxy := slices.Contains(cfg.Peers, harness.HAProxy) || slices.Contains(cfg.Peers, harness.HAProxyFull)
 	if o.install && (bins.HAProxy == "" && needHAProxy || bins.Stunnel == "" && slices.Contains(cfg.Peers, harness.Stunnel)) {
 		fmt.Fprintln(os.Stderr, "installing missing peers with apt-get")
 		if err := harness.InstallPeers(ctx, bins); err != nil {
 			wg.Wait()
-			return bins, "", "", "", err
+			return bins, "", "", "", "", err
 		}
 		harness.FindPeerBinaries(&bins)
 	}
 	wg.Wait()
-	return bins, echoBin, meshBuild, baseBuild, errors.Join(meshErr, echoErr, baseErr)
+	return bins, echoBin, meshBuild, baseBuild, ghostBuild, errors.Join(meshErr, echoErr, baseErr, ghostErr, pipeErr)
 }
 
 // pprofTop runs `go tool pprof -top` on a profile.
