@@ -78,7 +78,7 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 			p.serveHBONEConn(l, t, tc, peer, cork, arrived, dest)
 			return
 		}
-		p.authorizeAndForward(l, t, snap, corkedTLS{tc, cork}, dest, port, mesh.ModeMTLS, peer, res.SNI)
+		p.authorizeAndForward(l, t, snap, gatheringTLS{tc, cork}, dest, port, mesh.ModeMTLS, peer, res.SNI)
 	default:
 		m := res.Kind.String()
 		if mode == policy.ModeStrict {

@@ -203,7 +203,7 @@ func (p *Proxy) originateMesh(t *conntrack.Conn, down net.Conn, dest, sni string
 	if auto && !t.AddSocket(up) {
 		return false
 	}
-	p.pipe(t, down, corkedTLS{tc, cork}, dest, mesh.ModeMTLS, peer)
+	p.pipe(t, down, gatheringTLS{tc, cork}, dest, mesh.ModeMTLS, peer)
 	return false
 }
 

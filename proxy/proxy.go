@@ -497,10 +497,13 @@ func isSelf(l *listener, c net.Conn, dst netip.AddrPort) bool {
 	return dst.Port() == l.port && dst.Addr().Unmap() == local.Addr().Unmap()
 }
 
-// corkedTLS is a mesh TLS connection whose every Write reaches the socket
-// in one write, however many records it takes (crypto/tls writes each
-// record on its own).
-type corkedTLS struct {
+// gatheringTLS is a mesh TLS connection over a CorkConn, whose reads gather
+// what came together (ReadMore). Its writes are not corked: crypto/tls
+// writes each record to the socket on its own, and copying a bulk write's
+// records together to save system calls cost more than the calls (bulk
+// 1.06x without, over 4 paired rounds); a write of up to one record is
+// one system call either way.
+type gatheringTLS struct {
 	*tls.Conn
 	cork *hb.CorkConn
 }
@@ -508,13 +511,4 @@ type corkedTLS struct {
 // ReadMore reads only what needs no wait for the socket (see
 // hbone.CorkConn.ReadNow): the copy loop gathers the records that came
 // together into one write to the app (forward.RecordReader).
-func (c corkedTLS) ReadMore(p []byte) (int, error) { return c.cork.ReadNow(c.Conn, p) }
-
-func (c corkedTLS) Write(p []byte) (int, error) {
-	c.cork.Cork()
-	n, err := c.Conn.Write(p)
-	if uerr := c.cork.Uncork(); err == nil {
-		err = uerr
-	}
-	return n, err
-}
+func (c gatheringTLS) ReadMore(p []byte) (int, error) { return c.cork.ReadNow(c.Conn, p) }

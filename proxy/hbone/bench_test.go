@@ -24,11 +24,17 @@ func tlsPair(b testing.TB) (*tls.Conn, *tls.Conn) {
 // records from the first byte, as the proxy's mesh connections are.
 func corkedTLSPair(b testing.TB) (client, server *tls.Conn, ccork, scork *CorkConn) {
 	b.Helper()
+	cs, ss := tcpPair(b)
+	return corkedTLSPairOver(b, cs, ss)
+}
+
+// corkedTLSPairOver is corkedTLSPair on the given client and server sockets.
+func corkedTLSPairOver(b testing.TB, cs, ss net.Conn) (client, server *tls.Conn, ccork, scork *CorkConn) {
+	b.Helper()
 	ca := testpki.New(b, "cluster.local")
 	cert := testpki.TLSCertificate(ca.Issue(b, "spiffe://cluster.local/ns/a/sa/b", time.Hour))
 	pool := x509.NewCertPool()
 	pool.AddCert(ca.Root)
-	cs, ss := tcpPair(b)
 	ccork, scork = NewCorkConn(cs), NewCorkConn(ss)
 	client = tls.Client(ccork, &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: "x",
 		InsecureSkipVerify: true, DynamicRecordSizingDisabled: true}) //nolint:gosec // bench: the channel is under test, not the verification

@@ -66,6 +66,8 @@ const (
 	// maxFrame is the DATA payload size we accept and send (the default
 	// SETTINGS_MAX_FRAME_SIZE, one TLS record).
 	maxFrame = 16 << 10
+	// maxRecord is the most plaintext one TLS record carries.
+	maxRecord = 16 << 10
 	// maxWriteBuffer is how much framed data may wait for the socket before
 	// a stream's Write waits for it to drain.
 	maxWriteBuffer = 256 << 10
@@ -635,22 +637,28 @@ func (c *Conn) closeSocket() {
 	c.fail(net.ErrClosed)
 }
 
-// write sends small, then bulk, on the connection; corked if it can be,
-// so both reach the socket in one write.
+// write sends small, then bulk, on the connection. crypto/tls writes each
+// record to the socket on its own: small frames that take several records
+// (many streams' requests at once) are corked into one write, so the peer
+// reads them together; up to one record is one write anyway. Bulk data
+// goes record by record: copying its records together to save system
+// calls costs more than the calls (bulk 1.045x without, 4 paired rounds).
 func (c *Conn) write(small, bulk []byte) error {
-	if c.opts.Cork != nil {
-		c.opts.Cork.Cork()
-	}
 	var err error
-	for _, b := range [2][]byte{small, bulk} {
-		if len(b) > 0 && err == nil {
-			_, err = c.nc.Write(b)
+	if len(small) > 0 {
+		cork := c.opts.Cork != nil && len(small) > maxRecord
+		if cork {
+			c.opts.Cork.Cork()
+		}
+		_, err = c.nc.Write(small)
+		if cork {
+			if uerr := c.opts.Cork.Uncork(); err == nil {
+				err = uerr
+			}
 		}
 	}
-	if c.opts.Cork != nil {
-		if uerr := c.opts.Cork.Uncork(); err == nil {
-			err = uerr
-		}
+	if len(bulk) > 0 && err == nil {
+		_, err = c.nc.Write(bulk)
 	}
 	return err
 }

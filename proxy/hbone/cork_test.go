@@ -206,3 +206,53 @@ func waitQueued(t *testing.T, c net.Conn, n int) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// TestOnlySmallFramesAreCorked: frames that take several TLS records but
+// are no bulk transfer (a request's, several streams') reach the socket in
+// one write, so the peer reads them together; a bulk transfer's records go
+// to the socket one by one — copying them together to save system calls
+// costs more than the calls.
+func TestOnlySmallFramesAreCorked(t *testing.T) {
+	cs, ss := tcpPair(t)
+	counted := &countingConn{Conn: cs}
+	ctls, stls, ccork, scork := corkedTLSPairOver(t, counted, ss)
+	received := make(chan []byte, 2)
+	serveOn(t, stls, Options{Cork: scork}, func(s *Stream) {
+		b, _ := io.ReadAll(s)
+		received <- b
+	})
+	client := NewClient(ctls, Options{Cork: ccork})
+	t.Cleanup(func() { client.Close() })
+
+	for _, tc := range []struct {
+		name       string
+		size       int
+		want, most int64 // socket writes
+	}{
+		{"request of two records", bulkChunk - 8<<10, 1, 1},
+		{"bulk transfer", 256 << 10, 256 << 10 / maxRecord, 1 << 10},
+	} {
+		s := open(t, client, "x:1")
+		payload := randomBytes(tc.size)
+		before := counted.writes.Load()
+		if _, err := s.Write(payload); err != nil { // the stream leads its write: done on return
+			t.Fatal(err)
+		}
+		n := counted.writes.Load() - before
+		if n < tc.want || n > tc.most {
+			t.Errorf("%s (%d bytes): %d socket writes, want %d to %d", tc.name, tc.size, n, tc.want, tc.most)
+		}
+		if err := s.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case b := <-received:
+			if !bytes.Equal(b, payload) {
+				t.Errorf("%s: the server read %d bytes, not the %d sent", tc.name, len(b), len(payload))
+			}
+		case <-time.After(wait):
+			t.Fatalf("%s: the server did not read the stream to its end", tc.name)
+		}
+		s.Close()
+	}
+}
