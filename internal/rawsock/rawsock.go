@@ -169,6 +169,16 @@ func (c *Conn) ReadNow(p []byte) (int, error) {
 	return n, nil
 }
 
+// ReadNow reads from r what needs no wait: through r's own ReadNow (a
+// Conn's, or a wrapper's that has one), else nothing — ErrWouldBlock, as
+// when the socket holds nothing.
+func ReadNow(r io.Reader, p []byte) (int, error) {
+	if rn, ok := r.(interface{ ReadNow([]byte) (int, error) }); ok {
+		return rn.ReadNow(p)
+	}
+	return 0, ErrWouldBlock
+}
+
 // readNow is one read(2), never waiting.
 func (c *Conn) readNow(fd uintptr) bool {
 	c.r.n, c.r.err = ReadOnce(fd, c.r.p)

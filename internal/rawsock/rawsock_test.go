@@ -337,3 +337,29 @@ func TestReadNow(t *testing.T) {
 		break
 	}
 }
+
+// TestReadNowOfAnyReader: the package-level ReadNow reads through a
+// reader's own ReadNow, and a reader without one (a wrapper that buffers,
+// a TLS connection) never gets read: ErrWouldBlock, its bytes untouched.
+func TestReadNowOfAnyReader(t *testing.T) {
+	a, b := loopback.TCPPair(t)
+	if _, err := b.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 8)
+	c := mustWrap(t, a)
+	var n int
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+		if n, err = ReadNow(c, buf); !errors.Is(err, ErrWouldBlock) {
+			break
+		}
+	}
+	if n != 1 || err != nil || buf[0] != 'x' {
+		t.Fatalf("ReadNow through a Conn = %d %q, %v; want the byte written", n, buf[:n], err)
+	}
+	r := bytes.NewReader([]byte("kept"))
+	if n, err := ReadNow(r, buf); n != 0 || !errors.Is(err, ErrWouldBlock) || r.Len() != 4 {
+		t.Fatalf("ReadNow of a reader without ReadNow = %d, %v (%d bytes left); want 0, ErrWouldBlock, all 4 left", n, err, r.Len())
+	}
+}

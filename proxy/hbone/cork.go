@@ -77,17 +77,11 @@ func (c *CorkConn) Read(p []byte) (int, error) {
 		return n, err
 	}
 	if c.nowait {
-		rn, ok := c.sock.(interface{ ReadNow([]byte) (int, error) })
-		if !ok {
-			return 0, rawsock.ErrWouldBlock
-		}
-		return rn.ReadNow(p)
+		return rawsock.ReadNow(c.sock, p)
 	}
 	if c.pending != nil && c.pending() {
-		if rn, ok := c.sock.(interface{ ReadNow([]byte) (int, error) }); ok {
-			if n, err := rn.ReadNow(p); !errors.Is(err, rawsock.ErrWouldBlock) {
-				return n, err
-			}
+		if n, err := rawsock.ReadNow(c.sock, p); !errors.Is(err, rawsock.ErrWouldBlock) {
+			return n, err
 		}
 		c.flush()
 	}

@@ -105,10 +105,7 @@ func (c *Conn) ReadNow(p []byte) (int, error) {
 	if len(c.buf) > 0 {
 		return c.Read(p)
 	}
-	if rn, ok := c.sock.(interface{ ReadNow([]byte) (int, error) }); ok {
-		return rn.ReadNow(p)
-	}
-	return 0, rawsock.ErrWouldBlock
+	return rawsock.ReadNow(c.sock, p)
 }
 
 // Write writes to the network.
