@@ -124,14 +124,8 @@ func (s *Stream) PushTo(dst net.Conn, count func(int64)) error {
 			return s.sinkErr
 		case s.buffered() && !s.sinkBusy:
 			// Take everything queued and write it in one writev.
-			taken, vec = append(taken[:0], s.recv...), vec[:0]
-			for i, ch := range taken {
-				off := 0
-				if i == 0 {
-					off = s.off
-				}
-				vec = append(vec, ch.a[off:ch.n])
-			}
+			taken = append(taken[:0], s.recv...)
+			vec = appendChunks(vec[:0], taken, s.off)
 			clear(s.recv)
 			s.recv, s.off = s.recv[:0], 0 // copied to taken: the slice is free
 			s.sinkBusy = true
@@ -206,19 +200,12 @@ func (s *Stream) flushBuffered() {
 	taken, off := s.recv, s.off
 	all := taken
 	s.recv, s.off = nil, 0
-	m := min(len(taken), maxFlushChunks)
-	for i, ch := range taken[:m] {
-		o := 0
-		if i == 0 {
-			o = off
-		}
-		k.iov[i] = ch.a[o:ch.n]
-	}
+	iov := appendChunks(k.iov[:0], taken[:min(len(taken), maxFlushChunks)], off)
 	s.sinkBusy = true // the forwarder keeps off k.iov
 	s.c.mu.Unlock()
-	n, err := k.tryWritev(k.iov[:m])
+	n, err := k.tryWritev(iov)
 	s.c.mu.Lock()
-	clear(k.iov[:m])
+	clear(iov)
 	s.sinkBusy = false
 	left := n
 	for len(taken) > 0 {
@@ -257,6 +244,18 @@ func (s *Stream) flushBuffered() {
 	if s.buffered() {
 		s.rcond.Signal() // the socket is full: the forwarder waits for it
 	}
+}
+
+// appendChunks appends the buffered bytes of cs to vec, the first chunk's
+// from off on.
+func appendChunks(vec [][]byte, cs []chunk, off int) [][]byte {
+	for i, ch := range cs {
+		if i > 0 {
+			off = 0
+		}
+		vec = append(vec, ch.a[off:ch.n])
+	}
+	return vec
 }
 
 // maxFlushChunks bounds one flushBuffered writev (the batch a reader
