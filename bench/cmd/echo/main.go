@@ -1,6 +1,7 @@
 // Command echo is the app behind the proxy pairs of the comparison harness:
-// it echoes (first byte 'E') or streams a fixed pattern (first byte 'D'),
-// see bench/harness. It runs as its own process so its CPU is not charged
+// it echoes (first byte 'E'), streams a fixed pattern (first byte 'D') or
+// takes an upload and answers with its byte count ('U'; 'V' also checks
+// every byte), see bench/harness. It runs as its own process so its CPU is not charged
 // to the harness or to a proxy.
 //
 //	echo -listen 127.0.0.1:0
