@@ -16,9 +16,10 @@ package procs
 import (
 	"bytes"
 	"context"
+	"errors"
+	"io"
 	"os"
 	"runtime"
-	"strconv"
 	"syscall"
 	"time"
 )
@@ -38,9 +39,12 @@ type Follower struct {
 
 	// CPU is the process's CPU time so far (default: getrusage); IO the
 	// bytes it read and its read system calls so far, ok false when
-	// unknown (default: rchar and syscr of /proc/self/io); Set sets
-	// GOMAXPROCS (default runtime.GOMAXPROCS). OnChange, if set, hears of
-	// each change.
+	// unknown (default: rchar and syscr of /proc/self/io, read through one
+	// file kept open while Run runs); Set sets GOMAXPROCS (default
+	// runtime.GOMAXPROCS). OnChange, if set, hears of each change. The
+	// defaults allocate nothing per sample: an idle process's own sampling
+	// must not look like work to the idle memory release (package
+	// memtrim), which waits for an interval with next to no allocation.
 	CPU      func() time.Duration
 	IO       func() (read, calls uint64, ok bool)
 	Set      func(n int)
@@ -75,9 +79,6 @@ func (f *Follower) defaults() {
 	if f.CPU == nil {
 		f.CPU = processCPU
 	}
-	if f.IO == nil {
-		f.IO = processIO
-	}
 	if f.Set == nil {
 		f.Set = func(n int) { runtime.GOMAXPROCS(n) }
 	}
@@ -92,6 +93,15 @@ func (f *Follower) Run(ctx context.Context) bool {
 		return false
 	}
 	f.defaults()
+	if f.IO == nil {
+		c, err := openIOCounters()
+		if err != nil {
+			f.IO = func() (uint64, uint64, bool) { return 0, 0, false }
+		} else {
+			defer c.close()
+			f.IO = c.read
+		}
+	}
 	if _, _, ok := f.IO(); !ok {
 		f.Set(f.Max)
 		return false
@@ -182,15 +192,32 @@ func processCPU() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// processIO is rchar and syscr of /proc/self/io: the bytes the process's
-// read system calls returned (sockets included) and how many it made.
-func processIO() (read, calls uint64, ok bool) {
-	b, err := os.ReadFile("/proc/self/io")
+// ioCounters reads rchar and syscr of /proc/self/io: the bytes the
+// process's read system calls returned (sockets included) and how many it
+// made. It keeps the file open and reads it again from the start into its
+// own buffer, allocating nothing.
+type ioCounters struct {
+	f   *os.File
+	buf [512]byte // the file is ~100 bytes: seven "name: number" lines
+}
+
+func openIOCounters() (*ioCounters, error) {
+	f, err := os.Open("/proc/self/io")
 	if err != nil {
+		return nil, err
+	}
+	return &ioCounters{f: f}, nil
+}
+
+func (c *ioCounters) read() (read, calls uint64, ok bool) {
+	n, err := c.f.ReadAt(c.buf[:], 0)
+	if err != nil && !errors.Is(err, io.EOF) {
 		return 0, 0, false
 	}
-	return parseIO(b)
+	return parseIO(c.buf[:n])
 }
+
+func (c *ioCounters) close() { c.f.Close() }
 
 // parseIO reads rchar and syscr out of /proc/PID/io's text.
 func parseIO(b []byte) (read, calls uint64, ok bool) {
@@ -200,8 +227,8 @@ func parseIO(b []byte) (read, calls uint64, ok bool) {
 		if !found {
 			continue
 		}
-		n, err := strconv.ParseUint(string(value), 10, 64)
-		if err != nil {
+		n, valid := parseUint(value)
+		if !valid {
 			continue
 		}
 		switch string(name) {
@@ -212,4 +239,20 @@ func parseIO(b []byte) (read, calls uint64, ok bool) {
 		}
 	}
 	return read, calls, haveRead && haveCalls
+}
+
+// parseUint parses a decimal counter; unlike strconv.ParseUint it takes
+// bytes without a copy (and so allocates nothing).
+func parseUint(b []byte) (uint64, bool) {
+	if len(b) == 0 || len(b) > 19 { // 19 digits always fit in a uint64
+		return 0, false
+	}
+	var n uint64
+	for _, d := range b {
+		if d < '0' || d > '9' {
+			return 0, false
+		}
+		n = n*10 + uint64(d-'0')
+	}
+	return n, true
 }

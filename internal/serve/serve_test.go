@@ -7,11 +7,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/metrics"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy"
 	"github.com/meshproxy/meshproxy/tlsmgr"
@@ -148,4 +151,34 @@ func freeAddr(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return addr
+}
+
+// TestScrapesLeaveAnIdleSidecarIdle: Prometheus scraping an idle sidecar
+// every 15 s (Istio's interval) must not look like work to the idle
+// memory release, or a scraped sidecar never gives back the memory of its
+// last burst of connections.
+func TestScrapesLeaveAnIdleSidecarIdle(t *testing.T) {
+	h := metrics.Handler()
+	scrape := func() {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+		if rec.Code != http.StatusOK || rec.Body.Len() == 0 {
+			t.Fatalf("scrape: status %d, %d bytes", rec.Code, rec.Body.Len())
+		}
+	}
+	scrape() // the first one sets up what the others reuse
+	const n = 20
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for range n {
+		scrape()
+	}
+	runtime.ReadMemStats(&after)
+	perScrape := (after.TotalAlloc - before.TotalAlloc) / n
+	perInterval := perScrape * uint64(idleCheck/(15*time.Second))
+	t.Logf("a scrape allocates %d KB; %d KB an idle interval", perScrape>>10, perInterval>>10)
+	if perInterval >= idleQuiet/2 {
+		t.Fatalf("scrapes every 15 s allocate %d KB an idle interval (%s): want well under the idle threshold, %d KB",
+			perInterval>>10, idleCheck, idleQuiet>>10)
+	}
 }
