@@ -299,7 +299,7 @@ func (p *Proxy) serveHBONE(l *listener, t *conntrack.Conn, c net.Conn) {
 	cork := hb.NewCorkConn(c)
 	tc := tls.Server(cork, p.hbone.serverTLS)
 	ctx, cancel := context.WithTimeout(t.Context(), p.opts.HandshakeTimeout)
-	err := tc.HandshakeContext(ctx)
+	err := mesh.Handshake(ctx, tc)
 	cancel()
 	result := mesh.ObserveHandshake(mesh.DirInbound, start, err)
 	if err != nil {

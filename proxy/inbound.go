@@ -55,7 +55,7 @@ func (p *Proxy) handleInbound(l *listener, t *conntrack.Conn, c net.Conn) {
 		cork := hb.NewCorkConn(sc)
 		tc := tls.Server(cork, p.serverTLS)
 		ctx, cancel := context.WithTimeout(t.Context(), p.opts.HandshakeTimeout)
-		err := tc.HandshakeContext(ctx)
+		err := mesh.Handshake(ctx, tc)
 		cancel()
 		result := mesh.ObserveHandshake(mesh.DirInbound, start, err)
 		if err != nil {

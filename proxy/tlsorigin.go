@@ -16,6 +16,7 @@ import (
 	"github.com/meshproxy/meshproxy/internal/fileread"
 	"github.com/meshproxy/meshproxy/policy"
 	"github.com/meshproxy/meshproxy/proxy/conntrack"
+	"github.com/meshproxy/meshproxy/proxy/mesh"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -46,7 +47,7 @@ func (p *Proxy) originateTLS(t *conntrack.Conn, down net.Conn, dest string, o *p
 	}
 	tc := tls.Client(up, cfg)
 	ctx, cancel := context.WithTimeout(t.Context(), p.opts.HandshakeTimeout)
-	err = tc.HandshakeContext(ctx)
+	err = mesh.Handshake(ctx, tc)
 	cancel()
 	if err != nil {
 		_ = up.Close()

@@ -8,6 +8,9 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime"
+	"runtime/debug"
+	"sync"
 	"testing"
 	"time"
 
@@ -232,5 +235,76 @@ func TestOptionsKeepDefaultsForUnsetValues(t *testing.T) {
 	if o.Log != l || o.TrustDomain != td || o.DetectTimeout != time.Second || o.HandshakeTimeout != 2*time.Second ||
 		o.IdleTimeout != 3*time.Second || o.MaxConns != 7 || o.own != "set" {
 		t.Errorf("options not applied: %+v own=%q", o.Settings, o.own)
+	}
+}
+
+// TestHandshakeLeavesTheCallerAShallowStack: a connection's goroutine that
+// ran its handshake through mesh.Handshake parks (as an idle connection's
+// copy loop does) with a fraction of the stack of one that ran the
+// handshake itself: ML-KEM and certificate verification grow a stack to
+// 16-32 KB, which the goroutine would keep for as long as it idles.
+func TestHandshakeLeavesTheCallerAShallowStack(t *testing.T) {
+	ca := testpki.New(t, "cluster.local")
+	serverCfg := mesh.ServerConfig(tlsmgr.NewStatic(ca.Issue(t, serverID, time.Hour), ca.Bundle()), nil)
+	clientCfg := mesh.NewClientConfigs(tlsmgr.NewStatic(ca.Issue(t, clientID, time.Hour), ca.Bundle())).
+		Get("", []spiffeid.ID{mustID(t, serverID)}, spiffeid.TrustDomain{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// A collection would shrink the parked stacks being compared.
+	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+
+	// parked runs n handshakes one after another, each side on a goroutine
+	// that then parks, and returns the stack they hold per goroutine.
+	parked := func(offload bool) uint64 {
+		const n = 32
+		release := make(chan struct{})
+		var wg sync.WaitGroup
+		defer func() { close(release); wg.Wait() }()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		for range n {
+			// TCP, not net.Pipe: the server's session tickets must not
+			// wait for a client that is parked.
+			b, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			a, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			errs := make(chan error, 2)
+			for _, tc := range []*tls.Conn{tls.Server(a, serverCfg), tls.Client(b, clientCfg)} {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					defer tc.Close()
+					ctx, cancel := context.WithTimeout(context.Background(), wait)
+					defer cancel()
+					if offload {
+						errs <- mesh.Handshake(ctx, tc)
+					} else {
+						errs <- tc.HandshakeContext(ctx)
+					}
+					<-release
+				}()
+			}
+			for range 2 {
+				if err := <-errs; err != nil {
+					t.Fatalf("handshake: %v", err)
+				}
+			}
+		}
+		runtime.ReadMemStats(&after)
+		return (after.StackInuse - before.StackInuse) / (2 * n)
+	}
+	own, aside := parked(false), parked(true)
+	t.Logf("stack per parked goroutine: %d bytes after its own handshake, %d after mesh.Handshake", own, aside)
+	if aside*2 > own {
+		t.Fatalf("a goroutine that handshook through mesh.Handshake holds %d bytes of stack, one that handshook itself %d: want under half",
+			aside, own)
 	}
 }

@@ -149,7 +149,7 @@ func Originate(ctx context.Context, up net.Conn, cfg *tls.Config, timeout time.D
 	start := time.Now()
 	tc := tls.Client(up, cfg)
 	hctx, cancel := context.WithTimeout(ctx, timeout)
-	err := tc.HandshakeContext(hctx)
+	err := Handshake(hctx, tc)
 	cancel()
 	if result := ObserveHandshake(DirOutbound, start, err); err != nil {
 		return nil, spiffeid.ID{}, &HandshakeError{Result: result, Err: err}
@@ -160,4 +160,18 @@ func Originate(ctx context.Context, up net.Conn, cfg *tls.Config, timeout time.D
 		return nil, spiffeid.ID{}, err
 	}
 	return tc, peer, nil
+}
+
+// Handshake runs tc's handshake, bounded by ctx, on a goroutine of its own
+// and waits for it. A TLS 1.3 handshake (ML-KEM key shares, certificate
+// verification) grows a goroutine's stack to 16-32 KB; run on the
+// connection's own goroutine, that stack would stay with the connection for
+// as long as it is open (the runtime shrinks an idle goroutine's stack only
+// at a garbage collection, by half each time), though what follows, the
+// copy loop, needs a few KB. A goroutine that ends gives its stack back to
+// the runtime's cache for the next handshake.
+func Handshake(ctx context.Context, tc *tls.Conn) error {
+	done := make(chan error, 1)
+	go func() { done <- tc.HandshakeContext(ctx) }()
+	return <-done
 }
