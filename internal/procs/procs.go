@@ -96,11 +96,14 @@ func (f *Follower) Run(ctx context.Context) bool {
 	if f.IO == nil {
 		c, err := openIOCounters()
 		if err != nil {
-			f.IO = func() (uint64, uint64, bool) { return 0, 0, false }
-		} else {
-			defer c.close()
-			f.IO = c.read
+			f.Set(f.Max)
+			return false
 		}
+		f.IO = c.read
+		defer func() {
+			c.close()
+			f.IO = nil // a later Run opens the file again
+		}()
 	}
 	if _, _, ok := f.IO(); !ok {
 		f.Set(f.Max)
