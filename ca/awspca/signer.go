@@ -324,10 +324,13 @@ type recordingRetryer struct {
 	last *lastError
 }
 
-// IsErrorRetryable implements aws.Retryer.
+// IsErrorRetryable implements aws.Retryer. An attempt the context's end cut
+// short answered nothing: the answer before it stays the last one.
 func (r *recordingRetryer) IsErrorRetryable(err error) bool {
 	r.last.mu.Lock()
-	r.last.err = err
+	if r.last.err == nil || !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
+		r.last.err = err
+	}
 	r.last.mu.Unlock()
 	return r.Retryer.IsErrorRetryable(err)
 }
