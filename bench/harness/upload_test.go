@@ -5,9 +5,10 @@ import (
 	"io"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/meshproxy/meshproxy/proxy/proxytest"
 )
 
 // TestUploadConfirmsEveryByte: an upload through a faithful relay is
@@ -82,44 +83,21 @@ func TestUploadConfirmsEveryByte(t *testing.T) {
 // half-closes toward the app) and the app's back unchanged.
 func startRelay(ctx context.Context, t *testing.T, app string, up func(dst io.Writer, src io.Reader)) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				var d net.Dialer
-				a, err := d.DialContext(ctx, "tcp", app)
-				if err != nil {
-					return
-				}
-				defer a.Close()
-				done := make(chan struct{})
-				go func() {
-					defer close(done)
-					_, _ = io.Copy(c, a)
-					_ = c.(*net.TCPConn).CloseWrite()
-				}()
-				up(a, c)
-				_ = a.(*net.TCPConn).CloseWrite()
-				<-done
-			}()
+	return proxytest.StartApp(t, time.Minute, func(c net.Conn) {
+		var d net.Dialer
+		a, err := d.DialContext(ctx, "tcp", app)
+		if err != nil {
+			return
 		}
-	}()
-	return ln.Addr().String()
+		defer a.Close()
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			_, _ = io.Copy(c, a)
+			_ = c.(*net.TCPConn).CloseWrite()
+		}()
+		up(a, c)
+		_ = a.(*net.TCPConn).CloseWrite()
+		<-done
+	}).Addr()
 }

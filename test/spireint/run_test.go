@@ -13,12 +13,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/meshproxy/meshproxy/internal/e2eutil"
+	"github.com/meshproxy/meshproxy/proxy/proxytest"
 )
 
 // TestSPIREMeshproxyRunMovesBytesWithSPIREIdentities runs two real
@@ -293,36 +293,10 @@ func (s *sidecar) admin(t *testing.T, path string, v any) {
 	}
 }
 
-// startEcho runs a line echo app on loopback and returns its address.
+// startEcho runs an echo app on loopback and returns its address.
 func startEcho(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(5 * time.Minute))
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-	})
-	return ln.Addr().String()
+	return proxytest.StartApp(t, 5*time.Minute, func(c net.Conn) { _, _ = io.Copy(c, c) }).Addr()
 }
 
 // appConn is the app's plaintext connection to its sidecar.
