@@ -39,7 +39,7 @@ func TestHarnessSmoke(t *testing.T) {
 	wg.Go(func() { _, ghostErr = BuildGhostunnel(ctx, root, bins.Ghostunnel) })
 	wg.Go(func() { pipeErr = Build(ctx, root, "bench/cmd/tlspipe", bins.TLSPipe) })
 	wg.Wait()
-	built := map[Peer]error{Meshproxy: buildErr, Ghostunnel: ghostErr, GoTLS: pipeErr}
+	built := map[Peer]error{Meshproxy: buildErr, Ghostunnel: ghostErr, GoTLS: pipeErr, AEADFloor: pipeErr}
 	FindPeerBinaries(&bins)
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -61,7 +61,7 @@ func TestHarnessSmoke(t *testing.T) {
 	t.Cleanup(env.Close)
 
 	var peers []Peer
-	for _, peer := range append(AllPeers[:len(AllPeers):len(AllPeers)], GoTLS) {
+	for _, peer := range append(AllPeers[:len(AllPeers):len(AllPeers)], GoTLS, AEADFloor) {
 		t.Run(string(peer), func(t *testing.T) {
 			if err := built[peer]; err != nil {
 				t.Fatal(err)

@@ -55,6 +55,13 @@ const (
 	// with go-spiffe's mTLS configuration, the floor a straightforward Go
 	// proxy sets (opt-in).
 	GoTLS Peer = "go-tls"
+	// AEADFloor is bench/cmd/tlspipe with -records exporter: after the
+	// TLS 1.3 handshake it seals its own records (keys from the TLS
+	// exporter) with no user-space copy and a few large system calls — the
+	// least work per byte of any encrypting userspace proxy pair, so its
+	// bulk figures are the machine's ceiling for all of them (opt-in; a
+	// measuring instrument, not a protocol to deploy).
+	AEADFloor Peer = "aead-floor"
 )
 
 // AllPeers lists the peers of the comparison (the other meshproxy
@@ -62,7 +69,7 @@ const (
 // sidecars negotiate HBONE.
 var AllPeers = []Peer{Meshproxy, MeshproxyDirect, HAProxy, HAProxyFull, Stunnel, Ghostunnel}
 
-var knownPeers = []Peer{Meshproxy, HAProxy, HAProxyFull, Stunnel, Ghostunnel, GoTLS, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyOneCPU}
+var knownPeers = []Peer{Meshproxy, HAProxy, HAProxyFull, Stunnel, Ghostunnel, GoTLS, AEADFloor, MeshproxyB, MeshproxyBaseline, MeshproxyDirect, MeshproxyHBONE, MeshproxyX25519, MeshproxyOneCPU}
 
 // Title is the peer's display name.
 func (p Peer) Title() string {
@@ -131,7 +138,7 @@ type Binaries struct {
 	HAProxy    string
 	Stunnel    string
 	Ghostunnel string // built from bench/ghostunnel (BuildGhostunnel)
-	TLSPipe    string // bench/cmd/tlspipe (peer GoTLS)
+	TLSPipe    string // bench/cmd/tlspipe (peers GoTLS and AEADFloor)
 }
 
 // Path returns the binary of peer p, or "" if it is unavailable.
@@ -149,7 +156,7 @@ func (b Binaries) Path(p Peer) string {
 		return b.Stunnel
 	case Ghostunnel:
 		return b.Ghostunnel
-	case GoTLS:
+	case GoTLS, AEADFloor:
 		return b.TLSPipe
 	}
 	return ""
@@ -402,12 +409,15 @@ func (e *Env) argv(peer Peer, clientAddr, serverAddr, admin string) (server, cli
 		client = []string{bin, "client", "--listen", clientAddr, "--target", serverAddr,
 			"--cert", k.Client.Chain, "--key", k.Client.Key, "--cacert", k.Root, "--verify-uri", ServerID, "--quiet=all"}
 		return server, client, nil
-	case GoTLS:
-		bin := e.Bins.TLSPipe
+	case GoTLS, AEADFloor:
+		bin, records := e.Bins.TLSPipe, "tls"
+		if peer == AEADFloor {
+			records = "exporter"
+		}
 		server = []string{bin, "-mode", "server", "-listen", serverAddr, "-target", e.AppAddr,
-			"-cert", k.Server.Chain, "-key", k.Server.Key, "-bundle", k.Root, "-peer-id", ClientID}
+			"-cert", k.Server.Chain, "-key", k.Server.Key, "-bundle", k.Root, "-peer-id", ClientID, "-records", records}
 		client = []string{bin, "-mode", "client", "-listen", clientAddr, "-target", serverAddr,
-			"-cert", k.Client.Chain, "-key", k.Client.Key, "-bundle", k.Root, "-peer-id", ServerID}
+			"-cert", k.Client.Chain, "-key", k.Client.Key, "-bundle", k.Root, "-peer-id", ServerID, "-records", records}
 		return server, client, nil
 	}
 	return nil, nil, fmt.Errorf("unknown peer %q", peer)

@@ -416,6 +416,36 @@ func (r *Report) writeGoals(w io.Writer) {
 		limit(ScenarioIdle, "RSS per held connection, client proxy (KB)", p.Title()+" client sidecar RSS per held connection", p, 30, "KB")
 		limit(ScenarioIdle, "RSS per held connection, server proxy (KB)", p.Title()+" server sidecar RSS per held connection", p, 30, "KB")
 	}
+	r.writeCeiling(w)
+}
+
+// writeCeiling says, when the run has aead-floor, how far this machine
+// lets an encrypting userspace pair go on bulk: aead-floor against the
+// issue's day, and how much of that ceiling meshproxy reaches. A bulk
+// target above the ceiling's ratio is out of any such proxy's reach here.
+func (r *Report) writeCeiling(w io.Writer) {
+	if !r.has(ScenarioBulk) || !r.hasPeer(AEADFloor) {
+		return
+	}
+	m := r.metric(ScenarioBulk, "MB/s")
+	fv, fok := r.median(m, AEADFloor)
+	if !fok {
+		return
+	}
+	fmt.Fprintf(w, "\nBulk ceiling of this machine: %s (the least work per byte an encrypting pair can do) moves %s MB/s", AEADFloor.Title(), format(fv, true, 0))
+	if r.hasPeer(MeshproxyBaseline) {
+		if _, s := r.ratio(m, AEADFloor, MeshproxyBaseline); s != "—" {
+			fmt.Fprintf(w, ", %s %s", s, MeshproxyBaseline.Title())
+		}
+	}
+	for _, p := range []Peer{Meshproxy, MeshproxyDirect} {
+		if r.hasPeer(p) {
+			if _, s := r.ratio(m, p, AEADFloor); s != "—" {
+				fmt.Fprintf(w, "; %s reaches %s of it", p.Title(), s)
+			}
+		}
+	}
+	fmt.Fprintln(w, ".")
 }
 
 // writeRuns lists every run, so a median can be traced to its rounds.

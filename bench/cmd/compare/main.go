@@ -58,7 +58,7 @@ func main() {
 	fs.DurationVar(&o.duration, "duration", 0, "measured time of each timed run (default 5s, quick 1.5s)")
 	fs.DurationVar(&o.warmup, "warmup", -1, "unmeasured load before each timed run (default 1s, quick 300ms)")
 	fs.DurationVar(&o.settle, "settle", -1, "idle scenario: wait before reading RSS (default 1s, quick 500ms)")
-	fs.StringVar(&o.peers, "peers", strings.Join(harness.PeerNames(harness.AllPeers), ","), "peers to compare, comma-separated (also go-tls: a plain io.Copy over crypto/tls; meshproxy-hbone, meshproxy-x25519, meshproxy-1cpu; -meshproxy-b and -baseline add theirs)")
+	fs.StringVar(&o.peers, "peers", strings.Join(harness.PeerNames(harness.AllPeers), ","), "peers to compare, comma-separated (also go-tls: a plain io.Copy over crypto/tls; aead-floor: the least work per byte an encrypting pair can do, the machine's bulk ceiling; meshproxy-hbone, meshproxy-x25519, meshproxy-1cpu; -meshproxy-b and -baseline add theirs)")
 	fs.StringVar(&o.scenarios, "scenarios", "conns,kept,bulk,idle", "scenarios to run, comma-separated (also mixed: kept connections measured beside a bulk download through the same pair; upload: a bulk upload, every byte confirmed by the app after the client half-closes)")
 	fs.IntVar(&o.connWorkers, "conn-workers", 0, "concurrent clients of the new-connection scenario (default 16)")
 	fs.IntVar(&o.keptConns, "kept-conns", 0, "connections of the kept-connection scenario (default 8)")
@@ -302,7 +302,7 @@ func prepare(ctx context.Context, o *options, cfg harness.Config, root, dir stri
 			ghostBuild = fmt.Sprintf("%s (bench/ghostunnel), CGO_ENABLED=1 go build -trimpath -ldflags \"-s -w\"", version)
 		})
 	}
-	if slices.Contains(cfg.Peers, harness.GoTLS) {
+	if slices.Contains(cfg.Peers, harness.GoTLS) || slices.Contains(cfg.Peers, harness.AEADFloor) {
 		bins.TLSPipe = filepath.Join(dir, "tlspipe")
 		wg.Go(func() {
 			pipeErr = harness.Build(ctx, root, "bench/cmd/tlspipe", bins.TLSPipe)
