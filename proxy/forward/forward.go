@@ -16,10 +16,14 @@ import (
 
 // The copy loop's pooled buffers: copyBufSize once data flows, bulkBufSize
 // once a direction fills even that (a bulk transfer: fewer read and write
-// syscalls per byte, and 8 full TLS records per write).
+// system calls per byte, and 32 full TLS records per write, which a mesh
+// connection's CorkConn hands the socket at once — on a host whose TCP
+// paces (BBR), the size of each write to the mesh socket sets how fast a
+// transfer goes: 512 KiB writes made bulk 1.12x faster than 128 KiB ones,
+// 1 MiB no faster than 512; bench/RESULTS.md, eleventh pass).
 const (
 	copyBufSize = 32 << 10
-	bulkBufSize = 128 << 10
+	bulkBufSize = 512 << 10
 )
 
 var (

@@ -24,9 +24,9 @@
 //     syscall: CorkConn holds the records of small frames until the
 //     last), and a stream's DATA yields once before it leads a write, so
 //     streams woken by the same poll share it; a bulk transfer's records
-//     go to the socket one by one (copying them together would cost more
-//     than the system calls it saves); CorkConn reads ahead while data
-//     streams in (several records per read);
+//     reach the socket up to 512 KiB at once (on a host whose TCP paces,
+//     the size of those writes sets a transfer's speed); CorkConn reads
+//     ahead while data streams in (several records per read);
 //   - two write queues: a stream that writes bulk chunks queues all its
 //     frames (its END_STREAM and RST_STREAM too, so they keep their
 //     order) behind the small queue — control frames, answers, requests —

@@ -17,8 +17,9 @@ import (
 
 // maxWriteChunk is how much of one Write is framed per window check, so a
 // large Write does not hold the write buffer for long: the forwarder's
-// bulk buffer, so each of its reads is one flush.
-const maxWriteChunk = 128 << 10
+// bulk buffer, so each of its reads is one flush, corked into one write to
+// the socket (see Conn.write).
+const maxWriteChunk = 512 << 10
 
 // A stream buffers what the peer sent in chunks of one frame's size, taken
 // from a pool: a reader that lags holds a queue of them (bounded by the
