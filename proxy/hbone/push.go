@@ -147,7 +147,7 @@ func (s *Stream) PushTo(dst net.Conn, count func(int64)) error {
 				c.mu.Lock()
 			}
 		case s.buffered() || s.sinkBusy && s.err == nil:
-			s.rcond.Wait() // the reader is writing; it signals when it leaves something
+			s.rcond.Wait() // the reader is writing; it signals if it leaves something, or the stream ended
 		case s.recvEnd:
 			return nil
 		case s.err != nil:
@@ -203,6 +203,9 @@ func (s *Stream) flushBuffered() {
 	iov := appendChunks(k.iov[:0], taken[:min(len(taken), maxFlushChunks)], off)
 	s.sinkBusy = true // the forwarder keeps off k.iov
 	s.c.mu.Unlock()
+	if flushWriteHook != nil {
+		flushWriteHook()
+	}
 	n, err := k.tryWritev(iov)
 	s.c.mu.Lock()
 	clear(iov)
@@ -241,10 +244,18 @@ func (s *Stream) flushBuffered() {
 		s.returnWindow(inc)
 		s.c.mu.Lock()
 	}
-	if s.buffered() {
-		s.rcond.Signal() // the socket is full: the forwarder waits for it
+	if s.buffered() || s.recvEnd || s.err != nil || s.rstErr != nil {
+		// The socket is full and the forwarder is to wait for it; or the
+		// forwarder, woken by the stream's end (or failure), found us
+		// writing and waits for us, and nothing we leave would wake it.
+		s.rcond.Signal()
 	}
 }
+
+// flushWriteHook, if set (by tests only), runs as flushBuffered starts its
+// write, with mu released: the moment the forwarder may find the reader
+// writing.
+var flushWriteHook func()
 
 // appendChunks appends the buffered bytes of cs to vec, the first chunk's
 // from off on.

@@ -10,13 +10,17 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/meshproxy/meshproxy/proxy/forward"
 	"github.com/meshproxy/meshproxy/proxy/proxytest"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 // These tests run streams as the proxy does: each side's app socket is
@@ -277,4 +281,88 @@ func TestDeferredFlushesDeliverEverything(t *testing.T) {
 	defer busy.Close()
 	go func() { _, _ = io.Copy(io.Discard, busy) }()
 	readBurst("beside a stream that keeps the reader busy")
+}
+
+// TestEndAfterADeferredFlushReachesTheApp: a stream alone on its
+// connection receives full frames (the reader defers them: see flushBatch)
+// and its END_STREAM in one read; the forwarder, woken by the END, finds
+// the reader flushing the frames and waits for it. The reader must wake it
+// when it is done although it leaves nothing buffered, or the app never
+// sees the half-close (the stream hung so, rarely, under load). One Go
+// processor, and the reader yielding as its write starts, make that
+// interleaving certain.
+func TestEndAfterADeferredFlushReachesTheApp(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	var flushes atomic.Int64
+	flushWriteHook = func() { flushes.Add(1); runtime.Gosched() }
+	defer func() { flushWriteHook = nil }()
+
+	ctls, stls, _, scork := corkedTLSPair(t)
+	app, appEnd := tcpPair(t)
+	served := make(chan error, 1)
+	serveOn(t, stls, Options{Cork: scork}, func(s *Stream) {
+		defer s.Close()
+		err := s.PushTo(appEnd, func(int64) {})
+		if err == nil {
+			err = appEnd.(*net.TCPConn).CloseWrite()
+		}
+		served <- err
+	})
+	c := &rawClient{nc: ctls, fr: http2.NewFramer(ctls, ctls)}
+	_ = ctls.SetDeadline(time.Now().Add(wait))
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	_ = enc.WriteField(hpack.HeaderField{Name: ":method", Value: http.MethodConnect})
+	_ = enc.WriteField(hpack.HeaderField{Name: ":authority", Value: "10.0.0.1:80"})
+	if _, err := io.WriteString(ctls, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndHeaders: true}); err != nil {
+		t.Fatal(err)
+	}
+	for { // the answer: the handler runs, PushTo is about to wait
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := f.(*http2.MetaHeadersFrame); ok {
+			break
+		}
+		if _, ok := f.(*http2.HeadersFrame); ok {
+			break
+		}
+	}
+	time.Sleep(50 * time.Millisecond)
+
+	// Four full frames and the END, in one write.
+	const frames = 4
+	payload := randomBytes(frames * maxFrame)
+	var out bytes.Buffer
+	fr := http2.NewFramer(&out, nil)
+	for i := range frames {
+		if err := fr.WriteData(1, false, payload[i*maxFrame:(i+1)*maxFrame]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := fr.WriteData(1, true, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ctls.Write(out.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+
+	_ = app.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(app)
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("the app read %d of %d bytes and then %v: the end of the stream never reached it (deferred flushes: %d)", len(got), len(payload), err, flushes.Load())
+	}
+	if err := <-served; err != nil {
+		t.Fatal(err)
+	}
+	if flushes.Load() == 0 {
+		t.Fatal("the reader never flushed deferred frames: the test did not take the path it is about")
+	}
 }
