@@ -515,19 +515,12 @@ type gatheringTLS struct {
 // together into one write to the app (forward.RecordReader).
 func (c gatheringTLS) ReadMore(p []byte) (int, error) { return c.cork.ReadNow(c.Conn, p) }
 
-// maxRecord is the most plaintext one TLS record carries.
-const maxRecord = 16 << 10
-
 // Write writes p on the TLS connection, its records in one write to the
-// socket when they are several.
-func (c gatheringTLS) Write(p []byte) (int, error) {
-	if len(p) <= maxRecord {
-		return c.Conn.Write(p)
-	}
-	c.cork.Cork()
-	n, err := c.Conn.Write(p)
-	if uerr := c.cork.Uncork(); err == nil {
-		err = uerr
-	}
+// socket when they are several (hbone.CorkConn.Gather).
+func (c gatheringTLS) Write(p []byte) (n int, err error) {
+	err = c.cork.Gather(len(p), func() error {
+		n, err = c.Conn.Write(p)
+		return err
+	})
 	return n, err
 }

@@ -648,23 +648,22 @@ func (c *Conn) closeSocket() {
 // record, where corking 128 KiB had made no difference; see
 // forward.bulkBufSize). Up to one record is one write anyway.
 func (c *Conn) write(small, bulk []byte) error {
-	var err error
-	cork := c.opts.Cork != nil && len(small)+len(bulk) > maxRecord
-	if cork {
-		c.opts.Cork.Cork()
-	}
-	if len(small) > 0 {
-		_, err = c.nc.Write(small)
-	}
-	if len(bulk) > 0 && err == nil {
-		_, err = c.nc.Write(bulk)
-	}
-	if cork {
-		if uerr := c.opts.Cork.Uncork(); err == nil {
-			err = uerr
+	write := func() error {
+		if len(small) > 0 {
+			if _, err := c.nc.Write(small); err != nil {
+				return err
+			}
 		}
+		if len(bulk) > 0 {
+			_, err := c.nc.Write(bulk)
+			return err
+		}
+		return nil
 	}
-	return err
+	if c.opts.Cork == nil {
+		return write()
+	}
+	return c.opts.Cork.Gather(len(small)+len(bulk), write)
 }
 
 // writeLoop writes what the reader and Close queue, and what a leading

@@ -174,6 +174,22 @@ func (c *CorkConn) Uncork() error {
 	return err
 }
 
+// Gather runs write, which writes n bytes of plaintext on the TLS
+// connection over c, so that the records it makes reach the socket in one
+// write when they are several (crypto/tls writes each record on its own;
+// one record is one write anyway).
+func (c *CorkConn) Gather(n int, write func() error) error {
+	if n <= maxRecord {
+		return write()
+	}
+	c.Cork()
+	err := write()
+	if uerr := c.Uncork(); err == nil {
+		err = uerr
+	}
+	return err
+}
+
 // CloseWrite half-closes the wrapped socket, if it can.
 func (c *CorkConn) CloseWrite() error {
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
