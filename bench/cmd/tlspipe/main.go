@@ -161,20 +161,33 @@ func relay(ctx context.Context, c net.Conn, dial func(context.Context) (net.Conn
 		}
 		return relayRecords(up.(*tls.Conn), c, false)
 	}
-	errs := make(chan error, 2)
-	half := func(dst, src net.Conn) {
-		_, err := io.Copy(dst, src)
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-			err = errors.Join(err, cw.CloseWrite())
+	half := func(dst, src net.Conn) func() error {
+		return func() error {
+			_, err := io.Copy(dst, src)
+			return closeWriteAfter(dst, err)
 		}
-		errs <- err
 	}
-	go half(up, c)
-	go half(c, up)
+	return bothWays(func() { c.Close(); up.Close() }, half(up, c), half(c, up))
+}
+
+// bothWays runs the two directions of a relay and returns when both have
+// ended; a direction that fails ends the other too (closeAll).
+func bothWays(closeAll func(), a, b func() error) error {
+	errs := make(chan error, 2)
+	go func() { errs <- a() }()
+	go func() { errs <- b() }()
 	first := <-errs
-	if first != nil { // a broken direction ends the other too
-		c.Close()
-		up.Close()
+	if first != nil {
+		closeAll()
 	}
 	return errors.Join(first, <-errs)
+}
+
+// closeWriteAfter half-closes dst, where a direction that ended with err
+// wrote, if it can: the other end learns that the direction is over.
+func closeWriteAfter(dst net.Conn, err error) error {
+	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+		err = errors.Join(err, cw.CloseWrite())
+	}
+	return err
 }

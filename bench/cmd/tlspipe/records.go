@@ -97,6 +97,28 @@ func (k *recordKeys) seal(rec []byte, m int) []byte {
 	return rec[:recHeaderLen+m+recTagLen]
 }
 
+// recordLen is the length of the record whose header starts h (at least
+// recHeaderLen bytes), or an error if the header is not one of ours.
+func recordLen(h []byte) (int, error) {
+	l := int(binary.BigEndian.Uint16(h[3:recHeaderLen]))
+	if h[0] != 23 || h[1] != 3 || h[2] != 3 || l < recTagLen || l > recMaxPlain+recTagLen {
+		return 0, fmt.Errorf("bad record header % x", h[:recHeaderLen])
+	}
+	return recHeaderLen + l, nil
+}
+
+// open opens the next record, rec whole, in place and returns its
+// plaintext.
+func (k *recordKeys) open(rec []byte) ([]byte, error) {
+	var n [12]byte
+	k.nonce(&n)
+	p, err := k.aead.Open(rec[recHeaderLen:recHeaderLen], n[:], rec[recHeaderLen:], rec[:recHeaderLen])
+	if err != nil {
+		return nil, fmt.Errorf("record %d: %w", k.seq-1, err)
+	}
+	return p, nil
+}
+
 // sealRecords reads src (a plain TCP connection) until EOF and writes its
 // bytes to dst as sealed records, then the end record.
 func sealRecords(dst, src net.Conn, k *recordKeys) error {
@@ -133,7 +155,8 @@ func sealRecords(dst, src net.Conn, k *recordKeys) error {
 			return fmt.Errorf("read %s: %w", src.RemoteAddr(), rerr)
 		}
 		out = out[:0]
-		if n == 0 { // EOF: the end record
+		end := n == 0
+		if end { // EOF: the end record
 			out = append(out, k.seal(buf, 0))
 		}
 		for i := 0; n > 0; i++ {
@@ -141,7 +164,6 @@ func sealRecords(dst, src net.Conn, k *recordKeys) error {
 			n -= m
 			out = append(out, k.seal(buf[i*recSlot:], m))
 		}
-		end := len(out) == 1 && len(out[0]) == recHeaderLen+recTagLen
 		w := out
 		if _, err := w.WriteTo(dst); err != nil {
 			return fmt.Errorf("write %s: %w", dst.RemoteAddr(), err)
@@ -158,33 +180,29 @@ func openRecords(dst, src net.Conn, k *recordKeys) error {
 	buf := make([]byte, openBuffer)
 	out := make(net.Buffers, 0, openBuffer/(recHeaderLen+recTagLen))
 	fill, start := 0, 0
-	var nonce [12]byte
 	for {
 		n, rerr := src.Read(buf[fill:])
 		fill += n
 		out = out[:0]
 		end := false
 		for !end && fill-start >= recHeaderLen {
-			h := buf[start : start+recHeaderLen]
-			l := int(binary.BigEndian.Uint16(h[3:]))
-			if h[0] != 23 || h[1] != 3 || h[2] != 3 || l < recTagLen || l > recMaxPlain+recTagLen {
-				return fmt.Errorf("bad record header % x", h)
+			l, err := recordLen(buf[start:fill])
+			if err != nil {
+				return err
 			}
-			if fill-start < recHeaderLen+l {
+			if fill-start < l {
 				break
 			}
-			rec := buf[start : start+recHeaderLen+l]
-			k.nonce(&nonce)
-			p, err := k.aead.Open(rec[recHeaderLen:recHeaderLen], nonce[:], rec[recHeaderLen:], rec[:recHeaderLen])
+			p, err := k.open(buf[start : start+l])
 			if err != nil {
-				return fmt.Errorf("record %d: %w", k.seq-1, err)
+				return err
 			}
 			if len(p) == 0 {
 				end = true
 			} else {
 				out = append(out, p)
 			}
-			start += recHeaderLen + l
+			start += l
 		}
 		if len(out) > 0 {
 			w := out
@@ -230,40 +248,28 @@ func relayRecords(tc *tls.Conn, plain net.Conn, server bool) error {
 		return err
 	}
 	raw := tc.NetConn()
+	var hello [recHeaderLen + 1 + recTagLen]byte // the ready record: one byte
 	if server {
-		var hello [recHeaderLen + 1 + recTagLen]byte
 		if _, err := raw.Write(wk.seal(hello[:], 1)); err != nil {
 			return fmt.Errorf("write ready record: %w", err)
 		}
 	} else {
-		var hello [recHeaderLen + 1 + recTagLen]byte
 		if _, err := io.ReadFull(raw, hello[:]); err != nil {
 			return fmt.Errorf("read ready record: %w", err)
 		}
-		var n [12]byte
-		rk.nonce(&n)
-		if _, err := rk.aead.Open(hello[recHeaderLen:recHeaderLen], n[:], hello[recHeaderLen:], hello[:recHeaderLen]); err != nil || hello[4] != 1+recTagLen {
+		if l, err := recordLen(hello[:]); err != nil || l != len(hello) {
 			return fmt.Errorf("bad ready record: %v", err)
 		}
-	}
-	errs := make(chan error, 2)
-	go func() {
-		err := sealRecords(raw, plain, wk)
-		errs <- err
-	}()
-	go func() {
-		err := openRecords(plain, raw, rk)
-		if err == nil {
-			if cw, ok := plain.(interface{ CloseWrite() error }); ok {
-				err = cw.CloseWrite()
-			}
+		if _, err := rk.open(hello[:]); err != nil {
+			return fmt.Errorf("bad ready record: %w", err)
 		}
-		errs <- err
-	}()
-	first := <-errs
-	if first != nil { // a broken direction ends the other too
-		raw.Close()
-		plain.Close()
 	}
-	return errors.Join(first, <-errs)
+	return bothWays(func() { raw.Close(); plain.Close() },
+		func() error { return sealRecords(raw, plain, wk) },
+		func() error {
+			if err := openRecords(plain, raw, rk); err != nil {
+				return err
+			}
+			return closeWriteAfter(plain, nil)
+		})
 }
