@@ -3,14 +3,12 @@ package hbone
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"io"
 	"net"
 	"net/http"
 	"testing"
-	"time"
 
-	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/proxy/proxytest"
 )
 
 // tlsPair is a TLS 1.3 connection over loopback TCP, both ends handshaken.
@@ -31,23 +29,8 @@ func corkedTLSPair(b testing.TB) (client, server *tls.Conn, ccork, scork *CorkCo
 // corkedTLSPairOver is corkedTLSPair on the given client and server sockets.
 func corkedTLSPairOver(b testing.TB, cs, ss net.Conn) (client, server *tls.Conn, ccork, scork *CorkConn) {
 	b.Helper()
-	ca := testpki.New(b, "cluster.local")
-	cert := testpki.TLSCertificate(ca.Issue(b, "spiffe://cluster.local/ns/a/sa/b", time.Hour))
-	pool := x509.NewCertPool()
-	pool.AddCert(ca.Root)
 	ccork, scork = NewCorkConn(cs), NewCorkConn(ss)
-	client = tls.Client(ccork, &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: "x",
-		InsecureSkipVerify: true, DynamicRecordSizingDisabled: true}) //nolint:gosec // bench: the channel is under test, not the verification
-	server = tls.Server(scork, &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert},
-		DynamicRecordSizingDisabled: true})
-	errc := make(chan error, 1)
-	go func() { errc <- server.Handshake() }()
-	if err := client.Handshake(); err != nil {
-		b.Fatal(err)
-	}
-	if err := <-errc; err != nil {
-		b.Fatal(err)
-	}
+	client, server = proxytest.TLSPair(b, ccork, scork)
 	return client, server, ccork, scork
 }
 

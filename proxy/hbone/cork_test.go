@@ -2,61 +2,30 @@ package hbone
 
 import (
 	"bytes"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"io"
 	"net"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/meshproxy/meshproxy/internal/testpki"
+	"github.com/meshproxy/meshproxy/proxy/proxytest"
 	"golang.org/x/sys/unix"
 )
 
-// countingConn counts the writes that reach the socket.
-type countingConn struct {
-	net.Conn
-	writes atomic.Int64
-	large  atomic.Int64 // writes of more than 1 KiB: not a lone control frame
-}
-
-func (c *countingConn) Write(p []byte) (int, error) {
-	c.writes.Add(1)
-	if len(p) > 1<<10 {
-		c.large.Add(1)
-	}
-	return c.Conn.Write(p)
-}
-
 func TestCorkSendsManyRecordsInOneWrite(t *testing.T) {
-	ca := testpki.New(t, "cluster.local")
-	cert := testpki.TLSCertificate(ca.Issue(t, "spiffe://cluster.local/ns/a/sa/b", time.Hour))
-	pool := x509.NewCertPool()
-	pool.AddCert(ca.Root)
 	cs, ss := tcpPair(t)
-	counted := &countingConn{Conn: cs}
+	counted := &proxytest.CountingConn{Conn: cs}
 	cork := NewCorkConn(counted)
-	client := tls.Client(cork, &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, ServerName: "x",
-		InsecureSkipVerify: true, DynamicRecordSizingDisabled: true}) //nolint:gosec // the records are under test, not the verification
-	server := tls.Server(ss, &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}})
+	client, server := proxytest.TLSPair(t, cork, ss)
 	const size = 100 << 10 // seven records
 	got := make(chan []byte, 1)
 	go func() {
-		if server.Handshake() != nil {
-			close(got)
-			return
-		}
 		b := make([]byte, 2*size)
 		_, _ = io.ReadFull(server, b)
 		got <- b
 	}()
-	if err := client.Handshake(); err != nil {
-		t.Fatal(err)
-	}
 	payload := randomBytes(size)
-	before := counted.writes.Load()
+	before := counted.Writes.Load()
 	cork.Cork()
 	if _, err := client.Write(payload); err != nil {
 		t.Fatal(err)
@@ -64,14 +33,14 @@ func TestCorkSendsManyRecordsInOneWrite(t *testing.T) {
 	if err := cork.Uncork(); err != nil {
 		t.Fatal(err)
 	}
-	if n := counted.writes.Load() - before; n != 1 {
+	if n := counted.Writes.Load() - before; n != 1 {
 		t.Errorf("corked: %d socket writes for %d bytes, want 1", n, size)
 	}
-	before = counted.writes.Load()
+	before = counted.Writes.Load()
 	if _, err := client.Write(payload); err != nil {
 		t.Fatal(err)
 	}
-	if n := counted.writes.Load() - before; n < size/(16<<10) {
+	if n := counted.Writes.Load() - before; n < size/(16<<10) {
 		t.Errorf("uncorked: %d socket writes, want one per record", n)
 	}
 	b := <-got
@@ -218,7 +187,7 @@ func waitQueued(t *testing.T, c net.Conn, n int) {
 // transfer's speed) — and arrive whole.
 func TestFramesOfSeveralRecordsAreCorked(t *testing.T) {
 	cs, ss := tcpPair(t)
-	counted := &countingConn{Conn: cs}
+	counted := &proxytest.CountingConn{Conn: cs}
 	ctls, stls, ccork, scork := corkedTLSPairOver(t, counted, ss)
 	sizes, received := make(chan int, 1), make(chan []byte, 1)
 	ended := make(chan error, 1)
@@ -249,7 +218,7 @@ func TestFramesOfSeveralRecordsAreCorked(t *testing.T) {
 		s := open(t, client, "x:1")
 		payload := randomBytes(tc.size)
 		sizes <- len(payload)
-		before := counted.large.Load() // a control frame (a SETTINGS ack) may go out meanwhile on its own
+		before := counted.Large.Load() // a control frame (a SETTINGS ack) may go out meanwhile on its own
 		if _, err := s.Write(payload); err != nil {
 			t.Fatal(err)
 		}
@@ -261,7 +230,7 @@ func TestFramesOfSeveralRecordsAreCorked(t *testing.T) {
 		case <-time.After(wait):
 			t.Fatalf("%s: the server did not read the payload", tc.name)
 		}
-		n := counted.large.Load() - before
+		n := counted.Large.Load() - before
 		if n < tc.want || n > tc.most {
 			t.Errorf("%s (%d bytes): %d socket writes of data, want %d to %d", tc.name, tc.size, n, tc.want, tc.most)
 		}
