@@ -1093,7 +1093,12 @@ func (c *Conn) onData(id uint32, length int, data []byte, end bool, own *[maxFra
 // to the forwarder, as before. Streams sharing the connection hand every
 // frame over at once: the reader must not spend its time writing one
 // stream's bulk data while frames of the others wait behind it.
-const flushBatch = 128 << 10
+//
+// 512 KiB, as the forwarder's bulk buffer: each write to the app wakes it,
+// and with 128 KiB batches the pooled mode wrote the app 112 KiB at a time
+// where per-connection mode wrote 475 (bulk 1.05x, upload 1.04x in pooled
+// mode with 512 KiB; bench/RESULTS.md, twelfth pass).
+const flushBatch = 512 << 10
 
 // deferFlush notes that s has buffered data to flush. Called with mu held.
 func (c *Conn) deferFlush(s *Stream) {

@@ -15,7 +15,7 @@
 //     stream that buffers the whole full frame keeps (crypto/tls's copy is
 //     the only one); a stream alone on its connection has a bulk
 //     transfer's full frames gathered and written by the reader itself,
-//     in one writev, every 128 KiB and before the reader waits for the
+//     in one writev, every 512 KiB and before the reader waits for the
 //     socket (no hand-off to another thread; see flushBatch);
 //     a stream's Write frames its bytes and, when no one else is writing,
 //     writes them itself;
