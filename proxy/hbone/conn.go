@@ -63,9 +63,14 @@ const (
 	// topped up as data arrives: each stream's own window bounds what it
 	// buffers, so the connection level only has to stay out of the way.
 	connWindow = 1 << 30
-	// maxFrame is the DATA payload size we accept and send (the default
-	// SETTINGS_MAX_FRAME_SIZE, one TLS record).
+	// maxFrame is the default SETTINGS_MAX_FRAME_SIZE, one TLS record: the
+	// DATA frames we send a peer that allows no more, the stream buffer's
+	// chunk, and the pieces a longer DATA frame is read in.
 	maxFrame = 16 << 10
+	// maxReadFrame is the SETTINGS_MAX_FRAME_SIZE we advertise: a peer may
+	// send a stream's whole write chunk as one DATA frame (see leadData),
+	// which we read maxFrame at a time, as if it were that many frames.
+	maxReadFrame = maxWriteChunk
 	// maxRecord is the most plaintext one TLS record carries.
 	maxRecord = 16 << 10
 	// maxWriteBuffer is how much framed data may wait for the socket before
@@ -193,6 +198,7 @@ type Conn struct {
 	sendWindow     int64 // connection window for our DATA
 	peerWindow     int64 // peer's SETTINGS_INITIAL_WINDOW_SIZE
 	peerMaxStreams uint32
+	peerMaxFrame   int // peer's SETTINGS_MAX_FRAME_SIZE
 	gotSettings    bool
 	settingsc      chan struct{} // closed on the peer's first SETTINGS
 	lastPeerID     uint32        // server: highest stream the client opened
@@ -226,7 +232,8 @@ func NewClient(nc net.Conn, opts Options) *Conn {
 	c.wbuf = append(c.wbuf, http2.ClientPreface...)
 	c.wbuf = appendSettings(c.wbuf,
 		http2.Setting{ID: http2.SettingEnablePush, Val: 0},
-		http2.Setting{ID: http2.SettingInitialWindowSize, Val: c.opts.StreamWindow})
+		http2.Setting{ID: http2.SettingInitialWindowSize, Val: c.opts.StreamWindow},
+		http2.Setting{ID: http2.SettingMaxFrameSize, Val: maxReadFrame})
 	c.wbuf = appendWindowUpdate(c.wbuf, 0, connWindow-initialWindow)
 	c.armIdle()
 	c.startKeepAlive()
@@ -292,6 +299,7 @@ func newConn(nc net.Conn, server bool, opts Options) *Conn {
 		sendWindow:     initialWindow,
 		peerWindow:     initialWindow,
 		peerMaxStreams: math.MaxUint32,
+		peerMaxFrame:   maxFrame,
 		settingsc:      make(chan struct{}),
 	}
 	c.wcond = sync.NewCond(&c.wmu)
@@ -308,7 +316,7 @@ func newConn(nc net.Conn, server bool, opts Options) *Conn {
 	c.fr = http2.NewFramer(nil, c.in)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = maxHeaderList
-	c.fr.SetMaxReadFrameSize(maxFrame)
+	c.fr.SetMaxReadFrameSize(maxReadFrame)
 	return c
 }
 
@@ -334,7 +342,8 @@ func (c *Conn) Serve(handle func(*Stream)) error {
 	c.queue(false, func(b []byte) []byte {
 		b = appendSettings(b,
 			http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: c.opts.MaxStreams},
-			http2.Setting{ID: http2.SettingInitialWindowSize, Val: c.opts.StreamWindow})
+			http2.Setting{ID: http2.SettingInitialWindowSize, Val: c.opts.StreamWindow},
+			http2.Setting{ID: http2.SettingMaxFrameSize, Val: maxReadFrame})
 		return appendWindowUpdate(b, 0, connWindow-initialWindow)
 	})
 	c.handler = handle
@@ -575,6 +584,57 @@ func (c *Conn) enqueue(lead, yield, bulk bool, build func([]byte) []byte) error 
 	return c.flushLocked(leadRounds)
 }
 
+// leadData sends chunk, bulk stream s's, as one DATA frame without
+// copying it into the bulk queue: the stream's goroutine writes the
+// frame's header with the head of the payload (one full TLS record), then
+// the rest straight from chunk, after what the small queue holds — one
+// copy of a bulk transfer's bytes fewer than queueData's framing (the
+// sidecars' memmove per byte -16 %, their CPU per GB 0.96-0.99x, MB/s
+// level within noise; bench/RESULTS.md, twelfth pass). The peer must
+// allow a frame of len(chunk) (SETTINGS_MAX_FRAME_SIZE; a meshproxy peer
+// allows maxReadFrame). When another goroutine is writing, or the bulk queue
+// holds frames, which go first, the frame is queued as queueData does.
+func (c *Conn) leadData(s *Stream, chunk []byte) error {
+	build := func(b []byte) []byte {
+		if s.rstSent {
+			return b
+		}
+		return appendData(b, s.id, chunk, false, len(chunk))
+	}
+	c.wmu.Lock()
+	if c.werr != nil || c.flushing || len(c.bbuf) > 0 {
+		c.wmu.Unlock()
+		return c.queueData(true, build)
+	}
+	c.flushing = true // as queueData, yield to streams woken by the same poll
+	c.wmu.Unlock()
+	runtime.Gosched()
+	c.wmu.Lock()
+	if c.werr != nil {
+		err := c.werr
+		c.flushing = false
+		c.wmu.Unlock()
+		return err
+	}
+	if len(c.bbuf) > 0 || s.rstSent {
+		if c.bbuf == nil {
+			c.bbuf = getBuffer()
+		}
+		c.bbuf = build(c.bbuf)
+		return c.flushLocked(leadRounds)
+	}
+	small := c.wbuf
+	c.wbuf = nil
+	c.wmu.Unlock()
+	k := min(len(chunk), maxRecord-frameHeaderLen)
+	head := appendFrameHeader(getBuffer(), len(chunk), http2.FrameData, 0, s.id)
+	head = append(head, chunk[:k]...)
+	if err := c.wrote(c.write(small, head, chunk[k:]), small, head); err != nil {
+		return err
+	}
+	return c.flushLocked(leadRounds) // what was queued meanwhile
+}
+
 func (c *Conn) kick() {
 	select {
 	case c.wake <- struct{}{}:
@@ -597,16 +657,7 @@ func (c *Conn) flushLocked(rounds int) error {
 		small, bulk := c.wbuf, c.bbuf
 		c.wbuf, c.bbuf = nil, nil // the next frame takes a buffer from the pool
 		c.wmu.Unlock()
-		err := c.write(small, bulk)
-		c.wmu.Lock()
-		putBuffer(small)
-		putBuffer(bulk)
-		c.wcond.Broadcast()
-		if err != nil {
-			c.flushing = false
-			c.wmu.Unlock()
-			err = fmt.Errorf("hbone write: %w", err)
-			c.fail(err)
+		if err := c.wrote(c.write(small, bulk, nil), small, bulk); err != nil {
 			return err
 		}
 	}
@@ -638,7 +689,8 @@ func (c *Conn) closeSocket() {
 	c.fail(net.ErrClosed)
 }
 
-// write sends small, then bulk, on the connection. crypto/tls writes each
+// write sends a, b and d, in order, on the connection (the small queue, then
+// the bulk queue or a frame leadData writes). crypto/tls writes each
 // record to the socket on its own: whatever takes more than one record is
 // corked into one write — many streams' requests at once, so the peer
 // reads them together, and a bulk transfer's records, up to a
@@ -647,23 +699,41 @@ func (c *Conn) closeSocket() {
 // 1.13x with 512 KiB corked writes against 128 KiB ones written record by
 // record, where corking 128 KiB had made no difference; see
 // forward.bulkBufSize). Up to one record is one write anyway.
-func (c *Conn) write(small, bulk []byte) error {
+func (c *Conn) write(a, b, d []byte) error {
 	write := func() error {
-		if len(small) > 0 {
-			if _, err := c.nc.Write(small); err != nil {
+		for _, p := range [...][]byte{a, b, d} {
+			if len(p) == 0 {
+				continue
+			}
+			if _, err := c.nc.Write(p); err != nil {
 				return err
 			}
-		}
-		if len(bulk) > 0 {
-			_, err := c.nc.Write(bulk)
-			return err
 		}
 		return nil
 	}
 	if c.opts.Cork == nil {
 		return write()
 	}
-	return c.opts.Cork.Gather(len(small)+len(bulk), write)
+	return c.opts.Cork.Gather(len(a)+len(b)+len(d), write)
+}
+
+// wrote ends a write that returned err: the pooled buffers a and b go
+// back, writers waiting for room are woken, and a failed write fails the
+// connection. It takes wmu, and returns with it held unless err is not
+// nil.
+func (c *Conn) wrote(err error, a, b []byte) error {
+	c.wmu.Lock()
+	putBuffer(a)
+	putBuffer(b)
+	c.wcond.Broadcast()
+	if err != nil {
+		c.flushing = false
+		c.wmu.Unlock()
+		err = fmt.Errorf("hbone write: %w", err)
+		c.fail(err)
+		return err
+	}
+	return nil
 }
 
 // writeLoop writes what the reader and Close queue, and what a leading
@@ -777,11 +847,17 @@ func (c *Conn) release() (drained bool) {
 }
 
 // frameReader is what the Framer reads from: the connection, after the
-// header of the frame it is to read, which readFrame has read already.
+// header of the frame it is to read, which readFrame has read already. It
+// also holds where readFrame is in a DATA frame it reads in pieces.
 type frameReader struct {
 	hdr [frameHeaderLen]byte
 	off int // hdr[off:] is still to be read
 	r   io.Reader
+
+	inData   bool   // a DATA frame's payload is being read
+	dataID   uint32 // its stream
+	dataLeft int    // payload bytes still to read
+	dataEnd  bool   // it ends its stream
 }
 
 func (p *frameReader) Read(b []byte) (int, error) {
@@ -793,35 +869,43 @@ func (p *frameReader) Read(b []byte) (int, error) {
 	return p.r.Read(b)
 }
 
-// readFrame reads the next frame. A DATA frame that needs none of the
-// Framer's work (unpadded, on a stream, within the size limit) is read and
-// handled here — f is nil, herr what handling it found wrong — with its
-// payload read straight into a stream buffer chunk, which a full frame's
-// stream then keeps: the bytes of a bulk transfer are copied once, by
-// crypto/tls, not again into the stream's buffer. Any other frame is
-// returned for handle, the Framer reading it from its header on.
+// readFrame reads the next frame, or the next piece of one. A DATA frame
+// that needs none of the Framer's work (unpadded, on a stream, within the
+// size limit) is read and handled here — f is nil, herr what handling it
+// found wrong — maxFrame at a time, each piece handled as a frame of its
+// own (END_STREAM with the last) and read straight into a stream buffer
+// chunk, which a full piece's stream then keeps: the bytes of a bulk
+// transfer are copied once, by crypto/tls, not again into the stream's
+// buffer. Any other frame is returned for handle, the Framer reading it
+// from its header on.
 func (c *Conn) readFrame() (f http2.Frame, herr, err error) {
 	in := c.in
-	if _, err := io.ReadFull(in.r, in.hdr[:]); err != nil {
-		return nil, nil, err
+	if !in.inData {
+		if _, err := io.ReadFull(in.r, in.hdr[:]); err != nil {
+			return nil, nil, err
+		}
+		length := int(in.hdr[0])<<16 | int(in.hdr[1])<<8 | int(in.hdr[2])
+		typ, flags := http2.FrameType(in.hdr[3]), http2.Flags(in.hdr[4])
+		id := binary.BigEndian.Uint32(in.hdr[5:]) & 0x7fffffff
+		if typ != http2.FrameData || flags.Has(http2.FlagDataPadded) || id == 0 || length > maxReadFrame {
+			in.off = 0
+			f, err := c.fr.ReadFrame()
+			return f, nil, err
+		}
+		in.inData, in.dataID, in.dataLeft, in.dataEnd = true, id, length, flags.Has(http2.FlagDataEndStream)
 	}
-	length := int(in.hdr[0])<<16 | int(in.hdr[1])<<8 | int(in.hdr[2])
-	typ, flags := http2.FrameType(in.hdr[3]), http2.Flags(in.hdr[4])
-	id := binary.BigEndian.Uint32(in.hdr[5:]) & 0x7fffffff
-	if typ != http2.FrameData || flags.Has(http2.FlagDataPadded) || id == 0 || length > maxFrame {
-		in.off = 0
-		f, err := c.fr.ReadFrame()
-		return f, nil, err
-	}
+	n := min(in.dataLeft, maxFrame)
 	a := chunks.Get().(*[maxFrame]byte)
-	if _, err := io.ReadFull(in.r, a[:length]); err != nil {
+	if _, err := io.ReadFull(in.r, a[:n]); err != nil {
 		chunks.Put(a)
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF // the header promised more
 		}
 		return nil, nil, err
 	}
-	return nil, c.onData(id, length, a[:length], flags.Has(http2.FlagDataEndStream), a), nil
+	in.dataLeft -= n
+	in.inData = in.dataLeft > 0
+	return nil, c.onData(in.dataID, n, a[:n], in.dataEnd && !in.inData, a), nil
 }
 
 // readLoop reads and handles frames until the connection fails.
@@ -913,6 +997,10 @@ func (c *Conn) onSettings(f *http2.SettingsFrame) error {
 		case http2.SettingMaxConcurrentStreams:
 			c.mu.Lock()
 			c.peerMaxStreams = s.Val
+			c.mu.Unlock()
+		case http2.SettingMaxFrameSize:
+			c.mu.Lock()
+			c.peerMaxFrame = int(s.Val)
 			c.mu.Unlock()
 		case http2.SettingHeaderTableSize:
 			tableSize, setTableSize = s.Val, true

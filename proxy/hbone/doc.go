@@ -18,7 +18,12 @@
 //     in one writev, every 512 KiB and before the reader waits for the
 //     socket (no hand-off to another thread; see flushBatch);
 //     a stream's Write frames its bytes and, when no one else is writing,
-//     writes them itself;
+//     writes them itself; a bulk stream's write chunk goes out as one DATA
+//     frame, written from the app's buffer with no copy into the queue, to
+//     a peer that allows frames that long (we advertise
+//     SETTINGS_MAX_FRAME_SIZE 512 KiB, and read a longer DATA frame 16 KiB
+//     at a time, as if it were that many frames; a peer that keeps the
+//     16 KiB default gets 16 KiB frames);
 //   - write coalescing: frames that streams queue while a write is in
 //     progress go out together in the next one (one TLS record batch, one
 //     syscall: CorkConn holds the records of small frames until the

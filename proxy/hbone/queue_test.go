@@ -85,7 +85,7 @@ func (t *teeConn) frames(tb testing.TB) []wireFrame {
 		tb.Fatalf("the server did not read the client preface first")
 	}
 	fr := http2.NewFramer(nil, bytes.NewReader(rec[len(http2.ClientPreface):]))
-	fr.SetMaxReadFrameSize(maxFrame)
+	fr.SetMaxReadFrameSize(maxReadFrame)
 	var out []wireFrame
 	for {
 		f, err := fr.ReadFrame()

@@ -382,17 +382,23 @@ func (s *Stream) Write(p []byte) (int, error) {
 		n := int(min(int64(len(p)), s.sendWindow, c.sendWindow, maxWriteChunk))
 		s.sendWindow -= int64(n)
 		c.sendWindow -= int64(n)
+		whole := n >= bulkChunk && n <= c.peerMaxFrame // one frame, not copied (leadData)
 		c.mu.Unlock()
 		chunk := p[:n]
 		if n >= bulkChunk && !s.bulk.Load() {
 			s.bulk.Store(true)
 		}
-		err := c.queueData(s.bulk.Load(), func(b []byte) []byte {
-			if s.rstSent {
-				return b
-			}
-			return appendData(b, s.id, chunk, false, maxFrame)
-		})
+		var err error
+		if whole {
+			err = c.leadData(s, chunk)
+		} else {
+			err = c.queueData(s.bulk.Load(), func(b []byte) []byte {
+				if s.rstSent {
+					return b
+				}
+				return appendData(b, s.id, chunk, false, maxFrame)
+			})
+		}
 		if err != nil {
 			return total, err
 		}
