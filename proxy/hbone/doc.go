@@ -40,7 +40,7 @@
 //     transfer took;
 //   - windows that depend on the company: a stream starts with
 //     StreamWindow (1 MiB); alone on its connection, the first refill of a
-//     transfer grows it to MaxStreamWindow (4 MiB), so a bulk stream does
+//     transfer grows it to MaxStreamWindow (16 MiB), so a bulk stream does
 //     not wait for WINDOW_UPDATE while a sidecar is not scheduled for a
 //     moment, nor within a zone's round trips; while streams share the
 //     connection each is refilled to only half of StreamWindow: the bytes

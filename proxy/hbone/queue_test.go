@@ -384,7 +384,7 @@ func TestWindowOptions(t *testing.T) {
 	}{
 		{Options{}, DefaultStreamWindow, DefaultMaxStreamWindow},
 		{Options{StreamWindow: 2 << 20, MaxStreamWindow: 1 << 20}, 2 << 20, 2 << 20},
-		{Options{StreamWindow: 8 << 20}, 8 << 20, 8 << 20},
+		{Options{StreamWindow: 32 << 20}, 32 << 20, 32 << 20}, // above the default MaxStreamWindow
 		{Options{StreamWindow: 3 << 30, MaxStreamWindow: 1 << 31}, MaxWindow, MaxWindow},
 	} {
 		got := tc.in.withDefaults()
