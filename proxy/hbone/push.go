@@ -33,7 +33,7 @@ type sink struct {
 	// write allocates nothing.
 	p      []byte
 	vec    [][]byte
-	iov    [maxFlushChunks][]byte // the reader's flushBuffered vector
+	iov    [][]byte // the reader's flushBuffered vector, made on its first flush (a held connection never has one)
 	n      int
 	err    error
 	write  func(fd uintptr) bool // k.writeOnce, bound once
@@ -200,6 +200,9 @@ func (s *Stream) flushBuffered() {
 	taken, off := s.recv, s.off
 	all := taken
 	s.recv, s.off = nil, 0
+	if k.iov == nil {
+		k.iov = make([][]byte, 0, maxFlushChunks)
+	}
 	iov := appendChunks(k.iov[:0], taken[:min(len(taken), maxFlushChunks)], off)
 	s.sinkBusy = true // the forwarder keeps off k.iov
 	s.c.mu.Unlock()

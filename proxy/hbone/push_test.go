@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/meshproxy/meshproxy/proxy/forward"
 	"github.com/meshproxy/meshproxy/proxy/proxytest"
@@ -364,5 +365,15 @@ func TestEndAfterADeferredFlushReachesTheApp(t *testing.T) {
 	}
 	if flushes.Load() == 0 {
 		t.Fatal("the reader never flushed deferred frames: the test did not take the path it is about")
+	}
+}
+
+// TestSinkStaysSmall: every pushed stream — each app connection a sidecar
+// holds — keeps a sink; the vector for the reader's bulk flushes is made on
+// the first flush, not carried by every sink (64 entries of it were 1.5 KB
+// of each held connection's memory).
+func TestSinkStaysSmall(t *testing.T) {
+	if n := unsafe.Sizeof(sink{}); n > 192 {
+		t.Errorf("a sink is %d bytes; a held connection should not carry more than 192 of them", n)
 	}
 }
