@@ -102,14 +102,18 @@ func TestDataFramesAsSent(t *testing.T) {
 	if err := c.fr.WriteData(1, true, nil); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case b := <-got:
-		if !bytes.Equal(b, want) {
-			t.Fatalf("the stream read %d bytes, not the %d sent (or not in order)", len(b), len(want))
+	readAll := func(what string) {
+		t.Helper()
+		select {
+		case b := <-got:
+			if !bytes.Equal(b, want) {
+				t.Fatalf("%s read %d bytes, not the %d sent (or not in order)", what, len(b), len(want))
+			}
+		case <-time.After(wait):
+			t.Fatalf("%s did not end", what)
 		}
-	case <-time.After(wait):
-		t.Fatal("the stream did not end")
 	}
+	readAll("the stream")
 
 	// A stream that a long frame ends.
 	c = rawServe(t, func(s *Stream) {
@@ -119,14 +123,7 @@ func TestDataFramesAsSent(t *testing.T) {
 	want = nil
 	send(maxFrame+5, 0, false)
 	sendEnd(2*maxFrame+9, 0, false, true)
-	select {
-	case b := <-got:
-		if !bytes.Equal(b, want) {
-			t.Fatalf("the stream a long frame ends read %d bytes, not the %d sent (or not in order)", len(b), len(want))
-		}
-	case <-time.After(wait):
-		t.Fatal("the stream a long frame ends did not end")
-	}
+	readAll("the stream a long frame ends")
 }
 
 // TestBadDataFrames: DATA that breaks the protocol ends the connection with
