@@ -600,12 +600,7 @@ func (c *Conn) enqueue(lead, yield, bulk bool, build func([]byte) []byte) error 
 // allows maxReadFrame). When another goroutine is writing, or the bulk queue
 // holds frames, which go first, the frame is queued as queueData does.
 func (c *Conn) leadData(s *Stream, chunk []byte) error {
-	build := func(b []byte) []byte {
-		if s.rstSent {
-			return b
-		}
-		return appendData(b, s.id, chunk, false, len(chunk))
-	}
+	build := s.dataFrames(chunk, false, len(chunk))
 	c.wmu.Lock()
 	if c.werr != nil || c.flushing || len(c.bbuf) > 0 {
 		c.wmu.Unlock()

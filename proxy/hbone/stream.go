@@ -366,6 +366,18 @@ func (s *Stream) sendErr() error {
 	return nil
 }
 
+// dataFrames builds p as s's DATA frames of at most max bytes each (END_STREAM
+// on the last with end) into a write queue; nothing once s's RST_STREAM is
+// queued, which no frame of s may follow.
+func (s *Stream) dataFrames(p []byte, end bool, max int) func([]byte) []byte {
+	return func(b []byte) []byte {
+		if s.rstSent {
+			return b
+		}
+		return appendData(b, s.id, p, end, max)
+	}
+}
+
 // Write sends p, waiting for flow-control window as needed.
 func (s *Stream) Write(p []byte) (int, error) {
 	c := s.c
@@ -392,12 +404,7 @@ func (s *Stream) Write(p []byte) (int, error) {
 		if whole {
 			err = c.leadData(s, chunk)
 		} else {
-			err = c.queueData(s.bulk.Load(), func(b []byte) []byte {
-				if s.rstSent {
-					return b
-				}
-				return appendData(b, s.id, chunk, false, maxFrame)
-			})
+			err = c.queueData(s.bulk.Load(), s.dataFrames(chunk, false, maxFrame))
 		}
 		if err != nil {
 			return total, err
@@ -418,12 +425,7 @@ func (s *Stream) CloseWrite() error {
 	}
 	s.sendEnd = true
 	c.mu.Unlock()
-	return c.queueFor(s, true, func(b []byte) []byte {
-		if s.rstSent {
-			return b
-		}
-		return appendData(b, s.id, nil, true, maxFrame)
-	})
+	return c.queueFor(s, true, s.dataFrames(nil, true, maxFrame))
 }
 
 // Close releases the stream. A server stream not yet answered is answered
