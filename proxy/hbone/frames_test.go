@@ -171,11 +171,19 @@ func TestDataFramesSentFitThePeer(t *testing.T) {
 			settings = append(settings, http2.Setting{ID: http2.SettingMaxFrameSize, Val: peerMax})
 		}
 		c := rawServe(t, func(s *Stream) {
+			// Write once the byte sent after the connection's
+			// WINDOW_UPDATE is read: the server has the window by then.
+			if _, err := io.ReadFull(s, make([]byte, 1)); err != nil {
+				return
+			}
 			_, _ = s.Write(payload)
 			_ = s.CloseWrite()
 			_, _ = io.Copy(io.Discard, s)
 		}, settings...)
 		if err := c.fr.WriteWindowUpdate(0, 8<<20); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.fr.WriteData(1, false, []byte{0}); err != nil {
 			t.Fatal(err)
 		}
 		c.fr.SetMaxReadFrameSize(maxReadFrame) // to see what the server sent, not to refuse it
