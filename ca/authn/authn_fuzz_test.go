@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
+	josejson "github.com/go-jose/go-jose/v4/json"
 	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -130,7 +131,10 @@ func FuzzJWTClaims(f *testing.F) {
 				} `json:"serviceaccount"`
 			} `json:"kubernetes.io"`
 		}
-		if err := json.Unmarshal(claims, &c); err != nil {
+		// Claim names are case-sensitive (RFC 7519 section 10.1): decoded
+		// as go-jose decodes a token, not as encoding/json (which would
+		// read "suB" as the subject).
+		if err := josejson.Unmarshal(claims, &c); err != nil {
 			t.Fatalf("accepted claims that do not decode: %v", err)
 		}
 		now := time.Now()
